@@ -1,0 +1,28 @@
+# The README's two commands: `make demo` (the main job) and `make test` (the test suite).
+# Both create the virtualenv when it is missing: torch first (a local CPU build here; an unpinned
+# torch would pull GBs of CUDA packages), then tvlens with the pinned versions of constraints.txt.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.tvlens-installed
+
+.PHONY: demo test venv bench lint
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/tvlens demo
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+bench: $(STAMP)
+	$(PY) benchmarks/run_all.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check tvlens tests benchmarks

@@ -1,0 +1,145 @@
+"""Models: building, checkpoints, load_model (shipped, folders, local Hugging Face GPT-2), bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import tvlens
+from tvlens import tasks
+from tvlens.errors import CheckpointError, ConfigError, OfflineWeightsError, UnknownNameError
+from tvlens.models import HookedRegressionTransformer, build_model, load_checkpoint, save_checkpoint
+
+
+def test_token_model_keeps_transformerlens_hooks():
+    m = build_model("shift", n_layers=2, d_model=32, n_heads=4)
+    p = tasks.get("shift").sample(2, shots=4, seed=0)
+    logits, cache = m.run_with_cache(p.tokens)
+    assert logits.shape == (len(p), p.seq_len, m.cfg.d_vocab)
+    assert cache["blocks.1.hook_resid_post"].shape == (len(p), p.seq_len, 32)
+
+
+def test_regression_model_reads_float_inputs_with_the_same_hook_names():
+    fam = tasks.get("sparse_regression_small")
+    m = build_model(fam, n_layers=2, d_model=32, n_heads=4, shots=9)
+    assert isinstance(m, HookedRegressionTransformer)
+    p = fam.sample(3, shots=9, seed=0)
+    out, cache = m.run_with_cache(p.inputs)
+    assert out.shape == (len(p), p.seq_len, 1)
+    emb = cache["hook_embed"]
+    assert torch.allclose(emb, p.inputs @ m.embed.W_E + m.embed.b_E, atol=1e-6)
+    assert torch.allclose(cache["blocks.0.hook_resid_pre"], emb + cache["hook_pos_embed"], atol=1e-6)
+    # start_at_layer / stop_at_layer work as on token models
+    resid = m(p.inputs, stop_at_layer=1)
+    assert torch.allclose(m(resid, start_at_layer=1), out, atol=1e-5)
+    with pytest.raises(ConfigError, match="input dimension 5"):
+        m(torch.zeros(1, 4, 5))
+
+
+def test_same_seed_same_initial_weights():
+    a = build_model("bitwise", n_layers=1, d_model=16, n_heads=2, seed=3)
+    b = build_model("bitwise", n_layers=1, d_model=16, n_heads=2, seed=3)
+    c = build_model("bitwise", n_layers=1, d_model=16, n_heads=2, seed=4)
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+    assert not all(torch.equal(x, y) for x, y in zip(a.parameters(), c.parameters()))
+
+
+@pytest.mark.parametrize("family", ["categories", "sparse_regression_small"])
+def test_checkpoint_round_trip(tmp_path, family):
+    fam = tasks.get(family)
+    m = build_model(fam, n_layers=2, d_model=32, n_heads=4, seed=1)
+    p = fam.sample(2, shots=4, seed=0)
+    save_checkpoint(m, tmp_path / "step_000007", step=7, metrics={"mean": 0.5}, dtype=torch.float32)
+    sidecar = json.loads((tmp_path / "step_000007.json").read_text())
+    assert sidecar["step"] == 7 and sidecar["family"]["name"] == family and sidecar["model_config"]["d_model"] == 32
+    m2 = load_checkpoint(tmp_path / "step_000007")
+    assert torch.equal(m(p.model_input), m2(p.model_input))
+    assert tvlens.model_info(m2).step == 7
+    assert tvlens.model_info(m2).task_family().config() == fam.config()
+    # half precision: close, and load_model finds the folder's last step
+    save_checkpoint(m, tmp_path / "step_000009", step=9)
+    m3 = tvlens.load_model(tmp_path)
+    assert tvlens.model_info(m3).step == 9
+    assert torch.allclose(m(p.model_input), m3(p.model_input), atol=0.05)
+    assert tvlens.model_info(tvlens.load_model(tmp_path, step=7)).step == 7
+    with pytest.raises(CheckpointError, match="no checkpoint at step 8"):
+        tvlens.load_model(tmp_path, step=8)
+
+
+def test_sidecar_that_does_not_match_its_weights(tmp_path):
+    a = build_model("shift", n_layers=2, d_model=32, n_heads=4, seed=1)
+    b = build_model("shift", n_layers=2, d_model=32, n_heads=4, seed=2)
+    save_checkpoint(a, tmp_path / "a" / "step_000001")
+    save_checkpoint(b, tmp_path / "b" / "step_000001")
+    shutil.copy(tmp_path / "b" / "step_000001.safetensors", tmp_path / "a" / "step_000001.safetensors")
+    with pytest.raises(CheckpointError, match="does not match its sidecar"):
+        load_checkpoint(tmp_path / "a" / "step_000001")
+    # a sidecar describing another architecture (hash removed): shapes are checked too
+    c = build_model("shift", n_layers=1, d_model=32, n_heads=4)
+    save_checkpoint(c, tmp_path / "c" / "step_000001")
+    meta = json.loads((tmp_path / "b" / "step_000001.json").read_text())
+    meta.pop("weights_sha256")
+    (tmp_path / "c" / "step_000001.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="does not match the model its sidecar describes"):
+        load_checkpoint(tmp_path / "c" / "step_000001")
+
+
+def test_missing_paths_and_unknown_names(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        tvlens.load_model(str(tmp_path / "nope" / "run"))
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
+        load_checkpoint(tmp_path / "step_000001")
+    with pytest.raises(CheckpointError, match="holds no tvlens checkpoint"):
+        tvlens.load_model(tmp_path)
+    with pytest.raises(UnknownNameError, match="Shipped tvlens models: .*default"):
+        tvlens.load_model("not-a-model")
+    with pytest.raises(ConfigError, match="n_heads=3 must divide"):
+        build_model("shift", d_model=32, n_heads=3)
+
+
+def test_pretrained_name_without_weights_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hf-home" / "hub"))
+    with pytest.raises(OfflineWeightsError, match="offline"):
+        tvlens.load_model("gpt2")
+
+
+def _local_gpt2(folder):
+    """A tiny GPT-2 with a word-level tokenizer, written as a Hugging Face model folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    words = ["<|endoftext|>", "the", "cat", "sat", "on", "mat", "dog", "ran", "a", "big", "red", "->", ";"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<|endoftext|>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                     unk_token="<|endoftext|>")
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=len(words), n_positions=32, n_ctx=32, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)
+    hf = GPT2LMHeadModel(cfg).eval()
+    hf.save_pretrained(folder)
+    hf_tok.save_pretrained(folder)
+    return hf, hf_tok
+
+
+def test_local_hugging_face_gpt2_loads_offline_with_the_same_logits(tmp_path):
+    hf, hf_tok = _local_gpt2(tmp_path / "tiny-gpt2")
+    model = tvlens.load_model(tmp_path / "tiny-gpt2")
+    ids = torch.tensor([hf_tok.encode("the cat sat on the mat")])
+    with torch.no_grad():
+        ref = hf(ids).logits
+    ours = model(ids)
+    # TransformerLens centres the unembedding: logits agree up to a constant per position
+    assert torch.allclose(ours.log_softmax(-1), ref.log_softmax(-1), atol=1e-4)
+    assert model.to_str_tokens("the cat", prepend_bos=False) == ["the", "cat"]
+
+
+def test_local_folder_without_weights(tmp_path):
+    _local_gpt2(tmp_path / "g")
+    for f in (tmp_path / "g").glob("*.safetensors"):
+        f.unlink()
+    with pytest.raises(OfflineWeightsError, match="no weights"):
+        tvlens.load_model(tmp_path / "g")

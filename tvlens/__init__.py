@@ -1,0 +1,57 @@
+"""tvlens: task vectors and in-context learning, seen through TransformerLens.
+
+The whole public API (each name documented where it is defined)::
+
+    tvlens.tasks.get(name, **params) -> TaskFamily     # bitwise, categories, shift, sparse_regression
+    family.sample(n_per_task, shots, seed) -> PromptSet
+    tvlens.load_model(name_or_path) -> HookedTransformer   # "default", "shift", "categories", "bitwise"
+    tvlens.icl_accuracy(model, prompts) -> AccuracyResult  # per-task accuracy (MSE for regression)
+    tvlens.train(TrainConfig(...), out_dir) -> (model, history)
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tvlens never downloads (see models.py)
+
+from tvlens import tasks  # noqa: E402
+from tvlens.accuracy import AccuracyResult, icl_accuracy  # noqa: E402
+from tvlens.errors import CheckpointError, ConfigError, OfflineWeightsError, TvlensError, UnknownNameError  # noqa: E402
+from tvlens.models import (  # noqa: E402
+    build_model,
+    checkpoint_steps,
+    list_checkpoints,
+    load_checkpoint,
+    load_model,
+    model_info,
+    save_checkpoint,
+    shipped_models,
+)
+from tvlens.prompts import PromptSet  # noqa: E402
+from tvlens.train import TrainConfig, read_log, train  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AccuracyResult",
+    "CheckpointError",
+    "ConfigError",
+    "OfflineWeightsError",
+    "PromptSet",
+    "TrainConfig",
+    "TvlensError",
+    "UnknownNameError",
+    "build_model",
+    "checkpoint_steps",
+    "icl_accuracy",
+    "list_checkpoints",
+    "load_checkpoint",
+    "load_model",
+    "model_info",
+    "read_log",
+    "save_checkpoint",
+    "shipped_models",
+    "tasks",
+    "train",
+]

@@ -1,0 +1,166 @@
+"""In-context accuracy: does the model answer each prompt's query (per task)?
+
+Token families: exact match of the whole answer (every answer token is the argmax given the correct
+previous ones: the same verdict as greedy generation of the whole answer), plus the answer's
+log-probability. Continuous families: squared error of the prediction at the query, per task, next
+to dense least squares fit on the same prompt's examples.
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from tqdm.auto import tqdm
+
+from tvlens.errors import ConfigError
+from tvlens.prompts import PromptSet
+
+
+def check_prompts_fit(model, prompts: PromptSet) -> None:
+    """Raise a clear error when prompts cannot be fed to ``model``."""
+    if len(prompts) == 0:
+        raise ConfigError("the PromptSet is empty: sample at least one prompt")
+    from tvlens.models import is_continuous
+
+    if is_continuous(model) != prompts.is_continuous:
+        kind = "continuous (regression)" if is_continuous(model) else "token"
+        raise ConfigError(
+            f"prompts of family {prompts.family!r} are {'continuous' if prompts.is_continuous else 'tokens'} "
+            f"but the model is a {kind} model"
+        )
+    if prompts.is_continuous:
+        if prompts.inputs.shape[-1] != model.cfg.d_vocab:  # type: ignore[union-attr]
+            raise ConfigError(
+                f"prompts have input dimension {prompts.inputs.shape[-1]} but the model reads "  # type: ignore[union-attr]
+                f"{model.cfg.d_vocab}"
+            )
+    else:
+        mx = int(prompts.tokens.max())  # type: ignore[union-attr]
+        if mx >= model.cfg.d_vocab:
+            raise ConfigError(
+                f"prompts use token id {mx} but the model's vocabulary has {model.cfg.d_vocab} tokens: "
+                "these prompts come from another family or vocabulary than the model was built for"
+            )
+    if prompts.seq_len > model.cfg.n_ctx:
+        raise ConfigError(
+            f"prompts are {prompts.seq_len} positions long but the model's context is {model.cfg.n_ctx}: "
+            "use fewer shots"
+        )
+
+
+def batches(n: int, batch_size: int | None, desc: str = "", progress: bool = False):
+    bs = n if not batch_size else int(batch_size)
+    if bs < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    starts = range(0, n, bs)
+    return tqdm(starts, desc=desc, disable=not progress or len(starts) <= 1, leave=False), bs
+
+
+@dataclass
+class AccuracyResult:
+    """Per-task in-context accuracy (token families) or squared error (regression)."""
+
+    task_names: list[str]
+    metric: str  # "accuracy" or "mse"
+    per_prompt: Float[torch.Tensor, "n"]  # 1/0 correct, or squared error
+    labels: torch.Tensor
+    logprob: torch.Tensor | None = None  # answer log-probability per prompt (token families)
+    baseline: torch.Tensor | None = None  # least-squares squared error per prompt (regression)
+    shots: int = 0
+    notes: dict = field(default_factory=dict)
+
+    def _per_task(self, values: torch.Tensor) -> dict[str, float]:
+        return {
+            t: float(values[self.labels == i].float().mean()) if bool((self.labels == i).any()) else float("nan")
+            for i, t in enumerate(self.task_names)
+        }
+
+    @property
+    def per_task(self) -> dict[str, float]:
+        return self._per_task(self.per_prompt)
+
+    @property
+    def mean(self) -> float:
+        vals = [v for t, v in self.per_task.items() if t != "null" and not np.isnan(v)]
+        return float(np.mean(vals)) if vals else float("nan")
+
+    def __getitem__(self, task: str) -> float:
+        return self.per_task[task]
+
+    def to_dataframe(self):
+        import pandas as pd
+
+        rows = []
+        for i, t in enumerate(self.task_names):
+            m = self.labels == i
+            row = {"task": t, "n": int(m.sum()), self.metric: self.per_task[t]}
+            if self.logprob is not None:
+                row["answer_logprob"] = float(self.logprob[m].mean()) if bool(m.any()) else float("nan")
+            if self.baseline is not None:
+                row["least_squares_mse"] = float(self.baseline[m].mean()) if bool(m.any()) else float("nan")
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+    def __repr__(self) -> str:
+        vals = ", ".join(f"{t}: {v:.3f}" for t, v in self.per_task.items())
+        return f"AccuracyResult({self.metric}, shots={self.shots}, mean={self.mean:.3f}, {{{vals}}})"
+
+    def _repr_html_(self) -> str:
+        return f"<div><b>ICL {html.escape(self.metric)}</b> ({self.shots}-shot)" + self.to_dataframe().to_html(
+            index=False, float_format=lambda v: f"{v:.3f}"
+        ) + "</div>"
+
+    def plot(self):
+        import plotly.graph_objects as go
+
+        df = self.to_dataframe()
+        fig = go.Figure(go.Bar(x=df["task"], y=df[self.metric], name="model"))
+        if "least_squares_mse" in df:
+            fig.add_bar(x=df["task"], y=df["least_squares_mse"], name="least squares")
+        fig.update_layout(title=f"ICL {self.metric} per task ({self.shots}-shot)", yaxis_title=self.metric)
+        return fig
+
+
+@torch.no_grad()
+def icl_accuracy(model, prompts: PromptSet, batch_size: int | None = 256, progress: bool = False) -> AccuracyResult:
+    """Per-task in-context accuracy of ``model`` on ``prompts`` (per-task MSE for regression)."""
+    check_prompts_fit(model, prompts)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    per_prompt, logprobs = [], []
+    n_ans = prompts.n_answer
+    it, bs = batches(len(prompts), batch_size, "icl_accuracy", progress)
+    for s in it:
+        sub = prompts.subset(slice(s, s + bs)).to(device)
+        last = int(sub.query_pos.max()) + n_ans  # later positions can't change these outputs
+        out = model(sub.model_input[:, :last], return_type="logits")
+        pos = sub.query_pos[:, None] + torch.arange(n_ans, device=device)[None]  # [b, n_ans]
+        sel = out.gather(1, pos[..., None].expand(-1, -1, out.shape[-1]))  # [b, n_ans, vocab]
+        if prompts.is_continuous:
+            per_prompt.append(((sel[..., 0] - sub.answers) ** 2).mean(-1).float().cpu())
+        else:
+            correct = (sel.argmax(-1) == sub.answers).all(-1)
+            lp = sel.log_softmax(-1).gather(-1, sub.answers[..., None])[..., 0].sum(-1)
+            per_prompt.append(correct.float().cpu())
+            logprobs.append(lp.float().cpu())
+    if was_training:
+        model.train()
+    baseline = None
+    if prompts.is_continuous:
+        from tvlens.tasks.sparse_regression import least_squares_baseline
+
+        baseline = least_squares_baseline(prompts.to("cpu"))
+    return AccuracyResult(
+        task_names=list(prompts.task_names),
+        metric="mse" if prompts.is_continuous else "accuracy",
+        per_prompt=torch.cat(per_prompt),
+        labels=prompts.labels.cpu(),
+        logprob=torch.cat(logprobs) if logprobs else None,
+        baseline=baseline,
+        shots=prompts.shots,
+    )

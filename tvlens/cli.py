@@ -1,0 +1,140 @@
+"""The ``tvlens`` command: ``tvlens demo``, ``tvlens train``, ``tvlens list``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from dataclasses import asdict, fields
+from typing import Any
+
+import torch
+
+
+def _parse_value(v: str) -> Any:
+    try:
+        return json.loads(v)
+    except json.JSONDecodeError:
+        return v
+
+
+def _family_params(items: list[str]) -> dict[str, Any]:
+    out = {}
+    for it in items:
+        if "=" not in it:
+            raise SystemExit(f"tvlens: --param expects KEY=VALUE (e.g. n_bits=5), got {it!r}")
+        k, v = it.split("=", 1)
+        out[k] = _parse_value(v)
+    return out
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from tvlens.train import TrainConfig, train
+
+    kw = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
+    kw["family"] = {"name": args.family, **_family_params(args.param)}
+    cfg = TrainConfig(**kw)
+    torch.set_num_threads(args.threads) if args.threads else None
+    callback = None
+    if getattr(args, "track_encoding", False):
+        from tvlens.encoding import encoding_callback
+
+        callback = encoding_callback(cfg)
+    t0 = time.perf_counter()
+    model, history = train(
+        cfg, args.out, resume=not args.restart, progress=not args.no_progress, command=args.command_line, callback=callback
+    )
+    last = history[-1] if history else {}
+    print(json.dumps({"out": args.out, "seconds": round(time.perf_counter() - t0, 1), "final": last}, indent=1))
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from tvlens import tasks
+    from tvlens.models import ALIASES, checkpoint_steps, read_sidecar, shipped_models
+
+    print("task families:")
+    for name, desc in tasks.describe().items():
+        print(f"  {name:24s} {desc}")
+    print("shipped models:")
+    for name in shipped_models():
+        steps = checkpoint_steps(name)
+        from tvlens.models import CHECKPOINT_DIR
+
+        meta = read_sidecar(CHECKPOINT_DIR / name / f"step_{steps[-1]:06d}")
+        mean = meta.get("metrics", {}).get("mean")
+        alias = [a for a, t in ALIASES.items() if t == name]
+        print(f"  {name:24s} steps {steps[0]}..{steps[-1]} ({len(steps)} checkpoints)  "
+              f"held-out mean {mean:.3f}" + (f"  (alias: {', '.join(alias)})" if alias else ""))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import tvlens
+
+    t0 = time.perf_counter()
+    model = tvlens.load_model(args.model)
+    info = tvlens.model_info(model)
+    family = info.task_family()
+    if family is None:
+        raise SystemExit(f"tvlens demo: model {args.model!r} records no task family; use a tvlens model")
+    prompts = family.sample(args.n_per_task, shots=args.shots, seed=args.seed)
+    acc = tvlens.icl_accuracy(model, prompts)
+    print(f"model {args.model!r} ({info.source}, step {info.step}): {model.cfg.n_layers} layers, "
+          f"d_model {model.cfg.d_model}, family {family!r}")
+    print(f"{len(prompts)} fresh prompts ({args.shots}-shot, seed {args.seed}); e.g.\n  {prompts.render(0)}")
+    print(acc.to_dataframe().to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(f"mean {acc.metric} (non-null tasks): {acc.mean:.3f}   [{time.perf_counter() - t0:.1f}s]")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tvlens", description="Task vectors and in-context learning, on TransformerLens.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    d = sub.add_parser("demo", help="the main job on the shipped default model")
+    d.add_argument("--model", default="default")
+    d.add_argument("--n-per-task", type=int, default=100)
+    d.add_argument("--shots", type=int, default=4)
+    d.add_argument("--seed", type=int, default=12345)
+    d.set_defaults(func=cmd_demo)
+
+    t = sub.add_parser("train", help="train a small hooked transformer on a task family")
+    t.add_argument("--family", required=True, help="a family name (tvlens list)")
+    t.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="a family parameter")
+    t.add_argument("--out", required=True, help="run folder: log.jsonl, checkpoints, resume state")
+    defaults = asdict(__import__("tvlens.train", fromlist=["TrainConfig"]).TrainConfig())
+    for f in fields(__import__("tvlens.train", fromlist=["TrainConfig"]).TrainConfig):
+        if f.name == "family":
+            continue
+        typ = type(defaults[f.name]) if defaults[f.name] is not None else int
+        t.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=typ, default=None,
+                       help=f"default {defaults[f.name]}")
+    t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    t.add_argument("--restart", action="store_true", help="ignore an existing resume state in --out")
+    t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--track-encoding", action="store_true", help="log task decodability per layer at each eval")
+    t.set_defaults(func=cmd_train)
+
+    ls = sub.add_parser("list", help="task families and shipped models")
+    ls.set_defaults(func=cmd_list)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args.command_line = "tvlens " + shlex.join(argv)
+    from tvlens.errors import TvlensError
+
+    try:
+        return int(args.func(args) or 0)
+    except TvlensError as e:
+        print(f"tvlens: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,416 @@
+"""Task encoding: cached-activation extraction, task vectors and task decodability (TD).
+
+Definitions (Han et al. 2025; DESIGN.md):
+
+- the representation of a prompt at layer ``l`` is the residual stream at its query position (the
+  last token before the answer). Layer 0 is the embedding (``blocks.0.hook_resid_pre``), layer
+  ``l > 0`` the output of block ``l - 1`` (``blocks.{l-1}.hook_resid_post``): ``n_layers + 1`` layers;
+- a task vector of task A at layer l is the mean representation of A's prompts;
+- TD at layer l is the leave-one-out k-nearest-neighbour accuracy (k=10, Euclidean, majority vote)
+  of the prompts' latent task: each prompt is classified by its k nearest *other* prompts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from jaxtyping import Float, Int
+
+from tvlens.accuracy import batches, check_prompts_fit
+from tvlens.errors import ConfigError
+from tvlens.io import load_tensors_with_sidecar, save_tensors_with_sidecar
+from tvlens.prompts import PromptSet
+
+
+# --------------------------------------------------------------------------- layers and hooks
+def n_resid_layers(model) -> int:
+    return int(model.cfg.n_layers) + 1
+
+
+def resid_hook_name(layer: int) -> str:
+    """The hook whose output is the residual stream at ``layer`` (0 = embedding)."""
+    return "blocks.0.hook_resid_pre" if layer == 0 else f"blocks.{layer - 1}.hook_resid_post"
+
+
+def check_layers(model, layers: Sequence[int] | int | None) -> list[int]:
+    n = n_resid_layers(model)
+    if layers is None:
+        return list(range(n))
+    if isinstance(layers, (int, np.integer)):
+        layers = [int(layers)]
+    out = []
+    for layer in layers:
+        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not 0 <= layer < n:
+            raise ConfigError(
+                f"layer {layer!r} is out of range: this model has layers 0..{n - 1} "
+                f"(0 = embedding, l = output of block l-1)"
+            )
+        out.append(int(layer))
+    if not out:
+        raise ConfigError("layers is empty: name at least one layer")
+    return out
+
+
+def model_fingerprint(model) -> str:
+    """A short hash of the model's shape and a sample of its weights: which residual space vectors live in."""
+    h = hashlib.sha256()
+    h.update(repr((model.cfg.d_model, model.cfg.n_layers, model.cfg.d_vocab)).encode())
+    for name, p in list(model.named_parameters())[:4]:
+        h.update(name.encode())
+        h.update(p.detach().flatten()[:4096].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- extraction
+@torch.no_grad()
+def extract(
+    model,
+    prompts: PromptSet,
+    layers: Sequence[int] | int | None = None,
+    batch_size: int | None = 256,
+    progress: bool = True,
+) -> "TaskEncodings":
+    """The residual stream at each prompt's query position, at every requested layer.
+
+    Only the query position of the requested hooks is kept (never a full cache), the forward pass
+    stops after the last requested layer, and positions after the query are not computed, so
+    memory is ``n_prompts x n_layers x d_model`` plus one batch's forward pass.
+    """
+    check_prompts_fit(model, prompts)
+    layers = check_layers(model, layers)
+    names = {resid_hook_name(layer): i for i, layer in enumerate(layers)}
+    device = next(model.parameters()).device
+    out = torch.empty(len(prompts), len(layers), model.cfg.d_model, dtype=torch.float32)
+    stop = max(layers)  # layer l is the input of block l: run blocks 0..l-1 only
+    it, bs = batches(len(prompts), batch_size, "extract", progress)
+    for s in it:
+        sub = prompts.subset(slice(s, s + bs)).to(device)
+        rows = torch.arange(len(sub), device=device)
+        q = sub.query_pos
+
+        def keep(act, hook, _rows=rows, _q=q, _s=s):
+            out[_s : _s + len(_rows), names[hook.name]] = act[_rows, _q].float().cpu()
+
+        fwd_hooks = [(n, keep) for n in names]
+        x = sub.model_input[:, : int(q.max()) + 1]
+        model.run_with_hooks(x, fwd_hooks=fwd_hooks, stop_at_layer=stop if stop < model.cfg.n_layers else None)
+    return TaskEncodings(
+        acts=out,
+        layers=layers,
+        labels=prompts.labels.cpu().clone(),
+        task_names=list(prompts.task_names),
+        fingerprint=model_fingerprint(model),
+        d_model=int(model.cfg.d_model),
+        family=prompts.family,
+    )
+
+
+@dataclass
+class TaskEncodings:
+    """Representations ``[n_prompts, n_layers, d_model]`` with the prompts' task labels."""
+
+    acts: Float[torch.Tensor, "n layer d_model"]
+    layers: list[int]
+    labels: Int[torch.Tensor, "n"]
+    task_names: list[str]
+    fingerprint: str = ""
+    d_model: int = 0
+    family: str = ""
+
+    def __len__(self) -> int:
+        return int(self.acts.shape[0])
+
+    def __repr__(self) -> str:
+        return (f"TaskEncodings(n={len(self)}, layers={self.layers}, d_model={self.acts.shape[-1]}, "
+                f"tasks={self.task_names})")
+
+    def at(self, layer: int) -> Float[torch.Tensor, "n d_model"]:
+        if layer not in self.layers:
+            raise ConfigError(f"layer {layer} was not extracted; these encodings hold layers {self.layers}")
+        return self.acts[:, self.layers.index(layer)]
+
+    def task_vectors(self, layer: int | Sequence[int] | None = None) -> "TaskVectors":
+        """Per-task mean representation at ``layer`` (all extracted layers when None)."""
+        layers = self.layers if layer is None else ([layer] if isinstance(layer, int) else list(layer))
+        idx = [self.layers.index(L) if L in self.layers else -1 for L in layers]
+        if -1 in idx:
+            raise ConfigError(f"layers {layers} not all extracted; these encodings hold layers {self.layers}")
+        vecs = torch.zeros(len(layers), len(self.task_names), self.acts.shape[-1])
+        counts = torch.zeros(len(self.task_names), dtype=torch.long)
+        for t in range(len(self.task_names)):
+            m = self.labels == t
+            counts[t] = int(m.sum())
+            if counts[t]:
+                vecs[:, t] = self.acts[m][:, idx].mean(0)
+        return TaskVectors(vectors=vecs, layers=layers, task_names=list(self.task_names), counts=counts,
+                           fingerprint=self.fingerprint, d_model=self.acts.shape[-1], family=self.family)
+
+    def project(self, layer: int, method: str = "pca", n_components: int = 2, seed: int = 0):
+        """Low-dimensional projection at ``layer`` (``pca``, ``tsne``; ``umap`` with umap-learn) as a DataFrame."""
+        import pandas as pd
+
+        X = self.at(layer).numpy()
+        if method == "pca":
+            from sklearn.decomposition import PCA
+
+            Y = PCA(n_components=n_components, random_state=seed).fit_transform(X)
+        elif method == "tsne":
+            from sklearn.manifold import TSNE
+
+            Y = TSNE(n_components=n_components, random_state=seed, perplexity=min(30.0, len(X) / 4)).fit_transform(X)
+        elif method == "umap":
+            try:
+                import umap
+            except ImportError as e:
+                raise ConfigError("method='umap' needs umap-learn: pip install 'tvlens[umap]'") from e
+            Y = umap.UMAP(n_components=n_components, random_state=seed).fit_transform(X)
+        else:
+            raise ConfigError(f"unknown projection method {method!r}; use 'pca', 'tsne' or 'umap'")
+        df = pd.DataFrame(Y, columns=[f"{method}{i + 1}" for i in range(n_components)])
+        df["task"] = [self.task_names[int(t)] for t in self.labels]
+        return df
+
+    def plot_projection(self, layer: int, method: str = "pca", seed: int = 0):
+        import plotly.express as px
+
+        df = self.project(layer, method, 2, seed)
+        return px.scatter(df, x=df.columns[0], y=df.columns[1], color="task",
+                          title=f"{method.upper()} of the query representation at layer {layer}")
+
+
+@dataclass
+class TaskVectors:
+    """Per-task mean representations ``[n_layers, n_tasks, d_model]``, tied to the model they came from."""
+
+    vectors: Float[torch.Tensor, "layer task d_model"]
+    layers: list[int]
+    task_names: list[str]
+    counts: torch.Tensor | None = None
+    fingerprint: str = ""
+    d_model: int = 0
+    family: str = ""
+
+    def __repr__(self) -> str:
+        return f"TaskVectors(layers={self.layers}, tasks={self.task_names}, d_model={self.d_model})"
+
+    def get(self, task: str | int, layer: int) -> Float[torch.Tensor, "d_model"]:
+        t = self.task_names.index(task) if isinstance(task, str) else int(task)
+        if layer not in self.layers:
+            raise ConfigError(f"no task vector at layer {layer}; these hold layers {self.layers}")
+        return self.vectors[self.layers.index(layer), t]
+
+    def check_model(self, model) -> None:
+        """Refuse a model whose residual space these vectors do not live in."""
+        if int(model.cfg.d_model) != self.d_model:
+            raise ConfigError(f"task vectors have d_model={self.d_model} but the model has d_model={model.cfg.d_model}")
+        fp = model_fingerprint(model)
+        if self.fingerprint and fp != self.fingerprint:
+            raise ConfigError(
+                f"task vectors come from another model (fingerprint {self.fingerprint}, this model {fp}); "
+                "extract them from this model"
+            )
+
+    def save(self, path: str | Path) -> Path:
+        tensors = {"vectors": self.vectors}
+        if self.counts is not None:
+            tensors["counts"] = self.counts
+        meta = {"kind": "TaskVectors", "layers": self.layers, "task_names": self.task_names,
+                "fingerprint": self.fingerprint, "d_model": self.d_model, "family": self.family}
+        return save_tensors_with_sidecar(path, tensors, meta)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TaskVectors":
+        t, m = load_tensors_with_sidecar(path, expect_kind="TaskVectors")
+        return cls(vectors=t["vectors"], counts=t.get("counts"), layers=list(m["layers"]),
+                   task_names=list(m["task_names"]), fingerprint=m["fingerprint"], d_model=int(m["d_model"]),
+                   family=m.get("family", ""))
+
+
+# --------------------------------------------------------------------------- decodability
+def knn_loo_predict(
+    X: Float[torch.Tensor, "n d"],
+    y: Int[torch.Tensor, "n"],
+    k: int = 10,
+    metric: str = "euclidean",
+    tie_break: str = "lowest",
+    seed: int = 0,
+    chunk: int = 2048,
+) -> Int[torch.Tensor, "n"]:
+    """Leave-one-out kNN predictions: each point is classified by its k nearest *other* points.
+
+    Neighbours at equal distance are taken in index order. Vote ties go to the lowest class index
+    (``"lowest"``, as scikit-learn), to the tied class with the nearest neighbour (``"nearest"``),
+    or to a seeded random tied class (``"random"``).
+    """
+    n = X.shape[0]
+    if k >= n:
+        raise ConfigError(f"k={k} needs more than k prompts, got {n}")
+    X = X.double()
+    if metric == "cosine":
+        X = X / X.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    elif metric != "euclidean":
+        raise ConfigError(f"unknown metric {metric!r}; use 'euclidean' or 'cosine'")
+    n_cls = int(y.max()) + 1
+    gen = torch.Generator().manual_seed(seed)
+    preds = torch.empty(n, dtype=torch.long)
+    sq = (X * X).sum(1)
+    for s in range(0, n, chunk):
+        xb = X[s : s + chunk]
+        if metric == "cosine":
+            d = 1 - xb @ X.T
+        else:
+            d = (sq[s : s + chunk, None] + sq[None] - 2 * xb @ X.T).clamp_min(0)
+        rows = torch.arange(len(xb))
+        d[rows, rows + s] = float("inf")  # leave one out
+        nn_idx = torch.sort(d, dim=1, stable=True).indices[:, :k]
+        nn_lab = y[nn_idx]
+        votes = torch.zeros(len(xb), n_cls, dtype=torch.long).scatter_add_(1, nn_lab, torch.ones_like(nn_lab))
+        top = votes.max(1, keepdim=True).values
+        tied = votes == top
+        if tie_break == "lowest":
+            p = tied.float().argmax(1)
+        elif tie_break == "nearest":
+            # rank of each class's nearest neighbour; first tied class in neighbour order wins
+            first = torch.full((len(xb), n_cls), k, dtype=torch.long)
+            order = torch.arange(k).expand_as(nn_lab)
+            first.scatter_reduce_(1, nn_lab, order, reduce="amin")
+            p = torch.where(tied, first, torch.full_like(first, k + 1)).argmin(1)
+        elif tie_break == "random":
+            r = torch.rand(len(xb), n_cls, generator=gen)
+            p = torch.where(tied, r, torch.full_like(r, -1.0)).argmax(1)
+        else:
+            raise ConfigError(f"unknown tie_break {tie_break!r}; use 'lowest', 'nearest' or 'random'")
+        preds[s : s + len(xb)] = p
+    return preds
+
+
+@dataclass
+class DecodabilityResult:
+    """Task decodability per layer (and per task), with the task-by-task confusion."""
+
+    layers: list[int]
+    task_names: list[str]
+    td: Float[torch.Tensor, "layer"]
+    per_task: Float[torch.Tensor, "layer task"]
+    confusion: Float[torch.Tensor, "layer task task"]  # row: true task, column: decoded task (fractions)
+    k: int = 10
+    metric: str = "euclidean"
+    n_prompts: int = 0
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def best_layer(self) -> int:
+        return self.layers[int(torch.argmax(self.td))]
+
+    @property
+    def best_td(self) -> float:
+        return float(self.td.max())
+
+    @property
+    def chance(self) -> float:
+        return 1.0 / len(self.task_names)
+
+    def at(self, layer: int) -> float:
+        return float(self.td[self.layers.index(layer)])
+
+    def to_dataframe(self):
+        import pandas as pd
+
+        rows = []
+        for i, layer in enumerate(self.layers):
+            row = {"layer": layer, "td": float(self.td[i])}
+            row.update({f"td[{t}]": float(self.per_task[i, j]) for j, t in enumerate(self.task_names)})
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+    def __repr__(self) -> str:
+        tds = ", ".join(f"{L}: {float(v):.3f}" for L, v in zip(self.layers, self.td))
+        return (f"DecodabilityResult(k={self.k}, {self.metric}, n={self.n_prompts}, best layer {self.best_layer} "
+                f"TD {self.best_td:.3f}, chance {self.chance:.3f}; by layer {{{tds}}})")
+
+    def _repr_html_(self) -> str:
+        return (f"<div><b>Task decodability</b> (leave-one-out {self.k}-NN, {html.escape(self.metric)}, "
+                f"{self.n_prompts} prompts; chance {self.chance:.3f}; best layer {self.best_layer}: "
+                f"{self.best_td:.3f})" + self.to_dataframe().to_html(index=False, float_format=lambda v: f"{v:.3f}")
+                + "</div>")
+
+    def plot(self):
+        import plotly.graph_objects as go
+
+        fig = go.Figure()
+        fig.add_scatter(x=self.layers, y=self.td.tolist(), mode="lines+markers", name="TD (all tasks)",
+                        line=dict(width=4))
+        for j, t in enumerate(self.task_names):
+            fig.add_scatter(x=self.layers, y=self.per_task[:, j].tolist(), mode="lines", name=t, opacity=0.6)
+        fig.add_hline(y=self.chance, line_dash="dot", annotation_text="chance")
+        fig.update_layout(title="Task decodability by layer", xaxis_title="layer (0 = embedding)",
+                          yaxis_title="leave-one-out kNN accuracy", yaxis_range=[0, 1.02])
+        return fig
+
+    def save(self, path: str | Path) -> Path:
+        meta = {"kind": "DecodabilityResult", "layers": self.layers, "task_names": self.task_names, "k": self.k,
+                "metric": self.metric, "n_prompts": self.n_prompts}
+        return save_tensors_with_sidecar(path, {"td": self.td, "per_task": self.per_task,
+                                                "confusion": self.confusion}, meta)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "DecodabilityResult":
+        t, m = load_tensors_with_sidecar(path, expect_kind="DecodabilityResult")
+        return cls(layers=m["layers"], task_names=m["task_names"], k=m["k"], metric=m["metric"],
+                   n_prompts=m["n_prompts"], td=t["td"], per_task=t["per_task"], confusion=t["confusion"])
+
+
+def task_decodability(
+    encodings: TaskEncodings | Any,
+    prompts: PromptSet | None = None,
+    *,
+    k: int = 10,
+    metric: str = "euclidean",
+    layers: Sequence[int] | None = None,
+    tie_break: str = "nearest",
+    seed: int = 0,
+    batch_size: int | None = 256,
+    progress: bool = False,
+) -> DecodabilityResult:
+    """TD per layer: ``task_decodability(encodings)`` or ``task_decodability(model, prompts)``."""
+    if not isinstance(encodings, TaskEncodings):
+        if prompts is None:
+            raise ConfigError("task_decodability(model, prompts): give the prompts, or pass TaskEncodings")
+        encodings = extract(encodings, prompts, layers=layers, batch_size=batch_size, progress=progress)
+        layers = None
+    enc = encodings
+    if len(enc) == 0:
+        raise ConfigError("no prompts to decode: the encodings are empty")
+    counts = torch.bincount(enc.labels, minlength=len(enc.task_names))
+    present = int((counts > 0).sum())
+    if present < 2:
+        raise ConfigError(f"task decodability needs prompts of at least two tasks; got tasks {counts.tolist()}")
+    if not isinstance(k, int) or k < 1:
+        raise ConfigError(f"k must be an integer >= 1, got {k!r}")
+    smallest = int(counts[counts > 0].min())
+    if k >= smallest:
+        raise ConfigError(
+            f"k={k} must be smaller than the number of prompts of every task (smallest task has {smallest}): "
+            "sample more prompts per task or lower k"
+        )
+    sel = enc.layers if layers is None else list(layers)
+    T = len(enc.task_names)
+    td, per_task, conf = [], [], []
+    for layer in sel:
+        pred = knn_loo_predict(enc.at(layer), enc.labels, k=k, metric=metric, tie_break=tie_break, seed=seed)
+        ok = (pred == enc.labels).float()
+        td.append(ok.mean())
+        per_task.append(torch.stack([ok[enc.labels == t].mean() if counts[t] else torch.tensor(float("nan"))
+                                     for t in range(T)]))
+        c = torch.zeros(T, T)
+        c.index_put_((enc.labels, pred), torch.ones(len(pred)), accumulate=True)
+        conf.append(c / counts.clamp_min(1)[:, None])
+    return DecodabilityResult(layers=sel, task_names=list(enc.task_names), td=torch.stack(td).float(),
+                              per_task=torch.stack(per_task).float(), confusion=torch.stack(conf), k=k,
+                              metric=metric, n_prompts=len(enc))

@@ -1,0 +1,26 @@
+"""tvlens exceptions: every error names the bad argument, what was expected and what was given."""
+
+from __future__ import annotations
+
+
+class TvlensError(Exception):
+    """Base class of every error tvlens raises on purpose."""
+
+
+class ConfigError(TvlensError, ValueError):
+    """An argument or parameter that cannot work (impossible family parameters, bad shapes...)."""
+
+
+class UnknownNameError(TvlensError, KeyError):
+    """An unknown task family, task or model name. The message lists the known ones."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0]) if self.args else ""
+
+
+class CheckpointError(TvlensError, ValueError):
+    """A checkpoint that is missing, incomplete or whose sidecar does not match its weights."""
+
+
+class OfflineWeightsError(TvlensError, FileNotFoundError):
+    """Pretrained weights requested while offline and not on disk."""

@@ -1,0 +1,174 @@
+"""The TaskFamily interface and the shared builder of token prompts."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from tvlens.errors import ConfigError, UnknownNameError
+from tvlens.prompts import PromptSet
+
+ARROW = "->"
+END = ";"
+
+
+def check_int(name: str, value: Any, minimum: int, family: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ConfigError(f"{family}: {name} must be an integer >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ConfigError(f"{family}: {name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+class TaskFamily(ABC):
+    """A family of ICL tasks. ``sample()`` draws a PromptSet with known latent tasks from a seed."""
+
+    name: str = "family"
+    continuous: bool = False
+
+    def __init__(self, **params: Any) -> None:
+        self.params = params
+
+    @property
+    @abstractmethod
+    def task_names(self) -> list[str]: ...
+
+    @property
+    def n_tasks(self) -> int:
+        return len(self.task_names)
+
+    @property
+    def null_task(self) -> int | None:
+        return self.task_names.index("null") if "null" in self.task_names else None
+
+    @property
+    def vocab(self) -> list[str] | None:
+        return None
+
+    @property
+    def d_vocab(self) -> int:
+        v = self.vocab
+        if v is None:
+            raise ConfigError(f"{self.name} is continuous and has no vocabulary")
+        return len(v)
+
+    @property
+    def d_in(self) -> int:
+        raise ConfigError(f"{self.name} is a token family and has no input dimension")
+
+    def max_shots(self) -> int:
+        return 10_000
+
+    def seq_len(self, shots: int) -> int:
+        return len(self.sample(1, shots=shots, seed=0).model_input[0])
+
+    def __repr__(self) -> str:
+        ps = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
+        return f"{type(self).__name__}({ps})"
+
+    def config(self) -> dict[str, Any]:
+        """Name and parameters: ``tvlens.tasks.get(**family.config())`` rebuilds the family."""
+        return {"name": self.name, **self.params}
+
+    def _task_ids(self, tasks: Sequence[str | int] | None) -> list[int]:
+        if tasks is None:
+            return list(range(self.n_tasks))
+        out = []
+        for t in tasks:
+            if isinstance(t, str):
+                if t not in self.task_names:
+                    raise UnknownNameError(f"unknown task {t!r} for family {self.name!r}; known: {self.task_names}")
+                out.append(self.task_names.index(t))
+            else:
+                if not 0 <= int(t) < self.n_tasks:
+                    raise ConfigError(f"task index {t} out of range for {self.name!r} ({self.n_tasks} tasks)")
+                out.append(int(t))
+        if not out:
+            raise ConfigError("tasks must name at least one task")
+        return out
+
+    def sample(
+        self,
+        n_per_task: int,
+        shots: int = 4,
+        seed: int = 0,
+        tasks: Sequence[str | int] | None = None,
+    ) -> PromptSet:
+        """Draw ``n_per_task`` prompts of each task (task-major order) with ``shots`` examples each."""
+        n_per_task = check_int("n_per_task", n_per_task, 1, self.name)
+        shots = check_int("shots", shots, 0, self.name)
+        if shots > self.max_shots():
+            raise ConfigError(
+                f"{self.name}: shots={shots} is more than this family can fill with distinct examples "
+                f"(at most {self.max_shots()} with these parameters)"
+            )
+        task_ids = self._task_ids(tasks)
+        rng = np.random.default_rng(seed)
+        labels = np.repeat(np.array(task_ids), n_per_task)
+        return self._sample(labels, shots, rng)
+
+    @abstractmethod
+    def _sample(self, labels: np.ndarray, shots: int, rng: np.random.Generator) -> PromptSet: ...
+
+
+class TokenTaskFamily(TaskFamily):
+    """A family of token tasks. Prompt layout (example, then the query)::
+
+        <input tokens> -> <answer tokens> ; ... <query input tokens> -> <query answer tokens>
+
+    ``query_pos`` is the query's ``->``; the answer positions of every example and of the query are
+    trained. Subclasses give ``_draw(task, shots, rng)``: the examples' inputs and answers, the query's
+    input and the answer every task's rule gives on the query.
+    """
+
+    @abstractmethod
+    def _draw(
+        self, task: int, shots: int, rng: np.random.Generator
+    ) -> tuple[list[tuple[list[int], list[int]]], list[int], list[list[int]]]: ...
+
+    def _sample(self, labels: np.ndarray, shots: int, rng: np.random.Generator) -> PromptSet:
+        vocab = self.vocab
+        assert vocab is not None
+        arrow, end = vocab.index(ARROW), vocab.index(END)
+        seqs, masks, qpos, answers, task_answers = [], [], [], [], []
+        for task in labels:
+            examples, q_in, q_answers = self._draw(int(task), shots, rng)
+            seq: list[int] = []
+            mask: list[bool] = []
+            for inp, ans in examples:
+                # the arrow and all but the last answer token predict the answer's tokens
+                seq += inp + [arrow]
+                mask += [False] * len(inp) + [True]
+                seq += ans + [end]
+                mask += [True] * (len(ans) - 1) + [False, False]
+            seq += q_in + [arrow]
+            q = len(seq) - 1
+            mask += [False] * len(q_in) + [True]
+            seq += q_answers[task]
+            mask += [True] * (len(q_answers[task]) - 1) + [False]
+            seqs.append(seq)
+            masks.append(mask)
+            qpos.append(q)
+            answers.append(q_answers[task])
+            task_answers.append(q_answers)
+        tokens = torch.tensor(seqs, dtype=torch.long)
+        train_mask = torch.tensor(masks, dtype=torch.bool)
+        targets = torch.full_like(tokens, -100)
+        targets[:, :-1] = torch.where(train_mask[:, :-1], tokens[:, 1:], torch.tensor(-100))
+        return PromptSet(
+            family=self.name,
+            params=dict(self.params),
+            task_names=list(self.task_names),
+            labels=torch.as_tensor(labels, dtype=torch.long),
+            query_pos=torch.tensor(qpos, dtype=torch.long),
+            answers=torch.tensor(answers, dtype=torch.long),
+            targets=targets,
+            train_mask=train_mask,
+            shots=shots,
+            tokens=tokens,
+            task_answers=torch.tensor(task_answers, dtype=torch.long),
+            vocab=list(vocab),
+        )
