@@ -7,6 +7,10 @@ The whole public API (each name documented where it is defined)::
     tvlens.load_model(name_or_path) -> HookedTransformer   # "default", "shift", "categories", "bitwise"
     tvlens.icl_accuracy(model, prompts) -> AccuracyResult  # per-task accuracy (MSE for regression)
     tvlens.train(TrainConfig(...), out_dir) -> (model, history)
+    tvlens.extract(model, prompts, layers=None) -> TaskEncodings   # query-position residuals per layer
+    encodings.task_vectors(layer) -> TaskVectors                  # per-task means, savable
+    tvlens.task_decodability(encodings) -> DecodabilityResult     # leave-one-out kNN TD per layer
+    tvlens.emergence(run_or_name) -> EmergenceResult              # TD and accuracy across checkpoints
 """
 
 from __future__ import annotations
@@ -17,6 +21,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tvlens never downloads (see mode
 
 from tvlens import tasks  # noqa: E402
 from tvlens.accuracy import AccuracyResult, icl_accuracy  # noqa: E402
+from tvlens.encoding import (  # noqa: E402
+    DecodabilityResult,
+    EmergenceResult,
+    TaskEncodings,
+    TaskVectors,
+    emergence,
+    extract,
+    task_decodability,
+)
 from tvlens.errors import CheckpointError, ConfigError, OfflineWeightsError, TvlensError, UnknownNameError  # noqa: E402
 from tvlens.models import (  # noqa: E402
     build_model,
@@ -35,6 +48,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AccuracyResult",
+    "DecodabilityResult",
+    "EmergenceResult",
+    "TaskEncodings",
+    "TaskVectors",
+    "emergence",
+    "extract",
+    "task_decodability",
     "CheckpointError",
     "ConfigError",
     "OfflineWeightsError",

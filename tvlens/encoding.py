@@ -414,3 +414,145 @@ def task_decodability(
     return DecodabilityResult(layers=sel, task_names=list(enc.task_names), td=torch.stack(td).float(),
                               per_task=torch.stack(per_task).float(), confusion=torch.stack(conf), k=k,
                               metric=metric, n_prompts=len(enc))
+
+
+# --------------------------------------------------------------------------- emergence
+@dataclass
+class EmergenceResult:
+    """Per-task ICL metric and TD per layer across training steps."""
+
+    steps: list[int]
+    task_names: list[str]
+    metric: str  # "accuracy" or "mse"
+    per_task_metric: Float[torch.Tensor, "step task"]
+    mean_metric: Float[torch.Tensor, "step"]
+    layers: list[int]
+    td: Float[torch.Tensor, "step layer"]
+    td_per_task: Float[torch.Tensor, "step layer task"]
+    k: int = 10
+    n_per_task: int = 100
+
+    @property
+    def best_layer(self) -> int:
+        """The layer whose TD is highest at the last step."""
+        return self.layers[int(torch.argmax(self.td[-1]))]
+
+    def td_at(self, layer: int | None = None) -> Float[torch.Tensor, "step"]:
+        return self.td[:, self.layers.index(self.best_layer if layer is None else layer)]
+
+    def spearman(self, layer: int | None = None) -> float:
+        """Spearman correlation over steps between TD (best layer) and the mean ICL metric
+        (for MSE the sign is flipped, so positive means encoding improves as loss falls)."""
+        from scipy.stats import spearmanr
+
+        m = self.mean_metric.numpy()
+        if self.metric == "mse":
+            m = -m
+        return float(spearmanr(self.td_at(layer).numpy(), m).statistic)
+
+    def to_dataframe(self):
+        import pandas as pd
+
+        rows = []
+        for i, s in enumerate(self.steps):
+            row = {"step": s, f"mean_{self.metric}": float(self.mean_metric[i])}
+            row.update({f"{self.metric}[{t}]": float(self.per_task_metric[i, j]) for j, t in enumerate(self.task_names)})
+            row.update({f"td[L{L}]": float(self.td[i, j]) for j, L in enumerate(self.layers)})
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+    def __repr__(self) -> str:
+        return (f"EmergenceResult({len(self.steps)} steps {self.steps[0]}..{self.steps[-1]}, best layer "
+                f"{self.best_layer}: TD {float(self.td_at()[0]):.3f} -> {float(self.td_at()[-1]):.3f}, mean "
+                f"{self.metric} {float(self.mean_metric[0]):.3f} -> {float(self.mean_metric[-1]):.3f}, "
+                f"Spearman {self.spearman():.3f})")
+
+    def _repr_html_(self) -> str:
+        return (f"<div><b>Emergence of task encoding</b><pre>{html.escape(repr(self))}</pre>"
+                + self.to_dataframe().to_html(index=False, float_format=lambda v: f"{v:.3f}") + "</div>")
+
+    def plot(self):
+        from plotly.subplots import make_subplots
+
+        x = [max(s, 0.5) for s in self.steps]  # log axis: step 0 drawn at 0.5
+        fig = make_subplots(rows=1, cols=2, subplot_titles=(f"ICL {self.metric} per task", "TD per layer"))
+        for j, t in enumerate(self.task_names):
+            fig.add_scatter(x=x, y=self.per_task_metric[:, j].tolist(), name=t, mode="lines+markers", row=1, col=1)
+        for j, L in enumerate(self.layers):
+            fig.add_scatter(x=x, y=self.td[:, j].tolist(), name=f"TD layer {L}", mode="lines+markers",
+                            line=dict(dash="dot" if L != self.best_layer else "solid"), row=1, col=2)
+        fig.update_xaxes(type="log", title_text="training step")
+        fig.update_layout(title="Task encoding emerges with in-context accuracy")
+        return fig
+
+
+def emergence(
+    checkpoints,
+    family=None,
+    *,
+    n_per_task: int = 100,
+    shots: int = 4,
+    seed: int = 12345,
+    k: int = 10,
+    steps: Sequence[int] | None = None,
+    progress: bool = True,
+) -> EmergenceResult:
+    """TD per layer and per-task ICL metric at every checkpoint of a run.
+
+    ``checkpoints``: a shipped model name or a run folder (as written by ``tvlens train``), or a
+    list of ``(step, model)`` pairs. The same fresh prompts are used at every step.
+    """
+    from tqdm.auto import tqdm
+
+    from tvlens import tasks as _tasks
+    from tvlens.accuracy import icl_accuracy
+    from tvlens.models import list_checkpoints, load_checkpoint, model_info
+
+    if isinstance(checkpoints, (str, Path)):
+        from tvlens.models import _resolve_folder
+
+        pairs = list_checkpoints(_resolve_folder(checkpoints))
+        if steps is not None:
+            pairs = [(s, p) for s, p in pairs if s in set(steps)]
+        items = [(s, (lambda p=p: load_checkpoint(p))) for s, p in pairs]
+    else:
+        items = [(s, (lambda m=m: m)) for s, m in checkpoints]
+    if not items:
+        raise ConfigError("emergence needs at least one checkpoint")
+    prompts = None
+    rows_m, rows_td, rows_tdt, step_list = [], [], [], []
+    for s, get in tqdm(items, desc="emergence", disable=not progress):
+        model = get()
+        if prompts is None:
+            fam = _tasks.get(family) if isinstance(family, str) else family
+            if fam is None:
+                fam = model_info(model).task_family()
+                if fam is None:
+                    raise ConfigError("the checkpoints record no task family: pass family=")
+            prompts = fam.sample(n_per_task, shots=shots, seed=seed)
+        acc = icl_accuracy(model, prompts)
+        dec = task_decodability(model, prompts, k=k)
+        step_list.append(int(s))
+        rows_m.append(torch.tensor([acc.per_task[t] for t in acc.task_names]))
+        rows_td.append(dec.td)
+        rows_tdt.append(dec.per_task)
+    assert prompts is not None
+    per_task = torch.stack(rows_m)
+    non_null = [j for j, t in enumerate(prompts.task_names) if t != "null"]
+    return EmergenceResult(
+        steps=step_list, task_names=list(prompts.task_names), metric=acc.metric, per_task_metric=per_task,
+        mean_metric=per_task[:, non_null].mean(1), layers=dec.layers, td=torch.stack(rows_td),
+        td_per_task=torch.stack(rows_tdt), k=k, n_per_task=n_per_task,
+    )
+
+
+def encoding_callback(config, n_per_task: int = 50, k: int = 10, seed: int = 424242):
+    """A ``train(callback=...)`` that logs TD per layer at each evaluation (``tvlens train --track-encoding``)."""
+    fam = config.build_family()
+    prompts = fam.sample(n_per_task, shots=config.shots, seed=seed)
+
+    def cb(step: int, model, record: dict) -> dict:
+        res = task_decodability(model, prompts, k=k)
+        return {"td": [round(float(v), 4) for v in res.td], "td_best_layer": res.best_layer}
+
+    return cb

@@ -14,6 +14,8 @@ from tvlens.errors import UnknownNameError
 from tvlens.tasks.base import TaskFamily, TokenTaskFamily
 from tvlens.tasks.bitwise import Bitwise
 from tvlens.tasks.categories import Categories
+from tvlens.tasks.codes import Codes
+from tvlens.tasks.lookup import Lookup
 from tvlens.tasks.position import Position
 from tvlens.tasks.shift import Shift
 from tvlens.tasks.sparse_regression import SparseRegression, least_squares_baseline
@@ -21,6 +23,8 @@ from tvlens.tasks.sparse_regression import SparseRegression, least_squares_basel
 _REGISTRY: dict[str, tuple[Callable[..., TaskFamily], dict[str, Any], str]] = {
     "bitwise": (Bitwise, {}, "AND/OR/XOR/NAND/NOR/XNOR of two 5-bit strings, plus Null"),
     "categories": (Categories, {}, "answer the input's token of category T (6 x 8 tokens), plus Null"),
+    "codes": (Codes, {}, "answer the code (1-8) of the input's category-T word: the task shows only in the mapping"),
+    "lookup": (Lookup, {}, "answer the value of key T in a key-value table: the task shows only in the mapping"),
     "position": (Position, {}, "answer the letter at position T of a 5-letter word: the task shows only in the mapping"),
     "shift": (Shift, {}, "Caesar shifts of letters: the task shows only in how inputs map to outputs"),
     "sparse_regression": (
@@ -73,6 +77,8 @@ __all__ = [
     "TokenTaskFamily",
     "Bitwise",
     "Categories",
+    "Codes",
+    "Lookup",
     "Position",
     "Shift",
     "SparseRegression",
