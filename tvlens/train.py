@@ -87,7 +87,7 @@ def _lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
 
 def batch_for_step(family: _tasks.TaskFamily, cfg: TrainConfig, step: int) -> PromptSet:
     per_task = max(1, math.ceil(cfg.batch_size / family.n_tasks))
-    return family.sample(per_task, shots=cfg.shots, seed=cfg.seed * 7_919_993 + step + 1)
+    return family.sample_train(per_task, shots=cfg.shots, seed=cfg.seed * 7_919_993 + step + 1)
 
 
 def answer_loss(model, prompts: PromptSet) -> torch.Tensor:

@@ -110,6 +110,10 @@ class TaskFamily(ABC):
         labels = np.repeat(np.array(task_ids), n_per_task)
         return self._sample(labels, shots, rng)
 
+    def sample_train(self, n_per_task: int, shots: int = 4, seed: int = 0) -> PromptSet:
+        """The prompts training draws; the same as ``sample`` unless a family defines a curriculum."""
+        return self.sample(n_per_task, shots=shots, seed=seed)
+
     @abstractmethod
     def _sample(self, labels: np.ndarray, shots: int, rng: np.random.Generator) -> PromptSet: ...
 

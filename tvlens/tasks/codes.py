@@ -24,7 +24,7 @@ from tvlens.tasks.categories import WORDS
 class Codes(TokenTaskFamily):
     name = "codes"
 
-    def __init__(self, n_categories: int = 6, words_per_category: int = 8) -> None:
+    def __init__(self, n_categories: int = 6, words_per_category: int = 8, reveal: float = 0.0) -> None:
         C = check_int("n_categories", n_categories, 2, self.name)
         M = check_int("words_per_category", words_per_category, 2, self.name)
         if M < C:
@@ -33,7 +33,11 @@ class Codes(TokenTaskFamily):
             )
         if M < 2 * 1 + 1:
             raise ConfigError(f"codes: words_per_category must be >= 3, got {M}")
-        super().__init__(n_categories=C, words_per_category=M)
+        if not 0.0 <= reveal <= 1.0:
+            raise ConfigError(f"codes: reveal must be a probability in [0, 1], got {reveal}")
+        super().__init__(n_categories=C, words_per_category=M, reveal=float(reveal))
+        self.reveal = float(reveal)
+        self._training = False
         self.C, self.M = C, M
         if C <= len(WORDS) and M <= 8:
             self.categories = list(WORDS)[:C]
@@ -51,6 +55,16 @@ class Codes(TokenTaskFamily):
     def vocab(self) -> list[str]:
         return [w for ws in self.words for w in ws] + self.codes + [ARROW, END]
 
+    def sample_train(self, n_per_task: int, shots: int = 4, seed: int = 0):
+        """Training prompts: with probability ``reveal`` an example answers with the category word
+        itself instead of its code (a curriculum that makes the task visible early in training).
+        ``sample()`` (evaluation and analysis) never reveals."""
+        self._training = True
+        try:
+            return self.sample(n_per_task, shots=shots, seed=seed)
+        finally:
+            self._training = False
+
     def code_token(self, m: int) -> int:
         return self.C * self.M + m
 
@@ -65,12 +79,11 @@ class Codes(TokenTaskFamily):
         q_in = [word(int(c), int(q_codes[c])) for c in q_order]
         examples = []
         for _ in range(shots):
-            # distinct codes, none equal to the query's code in the same category (so no query word)
-            while True:
-                codes = rng.choice(M, size=C, replace=False)
-                if not (codes == q_codes).any():
-                    break
+            codes = rng.choice(M, size=C, replace=False)  # distinct codes within an input
             order = rng.permutation(C)
             inp = [word(int(c), int(codes[c])) for c in order]
-            examples.append((inp, [self.code_token(int(codes[task]))]))
+            if self._training and rng.random() < self.reveal:  # curriculum: show the word itself
+                examples.append((inp, [word(task, int(codes[task]))]))
+            else:
+                examples.append((inp, [self.code_token(int(codes[task]))]))
         return examples, q_in, [[self.code_token(int(q_codes[t]))] for t in range(C)]

@@ -1,0 +1,85 @@
+"""run_patching: equal to a naive hook-based reference, controls, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tvlens
+from tvlens import tasks
+from tvlens.encoding import extract, resid_hook_name
+from tvlens.errors import ConfigError
+from tvlens.models import build_model
+from tvlens.patching import run_patching
+
+
+def _naive(model, prompts, vectors, layer, source, mode, scale):
+    """Reference: one full forward per prompt with a hook that patches the query position."""
+    s = prompts.task_names.index(source)
+    follows = torch.zeros(prompts.n_tasks)
+    for i in range(len(prompts)):
+        toks = prompts.tokens[i : i + 1].clone()
+        q = int(prompts.query_pos[i])
+        n_ans = prompts.n_answer
+        toks[0, q + 1 : q + 1 + n_ans] = prompts.task_answers[i, s]
+        v = vectors.get(source, layer)
+
+        def hook(act, hook):
+            act = act.clone()
+            act[0, q] = v if mode == "replace" else act[0, q] + scale * v
+            return act
+
+        logits = model.run_with_hooks(toks, fwd_hooks=[(resid_hook_name(layer), hook)])
+        pred = logits[0, q : q + n_ans].argmax(-1)
+        follows[int(prompts.labels[i])] += float(torch.equal(pred, prompts.task_answers[i, s]))
+    return follows / torch.bincount(prompts.labels, minlength=prompts.n_tasks).float()
+
+
+@pytest.mark.parametrize("family,mode", [("categories", "replace"), ("bitwise", "add"), ("shift", "replace")])
+def test_run_patching_equals_naive_hook_loop(family, mode):
+    fam = tasks.get(family)
+    model = build_model(fam, n_layers=2, d_model=32, n_heads=4, seed=2)
+    prompts = fam.sample(4, shots=2, seed=3)
+    vecs = extract(model, prompts, progress=False).task_vectors()
+    res = run_patching(model, prompts, vecs, layers=[0, 1], mode=mode, scale=2.0, batch_size=7, progress=False)
+    for layer in (0, 1):
+        for source in (fam.task_names[0], fam.task_names[-1]):
+            ref = _naive(model, prompts, vecs, layer, source, mode, 2.0)
+            got = res.grid(layer)[res.source_names.index(source)]
+            assert torch.allclose(got, ref), (layer, source, got, ref)
+
+
+def test_patching_result_views():
+    fam = tasks.get("shift")
+    model = build_model(fam, n_layers=2, d_model=32, n_heads=4)
+    prompts = fam.sample(3, shots=2, seed=0)
+    res = run_patching(model, prompts, extract(model, prompts, progress=False).task_vectors(), progress=False)
+    assert res.layers == [0, 1]
+    df = res.to_dataframe()
+    assert len(df) == 2 * fam.n_tasks * fam.n_tasks
+    assert res.plot().data and "Task-vector patching" in res._repr_html_()
+    assert res.best_layer() in res.layers
+
+
+def test_regression_patching_self_vs_cross():
+    fam = tasks.get("sparse_regression_small")
+    model = build_model(fam, n_layers=2, d_model=32, n_heads=4, shots=9)
+    p = fam.sample(4, shots=9, seed=0)
+    vecs = extract(model, p, progress=False).task_vectors()
+    res = run_patching(model, p, vecs, layers=[1], progress=False)
+    assert res.metric == "mse" and res.delta_logprob_source.shape == (1, 4, 4)
+
+
+def test_bad_patching_input():
+    fam = tasks.get("shift")
+    model = build_model(fam, n_layers=2, d_model=32, n_heads=4)
+    prompts = fam.sample(3, shots=2, seed=0)
+    vecs = extract(model, prompts, progress=False).task_vectors()
+    with pytest.raises(ConfigError, match="mode must be"):
+        run_patching(model, prompts, vecs, mode="swap")
+    with pytest.raises(ConfigError, match="final residual stream"):
+        run_patching(model, prompts, vecs, layers=[2])
+    with pytest.raises(ConfigError, match="another model"):
+        run_patching(build_model(fam, n_layers=2, d_model=32, n_heads=4, seed=9), prompts, vecs)
+    with pytest.raises(ConfigError, match="unknown source task"):
+        run_patching(model, prompts, vecs, sources=["shift+2"])

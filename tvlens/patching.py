@@ -1,0 +1,291 @@
+"""Conditional decoding: patch task vectors into prompts and see whose rule the model follows.
+
+``run_patching(model, prompts, vectors, layers, mode)``: at each prompt's query position and each
+requested layer, replace the residual stream with the source task's vector (Hendel et al. 2023) or
+add it (Todd et al. 2024), run the rest of the model from that layer, and score the output against
+every task's rule. Patching at layer ``l`` means the residual stream *entering* block ``l``
+(``blocks.{l}.hook_resid_pre``, the same as ``blocks.{l-1}.hook_resid_post``; layer 0 = embedding),
+matching ``tvlens.extract``'s layer numbering.
+
+The unpatched prefix is computed once per source (the answer tokens that follow the query are the
+source task's, so a multi-token answer is scored with teacher forcing against that task's rule:
+the same verdict as greedy generation), and the patched runs start at the patched layer
+(``start_at_layer``), batched over layers.
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from jaxtyping import Float
+from tqdm.auto import tqdm
+
+from tvlens.accuracy import check_prompts_fit
+from tvlens.encoding import TaskVectors, check_layers, resid_hook_name
+from tvlens.errors import ConfigError
+from tvlens.prompts import PromptSet
+
+
+@dataclass
+class PatchingResult:
+    """Per layer, a source-task x target-task grid of how patched prompts behave.
+
+    - ``follows_source[l, a, b]``: fraction of task-b prompts whose output follows task a's rule
+      after patching a's vector at layer l (the diagonal is the own-task control);
+    - ``follows_own[l, a, b]``: fraction that still follow their own task b's rule;
+    - ``delta_logprob_source[l, a, b]``: change of the log-probability of a's answer (token tasks),
+      or for regression ``mse[l, a, b]``, the squared error against the prompt's own target;
+    - ``baseline_own[b]``: unpatched accuracy (or MSE) of task-b prompts.
+    """
+
+    layers: list[int]
+    source_names: list[str]
+    target_names: list[str]
+    mode: str
+    scale: float
+    follows_source: Float[torch.Tensor, "layer source target"]
+    follows_own: Float[torch.Tensor, "layer source target"]
+    delta_logprob_source: Float[torch.Tensor, "layer source target"]
+    baseline_own: Float[torch.Tensor, "target"]
+    metric: str = "accuracy"
+    shots: int = 0
+    notes: dict = field(default_factory=dict)
+
+    def _offdiag(self, grid: torch.Tensor, null_free: bool = True) -> torch.Tensor:
+        """Mean over source != target pairs (both real, non-null tasks) per layer."""
+        vals = []
+        for i, a in enumerate(self.source_names):
+            for j, b in enumerate(self.target_names):
+                if a == b or (null_free and "null" in (a, b)):
+                    continue
+                vals.append(grid[:, i, j])
+        return torch.stack(vals, 1).nanmean(1) if vals else torch.full((len(self.layers),), float("nan"))
+
+    def _diag(self, grid: torch.Tensor) -> torch.Tensor:
+        vals = [grid[:, i, self.target_names.index(a)] for i, a in enumerate(self.source_names)
+                if a in self.target_names and a != "null"]
+        return torch.stack(vals, 1).nanmean(1) if vals else torch.full((len(self.layers),), float("nan"))
+
+    @property
+    def flip_rate(self) -> Float[torch.Tensor, "layer"]:
+        """Per layer: mean fraction of other tasks' prompts that follow the patched source task."""
+        return self._offdiag(self.follows_source)
+
+    @property
+    def control(self) -> Float[torch.Tensor, "layer"]:
+        """Per layer: accuracy of prompts patched with their own task's vector."""
+        return self._diag(self.follows_source)
+
+    def best_layer(self, min_control: float = 0.9) -> int:
+        """The layer with the highest flip rate among those whose own-task control holds."""
+        ok = self.control >= min_control
+        if not bool(ok.any()):
+            return self.layers[int(torch.argmax(self.control))]
+        fr = torch.where(ok, self.flip_rate, torch.full_like(self.flip_rate, -1.0))
+        return self.layers[int(torch.argmax(fr))]
+
+    def grid(self, layer: int, what: str = "follows_source") -> Float[torch.Tensor, "source target"]:
+        return getattr(self, what)[self.layers.index(layer)]
+
+    def to_dataframe(self):
+        import pandas as pd
+
+        rows = []
+        for li, L in enumerate(self.layers):
+            for i, a in enumerate(self.source_names):
+                for j, b in enumerate(self.target_names):
+                    rows.append({"layer": L, "source": a, "target": b,
+                                 "follows_source": float(self.follows_source[li, i, j]),
+                                 "follows_own": float(self.follows_own[li, i, j]),
+                                 "delta_" + ("logprob_source" if self.metric == "accuracy" else "mse"):
+                                     float(self.delta_logprob_source[li, i, j])})
+        return pd.DataFrame(rows)
+
+    def layer_profile(self):
+        import pandas as pd
+
+        return pd.DataFrame({"layer": self.layers, "flip_rate": self.flip_rate.tolist(),
+                             "own_task_control": self.control.tolist()})
+
+    def __repr__(self) -> str:
+        b = self.best_layer()
+        li = self.layers.index(b)
+        return (f"PatchingResult({self.mode}, scale {self.scale}, layers {self.layers}; best layer {b}: "
+                f"flip rate {float(self.flip_rate[li]):.3f}, own-task control {float(self.control[li]):.3f})")
+
+    def _repr_html_(self) -> str:
+        return (f"<div><b>Task-vector patching</b> ({html.escape(self.mode)}): {html.escape(repr(self))}"
+                + self.layer_profile().to_html(index=False, float_format=lambda v: f"{v:.3f}") + "</div>")
+
+    def plot(self, layer: int | None = None):
+        from plotly.subplots import make_subplots
+
+        layer = self.best_layer() if layer is None else layer
+        fig = make_subplots(rows=1, cols=2, subplot_titles=(
+            f"follows source rule, layer {layer}", "per layer"))
+        fig.add_heatmap(z=self.grid(layer).numpy(), x=self.target_names, y=self.source_names, zmin=0, zmax=1,
+                        colorscale="Viridis", row=1, col=1)
+        fig.add_scatter(x=self.layers, y=self.flip_rate.tolist(), name="flip rate (other tasks)", row=1, col=2)
+        fig.add_scatter(x=self.layers, y=self.control.tolist(), name="own-task control", row=1, col=2)
+        fig.update_xaxes(title_text="target task", row=1, col=1)
+        fig.update_yaxes(title_text="source task (patched vector)", row=1, col=1)
+        fig.update_xaxes(title_text="layer", row=1, col=2)
+        fig.update_layout(title=f"Task-vector patching ({self.mode})")
+        return fig
+
+
+def _answers_for(prompts: PromptSet, source: int) -> torch.Tensor:
+    """Tokens with the query's answer slots holding ``source``'s answer (teacher forcing)."""
+    toks = prompts.tokens.clone()  # type: ignore[union-attr]
+    n_ans = prompts.n_answer
+    pos = prompts.query_pos[:, None] + 1 + torch.arange(n_ans, device=toks.device)[None]
+    toks.scatter_(1, pos, prompts.task_answers[:, source])  # type: ignore[index]
+    return toks
+
+
+@torch.no_grad()
+def run_patching(
+    model,
+    prompts: PromptSet,
+    vectors: TaskVectors,
+    layers: Sequence[int] | int | None = None,
+    mode: str = "replace",
+    scale: float = 1.0,
+    sources: Sequence[str] | None = None,
+    batch_size: int | None = 512,
+    progress: bool = True,
+) -> PatchingResult:
+    """Patch each source task's vector into every prompt at its query position; score every rule."""
+    check_prompts_fit(model, prompts)
+    vectors.check_model(model)
+    if mode not in ("replace", "add"):
+        raise ConfigError(f"mode must be 'replace' or 'add', got {mode!r}")
+    if layers is None:
+        layers = [layer for layer in vectors.layers if layer < model.cfg.n_layers]
+    layers = check_layers(model, layers)
+    missing = [L for L in layers if L not in vectors.layers]
+    if missing:
+        raise ConfigError(f"no task vectors at layers {missing}; the vectors hold layers {vectors.layers}")
+    if max(layers) >= model.cfg.n_layers:
+        raise ConfigError(
+            f"layer {max(layers)} is the final residual stream: nothing runs after it to patch; use layers "
+            f"0..{model.cfg.n_layers - 1}"
+        )
+    src_names = list(vectors.task_names if sources is None else sources)
+    for s in src_names:
+        if s not in vectors.task_names:
+            raise ConfigError(f"unknown source task {s!r}; the vectors hold {vectors.task_names}")
+    if prompts.is_continuous:
+        return _run_patching_regression(model, prompts, vectors, layers, mode, scale, src_names, batch_size)
+    if prompts.task_answers is None:
+        raise ConfigError("these prompts record no per-task answers; sample them from a tvlens task family")
+    for s in src_names:
+        if s not in prompts.task_names:
+            raise ConfigError(f"source task {s!r} has no rule in these prompts' family ({prompts.task_names})")
+
+    device = next(model.parameters()).device
+    T, n_ans = prompts.n_tasks, prompts.n_answer
+    L, S = len(layers), len(src_names)
+    labels = prompts.labels.cpu()
+    counts = torch.bincount(labels, minlength=T).float().clamp_min(1)
+    follows_src, follows_own, dlp = torch.zeros(L, S, T), torch.zeros(L, S, T), torch.zeros(L, S, T)
+    base_own = torch.zeros(T)
+    vecs = {s: torch.stack([vectors.get(s, layer) for layer in layers]).to(device) for s in src_names}
+    names = sorted({resid_hook_name(layer) for layer in layers})
+    bs = batch_size or len(prompts)
+
+    def prefix(toks):
+        """Logits and the residual stream entering every patched layer, from one forward pass."""
+        store: dict[str, torch.Tensor] = {}
+
+        def save(act, hook):
+            store[hook.name] = act
+
+        logits = model.run_with_hooks(toks, fwd_hooks=[(n, save) for n in names])
+        return logits, store
+
+    def patched(store, layer, q, vec):
+        resid = store[resid_hook_name(layer)].clone()
+        rows = torch.arange(resid.shape[0], device=resid.device)
+        resid[rows, q] = vec if mode == "replace" else resid[rows, q] + scale * vec
+        return model(resid, start_at_layer=layer)
+
+    it = tqdm(total=(len(prompts) + bs - 1) // bs, desc="run_patching", disable=not progress, leave=False)
+    for b0 in range(0, len(prompts), bs):
+        sub = prompts.subset(slice(b0, b0 + bs)).to(device)
+        lab = labels[b0 : b0 + bs]
+        q = sub.query_pos
+        last = int(q.max()) + n_ans
+        toks_own = sub.tokens[:, :last]
+        own_logits, own_store = prefix(toks_own)
+        ok, _ = _score(own_logits, q, sub.answers)
+        base_own.index_add_(0, lab, ok.float().cpu())
+        for si, sname in enumerate(src_names):
+            s = prompts.task_names.index(sname)
+            ans_src = sub.task_answers[:, s]
+            # the source's answer follows the query (teacher forcing); a single-token answer needs no rerun
+            src_logits, src_store = (own_logits, own_store) if n_ans == 1 else prefix(_answers_for(sub, s)[:, :last])
+            _, lp_clean = _score(src_logits, q, ans_src)
+            for li, layer in enumerate(layers):
+                out_src = patched(src_store, layer, q, vecs[sname][li])
+                ok_src, lp_src = _score(out_src, q, ans_src)
+                out_own = out_src if n_ans == 1 else patched(own_store, layer, q, vecs[sname][li])
+                ok_own, _ = _score(out_own, q, sub.answers)
+                follows_src[li, si].index_add_(0, lab, ok_src.float().cpu())
+                follows_own[li, si].index_add_(0, lab, ok_own.float().cpu())
+                dlp[li, si].index_add_(0, lab, (lp_src - lp_clean).float().cpu())
+        it.update(1)
+    it.close()
+    return PatchingResult(
+        layers=layers, source_names=src_names, target_names=list(prompts.task_names), mode=mode,
+        scale=float(scale), follows_source=follows_src / counts, follows_own=follows_own / counts,
+        delta_logprob_source=dlp / counts, baseline_own=base_own / counts, metric="accuracy", shots=prompts.shots,
+    )
+
+
+def _score(logits: torch.Tensor, q: torch.Tensor, answers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact match of the whole answer (argmax at every answer position) and its log-probability."""
+    n_ans = answers.shape[1]
+    pos = q[:, None] + torch.arange(n_ans, device=q.device)[None]
+    sel = logits.gather(1, pos[..., None].expand(-1, -1, logits.shape[-1]))
+    ok = (sel.argmax(-1) == answers).all(-1)
+    lp = sel.log_softmax(-1).gather(-1, answers[..., None])[..., 0].sum(-1)
+    return ok, lp
+
+
+def _run_patching_regression(model, prompts, vectors, layers, mode, scale, src_names, batch_size):
+    device = next(model.parameters()).device
+    T = prompts.n_tasks
+    L, S = len(layers), len(src_names)
+    mse = torch.zeros(L, S, T)
+    labels = prompts.labels.cpu()
+    counts = torch.bincount(labels, minlength=T).float().clamp_min(1)
+    base = torch.zeros(T)
+    bs = batch_size or len(prompts)
+    for b0 in range(0, len(prompts), bs):
+        sub = prompts.subset(slice(b0, b0 + bs)).to(device)
+        lab = labels[b0 : b0 + bs]
+        q = sub.query_pos
+        x = sub.inputs[:, : int(q.max()) + 1]
+        rows = torch.arange(len(sub), device=device)
+        out = model(x)
+        base.index_add_(0, lab, ((out[rows, q, 0] - sub.answers[:, 0]) ** 2).cpu())
+        for li, layer in enumerate(layers):
+            resid0 = model(x, stop_at_layer=layer)
+            for si, sname in enumerate(src_names):
+                v = vectors.get(sname, layer).to(device)
+                resid = resid0.clone()
+                resid[rows, q] = v if mode == "replace" else resid[rows, q] + scale * v
+                o = model(resid, start_at_layer=layer)
+                mse[li, si].index_add_(0, lab, ((o[rows, q, 0] - sub.answers[:, 0]) ** 2).cpu())
+    grid = mse / counts
+    nanv = torch.full_like(grid, float("nan"))
+    return PatchingResult(layers=layers, source_names=src_names, target_names=list(prompts.task_names), mode=mode,
+                          scale=float(scale), follows_source=nanv, follows_own=nanv, delta_logprob_source=grid,
+                          baseline_own=base / counts, metric="mse", shots=prompts.shots)
+
+
+__all__ = ["PatchingResult", "run_patching"]
