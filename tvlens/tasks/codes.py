@@ -79,7 +79,11 @@ class Codes(TokenTaskFamily):
         q_in = [word(int(c), int(q_codes[c])) for c in q_order]
         examples = []
         for _ in range(shots):
-            codes = rng.choice(M, size=C, replace=False)  # distinct codes within an input
+            # distinct codes within an input, and none of the query's words (no copying)
+            while True:
+                codes = rng.choice(M, size=C, replace=False)
+                if not (codes == q_codes).any():
+                    break
             order = rng.permutation(C)
             inp = [word(int(c), int(codes[c])) for c in order]
             if self._training and rng.random() < self.reveal:  # curriculum: show the word itself

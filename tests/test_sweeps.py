@@ -1,0 +1,115 @@
+"""Activation-patching sweeps equal transformer_lens.patching's numbers (within 1e-4)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformer_lens.patching as tlp
+from transformer_lens import HookedTransformerConfig
+
+from tvlens.errors import ConfigError
+from tvlens.models import _hooked_transformer
+from tvlens.sweeps import activation_patching
+
+
+@pytest.fixture(scope="module")
+def setup():
+    cfg = HookedTransformerConfig(n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_ctx=16, d_vocab=40,
+                                  act_fn="gelu", normalization_type="LN", seed=0)
+    model = _hooked_transformer(cfg)
+    g = torch.Generator().manual_seed(1)
+    clean = torch.randint(0, 40, (3, 7), generator=g)
+    corrupted = clean.clone()
+    corrupted[:, 2] = torch.randint(0, 40, (3,), generator=g)
+    corrupted[:, 4] = torch.randint(0, 40, (3,), generator=g)
+    _, clean_cache = model.run_with_cache(clean)
+
+    def metric(logits):  # per prompt: logit difference of tokens 3 and 5 at the read position(s)
+        return (logits[:, -1, 3] - logits[:, -1, 5])
+
+    def tl_metric(logits):
+        return metric(logits[:, -1:]).mean()
+
+    return model, clean, corrupted, clean_cache, metric, tl_metric
+
+
+CASES = [
+    ("resid_pre", ("layer", "pos"), tlp.get_act_patch_resid_pre),
+    ("resid_mid", ("layer", "pos"), tlp.get_act_patch_resid_mid),
+    ("attn_out", ("layer", "pos"), tlp.get_act_patch_attn_out),
+    ("mlp_out", ("layer", "pos"), tlp.get_act_patch_mlp_out),
+    ("z", ("layer", "pos", "head"), tlp.get_act_patch_attn_head_out_by_pos),
+    ("q", ("layer", "pos", "head"), tlp.get_act_patch_attn_head_q_by_pos),
+    ("k", ("layer", "pos", "head"), tlp.get_act_patch_attn_head_k_by_pos),
+    ("v", ("layer", "pos", "head"), tlp.get_act_patch_attn_head_v_by_pos),
+    ("z", ("layer", "head"), tlp.get_act_patch_attn_head_out_all_pos),
+    ("q", ("layer", "head"), tlp.get_act_patch_attn_head_q_all_pos),
+    ("k", ("layer", "head"), tlp.get_act_patch_attn_head_k_all_pos),
+    ("v", ("layer", "head"), tlp.get_act_patch_attn_head_v_all_pos),
+    ("pattern", ("layer", "head"), tlp.get_act_patch_attn_head_pattern_all_pos),
+    ("pattern", ("layer", "head", "dest"), tlp.get_act_patch_attn_head_pattern_by_pos),
+]
+
+
+@pytest.mark.parametrize("site,by,tl_fn", CASES, ids=[f"{c[0]}-{'-'.join(c[1])}" for c in CASES])
+def test_sweep_equals_transformer_lens(setup, site, by, tl_fn):
+    model, clean, corrupted, clean_cache, metric, tl_metric = setup
+    ref = tl_fn(model, corrupted, clean_cache, tl_metric)
+    ours = activation_patching(model, clean, corrupted, metric, site=site, by=by, read_positions=[-1],
+                               batch_size=10, progress=False)
+    assert ours.values.shape == ref.shape
+    assert (ours.values - ref.cpu()).abs().max() <= 1e-4
+
+
+def test_full_logits_and_per_prompt_read_positions(setup):
+    model, clean, corrupted, clean_cache, metric, tl_metric = setup
+    ref = tlp.get_act_patch_resid_pre(model, corrupted, clean_cache, tl_metric)
+    full = activation_patching(model, clean, corrupted, metric, site="resid_pre", progress=False)
+    per_prompt = activation_patching(model, clean, corrupted, metric, site="resid_pre",
+                                     read_positions=torch.full((3,), 6), progress=False)
+    assert (full.values - ref).abs().max() <= 1e-4 and (per_prompt.values - ref).abs().max() <= 1e-4
+    assert full.clean_metric != full.corrupted_metric
+    # patching every position of the last layer's input with clean restores the clean metric
+    allpos = activation_patching(model, clean, corrupted, metric, site="resid_pre", by=("layer",), progress=False)
+    assert allpos.values[0] == pytest.approx(full.clean_metric, abs=1e-4)
+    assert len(full.to_dataframe()) == 2 * 7 and full.plot().data
+
+
+def test_sweep_on_the_shipped_bitwise_model():
+    import tvlens
+
+    model = tvlens.load_model("bitwise")
+    fam = tvlens.model_info(model).task_family()
+    p = fam.sample(2, shots=2, seed=0, tasks=["and", "or"])
+    clean, corrupted = p.tokens[:2], p.tokens[2:]
+    q = p.query_pos[:2]
+    ans = p.answers[:2, 0]
+
+    def metric(logits):  # log-prob of the clean prompts' first answer bit at the query position
+        return logits[:, 0].log_softmax(-1)[torch.arange(2), ans]
+
+    def tl_metric(logits):
+        return metric(logits[torch.arange(2), q][:, None]).mean()
+
+    _, cache = model.run_with_cache(clean)
+    ref = tlp.get_act_patch_resid_pre(model, corrupted, cache, tl_metric)
+    ours = activation_patching(model, clean, corrupted, metric, read_positions=q, batch_size=64, progress=False)
+    assert (ours.values - ref).abs().max() <= 1e-4
+
+
+def test_bad_sweep_input(setup):
+    model, clean, corrupted, clean_cache, metric, tl_metric = setup
+    with pytest.raises(ConfigError, match="same shape"):
+        activation_patching(model, clean, corrupted[:, :5], metric, progress=False)
+    with pytest.raises(ConfigError, match="unknown site"):
+        activation_patching(model, clean, corrupted, metric, site="embed", progress=False)
+    with pytest.raises(ConfigError, match="can be swept by"):
+        activation_patching(model, clean, corrupted, metric, site="z", by=("layer", "pos"), progress=False)
+    with pytest.raises(ConfigError, match="one number per prompt"):
+        activation_patching(model, clean, corrupted, lambda lg: lg.mean(), progress=False)
+    with pytest.raises(ConfigError, match="out of range"):
+        activation_patching(model, clean, corrupted, metric, layers=[2], progress=False)
+    with pytest.raises(ConfigError, match="read_positions"):
+        activation_patching(model, clean, corrupted, metric, read_positions=[9], progress=False)
+    with pytest.raises(ConfigError, match="cannot fit"):
+        activation_patching(model, clean, corrupted, metric, batch_size=2, progress=False)
