@@ -197,3 +197,59 @@ def test_zero_shot_prompts_are_just_the_query():
     p = tasks.get("shift").sample(3, shots=0, seed=0)
     assert p.tokens.shape[1] == 3 and int(p.query_pos[0]) == 1
     assert np.all(p.train_mask.sum(1).numpy() == 1)
+
+
+def test_codes_rule_shared_answers_and_no_copying():
+    fam = tasks.get("codes")
+    p = fam.sample(40, shots=4, seed=11)
+    for i in range(len(p)):
+        s = p.str_tokens(i)
+        q = int(p.query_pos[i])
+        task = p.task_names[int(p.labels[i])]
+        query_words = s[q - 6 : q]
+        word = next(w for w in query_words if w in fam.words[fam.categories.index(task)])
+        assert p.vocab[int(p.answers[i, 0])] == str(fam.code_of(word))
+        context = s[: q - 6]
+        assert not set(query_words) & set(context)  # the query's words never appear in its context
+        for j in range(0, q - 6, 9):  # 6 words -> code ;
+            ex_words, code = s[j : j + 6], s[j + 7]
+            assert len({fam.code_of(w) for w in ex_words}) == 6  # distinct codes within an input
+            ex_word = next(w for w in ex_words if w in fam.words[fam.categories.index(task)])
+            assert code == str(fam.code_of(ex_word))
+    by_task = [set(p.answers[p.labels == t, 0].tolist()) for t in range(fam.n_tasks)]
+    assert all(b == by_task[0] for b in by_task)  # every task answers from the same code set
+
+
+def test_codes_curriculum_reveals_only_in_training_prompts():
+    fam = tasks.get("codes", reveal=1.0)
+    train = fam.sample_train(5, shots=3, seed=0)
+    evalp = fam.sample(5, shots=3, seed=0)
+    code_ids = {fam.code_token(k) for k in range(fam.K)}
+    def ex_answers(ps):  # the examples' answers (trained positions other than the query's)
+        m = ps.train_mask.clone()
+        m[torch.arange(len(ps)), ps.query_pos] = False
+        return {int(t) for t in ps.targets[m]}
+
+    assert not ex_answers(train) & code_ids  # every example answers with the word itself
+    assert {int(t) for t in evalp.targets[evalp.train_mask]} <= code_ids
+    with pytest.raises(ConfigError, match="reveal must be"):
+        tasks.get("codes", reveal=1.5)
+    with pytest.raises(ConfigError, match="n_codes=3 must be >= n_categories=6"):
+        tasks.get("codes", n_codes=3)
+
+
+@pytest.mark.parametrize("name", ["position", "lookup"])
+def test_position_and_lookup_rules(name):
+    fam = tasks.get(name)
+    p = fam.sample(20, shots=3, seed=4)
+    for i in range(len(p)):
+        s = p.str_tokens(i)
+        q = int(p.query_pos[i])
+        t = int(p.labels[i])
+        ans = p.vocab[int(p.answers[i, 0])]
+        if name == "position":
+            assert ans == s[q - 5 + t]
+            assert not set(s[q - 5 : q]) & set(s[: q - 5])
+        else:
+            table = s[q - 2 * fam.K : q]
+            assert ans == table[table.index(fam.keys[t]) + 1]

@@ -31,7 +31,7 @@ from tvlens.io import load_tensors_with_sidecar, read_sidecar, save_tensors_with
 
 CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"
 # Shipped models by name; "default" is the demo's model.
-ALIASES = {"default": "shift"}
+ALIASES = {"default": "codes"}
 
 # The config fields a tvlens checkpoint records; enough to rebuild the model exactly.
 _CFG_FIELDS = (

@@ -10,12 +10,18 @@ from __future__ import annotations
 from tvlens.tasks.base import ARROW, END, TokenTaskFamily, check_int
 
 WORDS = {
-    "color": ["red", "blue", "green", "yellow", "purple", "orange", "pink", "brown"],
-    "animal": ["cat", "dog", "horse", "mouse", "lion", "tiger", "bear", "wolf"],
-    "fruit": ["apple", "pear", "plum", "grape", "lemon", "mango", "peach", "melon"],
-    "number": ["one", "two", "three", "four", "five", "six", "seven", "eight"],
-    "country": ["France", "Spain", "Italy", "Japan", "Chile", "Peru", "Kenya", "Egypt"],
-    "verb": ["run", "jump", "swim", "sing", "read", "write", "cook", "walk"],
+    "color": ["red", "blue", "green", "yellow", "purple", "orange", "pink", "brown",
+              "black", "white", "gray", "violet", "cyan", "teal", "gold", "silver"],
+    "animal": ["cat", "dog", "horse", "mouse", "lion", "tiger", "bear", "wolf",
+               "fox", "deer", "goat", "sheep", "rabbit", "camel", "zebra", "monkey"],
+    "fruit": ["apple", "pear", "plum", "grape", "lemon", "mango", "peach", "melon",
+              "cherry", "banana", "kiwi", "lime", "fig", "date", "papaya", "guava"],
+    "number": ["one", "two", "three", "four", "five", "six", "seven", "eight",
+               "nine", "ten", "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen"],
+    "country": ["France", "Spain", "Italy", "Japan", "Chile", "Peru", "Kenya", "Egypt",
+                "Brazil", "India", "China", "Mexico", "Canada", "Norway", "Greece", "Turkey"],
+    "verb": ["run", "jump", "swim", "sing", "read", "write", "cook", "walk",
+             "dance", "sleep", "climb", "draw", "paint", "fly", "throw", "catch"],
 }
 
 
@@ -27,7 +33,7 @@ class Categories(TokenTaskFamily):
         tokens_per_category = check_int("tokens_per_category", tokens_per_category, 2, self.name)
         super().__init__(n_categories=n_categories, tokens_per_category=tokens_per_category, null=bool(null))
         self.C, self.M, self.null = n_categories, tokens_per_category, bool(null)
-        if self.C <= len(WORDS) and self.M <= 8:
+        if self.C <= len(WORDS) and self.M <= 16:
             self.categories = list(WORDS)[: self.C]
             self.words = [WORDS[c][: self.M] for c in self.categories]
         else:
