@@ -95,3 +95,19 @@ def test_cli_train_records_its_command(tmp_path, capsys):
     assert meta["family"] == {"name": "shift", "n_letters": 10, "offsets": [1, 2]}
     out = json.loads(capsys.readouterr().out)
     assert out["final"]["step"] == 6
+
+
+def test_cli_train_from_a_config_file(tmp_path):
+    from tvlens.cli import main
+
+    cfg = {"family": {"name": "sparse_regression_small"}, "shots": 3, "steps": 4, "batch_size": 8, "n_layers": 1,
+           "d_model": 16, "n_heads": 2, "eval_every": 2, "eval_n_per_task": 2}
+    (tmp_path / "c.json").write_text(json.dumps(cfg))
+    assert main(["train", "--config", str(tmp_path / "c.json"), "--out", str(tmp_path / "run"), "--steps", "2",
+                 "--no-progress"]) == 0
+    log = read_log(tmp_path / "run")
+    assert log[-1]["step"] == 2 and log[-1]["metric"] == "mse"
+    for f in ("configs/sparse_regression_paper.json", "configs/sparse_regression_small_cpu.json"):
+        from pathlib import Path
+
+        TrainConfig(**json.loads((Path(__file__).parent.parent / f).read_text()))  # valid configs

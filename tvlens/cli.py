@@ -33,8 +33,14 @@ def _family_params(items: list[str]) -> dict[str, Any]:
 def cmd_train(args: argparse.Namespace) -> int:
     from tvlens.train import TrainConfig, train
 
-    kw = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
-    kw["family"] = {"name": args.family, **_family_params(args.param)}
+    kw: dict[str, Any] = {}
+    if args.config:
+        kw.update(json.loads(open(args.config).read()))
+    kw.update({f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None})
+    if args.family:
+        kw["family"] = {"name": args.family, **_family_params(args.param)}
+    elif "family" not in kw:
+        raise SystemExit("tvlens train: give --family NAME or --config FILE")
     cfg = TrainConfig(**kw)
     torch.set_num_threads(args.threads) if args.threads else None
     callback = None
@@ -86,7 +92,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
           f"d_model {model.cfg.d_model}, family {family!r}")
     print(f"{len(prompts)} fresh prompts ({args.shots}-shot, seed {args.seed}); e.g.\n  {prompts.render(0)}")
     print(acc.to_dataframe().to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    print(f"mean {acc.metric} (non-null tasks): {acc.mean:.3f}   [{time.perf_counter() - t0:.1f}s]")
+    print(f"mean {acc.metric} (non-null tasks): {acc.mean:.3f}")
+    enc = tvlens.extract(model, prompts, progress=False)
+    td = tvlens.task_decodability(enc)
+    steps = tvlens.checkpoint_steps(args.model) if args.model in tvlens.shipped_models() + ["default"] else []
+    td0 = None
+    if steps and steps[0] == 0:
+        td0 = tvlens.task_decodability(tvlens.load_model(args.model, step=0), prompts)
+    print(f"task decodability (leave-one-out {td.k}-NN at the query, chance {td.chance:.3f}):")
+    for i, layer in enumerate(td.layers):
+        ctrl = f"   untrained (step 0): {float(td0.td[i]):.3f}" if td0 is not None else ""
+        print(f"  layer {layer}: {float(td.td[i]):.3f}{ctrl}")
+    print(f"best layer {td.best_layer}: TD {td.best_td:.3f}   [{time.perf_counter() - t0:.1f}s]")
     return 0
 
 
@@ -102,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     t = sub.add_parser("train", help="train a small hooked transformer on a task family")
-    t.add_argument("--family", required=True, help="a family name (tvlens list)")
+    t.add_argument("--family", help="a family name (tvlens list)")
+    t.add_argument("--config", help="a JSON TrainConfig (e.g. configs/sparse_regression_paper.json); flags override it")
     t.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="a family parameter")
     t.add_argument("--out", required=True, help="run folder: log.jsonl, checkpoints, resume state")
     defaults = asdict(__import__("tvlens.train", fromlist=["TrainConfig"]).TrainConfig())
