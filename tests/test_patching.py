@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import tvlens
 from tvlens import tasks
 from tvlens.encoding import extract, resid_hook_name
 from tvlens.errors import ConfigError

@@ -15,10 +15,10 @@ import re
 import shlex
 import sys
 import warnings
-from unittest import mock
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 from jaxtyping import Float
@@ -377,7 +377,7 @@ def _load_pretrained(name: str, device, local_folder: bool, **kwargs: Any) -> Ho
                 model = HookedTransformer.from_pretrained(name, device=device, **kwargs)
     except OfflineWeightsError:
         raise
-    except (OSError, ValueError, EnvironmentError) as e:
+    except (OSError, ValueError) as e:
         msg = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
         raise OfflineWeightsError(
             f"could not load pretrained model {name!r} offline ({msg}). tvlens never downloads: put the "
