@@ -238,7 +238,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Hoo
             f"unexpected {unexpected}, shape mismatches {shapes}"
         )
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in tensors.items()})
-    model.to(device)
+    model.to(device, print_details=False)
     model.eval()
     model.tvlens_info = ModelInfo(
         source=str(stem),

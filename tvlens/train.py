@@ -52,6 +52,7 @@ class TrainConfig:
     eval_every: int = 100
     eval_n_per_task: int = 64
     n_checkpoints: int = 12
+    checkpoint_every: int | None = None  # extra checkpoints every N steps (to resolve a transition)
 
     def __post_init__(self) -> None:
         if isinstance(self.family, str):
@@ -60,6 +61,8 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ConfigError(f"TrainConfig.{name} must be an integer >= 1, got {v!r}")
+        if self.checkpoint_every is not None and (not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 1):
+            raise ConfigError(f"TrainConfig.checkpoint_every must be None or an integer >= 1, got {self.checkpoint_every!r}")
         if self.warmup < 0 or not self.lr > 0:
             raise ConfigError(f"TrainConfig: need warmup >= 0 and lr > 0, got warmup={self.warmup}, lr={self.lr}")
 
@@ -184,6 +187,8 @@ def train(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
     eval_set = family.sample(cfg.eval_n_per_task, shots=cfg.shots, seed=EVAL_SEED + cfg.seed)
     ckpt_steps = set(checkpoint_steps(cfg.steps, cfg.n_checkpoints))
+    if cfg.checkpoint_every:
+        ckpt_steps |= set(range(0, cfg.steps + 1, cfg.checkpoint_every))
     command = command or f"tvlens.train({cfg!r})"
 
     out = Path(out_dir) if out_dir is not None else None
