@@ -448,7 +448,10 @@ class EmergenceResult:
         m = self.mean_metric.numpy()
         if self.metric == "mse":
             m = -m
-        return float(spearmanr(self.td_at(layer).numpy(), m).statistic)
+        t = self.td_at(layer).numpy()
+        if len(t) < 2 or t.std() == 0 or m.std() == 0:
+            return float("nan")  # undefined for a constant series
+        return float(spearmanr(t, m).statistic)
 
     def to_dataframe(self):
         import pandas as pd
