@@ -12,8 +12,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing at run time may reach th
 
 import math
 import re
-import shlex
-import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -387,16 +385,6 @@ def _load_pretrained(name: str, device, local_folder: bool, **kwargs: Any) -> Ho
     model.tvlens_info = ModelInfo(source=name)
     model.eval()
     return model
-
-
-def command_line() -> str:
-    return " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).name, *sys.argv[1:]])
-
-
-def fingerprint(model: HookedTransformer) -> dict[str, Any]:
-    """What identifies a model's residual space: used to refuse vectors from another model."""
-    info = model_info(model)
-    return {"source": info.source, "d_model": model.cfg.d_model, "n_layers": model.cfg.n_layers, "step": info.step}
 
 
 __all__ = [

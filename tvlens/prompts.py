@@ -17,7 +17,6 @@ A PromptSet holds a batch of in-context-learning prompts whose latent task is kn
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -265,6 +264,3 @@ class PromptSet:
             extra=extra,
             **kw,
         )
-
-    def describe(self) -> str:
-        return json.dumps({"family": self.family, "params": self.params, "n": len(self)}, default=str)
