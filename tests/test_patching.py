@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import tvlens
 from tvlens import tasks
 from tvlens.encoding import extract, resid_hook_name
 from tvlens.errors import ConfigError
@@ -12,7 +13,7 @@ from tvlens.models import build_model
 from tvlens.patching import run_patching
 
 
-def _naive(model, prompts, vectors, layer, source, mode, scale):
+def _naive(model, prompts, vectors, layer, source, mode, scale):  # noqa: C901
     """Reference: one full forward per prompt with a hook that patches the query position."""
     s = prompts.task_names.index(source)
     follows = torch.zeros(prompts.n_tasks)
@@ -22,10 +23,16 @@ def _naive(model, prompts, vectors, layer, source, mode, scale):
         n_ans = prompts.n_answer
         toks[0, q + 1 : q + 1 + n_ans] = prompts.task_answers[i, s]
         v = vectors.get(source, layer)
+        own = vectors.get(int(prompts.labels[i]), layer)
 
         def hook(act, hook):
             act = act.clone()
-            act[0, q] = v if mode == "replace" else act[0, q] + scale * v
+            if mode == "replace":
+                act[0, q] = v
+            elif mode == "add":
+                act[0, q] = act[0, q] + scale * v
+            else:
+                act[0, q] = act[0, q] + scale * (v - own)
             return act
 
         logits = model.run_with_hooks(toks, fwd_hooks=[(resid_hook_name(layer), hook)])
@@ -34,7 +41,8 @@ def _naive(model, prompts, vectors, layer, source, mode, scale):
     return follows / torch.bincount(prompts.labels, minlength=prompts.n_tasks).float()
 
 
-@pytest.mark.parametrize("family,mode", [("categories", "replace"), ("bitwise", "add"), ("shift", "replace")])
+@pytest.mark.parametrize("family,mode", [("categories", "replace"), ("bitwise", "add"), ("shift", "replace"),
+                                         ("bitwise", "swap"), ("categories", "swap")])
 def test_run_patching_equals_naive_hook_loop(family, mode):
     fam = tasks.get(family)
     model = build_model(fam, n_layers=2, d_model=32, n_heads=4, seed=2)
@@ -75,10 +83,38 @@ def test_bad_patching_input():
     prompts = fam.sample(3, shots=2, seed=0)
     vecs = extract(model, prompts, progress=False).task_vectors()
     with pytest.raises(ConfigError, match="mode must be"):
-        run_patching(model, prompts, vecs, mode="swap")
+        run_patching(model, prompts, vecs, mode="mix")
     with pytest.raises(ConfigError, match="final residual stream"):
         run_patching(model, prompts, vecs, layers=[2])
     with pytest.raises(ConfigError, match="another model"):
         run_patching(build_model(fam, n_layers=2, d_model=32, n_heads=4, seed=9), prompts, vecs)
     with pytest.raises(ConfigError, match="unknown source task"):
         run_patching(model, prompts, vecs, sources=["shift+2"])
+
+
+def test_shipped_categories_model_follows_the_patched_task():
+    """Conditional decoding on the shipped categories model: swapping in task A's vector after block 0."""
+    model = tvlens.load_model("categories")
+    fam = tvlens.model_info(model).task_family()
+    prompts = fam.sample(50, shots=4, seed=777)
+    vecs = extract(model, prompts, progress=False).task_vectors()
+    res = run_patching(model, prompts, vecs, mode="swap", progress=False)
+    best = res.best_layer(min_control=0.9)
+    li = res.layers.index(best)
+    assert float(res.control[li]) >= 0.9 and float(res.flip_rate[li]) >= 0.8, res.layer_profile()
+    # replacing the whole residual erases the query's information: the control breaks
+    rep = run_patching(model, prompts, vecs, mode="replace", layers=[best], progress=False)
+    assert float(rep.control[0]) < 0.9
+
+
+def test_rule_agreement_is_the_flip_floor():
+    fam = tasks.get("bitwise")
+    model = build_model(fam, n_layers=1, d_model=16, n_heads=2)
+    p = fam.sample(20, shots=1, seed=1, tasks=["and", "or", "xor"])
+    res = run_patching(model, p, extract(model, p, progress=False).task_vectors(), layers=[0], progress=False)
+    a, o = res.source_names.index("and"), res.target_names.index("or")
+    and_ans, or_ans = p.task_answers[:, 0], p.task_answers[:, 1]
+    ref = (and_ans == or_ans).all(-1)[p.labels == o].float().mean()
+    assert float(res.rule_agreement[a, o]) == pytest.approx(float(ref))
+    assert torch.allclose(torch.diagonal(res.rule_agreement[:3, :3]), torch.ones(3))
+    assert 0 <= res.flip_floor < 0.5
