@@ -11,6 +11,8 @@ The whole public API (each name documented where it is defined)::
     encodings.task_vectors(layer) -> TaskVectors                  # per-task means, savable
     tvlens.task_decodability(encodings) -> DecodabilityResult     # leave-one-out kNN TD per layer
     tvlens.emergence(run_or_name) -> EmergenceResult              # TD and accuracy across checkpoints
+    tvlens.run_patching(model, prompts, vectors, mode=...) -> PatchingResult  # conditional decoding
+    tvlens.activation_patching(model, clean, corrupted, metric, site, by) -> SweepResult
 """
 
 from __future__ import annotations
@@ -41,13 +43,19 @@ from tvlens.models import (  # noqa: E402
     save_checkpoint,
     shipped_models,
 )
+from tvlens.patching import PatchingResult, run_patching  # noqa: E402
 from tvlens.prompts import PromptSet  # noqa: E402
+from tvlens.sweeps import SweepResult, activation_patching  # noqa: E402
 from tvlens.train import TrainConfig, read_log, train  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AccuracyResult",
+    "PatchingResult",
+    "SweepResult",
+    "activation_patching",
+    "run_patching",
     "DecodabilityResult",
     "EmergenceResult",
     "TaskEncodings",
