@@ -143,3 +143,30 @@ def test_local_folder_without_weights(tmp_path):
         f.unlink()
     with pytest.raises(OfflineWeightsError, match="no weights"):
         tvlens.load_model(tmp_path / "g")
+
+
+def test_extract_and_td_on_a_locally_built_pretrained_model(tmp_path):
+    """The encoding path runs on any model load_model returns, e.g. a local Hugging Face GPT-2."""
+    from tvlens.encoding import extract, task_decodability
+
+    _, hf_tok = _local_gpt2(tmp_path / "g")
+    model = tvlens.load_model(tmp_path / "g")
+    texts = {0: ["the cat sat on the mat ->", "a dog sat on a mat ->", "the big cat ran on a mat ->"],
+             1: ["the red dog ran ->", "a big red dog ran ->", "the dog ran on the red mat ->"]}
+    rows, labels = [], []
+    for t, ts in texts.items():
+        for text in ts:
+            ids = hf_tok.encode(text)
+            rows.append(ids + [0] * (8 - len(ids)))
+            labels.append(t)
+    tokens = torch.tensor(rows)
+    qpos = torch.tensor([len(hf_tok.encode(x)) - 1 for ts in texts.values() for x in ts])
+    p = tvlens.PromptSet(family="text", params={}, task_names=["cat", "dog"], labels=torch.tensor(labels),
+                         query_pos=qpos, answers=torch.zeros(6, 1, dtype=torch.long),
+                         targets=torch.full((6, 8), -100), train_mask=torch.zeros(6, 8, dtype=torch.bool),
+                         shots=0, tokens=tokens)
+    enc = extract(model, p, progress=False)
+    assert enc.acts.shape == (6, 3, 32)
+    _, cache = model.run_with_cache(tokens)
+    assert torch.allclose(enc.at(2), cache["blocks.1.hook_resid_post"][torch.arange(6), qpos], atol=1e-5)
+    assert task_decodability(enc, k=1).td.shape == (3,)

@@ -118,3 +118,16 @@ def test_rule_agreement_is_the_flip_floor():
     assert float(res.rule_agreement[a, o]) == pytest.approx(float(ref))
     assert torch.allclose(torch.diagonal(res.rule_agreement[:3, :3]), torch.ones(3))
     assert 0 <= res.flip_floor < 0.5
+
+
+def test_task_vectors_make_zero_shot_prompts_follow_the_task():
+    """Hendel et al.'s test: a zero-shot prompt (only the query) plus task A's vector answers by A's rule."""
+    model = tvlens.load_model("categories")
+    fam = tvlens.model_info(model).task_family()
+    vecs = extract(model, fam.sample(50, shots=4, seed=1), progress=False).task_vectors()
+    zero = fam.sample(50, shots=0, seed=2)
+    assert tvlens.icl_accuracy(model, zero).mean < 0.3  # without the vector: about chance (1/6)
+    res = run_patching(model, zero, vecs, mode="add", progress=False)
+    real = [i for i, t in enumerate(res.source_names) if t != "null"]
+    follows = res.follows_source[:, real][:, :, real].mean((1, 2))  # every (source, target) pair counts
+    assert float(follows.max()) >= 0.75, follows
