@@ -195,10 +195,9 @@ def activation_patching(
         model.set_use_attn_result(True)
     try:
         names = {_hook_name(site, L) for L in layers}
-        _, clean_cache = model.run_with_cache(clean, names_filter=lambda n: n in names)
+        clean_logits, clean_cache = model.run_with_cache(clean, names_filter=lambda n: n in names)
         starts = {f"blocks.{L}.hook_resid_pre" for L in layers}
         corrupt_logits, corrupt_cache = model.run_with_cache(corrupted, names_filter=lambda n: n in starts)
-        clean_logits = model(clean)
 
         def score(logits_full):
             return _per_prompt(metric, _read_logits(logits_full, read_positions), B)

@@ -119,7 +119,6 @@ def _save_resume(path: Path, model, opt, sched, step: int, cfg: TrainConfig, bes
             f"{pid}.{k}": list(v.shape) for pid, st in opt_sd["state"].items() for k, v in st.items() if torch.is_tensor(v)
         },
         "scheduler": sched.state_dict(),
-        "numpy_rng": None,
         "best": best,
     }
     save_tensors_with_sidecar(path, tensors, meta)
