@@ -170,3 +170,14 @@ def test_extract_and_td_on_a_locally_built_pretrained_model(tmp_path):
     _, cache = model.run_with_cache(tokens)
     assert torch.allclose(enc.at(2), cache["blocks.1.hook_resid_post"][torch.arange(6), qpos], atol=1e-5)
     assert task_decodability(enc, k=1).td.shape == (3,)
+
+
+def test_named_model_configurations():
+    from tvlens.models import model_config
+
+    m = build_model("shift", **model_config("tiny"))
+    assert (m.cfg.n_layers, m.cfg.d_model, m.cfg.n_heads) == (2, 32, 4)
+    paper = model_config("paper")
+    assert (paper["n_layers"], paper["d_model"], paper["n_heads"]) == (12, 256, 8)
+    with pytest.raises(UnknownNameError, match="known: .*small"):
+        model_config("huge")

@@ -124,6 +124,21 @@ def is_continuous(model: HookedTransformer) -> bool:
     return isinstance(model, HookedRegressionTransformer)
 
 
+# Named synthetic model configurations: "small" is what the shipped models use (CPU-sized);
+# "paper" is Han et al.'s 12-layer, 8-head, d_model 256 GPT-2 (GPU-sized).
+MODEL_CONFIGS: dict[str, dict[str, int]] = {
+    "tiny": {"n_layers": 2, "d_model": 32, "n_heads": 4},
+    "small": {"n_layers": 4, "d_model": 64, "n_heads": 4},
+    "paper": {"n_layers": 12, "d_model": 256, "n_heads": 8, "d_mlp": 1024},
+}
+
+
+def model_config(name: str) -> dict[str, int]:
+    if name not in MODEL_CONFIGS:
+        raise UnknownNameError(f"unknown model configuration {name!r}; known: {sorted(MODEL_CONFIGS)}")
+    return dict(MODEL_CONFIGS[name])
+
+
 def build_model(
     family: "_tasks.TaskFamily | str",
     n_layers: int = 4,
@@ -136,7 +151,10 @@ def build_model(
     seed: int = 0,
     attn_only: bool = False,
 ) -> HookedTransformer:
-    """A fresh (randomly initialised, seeded) model shaped for a task family."""
+    """A fresh (randomly initialised, seeded) model shaped for a task family.
+
+    ``build_model(family, **model_config("paper"))`` builds a named configuration.
+    """
     fam = _tasks.get(family) if isinstance(family, str) else family
     for name, v, lo in (("n_layers", n_layers, 1), ("d_model", d_model, 1), ("n_heads", n_heads, 1)):
         if not isinstance(v, int) or v < lo:
@@ -391,7 +409,9 @@ __all__ = [
     "HookedRegressionTransformer",
     "LinearEmbed",
     "ModelInfo",
+    "MODEL_CONFIGS",
     "build_model",
+    "model_config",
     "checkpoint_steps",
     "is_continuous",
     "list_checkpoints",
