@@ -11,9 +11,6 @@ import tvlens
 
 
 def main() -> None:
-    import argparse
-
-    argparse.ArgumentParser().add_argument("--quick", action="store_true")
     torch.set_num_threads(2)
     for name in tvlens.shipped_models():
         em = tvlens.emergence(name, n_per_task=100, shots=4, seed=12345, progress=False)
