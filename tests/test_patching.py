@@ -75,6 +75,9 @@ def test_regression_patching_self_vs_cross():
     vecs = extract(model, p, progress=False).task_vectors()
     res = run_patching(model, p, vecs, layers=[1], progress=False)
     assert res.metric == "mse" and res.delta_logprob_source.shape == (1, 4, 4)
+    # adding nothing is no intervention: every source gives the unpatched squared error
+    noop = run_patching(model, p, vecs, layers=[0, 1], mode="add", scale=0.0, progress=False)
+    assert torch.allclose(noop.delta_logprob_source, noop.baseline_own.expand(2, 4, 4), atol=1e-5)
 
 
 def test_bad_patching_input():

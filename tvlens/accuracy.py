@@ -125,6 +125,36 @@ class AccuracyResult:
         return fig
 
 
+def answer_positions(query_pos: torch.Tensor, n_answer: int) -> torch.Tensor:
+    """``[b, n_answer]``: the positions whose outputs predict the query's answer tokens."""
+    return query_pos[:, None] + torch.arange(n_answer, device=query_pos.device)[None]
+
+
+def at_answer_positions(x: torch.Tensor, query_pos: torch.Tensor, n_answer: int) -> torch.Tensor:
+    """``x[b, seq, ...]`` at each prompt's answer positions: ``[b, n_answer, ...]``."""
+    pos = answer_positions(query_pos, n_answer)
+    return x.gather(1, pos.view(*pos.shape, *([1] * (x.ndim - 2))).expand(-1, -1, *x.shape[2:]))
+
+
+def answer_scores(sel: torch.Tensor, answers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact match of the whole answer and its log-probability, from logits at the answer positions.
+
+    ``sel`` is ``[b, n_answer, d_vocab]``; exact match with teacher forcing (every answer token is the
+    argmax given the correct previous ones) is the same verdict as greedy generation.
+    """
+    ok = (sel.argmax(-1) == answers).all(-1)
+    lp = sel.log_softmax(-1).gather(-1, answers[..., None])[..., 0].sum(-1)
+    return ok, lp
+
+
+def logits_at_answers(model, x: torch.Tensor, query_pos: torch.Tensor, n_answer: int,
+                      start_at_layer: int | None = None) -> torch.Tensor:
+    """Run ``model`` on ``x`` (inputs, or the residual stream entering ``start_at_layer``) and unembed
+    only the answer positions: ``[b, n_answer, d_vocab_out]``."""
+    resid = model(x, start_at_layer=start_at_layer, stop_at_layer=model.cfg.n_layers)
+    return model.unembed(model.ln_final(at_answer_positions(resid, query_pos, n_answer)))
+
+
 @torch.no_grad()
 def icl_accuracy(model, prompts: PromptSet, batch_size: int | None = 256, progress: bool = False) -> AccuracyResult:
     """Per-task in-context accuracy of ``model`` on ``prompts`` (per-task MSE for regression)."""
@@ -138,14 +168,11 @@ def icl_accuracy(model, prompts: PromptSet, batch_size: int | None = 256, progre
     for s in it:
         sub = prompts.subset(slice(s, s + bs)).to(device)
         last = int(sub.query_pos.max()) + n_ans  # later positions can't change these outputs
-        out = model(sub.model_input[:, :last], return_type="logits")
-        pos = sub.query_pos[:, None] + torch.arange(n_ans, device=device)[None]  # [b, n_ans]
-        sel = out.gather(1, pos[..., None].expand(-1, -1, out.shape[-1]))  # [b, n_ans, vocab]
+        sel = logits_at_answers(model, sub.model_input[:, :last], sub.query_pos, n_ans)  # [b, n_ans, vocab]
         if prompts.is_continuous:
             per_prompt.append(((sel[..., 0] - sub.answers) ** 2).mean(-1).float().cpu())
         else:
-            correct = (sel.argmax(-1) == sub.answers).all(-1)
-            lp = sel.log_softmax(-1).gather(-1, sub.answers[..., None])[..., 0].sum(-1)
+            correct, lp = answer_scores(sel, sub.answers)
             per_prompt.append(correct.float().cpu())
             logprobs.append(lp.float().cpu())
     if was_training:

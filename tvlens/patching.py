@@ -27,7 +27,7 @@ import torch
 from jaxtyping import Float
 from tqdm.auto import tqdm
 
-from tvlens.accuracy import check_prompts_fit
+from tvlens.accuracy import answer_scores, at_answer_positions, check_prompts_fit, logits_at_answers
 from tvlens.encoding import TaskVectors, check_layers, resid_hook_name
 from tvlens.errors import ConfigError
 from tvlens.prompts import PromptSet
@@ -219,26 +219,10 @@ def run_patching(
     names = sorted({resid_hook_name(layer) for layer in layers})
     bs = batch_size or len(prompts)
 
-    def prefix(toks):
-        """Logits and the residual stream entering every patched layer, from one forward pass."""
-        store: dict[str, torch.Tensor] = {}
-
-        def save(act, hook):
-            store[hook.name] = act
-
-        logits = model.run_with_hooks(toks, fwd_hooks=[(n, save) for n in names])
-        return logits, store
-
-    def patched(store, layer, q, vec, li, lab_dev):
-        resid = store[resid_hook_name(layer)].clone()
-        rows = torch.arange(resid.shape[0], device=resid.device)
-        if mode == "replace":
-            resid[rows, q] = vec
-        elif mode == "add":
-            resid[rows, q] = resid[rows, q] + scale * vec
-        else:  # swap the prompt's own task component for the source's
-            resid[rows, q] = resid[rows, q] + scale * (vec - own_vecs[li, lab_dev])
-        return model(resid, start_at_layer=layer)
+    def run_patched(store, layer, q, vec, li, labels_dev):
+        resid = _patch(store[resid_hook_name(layer)], q, vec, mode, scale,
+                       own_vecs[li, labels_dev] if mode == "swap" else None)
+        return logits_at_answers(model, resid, q, n_ans, start_at_layer=layer)
 
     it = tqdm(total=(len(prompts) + bs - 1) // bs, desc="run_patching", disable=not progress, leave=False)
     for b0 in range(0, len(prompts), bs):
@@ -247,20 +231,25 @@ def run_patching(
         q = sub.query_pos
         last = int(q.max()) + n_ans
         toks_own = sub.tokens[:, :last]
-        own_logits, own_store = prefix(toks_own)
-        ok, _ = _score(own_logits, q, sub.answers)
+        own_logits, own_store = _prefix(model, toks_own, names)
+        own_sel = at_answer_positions(own_logits, q, n_ans)
+        ok, _ = answer_scores(own_sel, sub.answers)
         base_own.index_add_(0, lab, ok.float().cpu())
         for si, sname in enumerate(src_names):
             s = prompts.task_names.index(sname)
             ans_src = sub.task_answers[:, s]
             # the source's answer follows the query (teacher forcing); a single-token answer needs no rerun
-            src_logits, src_store = (own_logits, own_store) if n_ans == 1 else prefix(_answers_for(sub, s)[:, :last])
-            _, lp_clean = _score(src_logits, q, ans_src)
+            if n_ans == 1:
+                src_sel, src_store = own_sel, own_store
+            else:
+                src_logits, src_store = _prefix(model, _answers_for(sub, s)[:, :last], names)
+                src_sel = at_answer_positions(src_logits, q, n_ans)
+            _, lp_clean = answer_scores(src_sel, ans_src)
             for li, layer in enumerate(layers):
-                out_src = patched(src_store, layer, q, vecs[sname][li], li, sub.labels)
-                ok_src, lp_src = _score(out_src, q, ans_src)
-                out_own = out_src if n_ans == 1 else patched(own_store, layer, q, vecs[sname][li], li, sub.labels)
-                ok_own, _ = _score(out_own, q, sub.answers)
+                out_src = run_patched(src_store, layer, q, vecs[sname][li], li, sub.labels)
+                ok_src, lp_src = answer_scores(out_src, ans_src)
+                out_own = out_src if n_ans == 1 else run_patched(own_store, layer, q, vecs[sname][li], li, sub.labels)
+                ok_own, _ = answer_scores(out_own, sub.answers)
                 follows_src[li, si].index_add_(0, lab, ok_src.float().cpu())
                 follows_own[li, si].index_add_(0, lab, ok_own.float().cpu())
                 dlp[li, si].index_add_(0, lab, (lp_src - lp_clean).float().cpu())
@@ -279,14 +268,29 @@ def run_patching(
     )
 
 
-def _score(logits: torch.Tensor, q: torch.Tensor, answers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact match of the whole answer (argmax at every answer position) and its log-probability."""
-    n_ans = answers.shape[1]
-    pos = q[:, None] + torch.arange(n_ans, device=q.device)[None]
-    sel = logits.gather(1, pos[..., None].expand(-1, -1, logits.shape[-1]))
-    ok = (sel.argmax(-1) == answers).all(-1)
-    lp = sel.log_softmax(-1).gather(-1, answers[..., None])[..., 0].sum(-1)
-    return ok, lp
+def _prefix(model, x, names):
+    """Logits and the residual stream entering every patched layer, from one forward pass."""
+    store: dict[str, torch.Tensor] = {}
+
+    def save(act, hook):
+        store[hook.name] = act
+
+    logits = model.run_with_hooks(x, fwd_hooks=[(n, save) for n in names])
+    return logits, store
+
+
+def _patch(resid, q, vec, mode, scale, own=None):
+    """A copy of ``resid`` with the query position replaced by ``vec``, ``vec`` added, or the own
+    task's vector swapped for ``vec``."""
+    resid = resid.clone()
+    rows = torch.arange(resid.shape[0], device=resid.device)
+    if mode == "replace":
+        resid[rows, q] = vec
+    elif mode == "add":
+        resid[rows, q] = resid[rows, q] + scale * vec
+    else:
+        resid[rows, q] = resid[rows, q] + scale * (vec - own)
+    return resid
 
 
 def _run_patching_regression(model, prompts, vectors, layers, mode, scale, src_names, batch_size):
@@ -298,29 +302,21 @@ def _run_patching_regression(model, prompts, vectors, layers, mode, scale, src_n
     counts = torch.bincount(labels, minlength=T).float().clamp_min(1)
     base = torch.zeros(T)
     bs = batch_size or len(prompts)
+    names = sorted({resid_hook_name(layer) for layer in layers})
     for b0 in range(0, len(prompts), bs):
         sub = prompts.subset(slice(b0, b0 + bs)).to(device)
         lab = labels[b0 : b0 + bs]
         q = sub.query_pos
-        x = sub.inputs[:, : int(q.max()) + 1]
+        out, store = _prefix(model, sub.inputs[:, : int(q.max()) + 1], names)
         rows = torch.arange(len(sub), device=device)
-        out = model(x)
         base.index_add_(0, lab, ((out[rows, q, 0] - sub.answers[:, 0]) ** 2).cpu())
         for li, layer in enumerate(layers):
-            resid0 = model(x, stop_at_layer=layer)
             own = torch.stack([vectors.get(t, layer) for t in prompts.task_names]).to(device)[sub.labels] \
                 if mode == "swap" else None
             for si, sname in enumerate(src_names):
-                v = vectors.get(sname, layer).to(device)
-                resid = resid0.clone()
-                if mode == "replace":
-                    resid[rows, q] = v
-                elif mode == "add":
-                    resid[rows, q] = resid[rows, q] + scale * v
-                else:
-                    resid[rows, q] = resid[rows, q] + scale * (v - own)
-                o = model(resid, start_at_layer=layer)
-                mse[li, si].index_add_(0, lab, ((o[rows, q, 0] - sub.answers[:, 0]) ** 2).cpu())
+                resid = _patch(store[resid_hook_name(layer)], q, vectors.get(sname, layer).to(device), mode, scale, own)
+                pred = logits_at_answers(model, resid, q, 1, start_at_layer=layer)[:, 0, 0]
+                mse[li, si].index_add_(0, lab, ((pred - sub.answers[:, 0]) ** 2).cpu())
     grid = mse / counts
     nanv = torch.full_like(grid, float("nan"))
     return PatchingResult(layers=layers, source_names=src_names, target_names=list(prompts.task_names), mode=mode,

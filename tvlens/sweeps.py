@@ -127,18 +127,21 @@ def _apply(act: torch.Tensor, clean: torch.Tensor, kind: str, rest: tuple[str, .
             act[sl, idx[0], idx[1]] = clean[:, idx[0], idx[1]]
 
 
+def _select(x: torch.Tensor, read_positions) -> torch.Tensor:
+    """``x[rows, pos]`` at the read positions (all when None). A per-prompt position tensor of
+    length B applies to every stacked copy of the B prompts."""
+    if read_positions is None:
+        return x
+    if torch.is_tensor(read_positions) and read_positions.ndim == 1 and read_positions.shape[0] != 0:
+        reps = x.shape[0] // read_positions.shape[0]
+        rows = torch.arange(x.shape[0], device=x.device)
+        return x[rows, read_positions.to(x.device).repeat(reps)][:, None]
+    return x[:, list(read_positions)]
+
+
 def _read(model, resid: torch.Tensor, read_positions) -> torch.Tensor:
     """Final layer norm and unembedding at the read positions only."""
-    if read_positions is None:
-        x = resid
-    elif torch.is_tensor(read_positions) and read_positions.ndim == 1 and read_positions.shape[0] != 0:
-        B = read_positions.shape[0]
-        reps = resid.shape[0] // B
-        rows = torch.arange(resid.shape[0], device=resid.device)
-        x = resid[rows, read_positions.to(resid.device).repeat(reps)][:, None]
-    else:
-        x = resid[:, list(read_positions)]
-    return model.unembed(model.ln_final(x))
+    return model.unembed(model.ln_final(_select(resid, read_positions)))
 
 
 @torch.no_grad()
@@ -200,7 +203,7 @@ def activation_patching(
         corrupt_logits, corrupt_cache = model.run_with_cache(corrupted, names_filter=lambda n: n in starts)
 
         def score(logits_full):
-            return _per_prompt(metric, _read_logits(logits_full, read_positions), B)
+            return _per_prompt(metric, _select(logits_full, read_positions), B)
 
         clean_m = float(score(clean_logits).mean())
         corrupt_m = float(score(corrupt_logits).mean())
@@ -239,14 +242,6 @@ def activation_patching(
     shape = [len(layers)] + [seq if a in ("pos", "dest") else n_heads for a in rest]
     return SweepResult(values=out.reshape(shape), axes=by, site=site, clean_metric=clean_m,
                        corrupted_metric=corrupt_m, notes={"layers": layers})
-
-
-def _read_logits(logits: torch.Tensor, read_positions) -> torch.Tensor:
-    if read_positions is None:
-        return logits
-    if torch.is_tensor(read_positions) and read_positions.ndim == 1 and len(read_positions) == logits.shape[0]:
-        return logits[torch.arange(logits.shape[0], device=logits.device), read_positions.to(logits.device)][:, None]
-    return logits[:, list(read_positions)]
 
 
 def _per_prompt(metric: Metric, logits: torch.Tensor, n: int) -> torch.Tensor:

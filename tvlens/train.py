@@ -102,7 +102,7 @@ def answer_loss(model, prompts: PromptSet) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(out[m], prompts.targets[m])
 
 
-def _save_resume(path: Path, model, opt, sched, step: int, cfg: TrainConfig, best: dict) -> None:
+def _save_resume(path: Path, model, opt, sched, step: int, cfg: TrainConfig) -> None:
     tensors = {f"model.{k}": v.detach().clone() for k, v in model.state_dict().items()}
     opt_sd = opt.state_dict()
     for pid, st in opt_sd["state"].items():
@@ -119,12 +119,11 @@ def _save_resume(path: Path, model, opt, sched, step: int, cfg: TrainConfig, bes
             f"{pid}.{k}": list(v.shape) for pid, st in opt_sd["state"].items() for k, v in st.items() if torch.is_tensor(v)
         },
         "scheduler": sched.state_dict(),
-        "best": best,
     }
     save_tensors_with_sidecar(path, tensors, meta)
 
 
-def _load_resume(path: Path, model, opt, sched) -> tuple[int, dict]:
+def _load_resume(path: Path, model, opt, sched) -> int:
     tensors, meta = load_tensors_with_sidecar(path, expect_kind="tvlens-resume")
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     state: dict[int, dict[str, torch.Tensor]] = {}
@@ -134,7 +133,7 @@ def _load_resume(path: Path, model, opt, sched) -> tuple[int, dict]:
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     sched.load_state_dict(meta["scheduler"])
     torch.set_rng_state(tensors["rng.torch"])
-    return int(meta["step"]), meta.get("best", {})
+    return int(meta["step"])
 
 
 def _truncate_log(log_path: Path, step: int) -> None:
@@ -192,7 +191,7 @@ def train(
 
     out = Path(out_dir) if out_dir is not None else None
     log_path = out / "log.jsonl" if out else None
-    start, best = 0, {}
+    start = 0
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         cfg_path = out / "train_config.json"
@@ -203,7 +202,7 @@ def train(
                 raise CheckpointError(
                     f"{out} holds a run with another configuration ({saved}); use a new out_dir or resume=False"
                 )
-            start, best = _load_resume(resume_path, model, opt, sched)
+            start = _load_resume(resume_path, model, opt, sched)
             _truncate_log(log_path, start)  # type: ignore[arg-type]
         else:
             for f in out.glob("step_*"):
@@ -246,7 +245,7 @@ def train(
         if 0 in ckpt_steps:
             checkpoint(0, rec)
         if out is not None:
-            _save_resume(out / "resume", model, opt, sched, 0, cfg, best)
+            _save_resume(out / "resume", model, opt, sched, 0, cfg)
 
     bar = tqdm(range(start, cfg.steps), desc=f"train {family.name}", disable=not progress, initial=start, total=cfg.steps)
     t0 = time.perf_counter()
@@ -273,7 +272,7 @@ def train(
             if done in ckpt_steps:
                 checkpoint(done, rec)
             if out is not None:
-                _save_resume(out / "resume", model, opt, sched, done, cfg, best)
+                _save_resume(out / "resume", model, opt, sched, done, cfg)
         if stop_after is not None and done >= stop_after:
             break
     bar.close()
