@@ -1,0 +1,297 @@
+"""Plotly figures for every tvlens result. Each function returns a ``plotly.graph_objects.Figure``;
+results' ``.plot()`` call these, and :mod:`tvlens.views.page` draws them offline (plotly.js inline).
+
+A view refuses (``ConfigError``) a result that lacks what it draws, naming what is missing.
+"""
+
+from __future__ import annotations
+
+import html
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from tvlens.errors import ConfigError
+
+SEQUENTIAL = "Viridis"
+DIVERGING = "RdBu"
+
+
+def _need(obj: Any, attrs: Sequence[str], view: str) -> None:
+    missing = [a for a in attrs if getattr(obj, a, None) is None]
+    if missing:
+        raise ConfigError(f"{view} needs a result with {', '.join(attrs)}; {type(obj).__name__} has no {', '.join(missing)}")
+
+
+def _np(x) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().float().numpy()
+    return np.asarray(x, dtype=float)
+
+
+def label(text: Any) -> str:
+    """Text for plotly labels: plotly reads a few HTML tags in labels, so escape the rest."""
+    return html.escape(str(text), quote=False)
+
+
+def _go():
+    import plotly.graph_objects as go
+
+    return go
+
+
+# --------------------------------------------------------------------------- accuracy
+def accuracy_figure(acc) -> Any:
+    """Per-task ICL accuracy (or MSE, next to least squares) as bars."""
+    _need(acc, ["task_names", "metric", "per_prompt", "labels"], "accuracy_figure")
+    df = acc.to_dataframe()
+    go = _go()
+    fig = go.Figure(go.Bar(x=[label(t) for t in df["task"]], y=df[acc.metric], name="model"))
+    if "least_squares_mse" in df:
+        fig.add_bar(x=[label(t) for t in df["task"]], y=df["least_squares_mse"], name="least squares")
+    fig.update_layout(title=f"ICL {acc.metric} per task ({acc.shots}-shot)", yaxis_title=acc.metric,
+                      xaxis_title="task")
+    if acc.metric == "accuracy":
+        fig.update_yaxes(range=[0, 1.02])
+    return fig
+
+
+# --------------------------------------------------------------------------- task decodability
+def td_by_layer_figure(source, layer_title: str = "layer (0 = embedding)") -> Any:
+    """TD against layer.
+
+    ``source``: a ``DecodabilityResult`` (all tasks, and each task's TD thinner), an
+    ``EmergenceResult`` (one line per checkpoint, coloured by training step), or a mapping
+    ``{label: DecodabilityResult}`` (one line per entry, e.g. per checkpoint).
+    """
+    go = _go()
+    fig = go.Figure()
+    if hasattr(source, "steps") and hasattr(source, "td"):  # EmergenceResult
+        _need(source, ["steps", "layers", "td"], "td_by_layer_figure")
+        td = _np(source.td)
+        if td.shape != (len(source.steps), len(source.layers)):
+            raise ConfigError(f"td_by_layer_figure: td has shape {td.shape}, expected (steps, layers) = "
+                              f"({len(source.steps)}, {len(source.layers)})")
+        steps = list(source.steps)
+        import plotly.colors as pc
+
+        cols = pc.sample_colorscale(SEQUENTIAL, [i / max(1, len(steps) - 1) for i in range(len(steps))])
+        for i, s in enumerate(steps):
+            fig.add_scatter(x=list(source.layers), y=td[i].tolist(), mode="lines+markers", name=f"step {s}",
+                            line=dict(color=cols[i], width=3 if i == len(steps) - 1 else 1.5))
+        chance = 1.0 / len(source.task_names) if getattr(source, "task_names", None) else None
+        title = "Task decodability by layer, one line per checkpoint"
+    elif isinstance(source, Mapping):
+        if not source:
+            raise ConfigError("td_by_layer_figure: the mapping of results is empty")
+        chance = None
+        for name, res in source.items():
+            _need(res, ["layers", "td"], "td_by_layer_figure")
+            fig.add_scatter(x=list(res.layers), y=_np(res.td).tolist(), mode="lines+markers", name=label(name))
+            chance = getattr(res, "chance", chance)
+        title = "Task decodability by layer"
+    else:
+        _need(source, ["layers", "td", "task_names"], "td_by_layer_figure")
+        fig.add_scatter(x=list(source.layers), y=_np(source.td).tolist(), mode="lines+markers", name="TD (all tasks)",
+                        line=dict(width=4))
+        if getattr(source, "per_task", None) is not None:
+            pt = _np(source.per_task)
+            for j, t in enumerate(source.task_names):
+                fig.add_scatter(x=list(source.layers), y=pt[:, j].tolist(), mode="lines", name=label(t), opacity=0.6)
+        chance = source.chance
+        title = "Task decodability by layer"
+    if chance is not None:
+        fig.add_hline(y=chance, line_dash="dot", annotation_text="chance")
+    fig.update_layout(title=title, xaxis_title=layer_title, yaxis_title="leave-one-out kNN accuracy",
+                      yaxis_range=[0, 1.02])
+    fig.update_xaxes(dtick=1)
+    return fig
+
+
+def td_heatmap_figure(dec) -> Any:
+    """Per-task TD: task x layer heatmap (0..1)."""
+    _need(dec, ["layers", "task_names", "per_task"], "td_heatmap_figure")
+    z = _np(dec.per_task).T  # [task, layer]
+    go = _go()
+    fig = go.Figure(go.Heatmap(z=z, x=[str(L) for L in dec.layers], y=[label(t) for t in dec.task_names], zmin=0,
+                               zmax=1, colorscale=SEQUENTIAL, colorbar=dict(title="TD"),
+                               text=np.round(z, 2), texttemplate="%{text}",
+                               hovertemplate="task %{y}, layer %{x}: TD %{z:.3f}<extra></extra>"))
+    fig.update_layout(title="Task decodability per task and layer", xaxis_title="layer", yaxis_title="task")
+    return fig
+
+
+def encodings_scatter_figure(enc, layer: int | None = None, method: str = "pca", seed: int = 0) -> Any:
+    """A 2-D projection (``pca``, ``tsne``, ``umap``) of the query representations at ``layer``, coloured by task."""
+    _need(enc, ["acts", "layers", "labels", "task_names"], "encodings_scatter_figure")
+    layer = enc.layers[-1] if layer is None else layer
+    if layer not in enc.layers:
+        raise ConfigError(f"layer={layer!r}: these encodings hold layers {enc.layers}")
+    df = enc.project(layer, method, 2, seed)
+    go = _go()
+    fig = go.Figure()
+    cols = df.columns[:2]
+    for t in enc.task_names:
+        sub = df[df["task"] == t]
+        fig.add_scatter(x=sub[cols[0]], y=sub[cols[1]], mode="markers", name=label(t), marker=dict(size=6, opacity=0.8))
+    fig.update_layout(title=f"{method.upper()} of the query representation at layer {layer}, coloured by task",
+                      xaxis_title=cols[0], yaxis_title=cols[1])
+    return fig
+
+
+# --------------------------------------------------------------------------- patching
+def patching_grids_figure(res, what: str = "follows_source", layers: Sequence[int] | None = None) -> Any:
+    """Source x target grids of a ``PatchingResult``, one panel per layer."""
+    _need(res, ["layers", "source_names", "target_names", what], "patching_grids_figure")
+    from plotly.subplots import make_subplots
+
+    layers = list(res.layers if layers is None else layers)
+    bad = [L for L in layers if L not in res.layers]
+    if bad:
+        raise ConfigError(f"layers={bad}: this patching result holds layers {res.layers}")
+    grid = _np(getattr(res, what))
+    if grid.ndim != 3:
+        raise ConfigError(f"patching_grids_figure: {what} must be [layer, source, target], got shape {grid.shape}")
+    fig = make_subplots(rows=1, cols=len(layers), subplot_titles=[f"layer {L}" for L in layers],
+                        horizontal_spacing=0.03 if len(layers) > 3 else 0.08, shared_yaxes=True)
+    rate = what.startswith("follows")
+    zmin, zmax = (0.0, 1.0) if rate else (float(np.nanmin(grid)), float(np.nanmax(grid)))
+    for c, L in enumerate(layers):
+        z = grid[res.layers.index(L)]
+        fig.add_heatmap(z=z, x=[label(t) for t in res.target_names], y=[label(s) for s in res.source_names],
+                        zmin=zmin, zmax=zmax, colorscale=SEQUENTIAL if rate else DIVERGING, showscale=c == len(layers) - 1,
+                        hovertemplate=f"layer {L}<br>source %{{y}} into target %{{x}}: %{{z:.3f}}<extra></extra>",
+                        row=1, col=c + 1)
+        fig.update_xaxes(title_text="target task", row=1, col=c + 1, tickangle=45)
+    fig.update_yaxes(title_text="source task (patched vector)", row=1, col=1)
+    mode = getattr(res, "mode", "")
+    fig.update_layout(title=f"Task-vector patching ({mode}): {what.replace('_', ' ')}, per layer", height=380)
+    return fig
+
+
+def patching_profile_figure(res) -> Any:
+    """Flip rate (other tasks' prompts following the patched task) and own-task control per layer."""
+    _need(res, ["layers", "flip_rate", "control"], "patching_profile_figure")
+    go = _go()
+    fig = go.Figure()
+    fig.add_scatter(x=list(res.layers), y=_np(res.flip_rate).tolist(), mode="lines+markers", name="flip rate (other tasks)")
+    fig.add_scatter(x=list(res.layers), y=_np(res.control).tolist(), mode="lines+markers", name="own-task control")
+    floor = getattr(res, "flip_floor", float("nan"))
+    if floor == floor:  # not NaN
+        fig.add_hline(y=floor, line_dash="dot", annotation_text="rule-agreement floor")
+    fig.update_layout(title=f"Task-vector patching ({getattr(res, 'mode', '')}) by layer", xaxis_title="layer",
+                      yaxis_title="fraction of prompts", yaxis_range=[0, 1.02])
+    fig.update_xaxes(dtick=1)
+    return fig
+
+
+def patching_figure(res, layer: int | None = None) -> Any:
+    """``PatchingResult.plot()``: the grid at one layer (default: the best) next to the layer profile."""
+    _need(res, ["layers", "source_names", "target_names", "follows_source"], "patching_figure")
+    from plotly.subplots import make_subplots
+
+    layer = res.best_layer() if layer is None else layer
+    if layer not in res.layers:
+        raise ConfigError(f"layer={layer!r}: this patching result holds layers {res.layers}")
+    fig = make_subplots(rows=1, cols=2, subplot_titles=(f"follows source rule, layer {layer}", "per layer"))
+    fig.add_heatmap(z=_np(res.grid(layer)), x=[label(t) for t in res.target_names], y=[label(s) for s in res.source_names],
+                    zmin=0, zmax=1, colorscale=SEQUENTIAL, row=1, col=1)
+    fig.add_scatter(x=res.layers, y=_np(res.flip_rate).tolist(), name="flip rate (other tasks)", row=1, col=2)
+    fig.add_scatter(x=res.layers, y=_np(res.control).tolist(), name="own-task control", row=1, col=2)
+    fig.update_xaxes(title_text="target task", row=1, col=1)
+    fig.update_yaxes(title_text="source task (patched vector)", row=1, col=1)
+    fig.update_xaxes(title_text="layer", row=1, col=2)
+    fig.update_layout(title=f"Task-vector patching ({res.mode})")
+    return fig
+
+
+def sweep_figure(sweep) -> Any:
+    """An activation-patching sweep: layer x (position | head) heatmap, normalised when possible."""
+    _need(sweep, ["values", "axes", "site"], "sweep_figure")
+    go = _go()
+    v = _np(sweep.values)
+    if v.ndim == 1:
+        return go.Figure(go.Bar(y=v.tolist(), x=list(range(len(v)))))
+    z = v if v.ndim == 2 else v.mean(axis=tuple(range(2, v.ndim)))
+    layers = (getattr(sweep, "notes", {}) or {}).get("layers", list(range(z.shape[0])))
+    fig = go.Figure(go.Heatmap(z=z, y=[str(L) for L in layers], colorscale=DIVERGING, zmid=sweep.corrupted_metric,
+                               colorbar=dict(title="metric")))
+    fig.update_layout(title=f"Activation patching of {sweep.site} by {', '.join(sweep.axes)} (clean "
+                            f"{sweep.clean_metric:.3f}, corrupted {sweep.corrupted_metric:.3f})",
+                      yaxis_title=sweep.axes[0], xaxis_title=sweep.axes[1])
+    return fig
+
+
+# --------------------------------------------------------------------------- heads
+def head_scores_figure(scores, per_task: bool = True, max_tasks: int = 12) -> Any:
+    """Layer x head heatmaps of a ``HeadScores``: the overall score, then one panel per task."""
+    _need(scores, ["scores"], "head_scores_figure")
+    from plotly.subplots import make_subplots
+
+    s = _np(scores.scores)
+    if s.ndim != 2:
+        raise ConfigError(f"head_scores_figure: scores must be [n_layers, n_heads], got shape {s.shape}")
+    panels = [("all tasks", s)]
+    pt = getattr(scores, "per_task", None)
+    if per_task and pt is not None:
+        pt = _np(pt)
+        names = list(getattr(scores, "task_names", None) or [f"task {i}" for i in range(pt.shape[0])])
+        if pt.ndim != 3 or pt.shape[1:] != s.shape or len(names) != pt.shape[0]:
+            raise ConfigError(f"head_scores_figure: per_task must be [n_tasks, {s.shape[0]}, {s.shape[1]}] with one "
+                              f"task name each; got shape {pt.shape} and {len(names)} names")
+        panels += [(label(n), pt[i]) for i, n in enumerate(names[:max_tasks])]
+    lim = float(np.nanmax(np.abs(np.concatenate([p.ravel() for _, p in panels])))) or 1.0
+    cols = min(len(panels), 4)
+    rows = (len(panels) + cols - 1) // cols
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[t for t, _ in panels], horizontal_spacing=0.05,
+                        vertical_spacing=0.12)
+    for i, (t, z) in enumerate(panels):
+        fig.add_heatmap(z=z, x=[f"H{h}" for h in range(z.shape[1])], y=[f"L{L}" for L in range(z.shape[0])],
+                        zmin=-lim, zmax=lim, colorscale=DIVERGING, showscale=i == 0,
+                        hovertemplate=f"{t}: %{{y}}%{{x}} score %{{z:.4f}}<extra></extra>",
+                        row=i // cols + 1, col=i % cols + 1)
+    for r in range(1, rows + 1):
+        for c in range(1, cols + 1):
+            fig.update_yaxes(autorange="reversed", row=r, col=c)
+    method = getattr(scores, "method", "")
+    fig.update_layout(title=f"Head scores ({label(method)}): layer x head, overall and per task",
+                      height=260 * rows + 80)
+    return fig
+
+
+# --------------------------------------------------------------------------- emergence
+def emergence_figure(em) -> Any:
+    """Per-task ICL metric and TD per layer against training step (log axis; step 0 drawn at 0.5)."""
+    _need(em, ["steps", "task_names", "per_task_metric", "layers", "td"], "emergence_figure")
+    from plotly.subplots import make_subplots
+
+    m, td = _np(em.per_task_metric), _np(em.td)
+    if m.shape != (len(em.steps), len(em.task_names)) or td.shape != (len(em.steps), len(em.layers)):
+        raise ConfigError(f"emergence_figure: per_task_metric {m.shape} and td {td.shape} must be (steps, tasks) and "
+                          f"(steps, layers) for {len(em.steps)} steps")
+    x = [max(s, 0.5) for s in em.steps]
+    fig = make_subplots(rows=1, cols=2, subplot_titles=(f"ICL {em.metric} per task", "TD per layer"))
+    for j, t in enumerate(em.task_names):
+        fig.add_scatter(x=x, y=m[:, j].tolist(), name=label(t), mode="lines+markers", row=1, col=1)
+    best = em.best_layer
+    for j, L in enumerate(em.layers):
+        fig.add_scatter(x=x, y=td[:, j].tolist(), name=f"TD layer {L}", mode="lines+markers",
+                        line=dict(dash="dot" if L != best else "solid", width=3 if L == best else 1.5), row=1, col=2)
+    fig.update_xaxes(type="log", title_text="training step")
+    fig.update_yaxes(range=[0, 1.02], row=1, col=2)
+    fig.update_layout(title="Task encoding emerges with in-context accuracy")
+    return fig
+
+
+__all__ = [
+    "accuracy_figure",
+    "emergence_figure",
+    "encodings_scatter_figure",
+    "head_scores_figure",
+    "patching_figure",
+    "patching_grids_figure",
+    "patching_profile_figure",
+    "sweep_figure",
+    "td_by_layer_figure",
+    "td_heatmap_figure",
+]

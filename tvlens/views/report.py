@@ -1,0 +1,330 @@
+"""The offline HTML report: every view of one model on one task family, in one self-contained file.
+
+``build_report(model, family)`` runs the analyses (accuracy, extraction, TD, task-vector patching,
+head attribution, a position sweep, emergence across the model's checkpoints when it has them) and
+assembles a :class:`~tvlens.views.page.Page`; ``write_report(out_dir, model, family)`` writes it
+atomically. ``tvlens report`` and ``tvlens demo`` call these.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tvlens.errors import ConfigError
+from tvlens.views import circuits, plots
+from tvlens.views.page import Page, check_writable_dir, esc
+
+
+@dataclass
+class Report:
+    """The assembled page, its text summary, the results it shows and how long each step took."""
+
+    page: Page
+    summary: str
+    results: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def save(self, path: str | Path) -> Path:
+        return self.page.save(path)
+
+    def to_html(self) -> str:
+        return self.page.to_html()
+
+    def _repr_html_(self) -> str:
+        return self.page._repr_html_()
+
+    def __repr__(self) -> str:
+        return f"Report({len(self.page.sections)} views)\n{self.summary}"
+
+
+def _resolve(model: Any, family: Any):
+    from tvlens import tasks
+    from tvlens.models import load_model, model_info
+
+    name = model if isinstance(model, (str, Path)) else None
+    m = load_model(model) if name is not None else model
+    if family is None:
+        fam = model_info(m).task_family()
+        if fam is None:
+            raise ConfigError(f"family: model {name or type(m).__name__!r} records no task family; pass family=NAME")
+    elif isinstance(family, str):
+        fam = tasks.get(family)
+    else:
+        fam = family
+    return m, fam, (str(name) if name is not None else "model")
+
+
+def _checkpoint_source(name: str | None) -> str | None:
+    """A shipped model name or a run folder with several checkpoints, for the emergence views."""
+    if name is None:
+        return None
+    from tvlens.models import checkpoint_steps
+
+    try:
+        steps = checkpoint_steps(name)
+    except Exception:  # a single checkpoint file, a pretrained name: no training history
+        return None
+    return name if len(steps) >= 2 else None
+
+
+def contrast_pairs(prompts, max_pairs: int = 8, seed: int = 0):
+    """Clean/corrupted token pairs for a position sweep: a task-A prompt, and the same query after
+    the context (examples) of a task-B prompt. Returns (clean, corrupted, read_positions, answer_A,
+    answer_B, pair indices) or None when the prompts' layout does not allow it."""
+    if prompts.is_continuous or prompts.tokens is None or prompts.vocab is None or ";" not in prompts.vocab:
+        return None
+    end = prompts.vocab.index(";")
+    toks, q = prompts.tokens, prompts.query_pos
+    starts = []
+    for i in range(len(prompts)):
+        ends = (toks[i, : int(q[i])] == end).nonzero().flatten()
+        starts.append(int(ends[-1]) + 1 if len(ends) else 0)
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(prompts), generator=g).tolist()
+    pairs = []
+    for i in order:
+        a = int(prompts.labels[i])
+        for j in order:
+            b = int(prompts.labels[j])
+            if b == a or starts[j] != starts[i] or int(q[j]) != int(q[i]) or starts[i] == 0:
+                continue
+            if prompts.task_answers is None:
+                return None
+            ans_a, ans_b = int(prompts.task_answers[i, a, 0]), int(prompts.task_answers[i, b, 0])
+            if ans_a == ans_b:
+                continue
+            pairs.append((i, j, ans_a, ans_b))
+            break
+        if len(pairs) >= max_pairs:
+            break
+    if not pairs:
+        return None
+    clean = torch.stack([toks[i] for i, *_ in pairs])
+    corrupted = clean.clone()
+    for r, (i, j, _, _) in enumerate(pairs):
+        corrupted[r, : starts[i]] = toks[j, : starts[i]]
+    read = torch.tensor([int(q[i]) for i, *_ in pairs])
+    ans_a = torch.tensor([p[2] for p in pairs])
+    ans_b = torch.tensor([p[3] for p in pairs])
+    return clean, corrupted, read, ans_a, ans_b, pairs
+
+
+def _table(rows: list[dict], floatfmt: str = "{:.3f}") -> str:
+    if not rows:
+        return ""
+    cols = list(rows[0])
+    head = "".join(f"<th>{esc(c)}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(
+        f"<td>{esc(floatfmt.format(r[c]) if isinstance(r[c], float) else r[c])}</td>" for c in cols) + "</tr>" for r in rows)
+    return f'<table class="tvlens-table"><tr>{head}</tr>{body}</table>'
+
+
+def build_report(
+    model: Any = "default",
+    family: Any = None,
+    *,
+    n_per_task: int = 30,
+    shots: int = 4,
+    seed: int = 12345,
+    patching_mode: str = "swap",
+    patching_per_task: int | None = None,
+    head_method: str = "dla",
+    head_scores: Any = None,
+    emergence: Any = True,
+    emergence_per_task: int = 30,
+    prompt: int = 0,
+    top_k: int = 6,
+    tsne: bool = True,
+    progress: bool = False,
+    title: str | None = None,
+) -> Report:
+    """Run every analysis on ``model`` (a name, a path or a loaded model) and ``family`` and assemble the report.
+
+    ``head_scores``: precomputed scores (e.g. from another method); by default
+    ``tvlens.head_attribution(model, prompts, method=head_method)``. ``emergence``: True (the model's
+    checkpoints when it has several), False, or a precomputed ``EmergenceResult``.
+    """
+    import tvlens
+    from tvlens.encoding import extract, task_decodability
+
+    t_all = time.perf_counter()
+    timings: dict[str, float] = {}
+    notes: list[str] = []
+
+    def tick(name: str, t0: float) -> None:
+        timings[name] = round(time.perf_counter() - t0, 2)
+
+    if isinstance(n_per_task, bool) or not isinstance(n_per_task, int) or n_per_task < 3:
+        raise ConfigError(f"n_per_task must be an integer >= 3 (TD needs neighbours), got {n_per_task!r}")
+    t0 = time.perf_counter()
+    m, fam, name = _resolve(model, family)
+    prompts = fam.sample(n_per_task, shots=shots, seed=seed)
+    prompt = circuits.check_prompt_index(prompts, prompt)
+    tick("load", t0)
+    results: dict[str, Any] = {"prompts": prompts}
+
+    t0 = time.perf_counter()
+    acc = tvlens.icl_accuracy(m, prompts)
+    enc = extract(m, prompts, progress=progress)
+    k = min(10, n_per_task - 1)
+    dec = task_decodability(enc, k=k)
+    results.update(accuracy=acc, encodings=enc, decodability=dec)
+    tick("accuracy+extract+TD", t0)
+
+    t0 = time.perf_counter()
+    psub = prompts
+    if patching_per_task is not None and patching_per_task < n_per_task:
+        keep = torch.cat([(prompts.labels == t).nonzero().flatten()[:patching_per_task] for t in range(prompts.n_tasks)])
+        psub = prompts.subset(keep)
+    patch = tvlens.run_patching(m, psub, enc.task_vectors(), mode=patching_mode, progress=progress)
+    results["patching"] = patch
+    tick("run_patching", t0)
+
+    t0 = time.perf_counter()
+    scores = head_scores
+    if scores is None:
+        attribution = getattr(tvlens, "head_attribution", None)
+        if attribution is None:
+            try:
+                from tvlens.attribution import head_attribution as attribution
+            except ImportError:
+                attribution = None
+        if attribution is not None:
+            scores = attribution(m, prompts, method=head_method, progress=progress)
+        else:
+            notes.append("head attribution is not available in this tvlens version: head views left out")
+    if scores is not None:
+        results["head_scores"] = scores
+    tick("head_attribution", t0)
+
+    t0 = time.perf_counter()
+    sweep = None
+    cp = contrast_pairs(prompts, seed=seed)
+    if cp is not None:
+        clean, corrupted, read, ans_a, ans_b, pairs = cp
+        rows = torch.arange(len(read))
+
+        def logit_diff(logits):
+            return logits[rows, 0, ans_a] - logits[rows, 0, ans_b]
+
+        sweep = tvlens.activation_patching(m, clean, corrupted, logit_diff, site="resid_pre", by=("layer", "pos"),
+                                           read_positions=read, progress=progress)
+        results["position_sweep"] = sweep
+        results["position_sweep_pairs"] = pairs
+    else:
+        notes.append("no clean/corrupted prompt pairs of equal layout: the position sweep is left out")
+    tick("position_sweep", t0)
+
+    t0 = time.perf_counter()
+    em = None
+    if emergence is True:
+        src = _checkpoint_source(name if isinstance(model, (str, Path)) else None)
+        if src is not None:
+            em = tvlens.emergence(src, fam, n_per_task=max(emergence_per_task, k + 1), shots=shots, seed=seed + 1, k=k,
+                                  progress=progress)
+        else:
+            notes.append("the model has no training checkpoints here: the emergence views are left out")
+    elif emergence not in (False, None):
+        em = emergence
+    if em is not None:
+        results["emergence"] = em
+    tick("emergence", t0)
+
+    # ------------------------------------------------------------------ views
+    t0 = time.perf_counter()
+    page = Page(title or f"tvlens report: {name} on {fam.name}")
+    page.add(plots.accuracy_figure(acc), "In-context accuracy",
+             f"{len(prompts)} fresh prompts ({shots}-shot, seed {seed}); exact match of the whole answer.")
+    if em is not None:
+        page.add(plots.td_by_layer_figure(em), "Task decodability by layer, per checkpoint",
+                 f"Leave-one-out {em.k}-NN accuracy of the latent task from the query representation, at every "
+                 f"checkpoint ({em.n_per_task} prompts per task).")
+    page.add(plots.td_by_layer_figure(dec), "Task decodability by layer",
+             f"Final model, {len(prompts)} prompts, k={dec.k}; thin lines: each task.")
+    page.add(plots.td_heatmap_figure(dec), "Task decodability per task")
+    page.add(plots.encodings_scatter_figure(enc, dec.best_layer, "pca", seed), "Encodings (PCA)",
+             f"Query representations at the best TD layer ({dec.best_layer}), coloured by their latent task.")
+    if tsne:
+        page.add(plots.encodings_scatter_figure(enc, dec.best_layer, "tsne", seed), "Encodings (t-SNE)")
+    page.add(plots.patching_profile_figure(patch), "Task-vector patching by layer",
+             f"Mode {patching_mode!r}: every source task's vector patched at the query of every other task's prompts "
+             f"({len(psub)} prompts).")
+    page.add(plots.patching_grids_figure(patch), "Patching grids (source x target, per layer)",
+             "Fraction of target-task prompts whose answer follows the source task's rule after patching.")
+    if scores is not None:
+        page.add(plots.head_scores_figure(scores), f"Head scores ({getattr(scores, 'method', '')})")
+        page.add(circuits.attention_heads_view(m, prompts, scores, prompt=prompt, k=top_k),
+                 f"Attention of the top {top_k} heads on prompt {prompt}")
+        page.add(circuits.circuit_view(scores, m, prompts, prompt=prompt, k=max(top_k, 8)), "Circuit view")
+    else:
+        page.add(circuits.attention_heads_view(m, prompts, None, prompt=prompt), f"Attention of every head on prompt {prompt}")
+    if sweep is not None:
+        i0, j0 = results["position_sweep_pairs"][0][:2]
+        tokens = circuits.prompt_tokens(prompts, i0, spaced=True)
+        page.add(circuits.position_sweep_view(sweep, tokens), "Where the task is read: residual patching by position",
+                 f"Clean: a prompt of one task; corrupted: the same query after another task's examples "
+                 f"({len(read)} pairs; tokens shown of pair 0: prompts {i0} and {j0}). Metric: logit of the clean task's "
+                 "answer minus the corrupted task's, at the query; 1 = the patch restores the clean task.")
+    if em is not None:
+        page.add(plots.emergence_figure(em), "Emergence over training")
+    tick("views", t0)
+
+    summary = summarize(name, fam, acc, dec, patch, scores, em, sweep, top_k=min(top_k, 5))
+    timings["total"] = round(time.perf_counter() - t_all, 2)
+    note_html = "".join(f'<p class="tvlens-note">{esc(n)}</p>' for n in notes)
+    page.intro_html = (f'<div class="tvlens-summary" id="tvlens-summary">{esc(summary)}</div>{note_html}'
+                       + _table([{"step": k_, "seconds": v} for k_, v in timings.items()], "{:.2f}"))
+    return Report(page=page, summary=summary, results=results, timings=timings, notes=notes)
+
+
+def summarize(name, fam, acc, dec, patch, scores=None, em=None, sweep=None, top_k: int = 5) -> str:
+    """The report's short text summary."""
+    lines = [f"model {name}, family {fam.name} ({len(dec.task_names)} tasks)"]
+    lines.append(f"ICL {acc.metric} (non-null tasks): {acc.mean:.3f}")
+    tds = " ".join(f"{float(v):.2f}" for v in dec.td)
+    lines.append(f"TD by layer {dec.layers[0]}..{dec.layers[-1]}: {tds}; best layer {dec.best_layer} "
+                 f"(TD {dec.best_td:.3f}, chance {dec.chance:.3f})")
+    b = patch.best_layer()
+    li = patch.layers.index(b)
+    grid_means = ", ".join(f"L{L} {float(patch.follows_source[i].nanmean()):.2f}" for i, L in enumerate(patch.layers))
+    lines.append(f"patching ({patch.mode}): best layer {b}, flip rate {float(patch.flip_rate[li]):.3f}, own-task control "
+                 f"{float(patch.control[li]):.3f}, floor {patch.flip_floor:.3f}; grid means {grid_means}")
+    if scores is not None:
+        top = ", ".join(f"L{L}H{h} ({s:+.3g})" for L, h, s in scores.top(top_k))
+        lines.append(f"top heads ({getattr(scores, 'method', '')}): {top}")
+    if sweep is not None:
+        nv = sweep.normalized()
+        L, p = divmod(int(torch.argmax(nv.nan_to_num(-1e9))), nv.shape[1])
+        lines.append(f"position sweep: strongest restoring patch at layer {L}, position {p} ({float(nv[L, p]):.2f})")
+    if em is not None:
+        lines.append(f"emergence: {len(em.steps)} checkpoints, TD at layer {em.best_layer} "
+                     f"{float(em.td_at()[0]):.2f} -> {float(em.td_at()[-1]):.2f}, mean {em.metric} "
+                     f"{float(em.mean_metric[0]):.2f} -> {float(em.mean_metric[-1]):.2f}, Spearman {em.spearman():.2f}")
+    return "\n".join(lines)
+
+
+def report_filename(model: Any, family: Any) -> str:
+    base = model if isinstance(model, str) else "model"
+    base = Path(base).name or "model"
+    fam = family if isinstance(family, str) else getattr(family, "name", "family") if family is not None else ""
+    stem = "-".join(x for x in ("tvlens-report", base, fam) if x)
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", stem) + ".html"
+
+
+def write_report(out_dir: str | Path, model: Any = "default", family: Any = None, filename: str | None = None,
+                 **kwargs: Any) -> tuple[Path, Report]:
+    """Build the report and write it atomically to ``out_dir/filename``; the folder is checked first."""
+    folder = check_writable_dir(out_dir, "out")
+    rep = build_report(model, family, **kwargs)
+    path = rep.save(folder / (filename or report_filename(model, family)))
+    return path, rep
+
+
+__all__ = ["Report", "build_report", "contrast_pairs", "summarize", "write_report"]
