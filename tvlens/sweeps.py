@@ -79,19 +79,17 @@ class SweepResult:
                 f"{self.clean_metric:.4f}, corrupted {self.corrupted_metric:.4f})")
 
     def _repr_html_(self) -> str:
-        return f"<div><b>Activation patching</b> <code>{html.escape(repr(self))}</code></div>"
+        from tvlens.views.page import figure_fragment, result_html
+
+        return result_html(f"<div><b>Activation patching</b> <code>{html.escape(repr(self))}</code></div>",
+                           [figure_fragment(self.plot())])
 
     def plot(self):
-        import plotly.graph_objects as go
+        """Layer x (position | head) heatmap of the metric: ``tvlens.views.sweep_figure``; for a sweep by
+        position, ``tvlens.views.position_sweep_view(sweep, tokens)`` colours the prompt's tokens."""
+        from tvlens.views.plots import sweep_figure
 
-        v = self.values
-        if v.ndim == 1:
-            return go.Figure(go.Bar(y=v.tolist(), x=list(range(len(v)))))
-        z = v if v.ndim == 2 else v.mean(-1)
-        fig = go.Figure(go.Heatmap(z=z.numpy(), colorscale="RdBu", zmid=self.corrupted_metric))
-        fig.update_layout(title=f"patching {self.site} by {', '.join(self.axes)}", yaxis_title=self.axes[0],
-                          xaxis_title=self.axes[1])
-        return fig
+        return sweep_figure(self)
 
 
 def _hook_name(site: str, layer: int) -> str:
