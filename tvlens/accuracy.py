@@ -110,19 +110,17 @@ class AccuracyResult:
         return f"AccuracyResult({self.metric}, shots={self.shots}, mean={self.mean:.3f}, {{{vals}}})"
 
     def _repr_html_(self) -> str:
-        return f"<div><b>ICL {html.escape(self.metric)}</b> ({self.shots}-shot)" + self.to_dataframe().to_html(
+        from tvlens.views.page import figure_fragment, result_html
+
+        return result_html(f"<div><b>ICL {html.escape(self.metric)}</b> ({self.shots}-shot)" + self.to_dataframe().to_html(
             index=False, float_format=lambda v: f"{v:.3f}"
-        ) + "</div>"
+        ) + "</div>", [figure_fragment(self.plot())])
 
     def plot(self):
-        import plotly.graph_objects as go
+        """Per-task accuracy (or MSE next to least squares) as bars: ``tvlens.views.accuracy_figure``."""
+        from tvlens.views.plots import accuracy_figure
 
-        df = self.to_dataframe()
-        fig = go.Figure(go.Bar(x=df["task"], y=df[self.metric], name="model"))
-        if "least_squares_mse" in df:
-            fig.add_bar(x=df["task"], y=df["least_squares_mse"], name="least squares")
-        fig.update_layout(title=f"ICL {self.metric} per task ({self.shots}-shot)", yaxis_title=self.metric)
-        return fig
+        return accuracy_figure(self)
 
 
 def answer_positions(query_pos: torch.Tensor, n_answer: int) -> torch.Tensor:

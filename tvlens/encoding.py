@@ -177,11 +177,14 @@ class TaskEncodings:
         return df
 
     def plot_projection(self, layer: int, method: str = "pca", seed: int = 0):
-        import plotly.express as px
+        """A 2-D projection coloured by task: ``tvlens.views.encodings_scatter_figure``."""
+        from tvlens.views.plots import encodings_scatter_figure
 
-        df = self.project(layer, method, 2, seed)
-        return px.scatter(df, x=df.columns[0], y=df.columns[1], color="task",
-                          title=f"{method.upper()} of the query representation at layer {layer}")
+        return encodings_scatter_figure(self, layer, method, seed)
+
+    def plot(self, layer: int | None = None, method: str = "pca", seed: int = 0):
+        """The encodings scatter at ``layer`` (default: the last extracted layer)."""
+        return self.plot_projection(self.layers[-1] if layer is None else layer, method, seed)
 
 
 @dataclass
@@ -335,23 +338,19 @@ class DecodabilityResult:
                 f"TD {self.best_td:.3f}, chance {self.chance:.3f}; by layer {{{tds}}})")
 
     def _repr_html_(self) -> str:
-        return (f"<div><b>Task decodability</b> (leave-one-out {self.k}-NN, {html.escape(self.metric)}, "
-                f"{self.n_prompts} prompts; chance {self.chance:.3f}; best layer {self.best_layer}: "
-                f"{self.best_td:.3f})" + self.to_dataframe().to_html(index=False, float_format=lambda v: f"{v:.3f}")
-                + "</div>")
+        from tvlens.views.page import figure_fragment, result_html
+        from tvlens.views.plots import td_heatmap_figure
+
+        return result_html(f"<div><b>Task decodability</b> (leave-one-out {self.k}-NN, {html.escape(self.metric)}, "
+                           f"{self.n_prompts} prompts; chance {self.chance:.3f}; best layer {self.best_layer}: "
+                           f"{self.best_td:.3f})" + self.to_dataframe().to_html(index=False, float_format=lambda v: f"{v:.3f}")
+                           + "</div>", [figure_fragment(self.plot()), figure_fragment(td_heatmap_figure(self))])
 
     def plot(self):
-        import plotly.graph_objects as go
+        """TD by layer (all tasks, and each task thinner): ``tvlens.views.td_by_layer_figure``."""
+        from tvlens.views.plots import td_by_layer_figure
 
-        fig = go.Figure()
-        fig.add_scatter(x=self.layers, y=self.td.tolist(), mode="lines+markers", name="TD (all tasks)",
-                        line=dict(width=4))
-        for j, t in enumerate(self.task_names):
-            fig.add_scatter(x=self.layers, y=self.per_task[:, j].tolist(), mode="lines", name=t, opacity=0.6)
-        fig.add_hline(y=self.chance, line_dash="dot", annotation_text="chance")
-        fig.update_layout(title="Task decodability by layer", xaxis_title="layer (0 = embedding)",
-                          yaxis_title="leave-one-out kNN accuracy", yaxis_range=[0, 1.02])
-        return fig
+        return td_by_layer_figure(self)
 
     def save(self, path: str | Path) -> Path:
         meta = {"kind": "DecodabilityResult", "layers": self.layers, "task_names": self.task_names, "k": self.k,
@@ -471,22 +470,18 @@ class EmergenceResult:
                 f"Spearman {self.spearman():.3f})")
 
     def _repr_html_(self) -> str:
-        return (f"<div><b>Emergence of task encoding</b><pre>{html.escape(repr(self))}</pre>"
-                + self.to_dataframe().to_html(index=False, float_format=lambda v: f"{v:.3f}") + "</div>")
+        from tvlens.views.page import figure_fragment, result_html
+        from tvlens.views.plots import td_by_layer_figure
+
+        return result_html(f"<div><b>Emergence of task encoding</b><pre>{html.escape(repr(self))}</pre>"
+                           + self.to_dataframe().to_html(index=False, float_format=lambda v: f"{v:.3f}") + "</div>",
+                           [figure_fragment(self.plot()), figure_fragment(td_by_layer_figure(self))])
 
     def plot(self):
-        from plotly.subplots import make_subplots
+        """Per-task ICL metric and TD per layer against training step: ``tvlens.views.emergence_figure``."""
+        from tvlens.views.plots import emergence_figure
 
-        x = [max(s, 0.5) for s in self.steps]  # log axis: step 0 drawn at 0.5
-        fig = make_subplots(rows=1, cols=2, subplot_titles=(f"ICL {self.metric} per task", "TD per layer"))
-        for j, t in enumerate(self.task_names):
-            fig.add_scatter(x=x, y=self.per_task_metric[:, j].tolist(), name=t, mode="lines+markers", row=1, col=1)
-        for j, L in enumerate(self.layers):
-            fig.add_scatter(x=x, y=self.td[:, j].tolist(), name=f"TD layer {L}", mode="lines+markers",
-                            line=dict(dash="dot" if L != self.best_layer else "solid"), row=1, col=2)
-        fig.update_xaxes(type="log", title_text="training step")
-        fig.update_layout(title="Task encoding emerges with in-context accuracy")
-        return fig
+        return emergence_figure(self)
 
 
 def emergence(

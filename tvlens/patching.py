@@ -133,24 +133,19 @@ class PatchingResult:
                 f"flip rate {float(self.flip_rate[li]):.3f}, own-task control {float(self.control[li]):.3f})")
 
     def _repr_html_(self) -> str:
-        return (f"<div><b>Task-vector patching</b> ({html.escape(self.mode)}): {html.escape(repr(self))}"
-                + self.layer_profile().to_html(index=False, float_format=lambda v: f"{v:.3f}") + "</div>")
+        from tvlens.views.page import figure_fragment, result_html
+        from tvlens.views.plots import patching_grids_figure
+
+        return result_html(f"<div><b>Task-vector patching</b> ({html.escape(self.mode)}): {html.escape(repr(self))}"
+                           + self.layer_profile().to_html(index=False, float_format=lambda v: f"{v:.3f}") + "</div>",
+                           [figure_fragment(self.plot()), figure_fragment(patching_grids_figure(self))])
 
     def plot(self, layer: int | None = None):
-        from plotly.subplots import make_subplots
+        """The source x target grid at ``layer`` (default: the best) and the per-layer profile:
+        ``tvlens.views.patching_figure``; ``tvlens.views.patching_grids_figure`` draws every layer."""
+        from tvlens.views.plots import patching_figure
 
-        layer = self.best_layer() if layer is None else layer
-        fig = make_subplots(rows=1, cols=2, subplot_titles=(
-            f"follows source rule, layer {layer}", "per layer"))
-        fig.add_heatmap(z=self.grid(layer).numpy(), x=self.target_names, y=self.source_names, zmin=0, zmax=1,
-                        colorscale="Viridis", row=1, col=1)
-        fig.add_scatter(x=self.layers, y=self.flip_rate.tolist(), name="flip rate (other tasks)", row=1, col=2)
-        fig.add_scatter(x=self.layers, y=self.control.tolist(), name="own-task control", row=1, col=2)
-        fig.update_xaxes(title_text="target task", row=1, col=1)
-        fig.update_yaxes(title_text="source task (patched vector)", row=1, col=1)
-        fig.update_xaxes(title_text="layer", row=1, col=2)
-        fig.update_layout(title=f"Task-vector patching ({self.mode})")
-        return fig
+        return patching_figure(self, layer)
 
 
 def _answers_for(prompts: PromptSet, source: int) -> torch.Tensor:
