@@ -13,12 +13,16 @@ from typing import Any, Callable
 from tvlens.errors import UnknownNameError
 from tvlens.tasks.base import TaskFamily, TokenTaskFamily
 from tvlens.tasks.bitwise import Bitwise
+from tvlens.tasks.bitwise_text import BitwiseText
 from tvlens.tasks.categories import Categories
 from tvlens.tasks.codes import Codes
+from tvlens.tasks.lexical import Lexical
 from tvlens.tasks.lookup import Lookup
+from tvlens.tasks.pos import Pos
 from tvlens.tasks.position import Position
 from tvlens.tasks.shift import Shift
 from tvlens.tasks.sparse_regression import SparseRegression, least_squares_baseline
+from tvlens.tasks.text import DEFAULT_TEMPLATE, TextPrompt, TextTaskFamily, tokenize_prompts
 
 _REGISTRY: dict[str, tuple[Callable[..., TaskFamily], dict[str, Any], str]] = {
     "bitwise": (Bitwise, {}, "AND/OR/XOR/NAND/NOR/XNOR of two 5-bit strings, plus Null"),
@@ -32,6 +36,9 @@ _REGISTRY: dict[str, tuple[Callable[..., TaskFamily], dict[str, Any], str]] = {
         {"D": 16, "r": 4, "n_bases": 4},
         "the paper's mixture of sparse linear regressions (D=16, r=4, 4 bases; 19 shots = 20 examples)",
     ),
+    "pos": (Pos, {}, "text: the first word with POS tag T (noun, adjective, ...) of a sentence, plus Null"),
+    "bitwise_text": (BitwiseText, {}, "text: AND/NAND/OR/NOR/XOR/XNOR of two 5-digit binary numbers, plus Null"),
+    "lexical": (Lexical, {}, "text: antonym, country-capital, uppercase, next letter, present-past"),
     "sparse_regression_small": (
         SparseRegression,
         {"D": 8, "r": 2, "n_bases": 4},
@@ -83,6 +90,13 @@ __all__ = [
     "Shift",
     "SparseRegression",
     "least_squares_baseline",
+    "Pos",
+    "BitwiseText",
+    "Lexical",
+    "TextTaskFamily",
+    "TextPrompt",
+    "DEFAULT_TEMPLATE",
+    "tokenize_prompts",
     "get",
     "list",
     "register",

@@ -1,0 +1,298 @@
+"""Natural-language task families for pretrained language models, and their tokenization.
+
+A text family draws prompts as *text* (``sample_text``): examples ``(input, output)``, a query
+input and its answer under every task's rule. A tokenizer (any Hugging Face tokenizer, e.g.
+``model.tokenizer`` of a TransformerLens model) turns them into the usual :class:`PromptSet`
+(``sample(..., tokenizer=...)``), so ``tvlens.extract``, ``task_decodability``, ``icl_accuracy`` and
+``run_patching`` work on them unchanged.
+
+Template. Every example is rendered with ``template`` (default :data:`DEFAULT_TEMPLATE`,
+``"{input} -> {output}\\n"``), which must hold ``{input}`` then ``{output}`` once each. The query
+is the template up to ``{output}``; spaces right before ``{output}`` belong to the answer (``" Paris"``
+is one GPT-2 token, ``"Paris"`` after ``"-> "`` is not what the model saw in the examples).
+
+Tokens. Each piece (an example's input part, its answer, the template's tail; the query's input
+part, its answer) is tokenized on its own and the ids are concatenated, so the answer positions of
+every example are known (they are trained by ``tvlens.finetune``, as in ``tvlens.train``). An
+optional BOS token comes first (``prepend_bos``, default: when the tokenizer has one). Prompts are
+right-padded; ``query_pos`` is the last token before the query's answer.
+
+Answers. ``PromptSet.answers`` is the answer's **first token** ``[n, 1]`` (and ``task_answers`` the
+first token of every task's answer on the query, where every task's rule applies to the query).
+The full answer's ids are in ``prompts.extra["answer_tokens"]`` (padded with -1) and
+``extra["answer_len"]``. When an answer spans several tokens, ``sample`` needs ``scoring``:
+``"first_token"`` (the first token stands for the answer) or ``"greedy"`` (``tvlens.text_accuracy``
+generates the whole answer greedily and asks for an exact match); tvlens never picks one silently.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from tvlens.errors import ConfigError
+from tvlens.prompts import PromptSet
+from tvlens.tasks.base import TaskFamily, check_int
+
+DEFAULT_TEMPLATE = "{input} -> {output}\n"
+SCORINGS = ("first_token", "greedy")
+
+
+@dataclass
+class TextPrompt:
+    """One prompt as text: ``shots`` examples, the query, its answer and every task's answer."""
+
+    examples: list[tuple[str, str]]
+    query: str
+    answer: str
+    task: int
+    task_answers: list[str] | None  # None where other tasks' rules do not apply to the query
+
+
+def check_template(template: Any) -> str:
+    if not isinstance(template, str):
+        raise ConfigError(f"template must be a string holding '{{input}}' and '{{output}}', got {template!r}")
+    for ph in ("{input}", "{output}"):
+        if template.count(ph) != 1:
+            raise ConfigError(
+                f"template must hold the placeholder {ph} exactly once (default {DEFAULT_TEMPLATE!r}); "
+                f"got {template!r} with it {template.count(ph)} times"
+            )
+    if template.index("{input}") > template.index("{output}"):
+        raise ConfigError(f"template must put {{input}} before {{output}}, got {template!r}")
+    return template
+
+
+def split_template(template: str, x: str) -> tuple[str, str, str]:
+    """``(head, answer_prefix, tail)``: the query text before the answer, the spaces the answer starts
+    with, and what follows an example's answer."""
+    i = template.index("{output}")
+    head = template[:i].replace("{input}", x)
+    stripped = head.rstrip(" ")
+    return stripped, head[len(stripped):], template[i + len("{output}"):]
+
+
+class TextTaskFamily(TaskFamily):
+    """A family of text tasks; subclasses give ``task_names``, ``pool_size`` and ``_draw_text``."""
+
+    text = True
+
+    def __init__(self, template: str = DEFAULT_TEMPLATE, **params: Any) -> None:
+        check_template(template)
+        super().__init__(template=template, **params)
+        self.template = template
+
+    # ------------------------------------------------------------------ subclasses
+    @abstractmethod
+    def pool_size(self) -> int:
+        """How many distinct examples a prompt can draw from (shots must be below it)."""
+
+    @abstractmethod
+    def _draw_text(self, task: int, shots: int, rng: np.random.Generator) -> TextPrompt: ...
+
+    def max_shots(self) -> int:
+        return self.pool_size() - 1  # distinct examples, the query's excluded
+
+    @property
+    def vocab(self) -> list[str] | None:
+        return None
+
+    # ------------------------------------------------------------------ sampling
+    def sample_text(
+        self, n_per_task: int, shots: int = 4, seed: int = 0, tasks: Sequence[str | int] | None = None
+    ) -> list[TextPrompt]:
+        """``n_per_task`` text prompts of each task (task-major order), ``shots`` examples each."""
+        n_per_task = check_int("n_per_task", n_per_task, 1, self.name)
+        shots = check_int("shots", shots, 0, self.name)
+        if shots > self.max_shots():
+            raise ConfigError(
+                f"{self.name}: shots={shots} is more than this family's pool can fill with distinct examples "
+                f"(pool of {self.pool_size()}, so at most {self.max_shots()} shots besides the query)"
+            )
+        task_ids = self._task_ids(tasks)
+        rng = np.random.default_rng(seed)
+        return [self._draw_text(int(t), shots, rng) for t in np.repeat(np.array(task_ids), n_per_task)]
+
+    def render(self, prompt: TextPrompt) -> str:
+        """The prompt as the model reads it, the query's answer included."""
+        out = ""
+        for x, y in prompt.examples:
+            out += self.template.replace("{input}", x).replace("{output}", y)
+        head, pre, _ = split_template(self.template, prompt.query)
+        return out + head + pre + prompt.answer
+
+    def sample(
+        self,
+        n_per_task: int,
+        shots: int = 4,
+        seed: int = 0,
+        tasks: Sequence[str | int] | None = None,
+        *,
+        tokenizer: Any = None,
+        scoring: str | None = None,
+        prepend_bos: bool | None = None,
+    ) -> PromptSet:
+        """Tokenized prompts (see the module docstring); ``tokenizer`` is required (``model.tokenizer``)."""
+        if tokenizer is None:
+            raise ConfigError(
+                f"{self.name} is a text family: sample(..., tokenizer=model.tokenizer) needs a tokenizer to "
+                "turn its prompts into token ids"
+            )
+        if scoring is not None and scoring not in SCORINGS:
+            raise ConfigError(f"scoring must be one of {SCORINGS} (or None), got {scoring!r}")
+        texts = self.sample_text(n_per_task, shots, seed, tasks)
+        return tokenize_prompts(self, texts, tokenizer, scoring=scoring, prepend_bos=prepend_bos)
+
+    def sample_train(self, n_per_task: int, shots: int = 4, seed: int = 0, **kw: Any) -> PromptSet:
+        return self.sample(n_per_task, shots=shots, seed=seed, **kw)
+
+    def _sample(self, labels, shots, rng):  # pragma: no cover - sample() is overridden
+        raise ConfigError(f"{self.name} is a text family: use sample(..., tokenizer=...)")
+
+    def seq_len(self, shots: int) -> int:
+        raise ConfigError(f"{self.name} is a text family: its length depends on the tokenizer")
+
+
+# --------------------------------------------------------------------------- tokenization
+def tokenizer_of(model_or_tokenizer: Any) -> Any:
+    """The tokenizer of a model (``model.tokenizer``) or the tokenizer itself."""
+    tok = getattr(model_or_tokenizer, "tokenizer", None) if hasattr(model_or_tokenizer, "cfg") else model_or_tokenizer
+    if tok is None or not hasattr(tok, "encode"):
+        raise ConfigError(
+            "text families need a tokenizer (a Hugging Face tokenizer, or a model whose .tokenizer is one); "
+            f"got {type(model_or_tokenizer).__name__} without one"
+        )
+    return tok
+
+
+def _vocab_list(tok: Any) -> list[str]:
+    n = len(tok)
+    return [str(t) for t in tok.convert_ids_to_tokens(list(range(n)))]
+
+
+def tokenize_prompts(
+    family: TextTaskFamily,
+    texts: Sequence[TextPrompt],
+    tokenizer: Any,
+    scoring: str | None = None,
+    prepend_bos: bool | None = None,
+) -> PromptSet:
+    """Turn text prompts into a PromptSet with ``tokenizer`` (see the module docstring)."""
+    tok = tokenizer_of(tokenizer)
+    if not texts:
+        raise ConfigError("no text prompts to tokenize")
+    bos = getattr(tok, "bos_token_id", None)
+    if prepend_bos is None:
+        prepend_bos = bos is not None
+    if prepend_bos and bos is None:
+        raise ConfigError("prepend_bos=True but the tokenizer has no BOS token")
+    unk = getattr(tok, "unk_token_id", None)
+    pad = next((t for t in (getattr(tok, "pad_token_id", None), getattr(tok, "eos_token_id", None), bos) if t is not None), 0)
+    cache: dict[str, list[int]] = {}
+
+    def enc(s: str) -> list[int]:
+        if s not in cache:
+            cache[s] = list(tok.encode(s, add_special_tokens=False)) if s else []
+        return cache[s]
+
+    def enc_answer(pre: str, y: str, task: str) -> list[int]:
+        ids = enc(pre + y)
+        if not ids:
+            raise ConfigError(f"answer {y!r} of task {task!r} encodes to no token with this tokenizer")
+        if unk is not None and unk in ids:
+            raise ConfigError(
+                f"the tokenizer cannot encode answer {y!r} of task {task!r}: it maps to the unknown token "
+                f"{tok.convert_ids_to_tokens(unk)!r}; use a tokenizer whose vocabulary covers the family's answers"
+            )
+        back = tok.decode(ids)
+        if "".join(back.split()) != "".join((pre + y).split()):
+            raise ConfigError(
+                f"the tokenizer cannot encode answer {y!r} of task {task!r}: its tokens {ids} decode to {back!r}"
+            )
+        return ids
+
+    names = family.task_names
+    seqs, masks, qpos, full, tanswers = [], [], [], [], []
+    for tp in texts:
+        seq: list[int] = [bos] if prepend_bos else []
+        mask: list[bool] = [False] * len(seq)
+        for x, y in tp.examples:
+            head, pre, tail = split_template(family.template, x)
+            h = enc(head)
+            if not h:
+                raise ConfigError(f"template {family.template!r} renders input {x!r} to no token")
+            a = enc_answer(pre, y, names[tp.task])
+            t = enc(tail)
+            seq += h + a + t
+            # the last head token and all but the last answer token predict the answer's tokens
+            mask += [False] * (len(h) - 1) + [True] * len(a) + [False] * (1 + len(t))
+        head, pre, _ = split_template(family.template, tp.query)
+        h = enc(head)
+        if not h:
+            raise ConfigError(f"template {family.template!r} renders the query {tp.query!r} to no token")
+        q = len(seq) + len(h) - 1
+        a = enc_answer(pre, tp.answer, names[tp.task])
+        seq += h + a
+        mask += [False] * (len(h) - 1) + [True] * len(a) + [False]
+        seqs.append(seq)
+        masks.append(mask)
+        qpos.append(q)
+        full.append(a)
+        if tp.task_answers is not None:
+            tanswers.append([enc_answer(pre, y, names[j])[0] for j, y in enumerate(tp.task_answers)])
+    multi = [i for i, a in enumerate(full) if len(a) > 1]
+    if multi and scoring is None:
+        i = multi[0]
+        raise ConfigError(
+            f"answers span several tokens with this tokenizer (e.g. {texts[i].answer!r} -> {len(full[i])} tokens, "
+            f"{len(multi)} of {len(full)} prompts): choose scoring='first_token' (the first token stands for the "
+            "answer) or scoring='greedy' (tvlens.text_accuracy generates the whole answer)"
+        )
+    n, L, A = len(seqs), max(map(len, seqs)), max(map(len, full))
+    tokens = torch.full((n, L), int(pad), dtype=torch.long)
+    train_mask = torch.zeros(n, L, dtype=torch.bool)
+    answer_tokens = torch.full((n, A), -1, dtype=torch.long)
+    for i, (s, m, a) in enumerate(zip(seqs, masks, full)):
+        tokens[i, : len(s)] = torch.tensor(s)
+        train_mask[i, : len(m)] = torch.tensor(m)
+        answer_tokens[i, : len(a)] = torch.tensor(a)
+    targets = torch.full_like(tokens, -100)
+    targets[:, :-1] = torch.where(train_mask[:, :-1], tokens[:, 1:], torch.tensor(-100))
+    params = {**family.params, "scoring": scoring or "first_token", "prepend_bos": bool(prepend_bos)}
+    return PromptSet(
+        family=family.name,
+        params=params,
+        task_names=list(names),
+        labels=torch.tensor([tp.task for tp in texts], dtype=torch.long),
+        query_pos=torch.tensor(qpos, dtype=torch.long),
+        answers=answer_tokens[:, :1].clone(),
+        targets=targets,
+        train_mask=train_mask,
+        shots=len(texts[0].examples),
+        tokens=tokens,
+        task_answers=torch.tensor(tanswers, dtype=torch.long)[..., None] if len(tanswers) == n else None,
+        vocab=_vocab_list(tok),
+        extra={"answer_tokens": answer_tokens, "answer_len": torch.tensor([len(a) for a in full])},
+    )
+
+
+def draw_distinct(rng: np.random.Generator, pool: int, k: int) -> list[int]:
+    """``k`` distinct indices into a pool of ``pool``."""
+    return rng.choice(pool, size=k, replace=False).tolist()
+
+
+__all__ = [
+    "DEFAULT_TEMPLATE",
+    "SCORINGS",
+    "TextPrompt",
+    "TextTaskFamily",
+    "check_template",
+    "draw_distinct",
+    "split_template",
+    "tokenize_prompts",
+    "tokenizer_of",
+]
