@@ -13,6 +13,10 @@ The whole public API (each name documented where it is defined)::
     tvlens.emergence(run_or_name) -> EmergenceResult              # TD and accuracy across checkpoints
     tvlens.run_patching(model, prompts, vectors, mode=...) -> PatchingResult  # conditional decoding
     tvlens.activation_patching(model, clean, corrupted, metric, site, by) -> SweepResult
+    family.sample(n, shots, seed, tokenizer=model.tokenizer, scoring=...)  # text: pos, bitwise_text, lexical
+    tvlens.text_accuracy(model, prompts, scoring=...) -> AccuracyResult  # first token or greedy whole answer
+    tvlens.td_vs_accuracy(model, families, shots=(1, 4, 10)) -> TDAccuracyResult  # per task, fit and R²
+    tvlens.finetune(model, family, layers="first_half", steps=...) -> FinetuneResult  # TD/acc before, after
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ from tvlens.encoding import (  # noqa: E402
     task_decodability,
 )
 from tvlens.errors import CheckpointError, ConfigError, OfflineWeightsError, TvlensError, UnknownNameError  # noqa: E402
+from tvlens.finetune import FinetuneResult, finetune  # noqa: E402
+from tvlens.llm import TDAccuracyResult, greedy_generate, td_vs_accuracy, text_accuracy  # noqa: E402
 from tvlens.models import (  # noqa: E402
     build_model,
     checkpoint_steps,
@@ -51,6 +57,12 @@ from tvlens.train import TrainConfig, read_log, train  # noqa: E402
 __version__ = "0.1.0"
 
 __all__ = [
+    "FinetuneResult",
+    "TDAccuracyResult",
+    "finetune",
+    "greedy_generate",
+    "td_vs_accuracy",
+    "text_accuracy",
     "AccuracyResult",
     "PatchingResult",
     "SweepResult",
