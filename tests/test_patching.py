@@ -134,3 +134,73 @@ def test_task_vectors_make_zero_shot_prompts_follow_the_task():
     real = [i for i, t in enumerate(res.source_names) if t != "null"]
     follows = res.follows_source[:, real][:, :, real].mean((1, 2))  # every (source, target) pair counts
     assert float(follows.max()) >= 0.75, follows
+
+
+@pytest.mark.parametrize("mode", ["replace", "swap"])
+def test_patching_at_answers_equals_naive_hook_loop(mode):
+    """Vectors read at the examples' answer tokens are patched at every one of them."""
+    from tvlens.encoding import representation_mask
+
+    fam = tasks.get("codes")
+    model = build_model(fam, n_layers=2, d_model=32, n_heads=4, seed=4)
+    prompts = fam.sample(3, shots=2, seed=5)
+    vecs = extract(model, prompts, progress=False, at="answers").task_vectors()
+    assert vecs.read_at == "answers"
+    res = run_patching(model, prompts, vecs, layers=[1], mode=mode, batch_size=5, progress=False)
+    assert res.read_at == "answers"
+    mask = representation_mask(prompts, "answers")
+    layer, source = 1, fam.task_names[2]
+    s = prompts.task_names.index(source)
+    ref = torch.zeros(prompts.n_tasks)
+    for i in range(len(prompts)):
+        pos = mask[i].nonzero()[:, 0]
+        q = int(prompts.query_pos[i])
+        v, own = vecs.get(source, layer), vecs.get(int(prompts.labels[i]), layer)
+
+        def hook(act, hook):
+            act = act.clone()
+            act[0, pos] = v if mode == "replace" else act[0, pos] + (v - own)
+            return act
+
+        logits = model.run_with_hooks(prompts.tokens[i : i + 1], fwd_hooks=[(resid_hook_name(layer), hook)])
+        ref[int(prompts.labels[i])] += float(int(logits[0, q].argmax()) == int(prompts.task_answers[i, s, 0]))
+    ref /= torch.bincount(prompts.labels, minlength=prompts.n_tasks).float()
+    assert torch.allclose(res.grid(layer)[res.source_names.index(source)], ref)
+
+
+def test_extract_at_answers_is_the_mean_over_example_answers():
+    fam = tasks.get("categories")
+    model = build_model(fam, n_layers=2, d_model=32, n_heads=4, seed=1)
+    p = fam.sample(2, shots=3, seed=0)
+    enc = extract(model, p, progress=False, at="answers", batch_size=5)
+    _, cache = model.run_with_cache(p.tokens)
+    for i in range(len(p)):
+        q = int(p.query_pos[i])
+        pos = [j for j in range(1, q) if bool(p.train_mask[i, j - 1])]
+        assert len(pos) == 3  # one single-token answer per example
+        for li, layer in enumerate(enc.layers):
+            ref = cache[resid_hook_name(layer)][i, pos].mean(0)
+            assert torch.allclose(enc.acts[i, li], ref, atol=1e-5)
+    with pytest.raises(ConfigError, match="shots >= 1"):
+        extract(model, fam.sample(2, shots=0, seed=0), progress=False, at="answers")
+    with pytest.raises(ConfigError, match="at must be one of"):
+        extract(model, p, progress=False, at="arrow")
+    zero = fam.sample(2, shots=0, seed=0)
+    with pytest.raises(ConfigError, match="shots >= 1"):
+        run_patching(model, zero, enc.task_vectors(), progress=False)
+
+
+def test_shipped_default_model_keeps_its_task_at_the_examples_answers():
+    """The default (codes) model decodes the task at the query position (TD ~1) but does not read it
+    there: patching the query changes nothing. Its task lives at the examples' answer tokens, where
+    replacing it with task A's vector after block 0 makes the answer follow A."""
+    model = tvlens.load_model("default")
+    fam = tvlens.model_info(model).task_family()
+    prompts, src = fam.sample(40, shots=4, seed=7), fam.sample(60, shots=4, seed=1)
+    at_query = run_patching(model, prompts, extract(model, src, progress=False).task_vectors(), mode="swap",
+                            progress=False)
+    assert float(at_query.flip_rate.max()) < 0.2 and float(at_query.control.min()) >= 0.9, at_query.layer_profile()
+    res = run_patching(model, prompts, extract(model, src, progress=False, at="answers").task_vectors(),
+                       mode="replace", progress=False)
+    li = res.layers.index(res.best_layer(min_control=0.9))
+    assert float(res.control[li]) >= 0.9 and float(res.flip_rate[li]) >= 0.8, res.layer_profile()

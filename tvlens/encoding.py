@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 
 from tvlens.accuracy import batches, check_prompts_fit
 from tvlens.errors import ConfigError
@@ -68,6 +68,40 @@ def model_fingerprint(model) -> str:
 
 
 # --------------------------------------------------------------------------- extraction
+AT = ("query", "answers")
+
+
+def check_at(at: str) -> str:
+    if at not in AT:
+        raise ConfigError(f"at must be one of {list(AT)} (where a prompt's representation is read), got {at!r}")
+    return at
+
+
+def representation_mask(prompts: PromptSet, at: str = "query") -> Bool[torch.Tensor, "n seq"]:
+    """The positions whose residual (averaged) is a prompt's representation, up to the query.
+
+    ``"query"``: the query position alone, the last token before the answer (the paper's definition).
+    ``"answers"``: the answer tokens of the in-context examples, averaged; a model can keep its task
+    there and read it from the query (the shipped default model does; see ``run_patching``).
+    """
+    check_at(at)
+    q = prompts.query_pos
+    n, width = len(prompts), int(q.max()) + 1
+    pos = torch.arange(width, device=q.device)[None]
+    if at == "query":
+        return pos == q[:, None]
+    if prompts.train_mask is None or prompts.shots == 0:
+        raise ConfigError("at='answers' needs prompts with in-context examples (shots >= 1) and a train_mask; "
+                          f"these have shots={prompts.shots}")
+    tm = prompts.train_mask[:, : width - 1].to(q.device)
+    mask = torch.zeros(n, width, dtype=torch.bool, device=q.device)
+    mask[:, 1:] = tm  # position i holds an answer token when position i-1 is trained to predict it
+    mask &= pos < q[:, None]  # examples only, not the query's own answer
+    if not bool(mask.any(1).all()):
+        raise ConfigError("at='answers': some prompts have no example answer tokens before the query")
+    return mask
+
+
 @torch.no_grad()
 def extract(
     model,
@@ -75,15 +109,22 @@ def extract(
     layers: Sequence[int] | int | None = None,
     batch_size: int | None = 256,
     progress: bool = True,
+    at: str = "query",
 ) -> "TaskEncodings":
     """The residual stream at each prompt's query position, at every requested layer.
 
     Only the query position of the requested hooks is kept (never a full cache), the forward pass
     stops after the last requested layer, and positions after the query are not computed, so
     memory is ``n_prompts x n_layers x d_model`` plus one batch's forward pass.
+
+    ``at="answers"`` reads the mean over the examples' answer tokens instead of the query position
+    (``representation_mask``): where a model that does not route its task through the query keeps it.
     """
     check_prompts_fit(model, prompts)
     layers = check_layers(model, layers)
+    check_at(at)
+    if at != "query":
+        representation_mask(prompts, at)  # refuse prompts without examples before any work
     names = {resid_hook_name(layer): i for i, layer in enumerate(layers)}
     device = next(model.parameters()).device
     out = torch.empty(len(prompts), len(layers), model.cfg.d_model, dtype=torch.float32)
@@ -94,8 +135,15 @@ def extract(
         rows = torch.arange(len(sub), device=device)
         q = sub.query_pos
 
-        def keep(act, hook, _rows=rows, _q=q, _s=s):
-            out[_s : _s + len(_rows), names[hook.name]] = act[_rows, _q].float().cpu()
+        if at == "query":
+            def keep(act, hook, _rows=rows, _q=q, _s=s):
+                out[_s : _s + len(_rows), names[hook.name]] = act[_rows, _q].float().cpu()
+        else:
+            w = representation_mask(sub, at).float()
+            w = w / w.sum(1, keepdim=True)
+
+            def keep(act, hook, _w=w, _s=s):
+                out[_s : _s + len(_w), names[hook.name]] = torch.einsum("bp,bpd->bd", _w, act[:, : _w.shape[1]].float()).cpu()
 
         fwd_hooks = [(n, keep) for n in names]
         x = sub.model_input[:, : int(q.max()) + 1]
@@ -108,6 +156,7 @@ def extract(
         fingerprint=model_fingerprint(model),
         d_model=int(model.cfg.d_model),
         family=prompts.family,
+        read_at=at,
     )
 
 
@@ -122,6 +171,7 @@ class TaskEncodings:
     fingerprint: str = ""
     d_model: int = 0
     family: str = ""
+    read_at: str = "query"  # where each prompt's representation was read (``representation_mask``)
 
     def __len__(self) -> int:
         return int(self.acts.shape[0])
@@ -149,7 +199,7 @@ class TaskEncodings:
             if counts[t]:
                 vecs[:, t] = self.acts[m][:, idx].mean(0)
         return TaskVectors(vectors=vecs, layers=layers, task_names=list(self.task_names), counts=counts,
-                           fingerprint=self.fingerprint, d_model=self.acts.shape[-1], family=self.family)
+                           fingerprint=self.fingerprint, d_model=self.acts.shape[-1], family=self.family, read_at=self.read_at)
 
     def project(self, layer: int, method: str = "pca", n_components: int = 2, seed: int = 0):
         """Low-dimensional projection at ``layer`` (``pca``, ``tsne``; ``umap`` with umap-learn) as a DataFrame."""
@@ -198,9 +248,11 @@ class TaskVectors:
     fingerprint: str = ""
     d_model: int = 0
     family: str = ""
+    read_at: str = "query"  # where they were read, and so where ``run_patching`` patches them
 
     def __repr__(self) -> str:
-        return f"TaskVectors(layers={self.layers}, tasks={self.task_names}, d_model={self.d_model})"
+        where = "" if self.read_at == "query" else f", read_at={self.read_at!r}"
+        return f"TaskVectors(layers={self.layers}, tasks={self.task_names}, d_model={self.d_model}{where})"
 
     def get(self, task: str | int, layer: int) -> Float[torch.Tensor, "d_model"]:
         t = self.task_names.index(task) if isinstance(task, str) else int(task)
@@ -224,7 +276,7 @@ class TaskVectors:
         if self.counts is not None:
             tensors["counts"] = self.counts
         meta = {"kind": "TaskVectors", "layers": self.layers, "task_names": self.task_names,
-                "fingerprint": self.fingerprint, "d_model": self.d_model, "family": self.family}
+                "fingerprint": self.fingerprint, "d_model": self.d_model, "family": self.family, "read_at": self.read_at}
         return save_tensors_with_sidecar(path, tensors, meta)
 
     @classmethod
@@ -232,7 +284,7 @@ class TaskVectors:
         t, m = load_tensors_with_sidecar(path, expect_kind="TaskVectors")
         return cls(vectors=t["vectors"], counts=t.get("counts"), layers=list(m["layers"]),
                    task_names=list(m["task_names"]), fingerprint=m["fingerprint"], d_model=int(m["d_model"]),
-                   family=m.get("family", ""))
+                   family=m.get("family", ""), read_at=m.get("read_at", "query"))
 
 
 # --------------------------------------------------------------------------- decodability

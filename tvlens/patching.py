@@ -28,7 +28,7 @@ from jaxtyping import Float
 from tqdm.auto import tqdm
 
 from tvlens.accuracy import answer_scores, at_answer_positions, check_prompts_fit, logits_at_answers
-from tvlens.encoding import TaskVectors, check_layers, resid_hook_name
+from tvlens.encoding import TaskVectors, check_at, check_layers, representation_mask, resid_hook_name
 from tvlens.errors import ConfigError
 from tvlens.prompts import PromptSet
 
@@ -60,6 +60,7 @@ class PatchingResult:
     metric: str = "accuracy"
     shots: int = 0
     rule_agreement: torch.Tensor | None = None
+    read_at: str = "query"  # where the vectors were patched: the query position, or the examples' answers
     notes: dict = field(default_factory=dict)
 
     def _offdiag(self, grid: torch.Tensor, null_free: bool = True) -> torch.Tensor:
@@ -129,7 +130,8 @@ class PatchingResult:
     def __repr__(self) -> str:
         b = self.best_layer()
         li = self.layers.index(b)
-        return (f"PatchingResult({self.mode}, scale {self.scale}, layers {self.layers}; best layer {b}: "
+        where = "" if self.read_at == "query" else f", at the examples' {self.read_at}"
+        return (f"PatchingResult({self.mode}{where}, scale {self.scale}, layers {self.layers}; best layer {b}: "
                 f"flip rate {float(self.flip_rate[li]):.3f}, own-task control {float(self.control[li]):.3f})")
 
     def _repr_html_(self) -> str:
@@ -169,9 +171,18 @@ def run_patching(
     batch_size: int | None = 512,
     progress: bool = True,
 ) -> PatchingResult:
-    """Patch each source task's vector into every prompt at its query position; score every rule."""
+    """Patch each source task's vector into every prompt at its query position; score every rule.
+
+    Vectors extracted with ``extract(..., at="answers")`` are patched where they were read: at every
+    in-context example's answer token (``representation_mask``), and the query's answer is scored as
+    usual. That is where the shipped default model keeps its task (its query position decodes the
+    task, TD ~1, but patching it there changes nothing; see the README's patching section).
+    """
     check_prompts_fit(model, prompts)
     vectors.check_model(model)
+    read_at = check_at(getattr(vectors, "read_at", "query"))
+    if read_at != "query":
+        representation_mask(prompts, read_at)  # refuse prompts without examples before any work
     if mode not in ("replace", "add", "swap"):
         raise ConfigError(f"mode must be 'replace', 'add' or 'swap', got {mode!r}")
     if layers is None:
@@ -214,8 +225,8 @@ def run_patching(
     names = sorted({resid_hook_name(layer) for layer in layers})
     bs = batch_size or len(prompts)
 
-    def run_patched(store, layer, q, vec, li, labels_dev):
-        resid = _patch(store[resid_hook_name(layer)], q, vec, mode, scale,
+    def run_patched(store, layer, q, vec, li, labels_dev, where):
+        resid = _patch(store[resid_hook_name(layer)], where, vec, mode, scale,
                        own_vecs[li, labels_dev] if mode == "swap" else None)
         return logits_at_answers(model, resid, q, n_ans, start_at_layer=layer)
 
@@ -224,6 +235,7 @@ def run_patching(
         sub = prompts.subset(slice(b0, b0 + bs)).to(device)
         lab = labels[b0 : b0 + bs]
         q = sub.query_pos
+        where = q if read_at == "query" else representation_mask(sub, read_at)
         last = int(q.max()) + n_ans
         toks_own = sub.tokens[:, :last]
         own_logits, own_store = _prefix(model, toks_own, names)
@@ -241,9 +253,9 @@ def run_patching(
                 src_sel = at_answer_positions(src_logits, q, n_ans)
             _, lp_clean = answer_scores(src_sel, ans_src)
             for li, layer in enumerate(layers):
-                out_src = run_patched(src_store, layer, q, vecs[sname][li], li, sub.labels)
+                out_src = run_patched(src_store, layer, q, vecs[sname][li], li, sub.labels, where)
                 ok_src, lp_src = answer_scores(out_src, ans_src)
-                out_own = out_src if n_ans == 1 else run_patched(own_store, layer, q, vecs[sname][li], li, sub.labels)
+                out_own = out_src if n_ans == 1 else run_patched(own_store, layer, q, vecs[sname][li], li, sub.labels, where)
                 ok_own, _ = answer_scores(out_own, sub.answers)
                 follows_src[li, si].index_add_(0, lab, ok_src.float().cpu())
                 follows_own[li, si].index_add_(0, lab, ok_own.float().cpu())
@@ -256,7 +268,7 @@ def run_patching(
         same = (ta[:, prompts.task_names.index(sname)] == prompts.answers.cpu()).all(-1).float()
         agree[si].index_add_(0, labels, same)
     return PatchingResult(
-        layers=layers, source_names=src_names, target_names=list(prompts.task_names), mode=mode,
+        layers=layers, source_names=src_names, target_names=list(prompts.task_names), mode=mode, read_at=read_at,
         scale=float(scale), follows_source=follows_src / counts, follows_own=follows_own / counts,
         delta_logprob_source=dlp / counts, baseline_own=base_own / counts, metric="accuracy", shots=prompts.shots,
         rule_agreement=agree / counts,
@@ -276,8 +288,20 @@ def _prefix(model, x, names):
 
 def _patch(resid, q, vec, mode, scale, own=None):
     """A copy of ``resid`` with the query position replaced by ``vec``, ``vec`` added, or the own
-    task's vector swapped for ``vec``."""
+    task's vector swapped for ``vec``. ``q``: the query positions ``[batch]``, or a ``[batch, width]``
+    mask of the positions to patch."""
     resid = resid.clone()
+    if q.dtype == torch.bool:
+        m = q[..., None]
+        w = q.shape[1]
+        v = vec.expand(resid.shape[0], -1)[:, None]
+        if mode == "replace":
+            resid[:, :w] = torch.where(m, v, resid[:, :w])
+        elif mode == "add":
+            resid[:, :w] = resid[:, :w] + m * (scale * v)
+        else:
+            resid[:, :w] = resid[:, :w] + m * (scale * (v - own[:, None]))
+        return resid
     rows = torch.arange(resid.shape[0], device=resid.device)
     if mode == "replace":
         resid[rows, q] = vec

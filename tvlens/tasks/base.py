@@ -124,9 +124,13 @@ class TokenTaskFamily(TaskFamily):
         <input tokens> -> <answer tokens> ; ... <query input tokens> -> <query answer tokens>
 
     ``query_pos`` is the query's ``->``; the answer positions of every example and of the query are
-    trained. Subclasses give ``_draw(task, shots, rng)``: the examples' inputs and answers, the query's
-    input and the answer every task's rule gives on the query.
+    trained. A family whose ``query_arrow`` is False writes the query without the ``->`` (its last
+    input token then is the query position; see ``shift(marked_query=True)``). Subclasses give
+    ``_draw(task, shots, rng)``: the examples' inputs and answers, the query's input and the answer
+    every task's rule gives on the query.
     """
+
+    query_arrow: bool = True
 
     @abstractmethod
     def _draw(
@@ -148,9 +152,13 @@ class TokenTaskFamily(TaskFamily):
                 mask += [False] * len(inp) + [True]
                 seq += ans + [end]
                 mask += [True] * (len(ans) - 1) + [False, False]
-            seq += q_in + [arrow]
+            if self.query_arrow:
+                seq += q_in + [arrow]
+                mask += [False] * len(q_in) + [True]
+            else:
+                seq += q_in
+                mask += [False] * (len(q_in) - 1) + [True]
             q = len(seq) - 1
-            mask += [False] * len(q_in) + [True]
             seq += q_answers[task]
             mask += [True] * (len(q_answers[task]) - 1) + [False]
             seqs.append(seq)

@@ -24,7 +24,7 @@ DEFAULT_OFFSETS = (1, 3, 6, 10, 15, 21)
 class Shift(TokenTaskFamily):
     name = "shift"
 
-    def __init__(self, n_letters: int = 26, offsets: tuple[int, ...] = DEFAULT_OFFSETS) -> None:
+    def __init__(self, n_letters: int = 26, offsets: tuple[int, ...] = DEFAULT_OFFSETS, marked_query: bool = False) -> None:
         n_letters = check_int("n_letters", n_letters, 3, self.name)
         if n_letters > 26 * 2:
             raise ConfigError(f"shift: n_letters must be <= 52 (a-z, A-Z), got {n_letters}")
@@ -36,9 +36,12 @@ class Shift(TokenTaskFamily):
             raise ConfigError(
                 f"shift: offsets must be distinct and nonzero modulo n_letters={n_letters}, got {list(offsets)}"
             )
-        super().__init__(n_letters=n_letters, offsets=list(offsets))
+        if not isinstance(marked_query, bool):
+            raise ConfigError(f"shift: marked_query must be True or False, got {marked_query!r}")
+        super().__init__(n_letters=n_letters, offsets=list(offsets), marked_query=marked_query)
         self.p, self.offsets = n_letters, offsets
         self.letters = list((string.ascii_lowercase + string.ascii_uppercase)[:n_letters])
+        self.query_arrow = not marked_query
 
     @property
     def task_names(self) -> list[str]:
@@ -46,7 +49,8 @@ class Shift(TokenTaskFamily):
 
     @property
     def vocab(self) -> list[str]:
-        return self.letters + [ARROW, END]
+        marked = [f"{x}?" for x in self.letters] if not self.query_arrow else []
+        return self.letters + [ARROW, END] + marked
 
     def max_shots(self) -> int:
         # example inputs avoid the query letter x_q and x_q - k (whose output would be x_q)
@@ -58,4 +62,5 @@ class Shift(TokenTaskFamily):
         allowed = [x for x in range(p) if x != xq and (x + k) % p != xq]
         xs = rng.choice(allowed, size=shots, replace=False).tolist() if shots else []
         examples = [([x], [(x + k) % p]) for x in xs]
-        return examples, [xq], [[(xq + o) % p] for o in self.offsets]
+        q_in = [xq] if self.query_arrow else [p + 2 + xq]  # the marked token ``x?`` replaces ``x ->``
+        return examples, q_in, [[(xq + o) % p] for o in self.offsets]
