@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 from jaxtyping import Float
 
+from tvlens.encoding import TaskVectors
 from tvlens.errors import ConfigError
 from tvlens.io import load_tensors_with_sidecar, save_tensors_with_sidecar
 
@@ -92,7 +93,7 @@ class HeadScores:
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
             raise ConfigError(f"k must be an integer in 1..{n} (the number of heads), got {k!r}")
         key = m.abs() if by_abs else m
-        flat = key.flatten().double()
+        flat = torch.nan_to_num(key.flatten().double(), nan=-float("inf"))  # unscored heads last
         # stable sort on -score keeps index order among ties
         order = torch.sort(-flat, stable=True).indices[:k]
         H = m.shape[1]
@@ -163,3 +164,566 @@ class HeadScores:
         return cls(scores=t["scores"], per_task=t.get("per_task"), per_position=t.get("per_position"),
                    method=m["method"], metric=m["metric"], task_names=list(m["task_names"]),
                    prompts=m.get("prompts", ""), notes=dict(m.get("notes", {})))
+
+
+# --------------------------------------------------------------------------- inputs
+def _metric_fn(metric, method: str):
+    """Per-prompt metric ``f(logits at the answer positions [b, n_answer, vocab], answers [b, n_answer]) -> [b]``."""
+    if callable(metric):
+        return metric, getattr(metric, "__name__", "custom")
+    if metric == "prob":
+        return (lambda sel, ans: _answer_logprob(sel, ans).exp()), metric
+    if metric == "logprob":
+        return _answer_logprob, metric
+    if metric == "logit":
+        return (lambda sel, ans: sel.gather(-1, ans[..., None])[..., 0].sum(-1)), metric
+    if metric == "accuracy":
+        if method == "atp":
+            raise ConfigError("metric='accuracy' is not differentiable (an argmax): method='atp' needs a gradient; "
+                              "use 'logprob', 'prob' or 'logit'")
+        return (lambda sel, ans: (sel.argmax(-1) == ans).all(-1).to(sel.dtype)), metric
+    raise ConfigError(f"metric must be 'prob', 'logprob', 'logit', 'accuracy' or a callable "
+                      f"f(logits [b, n_answer, vocab], answers [b, n_answer]) -> [b]; got {metric!r}")
+
+
+def _answer_logprob(sel: torch.Tensor, ans: torch.Tensor) -> torch.Tensor:
+    """Log-probability of the whole answer (teacher forcing), per prompt."""
+    return sel.log_softmax(-1).gather(-1, ans[..., None])[..., 0].sum(-1)
+
+
+def _answer_pos(prompts) -> torch.Tensor:
+    from tvlens.accuracy import answer_positions
+
+    return answer_positions(prompts.query_pos, prompts.n_answer)
+
+
+def shuffle_labels(prompts, seed: int = 0):
+    """The same prompts with each prompt's in-context answers (labels) permuted among its examples.
+
+    Every prompt gets a random permutation other than the identity (so with distinct labels at least
+    two examples change answer); the query and its answer stay. Needs at least two shots.
+    """
+    from dataclasses import replace
+
+    if prompts.is_continuous:
+        raise ConfigError("shuffled labels are built for token families; these prompts are continuous")
+    if prompts.shots < 2:
+        raise ConfigError(f"shuffling in-context labels needs at least two shots (examples) per prompt; these "
+                          f"prompts have shots={prompts.shots}: sample them with shots >= 2")
+    vocab = prompts.vocab or []
+    if "->" not in vocab or ";" not in vocab:
+        raise ConfigError("cannot find the examples' answers: the prompts' vocabulary has no '->' and ';' tokens")
+    arrow, end = vocab.index("->"), vocab.index(";")
+    toks = prompts.tokens.clone()
+    gen = torch.Generator().manual_seed(seed)
+    for i in range(len(prompts)):
+        row = toks[i]
+        q = int(prompts.query_pos[i])
+        arrows = [int(a) for a in (row[:q] == arrow).nonzero().flatten()]
+        spans = []
+        for a in arrows:
+            ends = (row[a + 1 : q] == end).nonzero().flatten()
+            if len(ends) == 0:
+                raise ConfigError(f"prompt {i}: an example's answer after position {a} has no ';' before the query")
+            spans.append((a + 1, a + 1 + int(ends[0])))
+        if len(spans) < 2:
+            raise ConfigError(f"prompt {i} has {len(spans)} example(s): shuffling labels needs at least two")
+        lens = {e - s for s, e in spans}
+        if len(lens) != 1:
+            raise ConfigError(f"prompt {i}: examples' answers have different lengths {sorted(lens)}; cannot permute")
+        labels = [row[s:e].clone() for s, e in spans]
+        perm = torch.arange(len(spans))
+        while bool((perm == torch.arange(len(spans))).all()):
+            perm = torch.randperm(len(spans), generator=gen)
+        for (s, e), j in zip(spans, perm.tolist()):
+            row[s:e] = labels[j]
+    return replace(prompts, tokens=toks)
+
+
+def _check_common(model, prompts, method: str, layers, batch_size):
+    from tvlens.accuracy import check_prompts_fit
+
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {method!r}; use one of {list(METHODS)}")
+    check_prompts_fit(model, prompts)
+    if prompts.is_continuous:
+        raise ConfigError("head_attribution scores answer tokens: these prompts are continuous (regression), "
+                          "which it does not support yet")
+    n = model.cfg.n_layers
+    if layers is None:
+        layers = list(range(n))
+    else:
+        layers = [layers] if isinstance(layers, int) else list(layers)
+        bad = [L for L in layers if isinstance(L, bool) or not isinstance(L, int) or not 0 <= L < n]
+        if bad or not layers:
+            raise ConfigError(f"layers must be block indices in 0..{n - 1}; got {bad or layers}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    return layers
+
+
+def _describe(prompts) -> str:
+    return f"{prompts.family}: {len(prompts)} prompts, {prompts.shots}-shot, tasks {prompts.task_names}"
+
+
+def _trim(prompts):
+    """Prompts cut after the last answer position (later positions cannot change the answer)."""
+    last = int(prompts.query_pos.max()) + prompts.n_answer
+    from dataclasses import replace
+
+    return replace(prompts, tokens=prompts.tokens[:, :last], targets=prompts.targets[:, :last],
+                   train_mask=prompts.train_mask[:, :last])
+
+
+def _per_task(values: torch.Tensor, labels: torch.Tensor, task_names: list[str]):
+    """``values [b, ...]`` -> per-task means ``[T, ...]`` and their mean over non-null tasks present."""
+    T = len(task_names)
+    out = torch.full((T, *values.shape[1:]), float("nan"))
+    present = []
+    for t in range(T):
+        m = labels == t
+        if bool(m.any()):
+            out[t] = values[m].mean(0)
+            if task_names[t] != "null":
+                present.append(t)
+    if not present:
+        present = [t for t in range(T) if bool((labels == t).any())]
+    return out, out[present].mean(0)
+
+
+def _z_at_query(model, tokens, query_pos, layers) -> tuple[torch.Tensor, torch.Tensor]:
+    """``hook_z`` at each prompt's query position ``[b, layer, head, d_head]`` (one forward; only that
+    position is kept), and the logits."""
+    rows = torch.arange(tokens.shape[0], device=tokens.device)
+    store: dict[int, torch.Tensor] = {}
+
+    def save(act, hook):
+        store[int(hook.name.split(".")[1])] = act[rows, query_pos].detach()
+
+    logits = model.run_with_hooks(tokens, fwd_hooks=[(f"blocks.{L}.attn.hook_z", save) for L in layers])
+    return torch.stack([store[L] for L in layers], 1), logits
+
+
+# --------------------------------------------------------------------------- head_attribution
+DEFAULT_METRIC = {"cie": "prob", "ablation": "logprob", "patch": "logprob", "atp": "logprob", "dla": "logit"}
+
+
+def head_attribution(
+    model,
+    prompts,
+    method: str = "cie",
+    per_task: bool = True,
+    metric=None,
+    corrupted=None,
+    ablation: str = "mean",
+    positions: str = "all",
+    atp_site: str = "qkv",
+    qk_fix: bool = True,
+    layers=None,
+    seed: int = 0,
+    batch_size: int = 256,
+    progress: bool = True,
+) -> HeadScores:
+    """Score every attention head (layer x head) by ``method``; see the module docstring.
+
+    - ``metric``: ``"prob"`` (default for ``"cie"``), ``"logprob"`` (default for ``"ablation"``,
+      ``"patch"``, ``"atp"``), ``"logit"`` or ``"accuracy"`` of the query's answer (teacher forced), or a
+      callable ``f(logits [b, n_answer, vocab], answers [b, n_answer]) -> [b]``. ``"dla"`` scores the
+      logit of the answer's first token at the query position.
+    - ``corrupted``: the corrupted prompts of ``"cie"``, ``"patch"`` and ``"atp"`` (default: ``prompts``
+      with their in-context labels shuffled, ``shuffle_labels(prompts, seed)``); same layout as ``prompts``.
+    - ``ablation``: ``"mean"`` (each position's mean over the prompts) or ``"zero"``; ``positions``:
+      ablate at ``"all"`` positions or at the ``"query"`` only.
+    - ``atp_site``: ``"qkv"`` (values, queries and keys; ``qk_fix`` selects the AtP* fix), ``"z"`` (the
+      head's output), or one of ``"q"``, ``"k"``, ``"v"`` alone (estimates of patching only that input).
+    - ``layers``: the blocks to score (others are nan); ``batch_size``: sequences per forward pass.
+    """
+    layers = _check_common(model, prompts, method, layers, batch_size)
+    if method == "dla":
+        if metric not in (None, "logit"):
+            raise ConfigError(f"method='dla' attributes the answer's logit; metric must be None or 'logit', got {metric!r}")
+        metric = "logit"
+    metric = DEFAULT_METRIC[method] if metric is None else metric
+    fn, metric_name = _metric_fn(metric, method)
+    if ablation not in ("mean", "zero"):
+        raise ConfigError(f"ablation must be 'mean' or 'zero', got {ablation!r}")
+    if positions not in ("all", "query"):
+        raise ConfigError(f"positions must be 'all' or 'query', got {positions!r}")
+    if atp_site not in ("qkv", "z", "q", "k", "v"):
+        raise ConfigError(f"atp_site must be 'qkv', 'z', 'q', 'k' or 'v', got {atp_site!r}")
+    if not isinstance(qk_fix, bool):
+        raise ConfigError(f"qk_fix must be True or False, got {qk_fix!r}")
+    if method in ("cie", "patch", "atp"):
+        if corrupted is None:
+            corrupted = shuffle_labels(prompts, seed)
+        elif (corrupted.tokens is None or corrupted.tokens.shape != prompts.tokens.shape
+              or not torch.equal(corrupted.query_pos.cpu(), prompts.query_pos.cpu())):
+            raise ConfigError("corrupted prompts must have the same token shape and query positions as prompts")
+
+    device = next(model.parameters()).device
+    P = _trim(prompts).to(device)
+    C = _trim(corrupted).to(device) if corrupted is not None else None
+    labels = prompts.labels.cpu()
+    notes: dict = {"layers": layers, "seed": seed}
+    per_position = None
+    if method == "cie":
+        vals, base = _cie(model, P, C, layers, fn, batch_size, progress)
+        notes["shuffled_metric"] = base
+    elif method == "ablation":
+        vals, base = _ablation(model, P, layers, fn, ablation, positions, batch_size, progress)
+        notes.update(ablation=ablation, positions=positions, unablated_metric=base)
+    elif method == "patch":
+        vals, base, clean = _patch_sweep(model, P, C, layers, fn, batch_size, progress)
+        notes.update(corrupted_metric=base, clean_metric=clean)
+    elif method == "atp":
+        vals, pos_vals, base = _atp(model, P, C, layers, fn, atp_site, qk_fix, batch_size, progress)
+        per_position = pos_vals.mean(0)
+        notes.update(atp_site=atp_site, qk_fix=qk_fix, corrupted_metric=base)
+    else:
+        vals, pos_vals, base = _dla(model, P, layers, batch_size, progress)
+        per_position = pos_vals.mean(0)
+        notes["answer_logit"] = base
+    full = torch.full((len(prompts), model.cfg.n_layers, model.cfg.n_heads), float("nan"))
+    full[:, layers] = vals.float().cpu()
+    if per_position is not None:
+        pp = torch.full((per_position.shape[0], model.cfg.n_layers, model.cfg.n_heads), float("nan"))
+        pp[:, layers] = per_position.float().cpu()
+        per_position = pp
+    by_task, scores = _per_task(full, labels, list(prompts.task_names))
+    return HeadScores(scores=scores, method=method, metric=metric_name, task_names=list(prompts.task_names),
+                      per_task=by_task if per_task else None, per_position=per_position, prompts=_describe(prompts),
+                      notes=notes)
+
+
+def _chunks(n: int, batch_size: int):
+    return [slice(s, min(n, s + batch_size)) for s in range(0, n, batch_size)]
+
+
+def _sweep(model, clean_tokens, run_tokens, P, sl, layers, fn, batch_size, progress, **kw):
+    """One engine call on prompts ``sl``: per-prompt metric after patching each head, ``[b, layer, head]``,
+    and the unpatched run's per-prompt metric ``[b]``."""
+    from tvlens.sweeps import activation_patching
+
+    answers = P.answers[sl]
+
+    def metric(logits):
+        return fn(logits, answers)
+
+    b = run_tokens.shape[0]
+    res = activation_patching(model, clean_tokens, run_tokens, metric, site="z", by=("layer", "head"), layers=layers,
+                              read_positions=_answer_pos(P)[sl], batch_size=max(batch_size, b), progress=progress,
+                              per_prompt=True, **kw)
+    return res.per_prompt.permute(2, 0, 1), res.corrupted_per_prompt, res
+
+
+@torch.no_grad()
+def _cie(model, P, C, layers, fn, batch_size, progress):
+    n = len(P)
+    zq = torch.cat([_z_at_query(model, P.tokens[sl], P.query_pos[sl], layers)[0] for sl in _chunks(n, batch_size)])
+    T = P.n_tasks
+    means = torch.zeros(T, *zq.shape[1:], device=zq.device, dtype=zq.dtype)
+    for t in range(T):
+        m = P.labels == t
+        if bool(m.any()):
+            means[t] = zq[m].mean(0)
+    vals, bases = [], []
+    for sl in _chunks(n, batch_size):
+        lab = P.labels[sl]
+        src = {L: means[lab, li][:, None] for li, L in enumerate(layers)}  # [b, 1, head, d_head]
+        patched, base, _ = _sweep(model, None, C.tokens[sl], P, sl, layers, fn, batch_size, progress,
+                                  source=src, patch_positions=P.query_pos[sl])
+        vals.append(patched - base[:, None, None])
+        bases.append(base)
+    return torch.cat(vals), float(torch.cat(bases).mean())
+
+
+@torch.no_grad()
+def _ablation(model, P, layers, fn, ablation, positions, batch_size, progress):
+    n = len(P)
+    if ablation == "mean":
+        total = None
+        for sl in _chunks(n, batch_size):
+            store: dict[int, torch.Tensor] = {}
+
+            def save(act, hook, _store=store):
+                _store[int(hook.name.split(".")[1])] = act.sum(0)
+
+            model.run_with_hooks(P.tokens[sl], stop_at_layer=max(layers) + 1,
+                                 fwd_hooks=[(f"blocks.{L}.attn.hook_z", save) for L in layers])
+            s = torch.stack([store[L] for L in layers])  # [layer, pos, head, d_head]
+            total = s if total is None else total + s
+        mean = total / n
+        src = {L: mean[li][None] for li, L in enumerate(layers)}
+    else:
+        zero = torch.zeros(1, device=P.tokens.device)
+        src = {L: zero for L in layers}
+    vals, bases = [], []
+    for sl in _chunks(n, batch_size):
+        patched, base, _ = _sweep(model, None, P.tokens[sl], P, sl, layers, fn, batch_size, progress, source=src,
+                                  patch_positions=P.query_pos[sl] if positions == "query" else None)
+        vals.append(base[:, None, None] - patched)  # the drop: positive = the head helps
+        bases.append(base)
+    return torch.cat(vals), float(torch.cat(bases).mean())
+
+
+@torch.no_grad()
+def _patch_sweep(model, P, C, layers, fn, batch_size, progress):
+    vals, bases, cleans = [], [], []
+    for sl in _chunks(len(P), batch_size):
+        patched, base, res = _sweep(model, P.tokens[sl], C.tokens[sl], P, sl, layers, fn, batch_size, progress)
+        vals.append(patched - base[:, None, None])
+        bases.append(base)
+        cleans.append(res.clean_metric * (sl.stop - sl.start))
+    return torch.cat(vals), float(torch.cat(bases).mean()), float(sum(cleans) / len(P))
+
+
+def _attn_scale(model, layer: int) -> float:
+    cfg = model.cfg
+    s = float(cfg.attn_scale) if cfg.use_attn_scale else 1.0
+    if getattr(cfg, "scale_attn_by_inverse_layer_idx", False):
+        s *= layer + 1
+    return s
+
+
+def _atp(model, P, C, layers, fn, site, qk_fix, batch_size, progress):
+    """AtP: one clean forward, one corrupted forward (with gradient), one backward per prompt chunk."""
+    from tqdm.auto import tqdm
+
+    parts = {"qkv": ["q", "k", "v"], "z": []}.get(site, [site])
+    kinds = ["z"] + parts
+    if parts:
+        kv = getattr(model.cfg, "n_key_value_heads", None)
+        if kv is not None and kv != model.cfg.n_heads:
+            raise ConfigError(f"atp_site={site!r} needs one key/value head per query head; use atp_site='z'")
+        if qk_fix and model.cfg.positional_embedding_type == "rotary":
+            raise ConfigError("qk_fix recomputes softmax(q k^T) from hook_q/hook_k, which come before the rotary "
+                              "embedding in this model; use qk_fix=False or atp_site='z'")
+    top = max(layers) + 1
+    n_layers = model.cfg.n_layers
+    vals, pos_vals, bases = [], [], []
+    it = tqdm(_chunks(len(P), batch_size), desc="atp", disable=not progress, leave=False)
+    for sl in it:
+        names = [f"blocks.{L}.attn.hook_{k}" for L in layers for k in kinds]
+        with torch.no_grad():
+            clean: dict[str, torch.Tensor] = {}
+
+            def save_clean(act, hook, _s=clean):
+                _s[hook.name] = act.detach()
+
+            model.run_with_hooks(P.tokens[sl], stop_at_layer=top, fwd_hooks=[(n, save_clean) for n in names])
+        corr: dict[str, torch.Tensor] = {}
+
+        def save(act, hook, _s=corr):
+            _s[hook.name] = act
+
+        def leaf(act, hook):  # the graph starts here even when the weights are frozen
+            return act.detach().requires_grad_(True)
+
+        extra = []
+        fix = qk_fix and ("q" in parts or "k" in parts)
+        if fix:
+            extra = [f"blocks.{L}.attn.hook_{k}" for L in layers for k in ("pattern", "attn_scores", "q", "k")
+                     if f"blocks.{L}.attn.hook_{k}" not in names]
+        hooks = [("blocks.0.hook_resid_pre", leaf)] + [(n, save) for n in names + extra]
+        with torch.enable_grad():
+            resid = model.run_with_hooks(C.tokens[sl], stop_at_layer=n_layers, fwd_hooks=hooks)
+            from tvlens.accuracy import at_answer_positions
+
+            x = at_answer_positions(resid, P.query_pos[sl], P.n_answer)
+            sel = model.unembed(model.ln_final(x) if hasattr(model, "ln_final") else x)
+            m = fn(sel, P.answers[sl])
+            if not torch.is_tensor(m) or not m.requires_grad:
+                raise ConfigError("the metric is not differentiable (its value has no gradient): method='atp' needs "
+                                  "a metric computed from the logits with differentiable operations")
+            grad_names = names + [n for n in extra if n.endswith("pattern")]
+            grads = dict(zip(grad_names, torch.autograd.grad(m.sum(), [corr[n] for n in grad_names],
+                                                             allow_unused=True)))
+        bases.append(m.detach().float().cpu())
+        with torch.no_grad():
+            per_layer, per_pos = [], []
+            for L in layers:
+                zn = f"blocks.{L}.attn.hook_z"
+                gz = _g(grads[zn], corr[zn])
+                pos = ((clean[zn] - corr[zn].detach()) * gz).sum(-1)  # [b, pos, head]
+                per_pos.append(pos)
+                if site == "z":
+                    per_layer.append(pos.sum(1))
+                    continue
+                total = 0
+                for k in parts:
+                    n_ = f"blocks.{L}.attn.hook_{k}"
+                    if k == "v" or not fix:
+                        total = total + ((clean[n_] - corr[n_].detach()) * _g(grads[n_], corr[n_])).sum((1, 3))
+                if fix:
+                    total = total + _qk_fix_terms(model, L, clean, corr, grads, parts)
+                per_layer.append(total)
+            vals.append(torch.stack(per_layer, 1).float().cpu())  # [b, layer, head]
+            pos_vals.append(torch.stack(per_pos, 2).float().cpu())  # [b, pos, layer, head]
+    return torch.cat(vals), torch.cat(pos_vals), float(torch.cat(bases).mean())
+
+
+def _g(grad, act):
+    return torch.zeros_like(act) if grad is None else grad
+
+
+def _qk_fix_terms(model, L, clean, corr, grads, parts) -> torch.Tensor:
+    """AtP*'s q and k terms of block ``L``'s heads ``[b, head]``: the attention pattern recomputed
+    exactly with the clean queries (keys) and the corrupted keys (queries), times the gradient with
+    respect to the pattern."""
+    pre = f"blocks.{L}.attn.hook_"
+    q, k = corr[pre + "q"].detach(), corr[pre + "k"].detach()
+    scores = corr[pre + "attn_scores"].detach()  # [b, head, q, k], masked
+    pattern = corr[pre + "pattern"].detach()
+    g = _g(grads[pre + "pattern"], pattern)
+    scale = _attn_scale(model, L)
+    recon = torch.einsum("bqhd,bkhd->bhqk", q, k) / scale
+    finite = torch.isfinite(scores)
+    if finite.any() and not torch.allclose(recon[finite], scores[finite], atol=1e-4, rtol=1e-3):
+        raise ConfigError(f"block {L}'s attention scores are not q.k/scale of hook_q and hook_k (a positional "
+                          "scheme or soft cap inside the attention): use qk_fix=False or atp_site='z'")
+    out = 0
+    if "q" in parts:  # all queries patched: every row's softmax recomputed with the clean query
+        dq = clean[pre + "q"] - q
+        a_q = torch.nan_to_num(torch.softmax(scores + torch.einsum("bqhd,bkhd->bhqk", dq, k) / scale, -1))
+        out = out + ((a_q - pattern) * g).sum((2, 3))
+    if "k" in parts:  # all keys patched
+        dk = clean[pre + "k"] - k
+        a_k = torch.nan_to_num(torch.softmax(scores + torch.einsum("bqhd,bkhd->bhqk", q, dk) / scale, -1))
+        out = out + ((a_k - pattern) * g).sum((2, 3))
+    return out
+
+
+@torch.no_grad()
+def _dla(model, P, layers, batch_size, progress):
+    """Direct logit attribution at the query position, from ``hook_z`` and the values there."""
+    from tqdm.auto import tqdm
+
+    cfg = model.cfg
+    norm = cfg.normalization_type
+    vals, pos_vals, logits_out = [], [], []
+    W_O = model.W_O[layers]  # [layer, head, d_head, d_model]
+    it = tqdm(_chunks(len(P), batch_size), desc="dla", disable=not progress, leave=False)
+    for sl in it:
+        toks, q = P.tokens[sl], P.query_pos[sl]
+        rows = torch.arange(toks.shape[0], device=toks.device)
+        store: dict[str, torch.Tensor] = {}
+
+        def at_q(act, hook, _s=store):
+            _s[hook.name] = act[rows, q]
+
+        def pat_row(act, hook, _s=store):  # [b, head, q, k] -> the query's row
+            _s[hook.name] = act[rows, :, q]
+
+        def keep(act, hook, _s=store):
+            _s[hook.name] = act
+
+        hooks = []
+        for L in layers:
+            hooks += [(f"blocks.{L}.attn.hook_z", at_q), (f"blocks.{L}.attn.hook_pattern", pat_row),
+                      (f"blocks.{L}.attn.hook_v", keep)]
+        if norm is not None:
+            hooks.append(("ln_final.hook_scale", at_q))
+        logits = model.run_with_hooks(toks, fwd_hooks=hooks)
+        ans = P.answers[sl][:, 0]
+        logits_out.append(logits[rows, q, ans].float().cpu())
+        d = model.W_U[:, ans].T  # [b, d_model]
+        if norm in ("LN", "RMS"):
+            d = d * model.ln_final.w
+        if norm in ("LN", "LNPre"):
+            d = d - d.mean(-1, keepdim=True)  # the layer norm centres its input
+        scale = store["ln_final.hook_scale"].reshape(-1) if norm is not None else torch.ones(len(ans), device=d.device)
+        wd = torch.einsum("lhem,bm->blhe", W_O, d) / scale[:, None, None, None]  # [b, layer, head, d_head]
+        z = torch.stack([store[f"blocks.{L}.attn.hook_z"] for L in layers], 1)  # [b, layer, head, d_head]
+        vals.append((z * wd).sum(-1).float().cpu())
+        # by source position: z = sum_s pattern[q, s] v_s
+        per_pos = []
+        for li, L in enumerate(layers):
+            v = store[f"blocks.{L}.attn.hook_v"]  # [b, pos, head, d_head]
+            a = store[f"blocks.{L}.attn.hook_pattern"]  # [b, head, pos]
+            per_pos.append(torch.einsum("bhs,bshe,bhe->bsh", a, v, wd[:, li]))
+        pos_vals.append(torch.stack(per_pos, 2).float().cpu())  # [b, pos, layer, head]
+    return torch.cat(vals), torch.cat(pos_vals), float(torch.cat(logits_out).mean())
+
+
+# --------------------------------------------------------------------------- function vectors
+@dataclass(repr=False)
+class FunctionVectors(TaskVectors):
+    """Function vectors (Todd et al.): per task, the sum of the chosen heads' mean outputs at the query.
+
+    A ``TaskVectors`` whose vector is the same at every layer ``0..n_layers-1`` (it can be added to the
+    residual stream entering any block), so ``run_patching(model, prompts, fv, mode="add")`` tests at
+    which layer adding it makes prompts follow its task. ``heads`` lists the ``(layer, head)`` used.
+    """
+
+    heads: list = field(default_factory=list)
+
+    def __repr__(self) -> str:
+        return f"FunctionVectors(k={len(self.heads)}, heads={self.heads}, tasks={self.task_names}, d_model={self.d_model})"
+
+    def save(self, path: str | Path) -> Path:
+        tensors = {"vectors": self.vectors}
+        if self.counts is not None:
+            tensors["counts"] = self.counts
+        meta = {"kind": "FunctionVectors", "layers": self.layers, "task_names": self.task_names,
+                "fingerprint": self.fingerprint, "d_model": self.d_model, "family": self.family,
+                "heads": [list(h) for h in self.heads]}
+        return save_tensors_with_sidecar(path, tensors, meta)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "FunctionVectors":
+        t, m = load_tensors_with_sidecar(path, expect_kind="FunctionVectors")
+        return cls(vectors=t["vectors"], counts=t.get("counts"), layers=list(m["layers"]),
+                   task_names=list(m["task_names"]), fingerprint=m["fingerprint"], d_model=int(m["d_model"]),
+                   family=m.get("family", ""), heads=[tuple(h) for h in m["heads"]])
+
+
+@torch.no_grad()
+def function_vector(model, prompts, scores: HeadScores | None = None, k: int = 10, heads=None,
+                    batch_size: int = 256) -> FunctionVectors:
+    """Per task, the sum over the top-``k`` heads of ``scores`` (or the given ``heads``, a list of
+    ``(layer, head)``) of the head's mean output at the query position over the task's prompts,
+    projected by ``W_O`` (its write to the residual stream; the attention bias ``b_O`` is left out)."""
+    from tvlens.accuracy import check_prompts_fit
+    from tvlens.encoding import model_fingerprint
+
+    nL, nH = model.cfg.n_layers, model.cfg.n_heads
+    if (scores is None) == (heads is None):
+        raise ConfigError("give either scores (a HeadScores, whose top-k heads are used) or heads, not both")
+    if scores is not None:
+        if tuple(scores.scores.shape) != (nL, nH):
+            raise ConfigError(f"scores map {tuple(scores.scores.shape)} heads but the model has {nL} layers x {nH} "
+                              "heads: these scores come from another model")
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= nL * nH:
+            raise ConfigError(f"k must be an integer in 1..{nL * nH} (the model's number of heads), got {k!r}")
+        heads = [(L, h) for L, h, _ in scores.top(k)]
+    else:
+        heads = [tuple(h) for h in heads]
+        bad = [h for h in heads if len(h) != 2 or not (0 <= int(h[0]) < nL and 0 <= int(h[1]) < nH)]
+        if bad or not heads:
+            raise ConfigError(f"heads must be (layer, head) pairs with layer in 0..{nL - 1} and head in 0..{nH - 1}; "
+                              f"got {bad or heads}")
+        heads = [(int(L), int(h)) for L, h in heads]
+    check_prompts_fit(model, prompts)
+    if prompts.is_continuous:
+        raise ConfigError("function_vector reads token prompts; these prompts are continuous")
+    device = next(model.parameters()).device
+    P = _trim(prompts).to(device)
+    layers = sorted({L for L, _ in heads})
+    zq = torch.cat([_z_at_query(model, P.tokens[sl], P.query_pos[sl], layers)[0]
+                    for sl in _chunks(len(P), batch_size)])  # [n, layer, head, d_head]
+    T = P.n_tasks
+    out = torch.zeros(T, model.cfg.d_model, device=device)
+    counts = torch.bincount(P.labels, minlength=T).cpu()
+    for t in range(T):
+        m = P.labels == t
+        if not bool(m.any()):
+            continue
+        mz = zq[m].mean(0)
+        for L, h in heads:
+            out[t] += mz[layers.index(L), h] @ model.W_O[L, h]
+    return FunctionVectors(vectors=out[None].expand(nL, T, -1).clone().cpu(), layers=list(range(nL)),
+                           task_names=list(prompts.task_names), counts=counts, fingerprint=model_fingerprint(model),
+                           d_model=int(model.cfg.d_model), family=prompts.family, heads=heads)
+
+
+__all__ = ["FunctionVectors", "HeadScores", "METHODS", "function_vector", "head_attribution", "shuffle_labels"]

@@ -12,7 +12,13 @@ index, and records the metric. The speed comes from the structure, not from appr
 
 The metric takes logits ``[batch, positions, d_vocab]`` of the prompts in their order (the read
 positions, or every position when ``read_positions`` is None) and returns one number per prompt
-``[batch]``; the sweep reports its mean over prompts (TransformerLens' metrics return that mean).
+``[batch]``; the sweep reports its mean over prompts (TransformerLens' metrics return that mean),
+and with ``per_prompt=True`` every prompt's number too.
+
+Beyond clean -> corrupted, the engine patches any given activation (``source``: per layer, a tensor
+broadcastable to the site's activation, e.g. a mean over prompts or zeros for ablation) and can patch
+only one position per prompt (``patch_positions``), which is what head attribution
+(``tvlens.attribution``) sweeps.
 """
 
 from __future__ import annotations
@@ -61,6 +67,8 @@ class SweepResult:
     clean_metric: float
     corrupted_metric: float
     notes: dict = field(default_factory=dict)
+    per_prompt: torch.Tensor | None = None  # [*values.shape, batch] with per_prompt=True
+    corrupted_per_prompt: torch.Tensor | None = None  # [batch]: the unpatched run's metric per prompt
 
     def normalized(self) -> torch.Tensor:
         """(patched - corrupted) / (clean - corrupted): 1 = the patch restores the clean behaviour."""
@@ -105,9 +113,19 @@ def _indices(kind: str, by: tuple[str, ...], seq: int, n_heads: int) -> list[tup
     return out
 
 
-def _apply(act: torch.Tensor, clean: torch.Tensor, kind: str, rest: tuple[str, ...], idx, j: int, B: int):
-    """Patch index ``idx`` into rows ``j*B:(j+1)*B`` of ``act`` (in place)."""
+def _apply(act: torch.Tensor, clean: torch.Tensor, kind: str, rest: tuple[str, ...], idx, j: int, B: int,
+           positions: torch.Tensor | None = None):
+    """Patch index ``idx`` into rows ``j*B:(j+1)*B`` of ``act`` (in place); with ``positions`` (one per
+    prompt) only at each prompt's position."""
     sl = slice(j * B, (j + 1) * B)
+    if positions is not None:  # by ("layer",) or ("layer", "head"): one position per prompt
+        rows = torch.arange(B, device=act.device)
+        block = act[sl]
+        if kind == "vector":
+            block[rows, positions] = clean[rows, positions]
+        else:
+            block[rows, positions, idx[0]] = clean[rows, positions, idx[0]]
+        return
     if kind == "vector":
         if rest == ("pos",):
             act[sl, idx[0]] = clean[:, idx[0]]
@@ -134,12 +152,17 @@ def _select(x: torch.Tensor, read_positions) -> torch.Tensor:
         reps = x.shape[0] // read_positions.shape[0]
         rows = torch.arange(x.shape[0], device=x.device)
         return x[rows, read_positions.to(x.device).repeat(reps)][:, None]
+    if torch.is_tensor(read_positions) and read_positions.ndim == 2:  # [B, n] positions per prompt
+        reps = x.shape[0] // read_positions.shape[0]
+        rows = torch.arange(x.shape[0], device=x.device)[:, None]
+        return x[rows, read_positions.to(x.device).repeat(reps, 1)]
     return x[:, list(read_positions)]
 
 
 def _read(model, resid: torch.Tensor, read_positions) -> torch.Tensor:
-    """Final layer norm and unembedding at the read positions only."""
-    return model.unembed(model.ln_final(_select(resid, read_positions)))
+    """Final layer norm (when the model has one) and unembedding at the read positions only."""
+    x = _select(resid, read_positions)
+    return model.unembed(model.ln_final(x) if hasattr(model, "ln_final") else x)
 
 
 @torch.no_grad()
@@ -151,9 +174,12 @@ def activation_patching(
     site: str = "resid_pre",
     by: Sequence[str] = ("layer", "pos"),
     layers: Sequence[int] | None = None,
-    read_positions: Sequence[int] | Int[torch.Tensor, "batch"] | None = None,
+    read_positions: Sequence[int] | Int[torch.Tensor, "batch"] | Int[torch.Tensor, "batch n"] | None = None,
     batch_size: int = 256,
     progress: bool = True,
+    source: dict[int, torch.Tensor] | None = None,
+    patch_positions: Int[torch.Tensor, "batch"] | None = None,
+    per_prompt: bool = False,
 ) -> SweepResult:
     """Patch clean activations into the corrupted run at every index of ``by``; record ``metric``.
 
@@ -161,6 +187,13 @@ def activation_patching(
     regression model). ``by`` is ``("layer", "pos")`` or ``("layer",)`` for residual/attn/mlp sites,
     ``("layer", "head")`` (all positions) or ``("layer", "pos", "head")`` for ``z, result, q, k, v``,
     and ``("layer", "head")`` or ``("layer", "head", "dest")`` for ``pattern``.
+
+    ``read_positions``: shared positions, one position per prompt ``[batch]``, or several per prompt
+    ``[batch, n]``. ``source`` (``{layer: tensor}``, broadcastable to the site's activation
+    ``[batch, pos, ...]``) is patched in instead of the clean run's activation (``clean`` may then be
+    None, and ``clean_metric`` is nan). ``patch_positions`` ``[batch]`` patches only each prompt's
+    position (``by`` without ``pos``: ``("layer",)`` or ``("layer", "head")``). ``per_prompt`` keeps every
+    prompt's metric (``per_prompt``, ``corrupted_per_prompt``).
     """
     if site not in SITES:
         raise ConfigError(f"unknown site {site!r}; known sites: {sorted(SITES)}")
@@ -168,7 +201,9 @@ def activation_patching(
     by = tuple(by)
     if by not in BY[kind]:
         raise ConfigError(f"site {site!r} can be swept by {sorted(BY[kind])}, not {by}")
-    if clean.shape != corrupted.shape:
+    if clean is None and source is None:
+        raise ConfigError("clean is None: give the clean inputs, or the activations to patch in (source=)")
+    if clean is not None and clean.shape != corrupted.shape:
         raise ConfigError(
             f"clean and corrupted inputs must have the same shape, got {tuple(clean.shape)} and "
             f"{tuple(corrupted.shape)}: pad or trim them to one length"
@@ -178,10 +213,25 @@ def activation_patching(
     bad = [L for L in layers if not 0 <= L < n_layers]
     if bad:
         raise ConfigError(f"layers {bad} out of range: the model has blocks 0..{n_layers - 1}")
-    B, seq = int(clean.shape[0]), int(clean.shape[1])
+    B, seq = int(corrupted.shape[0]), int(corrupted.shape[1])
+    if source is not None:
+        missing = [L for L in layers if L not in source]
+        if missing:
+            raise ConfigError(f"source holds no activation for layers {missing}; give one per swept layer")
+    if patch_positions is not None:
+        if "pos" in by or "dest" in by or kind == "pattern":
+            raise ConfigError(f"patch_positions patches one position per prompt: sweep by ('layer',) or "
+                              f"('layer', 'head'), not {by} at site {site!r}")
+        if not torch.is_tensor(patch_positions) or patch_positions.shape != (B,):
+            raise ConfigError(f"patch_positions must be a tensor of {B} positions (one per prompt)")
+        if int(patch_positions.max()) >= seq or int(patch_positions.min()) < 0:
+            raise ConfigError(f"patch_positions out of range for sequences of length {seq}")
     if read_positions is not None:
         rp = read_positions
-        if torch.is_tensor(rp) and rp.ndim == 1 and len(rp) == B:
+        if torch.is_tensor(rp) and rp.ndim == 2:
+            if rp.shape[0] != B or int(rp.max()) >= seq or int(rp.min()) < -seq:
+                raise ConfigError(f"read_positions [batch, n] must have {B} rows of positions < {seq}")
+        elif torch.is_tensor(rp) and rp.ndim == 1 and len(rp) == B:
             if int(rp.max()) >= seq or int(rp.min()) < -seq:
                 raise ConfigError(f"read_positions out of range for sequences of length {seq}")
         elif any(not -seq <= int(p) < seq for p in rp):
@@ -189,32 +239,44 @@ def activation_patching(
     if batch_size < B:
         raise ConfigError(f"batch_size={batch_size} cannot fit one patch of {B} prompts; use batch_size >= {B}")
     device = next(model.parameters()).device
-    clean, corrupted = clean.to(device), corrupted.to(device)
+    corrupted = corrupted.to(device)
+    clean = clean.to(device) if clean is not None else None
+    pp = patch_positions.to(device) if patch_positions is not None else None
     use_result = site == "result"
     old_result = model.cfg.use_attn_result
     if use_result:
         model.set_use_attn_result(True)
     try:
         names = {_hook_name(site, L) for L in layers}
-        clean_logits, clean_cache = model.run_with_cache(clean, names_filter=lambda n: n in names)
         starts = {f"blocks.{L}.hook_resid_pre" for L in layers}
         corrupt_logits, corrupt_cache = model.run_with_cache(corrupted, names_filter=lambda n: n in starts)
 
         def score(logits_full):
             return _per_prompt(metric, _select(logits_full, read_positions), B)
 
-        clean_m = float(score(clean_logits).mean())
-        corrupt_m = float(score(corrupt_logits).mean())
+        if source is None:
+            clean_logits, clean_cache = model.run_with_cache(clean, names_filter=lambda n: n in names)
+            clean_m = float(score(clean_logits).mean())
+            del clean_logits
+        else:
+            clean_m = float("nan")
+        corrupt_pp = score(corrupt_logits).float().cpu()
+        corrupt_m = float(corrupt_pp.mean())
+        del corrupt_logits
         n_heads = model.cfg.n_heads
         idx_all = _indices(kind, by, seq, n_heads)
         rest = by[1:]
         out = torch.zeros(len(layers), len(idx_all))
+        out_pp = torch.zeros(len(layers), len(idx_all), B) if per_prompt else None
         per_chunk = max(1, batch_size // B)
         total = len(layers) * ((len(idx_all) + per_chunk - 1) // per_chunk)
         bar = tqdm(total=total, desc=f"patching {site}", disable=not progress, leave=False)
         for li, L in enumerate(layers):
             start = corrupt_cache[f"blocks.{L}.hook_resid_pre"]
-            clean_act = clean_cache[_hook_name(site, L)]
+            if source is None:
+                clean_act = clean_cache[_hook_name(site, L)]
+            else:
+                clean_act = _expand_source(source[L], corrupt_cache[f"blocks.{L}.hook_resid_pre"], site, model, device)
             for c0 in range(0, len(idx_all), per_chunk):
                 chunk = idx_all[c0 : c0 + per_chunk]
                 k = len(chunk)
@@ -222,7 +284,7 @@ def activation_patching(
                 def hook(act, hook, _chunk=chunk, _clean=clean_act):
                     act = act.clone()
                     for j, idx in enumerate(_chunk):
-                        _apply(act, _clean, kind, rest, idx, j, B)
+                        _apply(act, _clean, kind, rest, idx, j, B, pp)
                     return act
 
                 resid_in = start.repeat(k, *([1] * (start.ndim - 1)))
@@ -230,8 +292,10 @@ def activation_patching(
                     resid = model(resid_in, start_at_layer=L, stop_at_layer=n_layers)
                 logits = _read(model, resid, read_positions)
                 # the metric sees the B prompts in their order, once per stacked patch
-                vals = torch.stack([_per_prompt(metric, logits[j * B : (j + 1) * B], B).mean() for j in range(k)])
-                out[li, c0 : c0 + k] = vals.float().cpu()
+                pp_vals = torch.stack([_per_prompt(metric, logits[j * B : (j + 1) * B], B) for j in range(k)])
+                out[li, c0 : c0 + k] = pp_vals.mean(1).float().cpu()
+                if out_pp is not None:
+                    out_pp[li, c0 : c0 + k] = pp_vals.float().cpu()
                 bar.update(1)
         bar.close()
     finally:
@@ -239,7 +303,29 @@ def activation_patching(
             model.set_use_attn_result(old_result)
     shape = [len(layers)] + [seq if a in ("pos", "dest") else n_heads for a in rest]
     return SweepResult(values=out.reshape(shape), axes=by, site=site, clean_metric=clean_m,
-                       corrupted_metric=corrupt_m, notes={"layers": layers})
+                       corrupted_metric=corrupt_m, notes={"layers": layers},
+                       per_prompt=out_pp.reshape(*shape, B) if out_pp is not None else None,
+                       corrupted_per_prompt=corrupt_pp if per_prompt else None)
+
+
+def _expand_source(src: torch.Tensor, resid: torch.Tensor, site: str, model, device) -> torch.Tensor:
+    """A source activation, checked against the site's activation shape (broadcast over the batch)."""
+    B, seq = resid.shape[:2]
+    cfg = model.cfg
+    kind = SITES[site][1]
+    if kind == "vector":
+        tail: tuple[int, ...] = (cfg.d_model,)
+    elif kind == "head":
+        tail = (cfg.n_heads, cfg.d_head)
+    else:
+        tail = (cfg.n_heads, seq, seq)
+    full = (B, seq, *tail) if kind != "pattern" else (B, *tail)
+    src = src.to(device=device, dtype=resid.dtype)
+    try:
+        return src.reshape((1,) * (len(full) - src.ndim) + tuple(src.shape)).expand(full)
+    except RuntimeError as e:
+        raise ConfigError(f"source activation of shape {tuple(src.shape)} does not broadcast to the {site!r} "
+                          f"activation {full}") from e
 
 
 def _per_prompt(metric: Metric, logits: torch.Tensor, n: int) -> torch.Tensor:
