@@ -13,6 +13,8 @@ The whole public API (each name documented where it is defined)::
     tvlens.emergence(run_or_name) -> EmergenceResult              # TD and accuracy across checkpoints
     tvlens.run_patching(model, prompts, vectors, mode=...) -> PatchingResult  # conditional decoding
     tvlens.activation_patching(model, clean, corrupted, metric, site, by) -> SweepResult
+    tvlens.head_attribution(model, prompts, method="cie"|"ablation"|"patch"|"atp"|"dla") -> HeadScores
+    tvlens.function_vector(model, prompts, scores, k=10) -> FunctionVectors  # a TaskVectors for run_patching
     family.sample(n, shots, seed, tokenizer=model.tokenizer, scoring=...)  # text: pos, bitwise_text, lexical
     tvlens.text_accuracy(model, prompts, scoring=...) -> AccuracyResult  # first token or greedy whole answer
     tvlens.td_vs_accuracy(model, families, shots=(1, 4, 10)) -> TDAccuracyResult  # per task, fit and R²
@@ -27,6 +29,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tvlens never downloads (see mode
 
 from tvlens import tasks  # noqa: E402
 from tvlens.accuracy import AccuracyResult, icl_accuracy  # noqa: E402
+from tvlens.attribution import FunctionVectors, HeadScores, function_vector, head_attribution  # noqa: E402
 from tvlens.encoding import (  # noqa: E402
     DecodabilityResult,
     EmergenceResult,
@@ -64,6 +67,10 @@ __all__ = [
     "td_vs_accuracy",
     "text_accuracy",
     "AccuracyResult",
+    "FunctionVectors",
+    "HeadScores",
+    "function_vector",
+    "head_attribution",
     "PatchingResult",
     "SweepResult",
     "activation_patching",
