@@ -1,4 +1,4 @@
-"""The ``tvlens`` command: ``tvlens demo``, ``tvlens train``, ``tvlens list``."""
+"""The ``tvlens`` command: ``tvlens demo``, ``tvlens report``, ``tvlens train``, ``tvlens list``."""
 
 from __future__ import annotations
 
@@ -104,6 +104,38 @@ def cmd_demo(args: argparse.Namespace) -> int:
         ctrl = f"   untrained (step 0): {float(td0.td[i]):.3f}" if td0 is not None else ""
         print(f"  layer {layer}: {float(td.td[i]):.3f}{ctrl}")
     print(f"best layer {td.best_layer}: TD {td.best_td:.3f}   [{time.perf_counter() - t0:.1f}s]")
+    if args.no_report:
+        return 0
+    from tvlens.views.report import write_report
+
+    print("task-vector patching, head attribution, position sweep, emergence and the report ...", flush=True)
+    path, rep = write_report(args.out, args.model, None, n_per_task=args.n_per_task, shots=args.shots, seed=args.seed,
+                             patching_per_task=min(args.n_per_task, 30), head_method=args.head_method)
+    _print_summary(rep, path)
+    print(f"done in {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+def _print_summary(rep, path) -> None:
+    print("summary:")
+    for line in rep.summary.splitlines():
+        print(f"  {line}")
+    for note in rep.notes:
+        print(f"  note: {note}")
+    print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in rep.timings.items()))
+    size = path.stat().st_size / 1e6
+    print(f"report ({len(rep.page.sections)} views, {size:.1f} MB, self-contained, opens offline): {path}")
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from tvlens.views.report import write_report
+
+    t0 = time.perf_counter()
+    path, rep = write_report(args.out, args.model, args.family, n_per_task=args.n_per_task, shots=args.shots,
+                             seed=args.seed, patching_per_task=args.patching_per_task, head_method=args.head_method,
+                             tsne=not args.no_tsne, emergence=not args.no_emergence, prompt=args.prompt)
+    _print_summary(rep, path)
+    print(f"done in {time.perf_counter() - t0:.1f}s")
     return 0
 
 
@@ -116,7 +148,24 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--n-per-task", type=int, default=100)
     d.add_argument("--shots", type=int, default=4)
     d.add_argument("--seed", type=int, default=12345)
+    d.add_argument("--out", default="out", help="folder of the HTML report (default: out)")
+    d.add_argument("--head-method", default="dla", help="head attribution method for the report (default: dla)")
+    d.add_argument("--no-report", action="store_true", help="only accuracy and TD; no patching, heads or report")
     d.set_defaults(func=cmd_demo)
+
+    r = sub.add_parser("report", help="one self-contained HTML file with every view of a model on a task family")
+    r.add_argument("--model", default="default", help="a shipped model name, a run folder or a checkpoint")
+    r.add_argument("--family", default=None, help="task family (default: the one the model records)")
+    r.add_argument("--out", default="out", help="folder to write the report into (default: out)")
+    r.add_argument("--n-per-task", type=int, default=30)
+    r.add_argument("--shots", type=int, default=4)
+    r.add_argument("--seed", type=int, default=12345)
+    r.add_argument("--patching-per-task", type=int, default=None, help="prompts per task for run_patching (default: all)")
+    r.add_argument("--head-method", default="dla")
+    r.add_argument("--prompt", type=int, default=0, help="the prompt whose attention the head views show")
+    r.add_argument("--no-tsne", action="store_true")
+    r.add_argument("--no-emergence", action="store_true", help="skip the views across training checkpoints")
+    r.set_defaults(func=cmd_report)
 
     t = sub.add_parser("train", help="train a small hooked transformer on a task family")
     t.add_argument("--family", help="a family name (tvlens list)")

@@ -9,6 +9,7 @@ page as text, so a token like ``<script>`` is shown, never run.
 
 from __future__ import annotations
 
+import html as _html
 from typing import Any, Sequence
 
 import numpy as np
@@ -81,7 +82,15 @@ def attention_patterns(model, prompts, prompt: int = 0) -> Float[torch.Tensor, "
     return torch.stack([store[f"blocks.{L}.attn.hook_pattern"] for L in range(n_layers)])
 
 
+# CircuitsVis puts the tokens of these components into the page with innerHTML (React's
+# dangerouslySetInnerHTML, after turning whitespace into &nbsp;), so they get HTML-escaped here;
+# AttentionPattern draws its tokens on a canvas as plain text and gets them as they are.
+_INNER_HTML_TOKENS = {"AttentionHeads", "ColoredTokens", "ColoredTokensMulti"}
+
+
 def _cv_render(component: str, props: dict, div: str) -> str:
+    if component in _INNER_HTML_TOKENS and "tokens" in props:
+        props = {**props, "tokens": [_html.escape(str(t), quote=True) for t in props["tokens"]]}
     return f"CircuitsVis.render({script_json(div)}, CircuitsVis.{component}, {script_json(props)});"
 
 

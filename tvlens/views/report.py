@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -138,18 +138,22 @@ def build_report(
     head_method: str = "dla",
     head_scores: Any = None,
     emergence: Any = True,
-    emergence_per_task: int = 30,
+    emergence_per_task: int = 20,
+    emergence_steps: int | None = 10,
     prompt: int = 0,
     top_k: int = 6,
     tsne: bool = True,
+    tsne_max_points: int = 240,
     progress: bool = False,
     title: str | None = None,
 ) -> Report:
     """Run every analysis on ``model`` (a name, a path or a loaded model) and ``family`` and assemble the report.
 
     ``head_scores``: precomputed scores (e.g. from another method); by default
-    ``tvlens.head_attribution(model, prompts, method=head_method)``. ``emergence``: True (the model's
-    checkpoints when it has several), False, or a precomputed ``EmergenceResult``.
+    ``tvlens.head_attribution(model, prompts, method=head_method)``. ``emergence``: True (up to
+    ``emergence_steps`` of the model's checkpoints, evenly spread over the list, when it has several),
+    False, or a precomputed ``EmergenceResult``. Patching runs on the first ``patching_per_task``
+    prompts of each task (all when None); t-SNE on at most ``tsne_max_points`` prompts.
     """
     import tvlens
     from tvlens.encoding import extract, task_decodability
@@ -227,8 +231,14 @@ def build_report(
     if emergence is True:
         src = _checkpoint_source(name if isinstance(model, (str, Path)) else None)
         if src is not None:
+            from tvlens.models import checkpoint_steps
+
+            steps = checkpoint_steps(src)
+            if emergence_steps is not None and len(steps) > emergence_steps:
+                idx = sorted({round(i * (len(steps) - 1) / (emergence_steps - 1)) for i in range(emergence_steps)})
+                steps = [steps[i] for i in idx]
             em = tvlens.emergence(src, fam, n_per_task=max(emergence_per_task, k + 1), shots=shots, seed=seed + 1, k=k,
-                                  progress=progress)
+                                  steps=steps, progress=progress)
         else:
             notes.append("the model has no training checkpoints here: the emergence views are left out")
     elif emergence not in (False, None):
@@ -252,7 +262,13 @@ def build_report(
     page.add(plots.encodings_scatter_figure(enc, dec.best_layer, "pca", seed), "Encodings (PCA)",
              f"Query representations at the best TD layer ({dec.best_layer}), coloured by their latent task.")
     if tsne:
-        page.add(plots.encodings_scatter_figure(enc, dec.best_layer, "tsne", seed), "Encodings (t-SNE)")
+        sub = enc
+        if len(enc) > tsne_max_points:  # t-SNE's cost grows fast with points: an even subsample per task
+            per = max(2, tsne_max_points // len(enc.task_names))
+            keep = torch.cat([(enc.labels == t).nonzero().flatten()[:per] for t in range(len(enc.task_names))])
+            sub = replace(enc, acts=enc.acts[keep], labels=enc.labels[keep])
+        page.add(plots.encodings_scatter_figure(sub, dec.best_layer, "tsne", seed), "Encodings (t-SNE)",
+                 f"{len(sub)} prompts at layer {dec.best_layer}.")
     page.add(plots.patching_profile_figure(patch), "Task-vector patching by layer",
              f"Mode {patching_mode!r}: every source task's vector patched at the query of every other task's prompts "
              f"({len(psub)} prompts).")
