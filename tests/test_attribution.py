@@ -253,3 +253,27 @@ def test_bad_input(codes):
         function_vector(model, p, heads=[(0, 4)])
     with pytest.raises(ConfigError, match="metric"):
         head_attribution(model, p, method="dla", metric="prob", progress=False)
+
+
+@pytest.mark.parametrize("name", ["default", "categories"])
+def test_function_vector_moves_zero_shot_prompts_toward_its_task(name):
+    """Todd et al.'s test: the top CIE heads' function vector, added to query-only prompts at its best
+    layer, moves the output toward its task's rule. Measured here (k=4, 10 prompts per task for CIE):
+    default (codes): the answer's log-probability +0.54 nats at layer 1, but accuracy only 0.09 -> 0.16 (chance
+    1/6); categories: follows the task 0.11 -> 0.43 at layer 0."""
+    model = tvlens.load_model(name)
+    fam = tvlens.model_info(model).task_family()
+    p = fam.sample(10, shots=4, seed=0)
+    zero = fam.sample(15, shots=0, seed=2)
+    fv = function_vector(model, p, head_attribution(model, p, method="cie", progress=False), k=4)
+    res = tvlens.run_patching(model, zero, fv, mode="add", progress=False)
+    real = [i for i, t in enumerate(res.source_names) if t != "null"]
+    follows = res.follows_source[:, real][:, :, real].mean((1, 2))  # zero-shot: every (source, prompt) pair counts
+    dlogprob = res.delta_logprob_source[:, real][:, :, real].mean((1, 2))
+    base = tvlens.icl_accuracy(model, zero).mean
+    print(f"{name}: zero-shot accuracy {base:.3f}; with the function vector, per layer: follows {follows.tolist()}, "
+          f"answer log-prob change {dlogprob.tolist()}")
+    if name == "default":
+        assert float(dlogprob.max()) >= 0.2
+    else:
+        assert float(follows.max()) >= base + 0.15
