@@ -253,3 +253,20 @@ def test_position_and_lookup_rules(name):
         else:
             table = s[q - 2 * fam.K : q]
             assert ans == table[table.index(fam.keys[t]) + 1]
+
+
+def test_shift_marked_query_puts_the_query_at_its_own_token():
+    fam = tasks.get("shift", marked_query=True)
+    p = fam.sample(5, shots=3, seed=0)
+    arrow = fam.vocab.index("->")
+    for i in range(len(p)):
+        q = int(p.query_pos[i])
+        toks = p.str_tokens(i)
+        assert toks[q].endswith("?") and toks[q - 1] == ";" and int(p.tokens[i, q]) != arrow
+        x = fam.letters.index(toks[q][:-1])
+        t = int(p.labels[i])
+        assert toks[q + 1] == fam.letters[(x + fam.offsets[t]) % fam.p]
+        assert bool(p.train_mask[i, q]) and int(p.targets[i, q]) == int(p.tokens[i, q + 1])
+    assert (p.tokens[:, : int(p.query_pos[0])] < fam.p + 2).all()  # marked tokens only at the query
+    with pytest.raises(ConfigError, match="marked_query"):
+        tasks.get("shift", marked_query="yes")
