@@ -228,8 +228,6 @@ def test_bad_input(tok):
         fam.sample_text(1, shots=25, seed=0)
     with pytest.raises(ConfigError, match="shots=1024"):
         tvlens.tasks.get("bitwise_text").sample(1, shots=1024, tokenizer=tok)
-    with pytest.raises(ConfigError, match="tokenizer"):
-        fam.sample(2, shots=2)
     no_q = make_tokenizer([w for w in lexicon_words() if w != "q"])
     with pytest.raises(ConfigError, match="cannot encode answer 'q' of task 'next_letter'.*unknown token"):
         # 24 shots + the query: every pair of the task is in the prompt
@@ -248,3 +246,22 @@ def test_tokenize_prompts_directly_and_without_bos(tok):
     assert (a.query_pos + 1 == b.query_pos).all()
     assert torch.equal(a.answers, b.answers) and int(b.tokens[0, 0]) == tok.bos_token_id
     assert a.params["prepend_bos"] is False and b.params["prepend_bos"] is True
+
+
+@pytest.mark.parametrize("name,params", [("pos", {}), ("bitwise_text", {"separator": ", "}),
+                                         ("lexical", {"template": "Q: {input}\nA: {output}\n\n"})])
+def test_built_in_word_tokenizer_and_a_synthetic_model(name, params):
+    """Without a tokenizer a text family uses its own word tokenizer, so tvlens models train on it."""
+    fam = tvlens.tasks.get(name, **params)
+    tok = fam.word_tokenizer()
+    assert fam.vocab == tok.vocab and fam.vocab[:2] == ["<bos>", "<unk>"]
+    p = fam.sample(4, shots=3, seed=0)
+    assert int(p.tokens.max()) < fam.d_vocab and tok.unk_token_id not in p.tokens.tolist()
+    assert p.seq_len <= fam.seq_len(3)
+    for i, tp in enumerate(fam.sample_text(4, shots=3, seed=0)):
+        pieces = ["<bos>", *tok.pieces(fam.render(tp))]
+        assert p.str_tokens(i)[: len(pieces)] == pieces and "<unk>" not in pieces
+    model, hist = tvlens.train(tvlens.TrainConfig(family=fam.config(), steps=2, batch_size=8, n_layers=1,
+                                                  d_model=16, n_heads=2, eval_every=2, eval_n_per_task=2),
+                               progress=False)
+    assert model.cfg.d_vocab == fam.d_vocab and hist[-1]["step"] == 2

@@ -29,8 +29,8 @@ from tvlens import tasks as _tasks
 from tvlens.accuracy import AccuracyResult
 from tvlens.encoding import DecodabilityResult, extract, task_decodability
 from tvlens.errors import ConfigError
-from tvlens.llm import family_of, prompts_for, text_accuracy
-from tvlens.tasks.text import SCORINGS, TextTaskFamily, tokenizer_of
+from tvlens.llm import family_of, prompts_for, text_accuracy, text_tokenizer
+from tvlens.tasks.text import SCORINGS, TextTaskFamily
 from tvlens.train import TrainConfig, _lr_lambda, answer_loss, batch_for_step
 
 EVAL_SEED = 2_000_003
@@ -249,7 +249,7 @@ def finetune(
     if shots > fam.max_shots():
         raise ConfigError(f"finetune: shots={shots} is more than family {fam.name!r} can fill (at most {fam.max_shots()})")
     is_text = isinstance(fam, TextTaskFamily)
-    tok = tokenizer_of(tokenizer if tokenizer is not None else model) if is_text else None
+    tok = text_tokenizer(model, tokenizer) if is_text else None
     cfg = TrainConfig(family=fam.config(), shots=shots, steps=steps, batch_size=batch_size, lr=float(lr),
                       weight_decay=weight_decay, warmup=warmup if warmup is not None else min(100, steps // 10),
                       grad_clip=grad_clip, seed=seed)

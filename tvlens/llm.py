@@ -50,12 +50,20 @@ def prompts_for(
     scoring: str | None = None,
 ) -> PromptSet:
     """A family's prompts for ``model``: text families are tokenized with ``tokenizer`` (default
-    ``model.tokenizer``); token families are sampled as they are."""
+    ``model.tokenizer``, or the family's own word tokenizer for a model without one, e.g. a synthetic
+    model trained on the family); token families are sampled as they are."""
     fam = family_of(family)
     if isinstance(fam, TextTaskFamily):
-        tok = tokenizer_of(tokenizer if tokenizer is not None else model)
+        tok = text_tokenizer(model, tokenizer)
         return fam.sample(n_per_task, shots=shots, seed=seed, tokenizer=tok, scoring=scoring)
     return fam.sample(n_per_task, shots=shots, seed=seed)
+
+
+def text_tokenizer(model, tokenizer: Any = None) -> Any:
+    """``tokenizer``, else ``model.tokenizer``; None (the family's word tokenizer) for models without one."""
+    if tokenizer is not None:
+        return tokenizer_of(tokenizer)
+    return getattr(model, "tokenizer", None)
 
 
 def _scoring_of(prompts: PromptSet, scoring: str | None) -> str:
@@ -334,4 +342,5 @@ __all__ = [
     "td_vs_accuracy",
     "teacher_forced_exact_match",
     "text_accuracy",
+    "text_tokenizer",
 ]

@@ -12,7 +12,7 @@ import numpy as np
 
 from tvlens.errors import ConfigError
 from tvlens.tasks.base import check_int
-from tvlens.tasks.text import DEFAULT_TEMPLATE, TextPrompt, TextTaskFamily, draw_distinct
+from tvlens.tasks.text import DEFAULT_TEMPLATE, TextPrompt, TextTaskFamily, WordTokenizer, draw_distinct
 
 OPS = {
     "and": lambda a, b: a & b,
@@ -47,6 +47,12 @@ class BitwiseText(TextTaskFamily):
 
     def pool_size(self) -> int:
         return 4 ** self.n_bits
+
+    def words(self) -> list[str]:
+        return [self.bits(v) for v in range(1 << self.n_bits)] + WordTokenizer.pieces(self.separator)
+
+    def max_input_tokens(self) -> int:
+        return len(WordTokenizer.pieces(f"{self.bits(0)}{self.separator}{self.bits(0)}"))
 
     def bits(self, v: int) -> str:
         return format(v & ((1 << self.n_bits) - 1), f"0{self.n_bits}b")

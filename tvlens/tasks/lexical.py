@@ -81,6 +81,12 @@ class Lexical(TextTaskFamily):
     def pool_size(self) -> int:
         return min(len(TASKS[t]) for t in self.tasks)
 
+    def words(self) -> list[str]:
+        return [w for t in self.tasks for pair in TASKS[t] for w in pair]
+
+    def max_input_tokens(self) -> int:
+        return 1
+
     def _draw_text(self, task: int, shots: int, rng: np.random.Generator) -> TextPrompt:
         pairs = TASKS[self.tasks[task]]
         idx = draw_distinct(rng, len(pairs), shots + 1)

@@ -110,6 +110,12 @@ class Pos(TextTaskFamily):
     def pool_size(self) -> int:
         return len(self.corpus)
 
+    def words(self) -> list[str]:
+        return list(word_tags())
+
+    def max_input_tokens(self) -> int:
+        return max(len(t.split()) for t in TEMPLATES)
+
     def _answers(self, words: list[str], tags: list[str], rng: np.random.Generator) -> list[str]:
         out = [words[tags.index(t)] for t in TAGS]
         if self.null:

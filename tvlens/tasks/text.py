@@ -27,6 +27,7 @@ generates the whole answer greedily and asks for an exact match); tvlens never p
 
 from __future__ import annotations
 
+import re
 from abc import abstractmethod
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -97,9 +98,24 @@ class TextTaskFamily(TaskFamily):
     def max_shots(self) -> int:
         return self.pool_size() - 1  # distinct examples, the query's excluded
 
+    def words(self) -> list[str]:
+        """Every word the family's inputs and answers use (the built-in tokenizer's vocabulary)."""
+        raise NotImplementedError
+
+    def max_input_tokens(self) -> int:
+        """The most built-in-tokenizer tokens an input can take."""
+        raise NotImplementedError
+
     @property
-    def vocab(self) -> list[str] | None:
-        return None
+    def vocab(self) -> list[str]:
+        """The built-in word tokenizer's vocabulary: ``<bos>``, ``<unk>``, the template's and the family's words."""
+        return self.word_tokenizer().vocab
+
+    def word_tokenizer(self) -> "WordTokenizer":
+        """A word-level tokenizer over this family's own words (``sample`` uses it when given no tokenizer),
+        so a synthetic tvlens model can be built and trained on a text family."""
+        bare = self.template.replace("{input}", " ").replace("{output}", " ")
+        return WordTokenizer([*WordTokenizer.pieces(bare), *self.words()])
 
     # ------------------------------------------------------------------ sampling
     def sample_text(
@@ -136,12 +152,10 @@ class TextTaskFamily(TaskFamily):
         scoring: str | None = None,
         prepend_bos: bool | None = None,
     ) -> PromptSet:
-        """Tokenized prompts (see the module docstring); ``tokenizer`` is required (``model.tokenizer``)."""
+        """Tokenized prompts (see the module docstring). ``tokenizer``: the model's (``model.tokenizer``);
+        without one, the family's built-in word tokenizer (``word_tokenizer()``, for synthetic models)."""
         if tokenizer is None:
-            raise ConfigError(
-                f"{self.name} is a text family: sample(..., tokenizer=model.tokenizer) needs a tokenizer to "
-                "turn its prompts into token ids"
-            )
+            tokenizer = self.word_tokenizer()
         if scoring is not None and scoring not in SCORINGS:
             raise ConfigError(f"scoring must be one of {SCORINGS} (or None), got {scoring!r}")
         texts = self.sample_text(n_per_task, shots, seed, tasks)
@@ -154,7 +168,43 @@ class TextTaskFamily(TaskFamily):
         raise ConfigError(f"{self.name} is a text family: use sample(..., tokenizer=...)")
 
     def seq_len(self, shots: int) -> int:
-        raise ConfigError(f"{self.name} is a text family: its length depends on the tokenizer")
+        """The longest prompt with the built-in word tokenizer (BOS, ``shots`` examples and the query)."""
+        bare = self.template.replace("{input}", " ").replace("{output}", " ")
+        per_example = self.max_input_tokens() + len(WordTokenizer.pieces(bare)) + 1
+        return 1 + (shots + 1) * per_example
+
+
+class WordTokenizer:
+    """A word-level tokenizer: newlines, ``,`` and ``;`` are tokens, other text splits on whitespace.
+
+    Token 0 is ``<bos>`` (also EOS and padding), token 1 ``<unk>``. It has the methods of a Hugging
+    Face tokenizer that tvlens uses (``encode``, ``decode``, ``convert_ids_to_tokens``, ``len``).
+    """
+
+    _PIECE = re.compile(r"\n|[,;]|[^\s,;]+")
+
+    def __init__(self, words: Sequence[str]) -> None:
+        self.vocab = ["<bos>", "<unk>", *sorted(set(words) - {"<bos>", "<unk>"})]
+        self.index = {w: i for i, w in enumerate(self.vocab)}
+        self.bos_token_id = self.eos_token_id = self.pad_token_id = 0
+        self.unk_token_id = 1
+
+    @classmethod
+    def pieces(cls, text: str) -> list[str]:
+        return cls._PIECE.findall(text)
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        ids = [self.index.get(p, 1) for p in self.pieces(text)]
+        return [0, *ids] if add_special_tokens else ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return " ".join(self.vocab[int(i)] for i in ids)
+
+    def convert_ids_to_tokens(self, ids: int | Sequence[int]) -> str | list[str]:
+        return self.vocab[int(ids)] if isinstance(ids, (int, np.integer)) else [self.vocab[int(i)] for i in ids]
+
+    def __len__(self) -> int:
+        return len(self.vocab)
 
 
 # --------------------------------------------------------------------------- tokenization
@@ -290,6 +340,7 @@ __all__ = [
     "SCORINGS",
     "TextPrompt",
     "TextTaskFamily",
+    "WordTokenizer",
     "check_template",
     "draw_distinct",
     "split_template",
