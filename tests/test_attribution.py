@@ -264,7 +264,7 @@ def test_function_vector_moves_zero_shot_prompts_toward_its_task(name):
     model = tvlens.load_model(name)
     fam = tvlens.model_info(model).task_family()
     p = fam.sample(10, shots=4, seed=0)
-    zero = fam.sample(15, shots=0, seed=2)
+    zero = fam.sample(10, shots=0, seed=2)
     fv = function_vector(model, p, head_attribution(model, p, method="cie", progress=False), k=4)
     res = tvlens.run_patching(model, zero, fv, mode="add", progress=False)
     real = [i for i, t in enumerate(res.source_names) if t != "null"]
