@@ -19,6 +19,9 @@ The whole public API (each name documented where it is defined)::
     tvlens.text_accuracy(model, prompts, scoring=...) -> AccuracyResult  # first token or greedy whole answer
     tvlens.td_vs_accuracy(model, families, shots=(1, 4, 10)) -> TDAccuracyResult  # per task, fit and R²
     tvlens.finetune(model, family, layers="first_half", steps=...) -> FinetuneResult  # TD/acc before, after
+    result.plot() -> plotly Figure; result._repr_html_() in Jupyter  # every result, via tvlens.views
+    tvlens.views.attention_heads_view(model, prompts, heads, prompt) / circuit_view(scores, model, prompts)
+    tvlens.views.build_report(model, family) -> Report; report.save("r.html")  # `tvlens report`, offline HTML
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tvlens never downloads (see models.py)
 
-from tvlens import tasks  # noqa: E402
+from tvlens import tasks, views  # noqa: E402
 from tvlens.accuracy import AccuracyResult, icl_accuracy  # noqa: E402
 from tvlens.attribution import FunctionVectors, HeadScores, function_vector, head_attribution  # noqa: E402
 from tvlens.encoding import (  # noqa: E402
@@ -60,6 +63,7 @@ from tvlens.train import TrainConfig, read_log, train  # noqa: E402
 __version__ = "0.1.0"
 
 __all__ = [
+    "views",
     "FinetuneResult",
     "TDAccuracyResult",
     "finetune",
