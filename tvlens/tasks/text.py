@@ -28,6 +28,7 @@ generates the whole answer greedily and asks for an exact match); tvlens never p
 from __future__ import annotations
 
 import re
+import weakref
 from abc import abstractmethod
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -219,9 +220,23 @@ def tokenizer_of(model_or_tokenizer: Any) -> Any:
     return tok
 
 
+_VOCABS: "weakref.WeakKeyDictionary[Any, list[str]]" = weakref.WeakKeyDictionary()
+
+
 def _vocab_list(tok: Any) -> list[str]:
-    n = len(tok)
-    return [str(t) for t in tok.convert_ids_to_tokens(list(range(n)))]
+    """The tokenizer's tokens by id (computed once per tokenizer: finetuning samples every step)."""
+    try:
+        cached = _VOCABS.get(tok)
+    except TypeError:  # not weak-referenceable
+        cached = None
+    if cached is not None and len(cached) == len(tok):
+        return cached
+    out = [str(t) for t in tok.convert_ids_to_tokens(list(range(len(tok))))]
+    try:
+        _VOCABS[tok] = out
+    except TypeError:
+        pass
+    return out
 
 
 def tokenize_prompts(
