@@ -4,6 +4,7 @@ and clear errors for bad input. The browser check of the rendered report is test
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import re
@@ -20,7 +21,7 @@ from tvlens.cli import main
 from tvlens.errors import ConfigError
 from tvlens.models import build_model
 from tvlens.views import circuits, page, plots
-from tvlens.views.report import build_report, contrast_pairs, write_report
+from tvlens.views.report import contrast_pairs, write_report
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +144,9 @@ def test_position_sweep_as_coloured_tokens(small):
     toks = circuits.prompt_tokens(prompts, pairs[0][0])
     frag = circuits.position_sweep_view(sweep, toks)
     (props,) = _cv_props(frag.html, "ColoredTokensMulti")
-    assert props["tokens"] == toks and props["labels"] == ["resid_pre layer 0", "resid_pre layer 1"]
+    # CircuitsVis sets these tokens with innerHTML: they arrive HTML-escaped ("->" as "-&gt;")
+    assert props["tokens"] == [html.escape(t) for t in toks] and "-&gt;" in props["tokens"]
+    assert props["labels"] == ["resid_pre layer 0", "resid_pre layer 1"]
     assert np.allclose(np.array(props["values"]), sweep.normalized().T.numpy(), atol=1e-4, equal_nan=True)
 
 
@@ -236,21 +239,6 @@ def test_labels_with_markup_are_escaped_for_plotly():
 
 
 # --------------------------------------------------------------------------- report and CLI
-def test_report_has_every_view_and_a_summary(tmp_path):
-    s = _scores(n_layers=4, n_heads=4, task_names=tasks.get("codes").task_names)
-    rep = build_report("default", n_per_task=12, patching_per_task=12, emergence_steps=3, emergence_per_task=11,
-                       tsne_max_points=60, head_scores=s)
-    kinds = [sec.fragment.kind for sec in rep.page.sections]
-    assert kinds.count("plot") == 10 and kinds.count("attention") == 1 and kinds.count("circuit") == 1
-    assert kinds.count("tokens") == 1
-    assert "best layer" in rep.summary and "grid means" in rep.summary and "top heads (test)" in rep.summary
-    top = s.top(1)[0]
-    assert f"L{top[0]}H{top[1]}" in rep.summary
-    assert len(rep.results["emergence"].steps) == 3
-    path = rep.save(tmp_path / "r.html")
-    assert path.read_text().count("plotly.js v") == 1
-
-
 def test_report_command_writes_one_file_and_refuses_an_unwritable_folder(tmp_path, capsys):
     out = tmp_path / "reports"
     assert main(["report", "--model", "default", "--family", "codes", "--out", str(out), "--n-per-task", "12",

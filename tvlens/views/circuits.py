@@ -84,8 +84,8 @@ def attention_patterns(model, prompts, prompt: int = 0) -> Float[torch.Tensor, "
 
 # CircuitsVis puts the tokens of these components into the page with innerHTML (React's
 # dangerouslySetInnerHTML, after turning whitespace into &nbsp;), so they get HTML-escaped here;
-# AttentionPattern draws its tokens on a canvas as plain text and gets them as they are.
-_INNER_HTML_TOKENS = {"AttentionHeads", "ColoredTokens", "ColoredTokensMulti"}
+# AttentionHeads and AttentionPattern draw tokens on a canvas (chart.js) as plain text and get them as they are.
+_INNER_HTML_TOKENS = {"ColoredTokens", "ColoredTokensMulti"}
 
 
 def _cv_render(component: str, props: dict, div: str) -> str:
