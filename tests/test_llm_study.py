@@ -149,6 +149,11 @@ def test_greedy_generation_of_multi_token_answers(gpt2):
     assert greedy.notes["scoring"] == "greedy"
     assert bool((greedy.per_prompt[keep] == 1).all())
     assert torch.equal(greedy.per_prompt.bool(), teacher_forced_exact_match(gpt2, q))
+    with torch.no_grad():  # the whole answer's log-probability, from full forward passes
+        ref = [sum(float(gpt2(q.tokens[i : i + 1]).log_softmax(-1)[0, int(q.query_pos[i]) + j,
+                                                                   q.extra["answer_tokens"][i, j]]) for j in range(5))
+               for i in range(len(q))]
+    assert torch.allclose(greedy.logprob, torch.tensor(ref), atol=1e-4)
     first = text_accuracy(gpt2, q, scoring="first_token")
     assert bool((first.per_prompt >= greedy.per_prompt).all())  # a right first token is necessary
     assert torch.equal(first.per_prompt, tvlens.icl_accuracy(gpt2, q).per_prompt)

@@ -163,11 +163,11 @@ def text_accuracy(
     A = full.shape[1]
     for s in it:
         sub = prompts.subset(slice(s, s + bs)).to(device)
-        last = min(int(sub.query_pos.max()) + A, sub.seq_len)
-        x = sub.tokens[:, :last]  # type: ignore[index]
-        if x.shape[1] < int(sub.query_pos.max()) + A:
-            x = torch.cat([x, x.new_zeros(len(sub), int(sub.query_pos.max()) + A - x.shape[1])], 1)
-        sel = logits_at_answers(model, x, sub.query_pos, A).float()
+        last = int((sub.query_pos + sub.extra["answer_len"]).max())  # each answer ends inside the prompt
+        resid = model(sub.tokens[:, :last], stop_at_layer=model.cfg.n_layers)  # type: ignore[index]
+        pos = (sub.query_pos[:, None] + torch.arange(A, device=device)[None]).clamp(max=last - 1)
+        picked = resid.gather(1, pos[..., None].expand(-1, -1, resid.shape[-1]))
+        sel = model.unembed(model.ln_final(picked)).float()
         ans = sub.extra["answer_tokens"]
         ok = ans >= 0
         lp = sel.log_softmax(-1).gather(-1, ans.clamp_min(0)[..., None])[..., 0]
