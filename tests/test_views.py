@@ -253,3 +253,16 @@ def test_report_command_writes_one_file_and_refuses_an_unwritable_folder(tmp_pat
     assert main(["report", "--model", "default", "--prompt", "1000", "--out", str(out), "--n-per-task", "12"]) == 2
     assert "prompt=1000 does not exist" in capsys.readouterr().err
     assert len(list(out.iterdir())) == 1  # nothing half-written
+
+
+def test_report_on_a_regression_model_says_what_it_leaves_out():
+    from tvlens.views.report import build_report
+
+    fam = tasks.get("sparse_regression_small")
+    model = build_model(fam, n_layers=2, d_model=16, n_heads=2, shots=5, seed=0)
+    rep = build_report(model, fam, n_per_task=11, shots=5, tsne=False)
+    assert "MSE grid means" in rep.summary and "ICL mse" in rep.summary
+    assert any("continuous" in n for n in rep.notes) and any("position sweep" in n for n in rep.notes)
+    kinds = [s.fragment.kind for s in rep.page.sections]
+    assert kinds.count("attention") == 1 and "circuit" not in kinds  # every head's attention, no scores
+    assert "x0" in rep.to_html()  # continuous inputs are labelled by position

@@ -165,7 +165,9 @@ def patching_grids_figure(res, what: str = "follows_source", layers: Sequence[in
         fig.update_xaxes(title_text="target task", row=1, col=c + 1, tickangle=45)
     fig.update_yaxes(title_text="source task (patched vector)", row=1, col=1)
     mode = getattr(res, "mode", "")
-    fig.update_layout(title=f"Task-vector patching ({mode}): {what.replace('_', ' ')}, per layer", height=380)
+    name = "MSE against the prompt's own target" if getattr(res, "metric", "") == "mse" and what == "delta_logprob_source" \
+        else what.replace("_", " ")
+    fig.update_layout(title=f"Task-vector patching ({mode}): {name}, per layer", height=380)
     return fig
 
 

@@ -200,7 +200,9 @@ def build_report(
                 from tvlens.attribution import head_attribution as attribution
             except ImportError:
                 attribution = None
-        if attribution is not None:
+        if attribution is not None and prompts.is_continuous:
+            notes.append("head attribution scores answer tokens and these prompts are continuous: head views left out")
+        elif attribution is not None:
             scores = attribution(m, prompts, method=head_method, progress=progress)
         else:
             notes.append("head attribution is not available in this tvlens version: head views left out")
@@ -269,11 +271,16 @@ def build_report(
             sub = replace(enc, acts=enc.acts[keep], labels=enc.labels[keep])
         page.add(plots.encodings_scatter_figure(sub, dec.best_layer, "tsne", seed), "Encodings (t-SNE)",
                  f"{len(sub)} prompts at layer {dec.best_layer}.")
-    page.add(plots.patching_profile_figure(patch), "Task-vector patching by layer",
-             f"Mode {patching_mode!r}: every source task's vector patched at the query of every other task's prompts "
-             f"({len(psub)} prompts).")
-    page.add(plots.patching_grids_figure(patch), "Patching grids (source x target, per layer)",
-             "Fraction of target-task prompts whose answer follows the source task's rule after patching.")
+    if patch.metric == "mse":  # regression: squared error against the prompt's own target
+        page.add(plots.patching_grids_figure(patch, what="delta_logprob_source"), "Patching grids (source x target, per layer)",
+                 f"Mode {patching_mode!r}: squared error of the prediction against each target prompt's own y after "
+                 f"patching the source task's vector at the query ({len(psub)} prompts).")
+    else:
+        page.add(plots.patching_profile_figure(patch), "Task-vector patching by layer",
+                 f"Mode {patching_mode!r}: every source task's vector patched at the query of every other task's prompts "
+                 f"({len(psub)} prompts).")
+        page.add(plots.patching_grids_figure(patch), "Patching grids (source x target, per layer)",
+                 "Fraction of target-task prompts whose answer follows the source task's rule after patching.")
     if scores is not None:
         page.add(plots.head_scores_figure(scores), f"Head scores ({getattr(scores, 'method', '')})")
         page.add(circuits.attention_heads_view(m, prompts, scores, prompt=prompt, k=top_k),
@@ -307,11 +314,16 @@ def summarize(name, fam, acc, dec, patch, scores=None, em=None, sweep=None, top_
     tds = " ".join(f"{float(v):.2f}" for v in dec.td)
     lines.append(f"TD by layer {dec.layers[0]}..{dec.layers[-1]}: {tds}; best layer {dec.best_layer} "
                  f"(TD {dec.best_td:.3f}, chance {dec.chance:.3f})")
-    b = patch.best_layer()
-    li = patch.layers.index(b)
-    grid_means = ", ".join(f"L{L} {float(patch.follows_source[i].nanmean()):.2f}" for i, L in enumerate(patch.layers))
-    lines.append(f"patching ({patch.mode}): best layer {b}, flip rate {float(patch.flip_rate[li]):.3f}, own-task control "
-                 f"{float(patch.control[li]):.3f}, floor {patch.flip_floor:.3f}; grid means {grid_means}")
+    if patch.metric == "mse":
+        grid_means = ", ".join(f"L{L} {float(patch.delta_logprob_source[i].nanmean()):.3f}"
+                               for i, L in enumerate(patch.layers))
+        lines.append(f"patching ({patch.mode}): MSE grid means {grid_means}")
+    else:
+        b = patch.best_layer()
+        li = patch.layers.index(b)
+        grid_means = ", ".join(f"L{L} {float(patch.follows_source[i].nanmean()):.2f}" for i, L in enumerate(patch.layers))
+        lines.append(f"patching ({patch.mode}): best layer {b}, flip rate {float(patch.flip_rate[li]):.3f}, own-task "
+                     f"control {float(patch.control[li]):.3f}, floor {patch.flip_floor:.3f}; grid means {grid_means}")
     if scores is not None:
         top = ", ".join(f"L{L}H{h} ({s:+.3g})" for L, h, s in scores.top(top_k))
         lines.append(f"top heads ({getattr(scores, 'method', '')}): {top}")
