@@ -132,30 +132,20 @@ class HeadScores:
     def _repr_html_(self) -> str:
         import pandas as pd
 
+        from tvlens.views.page import figure_fragment, result_html
+
         top = pd.DataFrame(self.top(min(10, self.scores.numel())), columns=["layer", "head", "score"])
-        return (f"<div><b>Head attribution</b> ({html.escape(self.method)}, metric {html.escape(self.metric)}"
-                f"{', ' + html.escape(self.prompts) if self.prompts else ''})"
-                + top.to_html(index=False, float_format=lambda v: f"{v:.4g}") + "</div>")
+        return result_html(f"<div><b>Head attribution</b> ({html.escape(self.method)}, metric {html.escape(self.metric)}"
+                           f"{', ' + html.escape(self.prompts) if self.prompts else ''})"
+                           + top.to_html(index=False, float_format=lambda v: f"{v:.4g}") + "</div>",
+                           [figure_fragment(self.plot())])
 
     def plot(self, per_task: bool = True):
-        """A layer x head heatmap; with ``per_task`` one facet per task after the headline map."""
-        from plotly.subplots import make_subplots
+        """A layer x head heatmap; with ``per_task`` one facet per task after the headline map
+        (``tvlens.views.head_scores_figure``; ``tvlens.views.circuit_view`` adds each head's attention)."""
+        from tvlens.views.plots import head_scores_figure
 
-        maps = [("all tasks" if self.per_task is not None else "score", self.scores)]
-        if per_task and self.per_task is not None:
-            maps += list(zip(self.task_names, self.per_task))
-        cols = min(4, len(maps))
-        rows = (len(maps) + cols - 1) // cols
-        fig = make_subplots(rows=rows, cols=cols, subplot_titles=[t for t, _ in maps])
-        lim = max(float(torch.stack([m for _, m in maps]).abs().max()), 1e-12)
-        for i, (t, m) in enumerate(maps):
-            fig.add_heatmap(z=m.numpy(), x=list(range(m.shape[1])), y=list(range(m.shape[0])), colorscale="RdBu",
-                            zmin=-lim, zmax=lim, showscale=i == 0, name=str(t), row=i // cols + 1, col=i % cols + 1,
-                            hovertemplate="layer %{y} head %{x}: %{z:.4g}<extra>" + html.escape(str(t)) + "</extra>")
-        fig.update_xaxes(title_text="head")
-        fig.update_yaxes(title_text="layer", autorange="reversed")
-        fig.update_layout(title=f"Head attribution: {self.method} ({self.metric})", height=260 * rows + 80)
-        return fig
+        return head_scores_figure(self, per_task=per_task)
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | Path) -> Path:

@@ -255,8 +255,8 @@ def head_scores_figure(scores, per_task: bool = True, max_tasks: int = 12) -> An
     for r in range(1, rows + 1):
         for c in range(1, cols + 1):
             fig.update_yaxes(autorange="reversed", row=r, col=c)
-    method = getattr(scores, "method", "")
-    fig.update_layout(title=f"Head scores ({label(method)}): layer x head, overall and per task",
+    method = ", ".join(label(x) for x in (getattr(scores, "method", ""), getattr(scores, "metric", "")) if x)
+    fig.update_layout(title=f"Head scores ({method}): layer x head, overall and per task",
                       height=260 * rows + 80)
     return fig
 
