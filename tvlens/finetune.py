@@ -237,6 +237,8 @@ def finetune(
     """
     fam = family_of(family)
     blocks = resolve_blocks(model, layers)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ConfigError(f"finetune: k (TD's nearest neighbours) must be an integer >= 1, got {k!r}")
     for name, v, lo in (("steps", steps, 1), ("batch_size", batch_size, 1), ("n_eval_per_task", n_eval_per_task, k + 1)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise ConfigError(f"finetune: {name} must be an integer >= {lo}, got {v!r}")
