@@ -146,6 +146,7 @@ def build_report(
     tsne_max_points: int = 240,
     progress: bool = False,
     title: str | None = None,
+    precomputed: dict[str, Any] | None = None,
 ) -> Report:
     """Run every analysis on ``model`` (a name, a path or a loaded model) and ``family`` and assemble the report.
 
@@ -154,6 +155,8 @@ def build_report(
     ``emergence_steps`` of the model's checkpoints, evenly spread over the list, when it has several),
     False, or a precomputed ``EmergenceResult``. Patching runs on the first ``patching_per_task``
     prompts of each task (all when None); t-SNE on at most ``tsne_max_points`` prompts.
+    ``precomputed``: results already computed on the same prompts (``family.sample(n_per_task,
+    shots, seed)``), by name: ``accuracy``, ``encodings``, ``decodability`` (``tvlens demo`` passes them).
     """
     import tvlens
     from tvlens.encoding import extract, task_decodability
@@ -175,10 +178,17 @@ def build_report(
     results: dict[str, Any] = {"prompts": prompts}
 
     t0 = time.perf_counter()
-    acc = tvlens.icl_accuracy(m, prompts)
-    enc = extract(m, prompts, progress=progress)
     k = min(10, n_per_task - 1)
-    dec = task_decodability(enc, k=k)
+    pre = dict(precomputed or {})
+    unknown = set(pre) - {"accuracy", "encodings", "decodability"}
+    if unknown:
+        raise ConfigError(f"precomputed: unknown keys {sorted(unknown)}; give accuracy, encodings or decodability")
+    acc = pre["accuracy"] if "accuracy" in pre else tvlens.icl_accuracy(m, prompts)
+    enc = pre["encodings"] if "encodings" in pre else extract(m, prompts, progress=progress)
+    dec = pre["decodability"] if "decodability" in pre else task_decodability(enc, k=k)
+    if len(enc) != len(prompts) or len(acc.per_prompt) != len(prompts):
+        raise ConfigError(f"precomputed results hold {len(enc)} / {len(acc.per_prompt)} prompts but the report samples "
+                          f"{len(prompts)} (n_per_task={n_per_task}, seed={seed}): compute them on the same prompts")
     results.update(accuracy=acc, encodings=enc, decodability=dec)
     tick("accuracy+extract+TD", t0)
 
