@@ -58,8 +58,11 @@ def xss_prompts(prompts):
 
 @pytest.fixture(scope="module")
 def report_file(tmp_path_factory):
-    rep = build_report("default", n_per_task=12, patching_per_task=12, emergence_steps=3, emergence_per_task=11,
-                       tsne_max_points=60, top_k=4)
+    from tvlens.cli import _threads
+
+    with _threads(1):  # as `tvlens report` runs it: tiny models, a shared machine
+        rep = build_report("default", n_per_task=12, patching_per_task=12, emergence_steps=3, emergence_per_task=11,
+                           tsne_max_points=60, top_k=4)
     from tvlens.models import load_model
 
     m = load_model("default")
