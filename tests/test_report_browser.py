@@ -146,8 +146,9 @@ def test_report_renders_offline_in_chromium(report_file, tmp_path):
             after_button = root.get_attribute("data-shown")
             pattern_drawn = pg.evaluate("""el => { const c = el.querySelector('[data-component="AttentionPattern"] canvas');
                 return !!c && c.width > 0; }""", root.element_handle())
-            root.evaluate("""el => { const gd = el.querySelector('.tvlens-plotly');
-                gd.emit('plotly_click', {points: [{x: 'H2', y: 'L1'}]}); }""")
+            # a real mouse click on the score map's cell of layer 1, head 2 (layers run top to bottom)
+            box = root.locator(".tvlens-plotly .nsewdrag").first.bounding_box()
+            pg.mouse.click(box["x"] + box["width"] * 2.5 / 4, box["y"] + box["height"] * 1.5 / 4)
             pg.wait_for_timeout(300)
             after_click = root.get_attribute("data-shown")
             label = root.locator("b[id]").first.inner_text()
