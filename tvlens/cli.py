@@ -148,9 +148,10 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _print_summary(rep, path) -> None:
+    width = max(len(k) for k, _ in rep.summary_rows)
     print("summary:")
-    for line in rep.summary.splitlines():
-        print(f"  {line}")
+    for k, v in rep.summary_rows:
+        print(f"  {k:<{width}}  {v}")
     for note in rep.notes:
         print(f"  note: {note}")
     print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in rep.timings.items()))

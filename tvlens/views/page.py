@@ -209,6 +209,8 @@ h1 { font-size: 1.6em; } h2 { font-size: 1.25em; margin-top: 2em; border-bottom:
                   font-family: ui-monospace, monospace; font-size: 0.9em; }
 table.tvlens-table { border-collapse: collapse; font-size: 0.9em; margin: 8px 0; }
 table.tvlens-table td, table.tvlens-table th { border: 1px solid #d9e2ec; padding: 3px 8px; text-align: right; }
+table.tvlens-summary-table th, table.tvlens-summary-table td { text-align: left; }
+table.tvlens-summary-table { background: #f5f7fa; }
 .tvlens-section { margin-bottom: 28px; }
 .tvlens-heads button { margin: 2px; font-family: ui-monospace, monospace; cursor: pointer; }
 .tvlens-heads button.tvlens-active { background: #2680c2; color: white; }

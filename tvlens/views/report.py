@@ -27,6 +27,7 @@ class Report:
 
     page: Page
     summary: str
+    summary_rows: list[tuple[str, str]] = field(default_factory=list)
     results: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -309,43 +310,47 @@ def build_report(
         page.add(plots.emergence_figure(em), "Emergence over training")
     tick("views", t0)
 
-    summary = summarize(name, fam, acc, dec, patch, scores, em, sweep, top_k=min(top_k, 5))
+    rows = summarize(name, fam, acc, dec, patch, scores, em, sweep, top_k=min(top_k, 5))
+    summary = "\n".join(f"{k}: {v}" for k, v in rows)
     timings["total"] = round(time.perf_counter() - t_all, 2)
     note_html = "".join(f'<p class="tvlens-note">{esc(n)}</p>' for n in notes)
-    page.intro_html = (f'<div class="tvlens-summary" id="tvlens-summary">{esc(summary)}</div>{note_html}'
-                       + _table([{"step": k_, "seconds": v} for k_, v in timings.items()], "{:.2f}"))
-    return Report(page=page, summary=summary, results=results, timings=timings, notes=notes)
+    summary_table = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in rows)
+    page.intro_html = (f'<table class="tvlens-table tvlens-summary-table" id="tvlens-summary">{summary_table}</table>'
+                       f"{note_html}<details><summary>seconds per step</summary>"
+                       + _table([{"step": k_, "seconds": v} for k_, v in timings.items()], "{:.2f}") + "</details>")
+    return Report(page=page, summary=summary, summary_rows=rows, results=results, timings=timings, notes=notes)
 
 
-def summarize(name, fam, acc, dec, patch, scores=None, em=None, sweep=None, top_k: int = 5) -> str:
-    """The report's short text summary."""
-    lines = [f"model {name}, family {fam.name} ({len(dec.task_names)} tasks)"]
-    lines.append(f"ICL {acc.metric} (non-null tasks): {acc.mean:.3f}")
+def summarize(name, fam, acc, dec, patch, scores=None, em=None, sweep=None, top_k: int = 5) -> list[tuple[str, str]]:
+    """The report's short summary: (what, result) rows."""
+    rows = [("model", f"{name}, family {fam.name} ({len(dec.task_names)} tasks)"),
+            (f"ICL {acc.metric}", f"{acc.mean:.3f} (mean over non-null tasks)")]
     tds = " ".join(f"{float(v):.2f}" for v in dec.td)
-    lines.append(f"TD by layer {dec.layers[0]}..{dec.layers[-1]}: {tds}; best layer {dec.best_layer} "
-                 f"(TD {dec.best_td:.3f}, chance {dec.chance:.3f})")
+    rows.append(("task decodability", f"best layer {dec.best_layer}: TD {dec.best_td:.3f} (chance {dec.chance:.3f}); "
+                                      f"layers {dec.layers[0]}..{dec.layers[-1]}: {tds}"))
     if patch.metric == "mse":
         grid_means = ", ".join(f"L{L} {float(patch.delta_logprob_source[i].nanmean()):.3f}"
                                for i, L in enumerate(patch.layers))
-        lines.append(f"patching ({patch.mode}): MSE grid means {grid_means}")
+        rows.append((f"patching ({patch.mode})", f"MSE grid means {grid_means}"))
     else:
         b = patch.best_layer()
         li = patch.layers.index(b)
         grid_means = ", ".join(f"L{L} {float(patch.follows_source[i].nanmean()):.2f}" for i, L in enumerate(patch.layers))
-        lines.append(f"patching ({patch.mode}): best layer {b}, flip rate {float(patch.flip_rate[li]):.3f}, own-task "
-                     f"control {float(patch.control[li]):.3f}, floor {patch.flip_floor:.3f}; grid means {grid_means}")
+        rows.append((f"patching ({patch.mode})", f"best layer {b}: flip rate {float(patch.flip_rate[li]):.3f}, own-task "
+                                                 f"control {float(patch.control[li]):.3f}, floor {patch.flip_floor:.3f}; "
+                                                 f"grid means {grid_means}"))
     if scores is not None:
-        top = ", ".join(f"L{L}H{h} ({s:+.3g})" for L, h, s in scores.top(top_k))
-        lines.append(f"top heads ({getattr(scores, 'method', '')}): {top}")
+        rows.append((f"top heads ({getattr(scores, 'method', '')})",
+                     ", ".join(f"L{L}H{h} ({s:+.3g})" for L, h, s in scores.top(top_k))))
     if sweep is not None:
         nv = sweep.normalized()
         L, p = divmod(int(torch.argmax(nv.nan_to_num(-1e9))), nv.shape[1])
-        lines.append(f"position sweep: strongest restoring patch at layer {L}, position {p} ({float(nv[L, p]):.2f})")
+        rows.append(("position sweep", f"strongest restoring patch at layer {L}, position {p} ({float(nv[L, p]):.2f})"))
     if em is not None:
-        lines.append(f"emergence: {len(em.steps)} checkpoints, TD at layer {em.best_layer} "
-                     f"{float(em.td_at()[0]):.2f} -> {float(em.td_at()[-1]):.2f}, mean {em.metric} "
-                     f"{float(em.mean_metric[0]):.2f} -> {float(em.mean_metric[-1]):.2f}, Spearman {em.spearman():.2f}")
-    return "\n".join(lines)
+        rows.append(("emergence", f"{len(em.steps)} checkpoints, TD at layer {em.best_layer} {float(em.td_at()[0]):.2f} -> "
+                                  f"{float(em.td_at()[-1]):.2f}, mean {em.metric} {float(em.mean_metric[0]):.2f} -> "
+                                  f"{float(em.mean_metric[-1]):.2f}, Spearman {em.spearman():.2f}"))
+    return rows
 
 
 def report_filename(model: Any, family: Any) -> str:
