@@ -266,3 +266,9 @@ def test_report_on_a_regression_model_says_what_it_leaves_out():
     kinds = [s.fragment.kind for s in rep.page.sections]
     assert kinds.count("attention") == 1 and "circuit" not in kinds  # every head's attention, no scores
     assert "x0" in rep.to_html()  # continuous inputs are labelled by position
+
+
+def test_report_notes_a_family_the_model_was_not_trained_on(tmp_path, capsys):
+    assert main(["report", "--model", "default", "--family", "categories", "--out", str(tmp_path), "--n-per-task", "11",
+                 "--no-tsne", "--no-emergence"]) == 0
+    assert "note: the model was trained on Codes" in capsys.readouterr().out

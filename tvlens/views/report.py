@@ -173,6 +173,12 @@ def build_report(
         raise ConfigError(f"n_per_task must be an integer >= 3 (TD needs neighbours), got {n_per_task!r}")
     t0 = time.perf_counter()
     m, fam, name = _resolve(model, family)
+    from tvlens.models import model_info
+
+    recorded = model_info(m).task_family()
+    if recorded is not None and recorded.name != fam.name:
+        notes.append(f"the model was trained on {recorded!r}, this report samples {fam!r}: its numbers describe a "
+                     "family the model never saw")
     prompts = fam.sample(n_per_task, shots=shots, seed=seed)
     prompt = circuits.check_prompt_index(prompts, prompt)
     tick("load", t0)
