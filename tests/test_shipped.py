@@ -16,7 +16,7 @@ def test_shipped_model_accuracy_on_fresh_prompts(name):
     model = tvlens.load_model(name)
     info = tvlens.model_info(model)
     assert info.family["name"] == name and info.step > 0
-    assert "tvlens train" in info.command
+    assert "tvlens train" in info.command or info.command.startswith("tvlens.train(TrainConfig(")
     fam = info.task_family()
     prompts = fam.sample(100, shots=4, seed=FRESH_SEED)
     acc = tvlens.icl_accuracy(model, prompts)

