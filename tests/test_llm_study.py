@@ -39,13 +39,6 @@ def gpt2(gpt2_folder):
 
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small models on a shared 2-core machine: one intra-op thread avoids oversubscription."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 # --------------------------------------------------------------------------- offline loading
 def test_load_model_by_name_from_the_local_hugging_face_cache(gpt2_folder, gpt2, tmp_path, monkeypatch):

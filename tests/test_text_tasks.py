@@ -14,13 +14,6 @@ SIX = ("noun", "adjective", "verb", "adverb", "preposition", "pronoun")
 
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small models on a shared 2-core machine: one intra-op thread avoids oversubscription."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 # --------------------------------------------------------------------------- a local tokenizer
 def lexicon_words() -> list[str]:

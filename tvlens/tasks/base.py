@@ -98,17 +98,23 @@ class TaskFamily(ABC):
         tasks: Sequence[str | int] | None = None,
     ) -> PromptSet:
         """Draw ``n_per_task`` prompts of each task (task-major order) with ``shots`` examples each."""
+        labels, shots, rng = self._sampling_plan(n_per_task, shots, seed, tasks)
+        return self._sample(labels, shots, rng)
+
+    def _sampling_plan(self, n_per_task, shots, seed, tasks) -> tuple[np.ndarray, int, np.random.Generator]:
+        """Checked arguments of ``sample``: each prompt's task (task-major order), the shots, the generator."""
         n_per_task = check_int("n_per_task", n_per_task, 1, self.name)
         shots = check_int("shots", shots, 0, self.name)
         if shots > self.max_shots():
             raise ConfigError(
                 f"{self.name}: shots={shots} is more than this family can fill with distinct examples "
-                f"(at most {self.max_shots()} with these parameters)"
+                f"(at most {self.max_shots()} with these parameters{self._pool_note()})"
             )
         task_ids = self._task_ids(tasks)
-        rng = np.random.default_rng(seed)
-        labels = np.repeat(np.array(task_ids), n_per_task)
-        return self._sample(labels, shots, rng)
+        return np.repeat(np.array(task_ids), n_per_task), shots, np.random.default_rng(seed)
+
+    def _pool_note(self) -> str:
+        return ""
 
     def sample_train(self, n_per_task: int, shots: int = 4, seed: int = 0) -> PromptSet:
         """The prompts training draws; the same as ``sample`` unless a family defines a curriculum."""

@@ -38,7 +38,7 @@ import torch
 
 from tvlens.errors import ConfigError
 from tvlens.prompts import PromptSet
-from tvlens.tasks.base import TaskFamily, check_int
+from tvlens.tasks.base import TaskFamily
 
 DEFAULT_TEMPLATE = "{input} -> {output}\n"
 SCORINGS = ("first_token", "greedy")
@@ -123,16 +123,11 @@ class TextTaskFamily(TaskFamily):
         self, n_per_task: int, shots: int = 4, seed: int = 0, tasks: Sequence[str | int] | None = None
     ) -> list[TextPrompt]:
         """``n_per_task`` text prompts of each task (task-major order), ``shots`` examples each."""
-        n_per_task = check_int("n_per_task", n_per_task, 1, self.name)
-        shots = check_int("shots", shots, 0, self.name)
-        if shots > self.max_shots():
-            raise ConfigError(
-                f"{self.name}: shots={shots} is more than this family's pool can fill with distinct examples "
-                f"(pool of {self.pool_size()}, so at most {self.max_shots()} shots besides the query)"
-            )
-        task_ids = self._task_ids(tasks)
-        rng = np.random.default_rng(seed)
-        return [self._draw_text(int(t), shots, rng) for t in np.repeat(np.array(task_ids), n_per_task)]
+        labels, shots, rng = self._sampling_plan(n_per_task, shots, seed, tasks)
+        return [self._draw_text(int(t), shots, rng) for t in labels]
+
+    def _pool_note(self) -> str:
+        return f": a pool of {self.pool_size()} examples, one kept for the query"
 
     def render(self, prompt: TextPrompt) -> str:
         """The prompt as the model reads it, the query's answer included."""
