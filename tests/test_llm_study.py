@@ -149,7 +149,40 @@ def test_greedy_generation_of_multi_token_answers(gpt2):
     assert torch.allclose(greedy.logprob, torch.tensor(ref), atol=1e-4)
     first = text_accuracy(gpt2, q, scoring="first_token")
     assert bool((first.per_prompt >= greedy.per_prompt).all())  # a right first token is necessary
-    assert torch.equal(first.per_prompt, tvlens.icl_accuracy(gpt2, q).per_prompt)
+    icl = tvlens.icl_accuracy(gpt2, q)  # the prompts chose greedy scoring: icl_accuracy keeps it
+    assert icl.notes["scoring"] == "greedy" and torch.equal(icl.per_prompt, greedy.per_prompt)
+
+
+def test_every_scorer_honours_the_prompts_scoring(gpt2):
+    """Prompts sampled with scoring="greedy" are never silently scored by their first token."""
+    from dataclasses import replace
+
+    fam = tvlens.tasks.get("bitwise_text")
+    p = fam.sample(2, shots=2, seed=3, tokenizer=gpt2.tokenizer, scoring="greedy")
+    gen = greedy_generate(gpt2, p)
+    # every answer: the model's own first token, then digits it does not generate
+    q = p.subset(torch.arange(len(p)))
+    q.extra["answer_tokens"] = torch.cat([gen[:, :1], torch.where(gen[:, 1:] == 6, 7, 6)], 1)  # ids of "0", "1"
+    q.tokens.scatter_(1, q.query_pos[:, None] + 1 + torch.arange(5)[None], q.extra["answer_tokens"])
+    q.answers = gen[:, :1].clone()
+    assert bool((text_accuracy(gpt2, q, scoring="first_token").per_prompt == 1).all())
+    acc = tvlens.icl_accuracy(gpt2, q)
+    assert acc.notes["scoring"] == "greedy" and bool((acc.per_prompt == 0).all())
+    first = tvlens.icl_accuracy(gpt2, replace(q, params={**q.params, "scoring": "first_token"}))
+    assert first.notes["scoring"] == "first_token" and bool((first.per_prompt == 1).all())
+    assert "greedy" in acc.plot().layout.title.text
+    # run_patching scores first tokens only: it refuses these prompts, and takes them sampled for it
+    vec = tvlens.extract(gpt2, q, progress=False).task_vectors([1])
+    with pytest.raises(ConfigError, match="run_patching scores an answer by its first token.*scoring='greedy'.*"
+                                          "14 of 14 answers span several tokens.*text_accuracy"):
+        tvlens.run_patching(gpt2, q, vec, layers=[1], progress=False)
+    tvlens.run_patching(gpt2, replace(q, params={**q.params, "scoring": "first_token"}), vec, layers=[1],
+                        progress=False)
+    # td_vs_accuracy scores greedily what it samples greedily: its points are icl_accuracy's
+    res = tvlens.td_vs_accuracy(gpt2, fam, shots=(2,), n_per_task=4, k=3, scoring="greedy", seed=5, progress=False)
+    ref = tvlens.icl_accuracy(gpt2, fam.sample(4, shots=2, seed=5, tokenizer=gpt2.tokenizer, scoring="greedy"))
+    assert res.scoring == "greedy" and ref.notes["scoring"] == "greedy"
+    assert {r["task"]: r["accuracy"] for r in res.rows} == {t: v for t, v in ref.per_task.items() if t != "null"}
 
 
 def test_td_vs_accuracy_on_the_shipped_bitwise_model():

@@ -4,6 +4,11 @@ Token families: exact match of the whole answer (every answer token is the argma
 previous ones: the same verdict as greedy generation of the whole answer), plus the answer's
 log-probability. Continuous families: squared error of the prediction at the query, per task, next
 to dense least squares fit on the same prompt's examples.
+
+Text prompts (``pos``, ``bitwise_text``, ``lexical``) are scored as they were sampled
+(``prompts.params["scoring"]``): ``"first_token"`` scores the answer's first token (teacher forcing),
+``"greedy"`` hands them to ``tvlens.text_accuracy`` (greedy generation of the whole answer), so a
+multi-token answer is never silently reduced to its first token.
 """
 
 from __future__ import annotations
@@ -49,6 +54,28 @@ def check_prompts_fit(model, prompts: PromptSet) -> None:
         raise ConfigError(
             f"prompts are {prompts.seq_len} positions long but the model's context is {model.cfg.n_ctx}: "
             "use fewer shots"
+        )
+
+
+def greedy_scored(prompts: PromptSet) -> bool:
+    """True for text prompts sampled with ``scoring="greedy"``: their whole answer is scored by greedy
+    generation (``tvlens.text_accuracy``), not by its first token."""
+    return "answer_tokens" in prompts.extra and prompts.params.get("scoring") == "greedy"
+
+
+def refuse_greedy(prompts: PromptSet, what: str) -> None:
+    """Raise ``ConfigError`` when ``what`` (which scores only an answer's first token) is given text
+    prompts sampled with ``scoring="greedy"`` whose answers span several tokens."""
+    if not greedy_scored(prompts):
+        return
+    lens = prompts.extra["answer_len"]
+    n_multi = int((lens > 1).sum())
+    if n_multi:
+        raise ConfigError(
+            f"{what} scores an answer by its first token, but these {prompts.family!r} prompts were sampled with "
+            f"scoring='greedy' and {n_multi} of {len(prompts)} answers span several tokens (up to "
+            f"{int(lens.max())}): sample them with scoring='first_token' for {what}, or score whole answers with "
+            "tvlens.text_accuracy"
         )
 
 
@@ -153,9 +180,27 @@ def logits_at_answers(model, x: torch.Tensor, query_pos: torch.Tensor, n_answer:
     return model.unembed(model.ln_final(at_answer_positions(resid, query_pos, n_answer)))
 
 
-@torch.no_grad()
 def icl_accuracy(model, prompts: PromptSet, batch_size: int | None = 256, progress: bool = False) -> AccuracyResult:
-    """Per-task in-context accuracy of ``model`` on ``prompts`` (per-task MSE for regression)."""
+    """Per-task in-context accuracy of ``model`` on ``prompts`` (per-task MSE for regression).
+
+    Token families: exact match of the whole answer. Text prompts: as sampled (``scoring=``): the
+    answer's first token, or, for ``scoring="greedy"``, greedy generation of the whole answer
+    (``tvlens.text_accuracy``); ``result.notes["scoring"]`` says which.
+    """
+    check_prompts_fit(model, prompts)
+    if greedy_scored(prompts):
+        from tvlens.llm import text_accuracy
+
+        return text_accuracy(model, prompts, scoring="greedy", batch_size=batch_size, progress=progress)
+    return teacher_forced_accuracy(model, prompts, batch_size=batch_size, progress=progress)
+
+
+@torch.no_grad()
+def teacher_forced_accuracy(model, prompts: PromptSet, batch_size: int | None = 256,
+                            progress: bool = False) -> AccuracyResult:
+    """Exact match of ``prompts.answers`` with teacher forcing, one forward pass per batch (MSE for
+    regression). For text prompts ``answers`` is the answer's first token: use ``icl_accuracy``,
+    which honours the prompts' scoring."""
     check_prompts_fit(model, prompts)
     was_training = model.training
     model.eval()
@@ -188,4 +233,5 @@ def icl_accuracy(model, prompts: PromptSet, batch_size: int | None = 256, progre
         logprob=torch.cat(logprobs) if logprobs else None,
         baseline=baseline,
         shots=prompts.shots,
+        notes={"scoring": "first_token"} if "answer_tokens" in prompts.extra else {},
     )

@@ -24,7 +24,14 @@ from jaxtyping import Int
 from tqdm.auto import tqdm
 
 from tvlens import tasks as _tasks
-from tvlens.accuracy import AccuracyResult, answer_scores, batches, check_prompts_fit, icl_accuracy, logits_at_answers
+from tvlens.accuracy import (
+    AccuracyResult,
+    answer_scores,
+    batches,
+    check_prompts_fit,
+    logits_at_answers,
+    teacher_forced_accuracy,
+)
 from tvlens.errors import ConfigError
 from tvlens.prompts import PromptSet
 from tvlens.tasks.text import SCORINGS, TextTaskFamily, tokenizer_of
@@ -138,19 +145,30 @@ def text_accuracy(
     batch_size: int | None = 64,
     progress: bool = False,
 ) -> AccuracyResult:
-    """Per-task ICL accuracy, exact match. ``scoring``: ``"first_token"`` (``icl_accuracy`` on the
+    """Per-task ICL accuracy, exact match. ``scoring``: ``"first_token"`` (teacher forcing on the
     answer's first token) or ``"greedy"`` (greedy generation of the whole answer, which must match
     every answer token); default: as the prompts were sampled (``prompts.params["scoring"]``).
 
-    Token-family prompts are scored with ``icl_accuracy`` (whole answer, teacher forcing: the same
-    verdict as greedy generation).
+    Token-family prompts are scored with teacher forcing (whole answer: the same verdict as greedy
+    generation). ``tvlens.icl_accuracy`` on text prompts calls this with the prompts' own scoring.
     """
     check_prompts_fit(model, prompts)
     mode = _scoring_of(prompts, scoring)
     if mode == "first_token" or "answer_tokens" not in prompts.extra:
-        res = icl_accuracy(model, prompts, batch_size=batch_size, progress=progress)
+        res = teacher_forced_accuracy(model, prompts, batch_size=batch_size, progress=progress)
         res.notes["scoring"] = "first_token" if "answer_tokens" in prompts.extra else "whole answer"
         return res
+    was_training = model.training
+    model.eval()  # as teacher_forced_accuracy: no dropout while scoring
+    try:
+        return _greedy_accuracy(model, prompts, batch_size, progress)
+    finally:
+        if was_training:
+            model.train()
+
+
+@torch.no_grad()
+def _greedy_accuracy(model, prompts: PromptSet, batch_size: int | None, progress: bool) -> AccuracyResult:
     full = prompts.extra["answer_tokens"]
     lens = prompts.extra["answer_len"]
     gen = greedy_generate(model, prompts, int(lens.max()), batch_size=batch_size, progress=progress)

@@ -27,7 +27,7 @@ import torch
 from jaxtyping import Float
 from tqdm.auto import tqdm
 
-from tvlens.accuracy import answer_scores, at_answer_positions, check_prompts_fit, logits_at_answers
+from tvlens.accuracy import answer_scores, at_answer_positions, check_prompts_fit, logits_at_answers, refuse_greedy
 from tvlens.encoding import TaskVectors, check_at, check_layers, representation_mask, resid_hook_name
 from tvlens.errors import ConfigError
 from tvlens.prompts import PromptSet
@@ -179,6 +179,7 @@ def run_patching(
     task, TD ~1, but patching it there changes nothing; see the README's patching section).
     """
     check_prompts_fit(model, prompts)
+    refuse_greedy(prompts, "run_patching")
     vectors.check_model(model)
     read_at = check_at(getattr(vectors, "read_at", "query"))
     if read_at != "query":

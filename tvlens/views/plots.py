@@ -49,7 +49,9 @@ def accuracy_figure(acc) -> Any:
     fig = go.Figure(go.Bar(x=[label(t) for t in df["task"]], y=df[acc.metric], name="model"))
     if "least_squares_mse" in df:
         fig.add_bar(x=[label(t) for t in df["task"]], y=df["least_squares_mse"], name="least squares")
-    fig.update_layout(title=f"ICL {acc.metric} per task ({acc.shots}-shot)", yaxis_title=acc.metric,
+    scoring = (getattr(acc, "notes", None) or {}).get("scoring")
+    how = f", {label(str(scoring).replace('_', ' '))} scoring" if scoring else ""
+    fig.update_layout(title=f"ICL {acc.metric} per task ({acc.shots}-shot{how})", yaxis_title=acc.metric,
                       xaxis_title="task")
     if acc.metric == "accuracy":
         fig.update_yaxes(range=[0, 1.02])
