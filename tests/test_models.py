@@ -100,6 +100,21 @@ def test_missing_paths_and_unknown_names(tmp_path):
         build_model("shift", d_model=32, n_heads=3)
 
 
+def test_list_checkpoints_takes_a_shipped_name_an_alias_or_a_folder(tmp_path, monkeypatch):
+    from tvlens.models import CHECKPOINT_DIR
+
+    pairs = tvlens.list_checkpoints("bitwise")
+    assert pairs == tvlens.list_checkpoints(CHECKPOINT_DIR / "bitwise") and len(pairs) > 1
+    assert [s for s, _ in pairs] == tvlens.checkpoint_steps("bitwise") == sorted(s for s, _ in pairs)
+    assert tvlens.list_checkpoints("default") == tvlens.list_checkpoints(CHECKPOINT_DIR / "codes")
+    run = tmp_path / "bitwise"  # a folder of that name, where given, is the folder
+    save_checkpoint(build_model("shift", n_layers=1, d_model=16, n_heads=2), run / "step_000007")
+    monkeypatch.chdir(tmp_path)
+    assert [s for s, _ in tvlens.list_checkpoints("bitwise")] == [7]
+    with pytest.raises(CheckpointError, match="no checkpoint folder at nope .*nor a shipped model.*'bitwise'"):
+        tvlens.list_checkpoints("nope")
+
+
 def test_pretrained_name_without_weights_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hf-home" / "hub"))

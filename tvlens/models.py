@@ -271,10 +271,13 @@ _STEP_RE = re.compile(r"step_(\d+)\.safetensors$")
 
 
 def list_checkpoints(folder: str | Path) -> list[tuple[int, Path]]:
-    """``(step, stem)`` of every checkpoint in a run folder, by step."""
+    """``(step, stem)`` of every checkpoint in a run folder, or of a shipped model by name or alias
+    (``"bitwise"``, ``"default"``), by step. An existing folder wins over a shipped name."""
+    if not Path(folder).is_dir() and (CHECKPOINT_DIR / ALIASES.get(str(folder), str(folder))).is_dir():
+        folder = CHECKPOINT_DIR / ALIASES.get(str(folder), str(folder))
     folder = Path(folder)
     if not folder.is_dir():
-        raise CheckpointError(f"no checkpoint folder at {folder}")
+        raise CheckpointError(f"no checkpoint folder at {folder} (nor a shipped model: {sorted(ALIASES) + shipped_models()})")
     out = []
     for f in folder.iterdir():
         m = _STEP_RE.search(f.name)
