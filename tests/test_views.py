@@ -234,6 +234,63 @@ def test_figures_hold_the_results_numbers(small):
     assert enc.plot(2).layout.title.text.startswith("PCA")
 
 
+def test_function_vectors_td_accuracy_and_finetune_figures(small):
+    model, prompts = small
+    page.reset_notebook_libraries()
+    # function vectors: heads per layer, cosine similarity between tasks, norms
+    fv = tvlens.function_vector(model, prompts, heads=[(1, 2), (0, 1), (1, 0)])
+    fig = fv.plot()
+    assert list(fig.data[0].y) == [1, 2] and list(fig.data[0].text) == ["H1", "H2, H0"]
+    v = fv.vectors[0]
+    cos = torch.nn.functional.cosine_similarity(v[:, None], v[None], dim=-1)
+    assert np.allclose(np.array(fig.data[1].z), cos.numpy(), atol=1e-5)
+    assert np.allclose(fig.data[2].y, v.norm(dim=-1).numpy(), atol=1e-5)
+    assert fig.layout.title.text == plots.function_vectors_figure(fv).layout.title.text
+    doc = fv._repr_html_()
+    assert "L1H2, L0H1, L1H0" in doc and "Plotly.newPlot(" in doc and 'data-tvlens-lib="plotly"' in doc
+    # TD vs accuracy: the points and each family's fit line
+    res = tvlens.td_vs_accuracy(model, "codes", shots=(2, 3), n_per_task=6, k=3, progress=False)
+    fig = res.plot()
+    assert list(fig.data[0].x) == [r["td"] for r in res.rows] and list(fig.data[0].y) == [r["accuracy"] for r in res.rows]
+    fit = res.fits["codes"]
+    if np.isfinite(fit["slope"]):
+        assert len(fig.data) == 2 and "R²" in fig.data[1].name
+        assert np.allclose(fig.data[1].y, fit["slope"] * np.array(fig.data[1].x) + fit["intercept"])
+    # with two families: one fit each and the dashed fit over all points
+    from tvlens.llm import TDAccuracyResult, linear_fit
+
+    rows = res.rows + [{**r, "family": "flipped", "accuracy": 1 - r["accuracy"], "td": r["td"] / 2} for r in res.rows]
+    two = TDAccuracyResult(rows=rows, fits={"all": linear_fit([r["td"] for r in rows], [r["accuracy"] for r in rows]),
+                                            **{f: linear_fit([r["td"] for r in rows if r["family"] == f],
+                                                             [r["accuracy"] for r in rows if r["family"] == f])
+                                               for f in ("codes", "flipped")}}, scoring="whole answer")
+    names = [t.name for t in plots.td_accuracy_figure(two).data]
+    assert names[0] == "codes" and "flipped" in names
+    assert sum(n.startswith("all, R²") for n in names) == (1 if np.isfinite(two.fits["all"]["slope"]) else 0)
+    assert "TD vs ICL accuracy" in res._repr_html_() and "Plotly.newPlot(" in res._repr_html_()
+    # finetuning arms: before/after bars of TD and accuracy, and each arm's loss
+    arms = {name: tvlens.finetune(model, "codes", layers=layers, steps=3, batch_size=8, shots=3, n_eval_per_task=4,
+                                  k=3, progress=False) for name, layers in (("first", "first:1"), ("last", "last:1"))}
+    fig = plots.finetune_figure(arms)
+    a, b = arms["first"], arms["last"]
+    assert list(fig.data[0].x) == ["first", "last"]
+    assert list(fig.data[0].y) == [a.td_before.best_td, b.td_before.best_td]
+    assert list(fig.data[1].y) == [a.acc_before.mean, b.acc_before.mean]
+    assert list(fig.data[2].y) == [a.td_after.best_td, b.td_after.best_td]
+    assert list(fig.data[3].y) == [a.acc_after.mean, b.acc_after.mean]
+    assert list(fig.data[4].y) == a.losses and list(fig.data[5].y) == b.losses
+    assert list(a.plot().data[0].x) == ["blocks 0"] and list(plots.finetune_figure([a, b]).data[0].x) == ["blocks 0",
+                                                                                                          "blocks 1"]
+    assert "FinetuneResult" in a._repr_html_() and "Plotly.newPlot(" in a._repr_html_()
+    for fn, match in ((plots.function_vectors_figure, "function_vectors_figure needs"),
+                      (plots.td_accuracy_figure, "td_accuracy_figure needs"), (plots.finetune_figure, "finetune_figure")):
+        with pytest.raises(ConfigError, match=match):
+            fn(object())
+    with pytest.raises(ConfigError, match="no results"):
+        plots.finetune_figure({})
+    page.reset_notebook_libraries()
+
+
 def test_labels_with_markup_are_escaped_for_plotly():
     assert plots.label("<b>x</b>") == "&lt;b&gt;x&lt;/b&gt;"
 

@@ -661,6 +661,29 @@ class FunctionVectors(TaskVectors):
     def __repr__(self) -> str:
         return f"FunctionVectors(k={len(self.heads)}, heads={self.heads}, tasks={self.task_names}, d_model={self.d_model})"
 
+    def to_dataframe(self):
+        """One row per task: its prompt count and the vector's norm."""
+        import pandas as pd
+
+        v = self.vectors[0]
+        return pd.DataFrame({"task": self.task_names,
+                             "n": [int(c) for c in self.counts] if self.counts is not None else None,
+                             "norm": v.norm(dim=-1).tolist()})
+
+    def _repr_html_(self) -> str:
+        from tvlens.views.page import figure_fragment, result_html
+
+        heads = ", ".join(f"L{L}H{h}" for L, h in self.heads)
+        return result_html(f"<div><b>Function vectors</b> ({len(self.heads)} heads: {html.escape(heads)})"
+                           + self.to_dataframe().to_html(index=False, float_format=lambda v: f"{v:.4g}") + "</div>",
+                           [figure_fragment(self.plot())])
+
+    def plot(self):
+        """The heads per layer, cosine similarity between tasks, norms: ``tvlens.views.function_vectors_figure``."""
+        from tvlens.views.plots import function_vectors_figure
+
+        return function_vectors_figure(self)
+
     def save(self, path: str | Path) -> Path:
         tensors = {"vectors": self.vectors}
         if self.counts is not None:

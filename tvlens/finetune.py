@@ -178,21 +178,18 @@ class FinetuneResult:
                 f"{s['td_after']:.3f})")
 
     def _repr_html_(self) -> str:
-        return (f"<div><b>{html.escape(repr(self))}</b>"
-                + self.to_dataframe().to_html(index=False, float_format=lambda v: f"{v:.3f}") + "</div>")
+        from tvlens.views.page import figure_fragment, result_html
+
+        return result_html(f"<div><b>{html.escape(repr(self))}</b>"
+                           + self.to_dataframe().to_html(index=False, float_format=lambda v: f"{v:.3f}") + "</div>",
+                           [figure_fragment(self.plot())])
 
     def plot(self):
-        import plotly.graph_objects as go
-        from plotly.subplots import make_subplots
+        """TD and mean accuracy before and after, and the training loss: ``tvlens.views.finetune_figure``
+        (which also takes several arms: ``finetune_figure({"first half": a, "last half": b})``)."""
+        from tvlens.views.plots import finetune_figure
 
-        fig = make_subplots(rows=1, cols=3, subplot_titles=("TD by layer", "ICL accuracy per task", "training loss"))
-        for name, td in (("before", self.td_before), ("after", self.td_after)):
-            fig.add_trace(go.Scatter(x=td.layers, y=td.td.tolist(), mode="lines+markers", name=f"TD {name}"), 1, 1)
-        for name, acc in (("before", self.acc_before), ("after", self.acc_after)):
-            fig.add_trace(go.Bar(x=list(acc.per_task), y=list(acc.per_task.values()), name=f"accuracy {name}"), 1, 2)
-        fig.add_trace(go.Scatter(y=self.losses, mode="lines", name="loss"), 1, 3)
-        fig.update_layout(title=repr(self))
-        return fig
+        return finetune_figure(self)
 
 
 # --------------------------------------------------------------------------- finetune

@@ -259,33 +259,21 @@ class TDAccuracyResult:
         return f"TDAccuracyResult({len(self.rows)} points, scoring={self.scoring}; {fits})"
 
     def _repr_html_(self) -> str:
+        from tvlens.views.page import figure_fragment, result_html
+
         fmt = lambda v: f"{v:.3f}"  # noqa: E731
-        return ("<div><b>TD vs ICL accuracy</b> (TD at the best layer, leave-one-out "
-                f"{self.k}-NN; accuracy: exact match, {html.escape(self.scoring)})"
-                + self.fits_dataframe().to_html(index=False, float_format=fmt)
-                + self.to_dataframe().to_html(index=False, float_format=fmt) + "</div>")
+        return result_html("<div><b>TD vs ICL accuracy</b> (TD at the best layer, leave-one-out "
+                           f"{self.k}-NN; accuracy: exact match, {html.escape(self.scoring)})"
+                           + self.fits_dataframe().to_html(index=False, float_format=fmt)
+                           + self.to_dataframe().to_html(index=False, float_format=fmt) + "</div>",
+                           [figure_fragment(self.plot())])
 
     def plot(self):
-        import plotly.graph_objects as go
+        """Accuracy against TD per (family, shots, task), with each family's fit and R²:
+        ``tvlens.views.td_accuracy_figure``."""
+        from tvlens.views.plots import td_accuracy_figure
 
-        fig = go.Figure()
-        df = self.to_dataframe()
-        for fam, d in df.groupby("family", sort=False):
-            fig.add_scatter(x=d["td"], y=d["accuracy"], mode="markers", name=str(fam),
-                            text=[f"{t}, {s}-shot" for t, s in zip(d["task"], d["shots"])])
-            fit = self.fits.get(str(fam))
-            if fit and np.isfinite(fit["slope"]):
-                xs = np.array([d["td"].min(), d["td"].max()])
-                fig.add_scatter(x=xs, y=fit["slope"] * xs + fit["intercept"], mode="lines",
-                                name=f"{fam} fit, R²={fit['r2']:.3f}")
-        fit = self.fits["all"]
-        if len(df["family"].unique()) > 1 and np.isfinite(fit["slope"]):
-            xs = np.array([df["td"].min(), df["td"].max()])
-            fig.add_scatter(x=xs, y=fit["slope"] * xs + fit["intercept"], mode="lines", line_dash="dash",
-                            name=f"all, R²={fit['r2']:.3f}")
-        fig.update_layout(title="ICL accuracy vs task decodability (per task and shot count)",
-                          xaxis_title="TD at the best layer", yaxis_title="ICL accuracy (exact match)")
-        return fig
+        return td_accuracy_figure(self)
 
 
 def td_vs_accuracy(

@@ -1,7 +1,8 @@
 """tvlens views: every result one call away from a picture, in Jupyter and in a file, all offline.
 
 - :mod:`tvlens.views.plots`: plotly figures (TD by layer, per-task TD, encodings scatter, patching
-  grids, head-score maps, emergence); results' ``.plot()`` return these;
+  grids, head-score maps, emergence, function vectors, TD vs ICL accuracy, finetuning arms);
+  results' ``.plot()`` return these;
 - :mod:`tvlens.views.circuits`: CircuitsVis views from the bundled JavaScript (attention patterns on
   a prompt's tokens, coloured tokens, the interactive circuit view);
 - :mod:`tvlens.views.page`: fragments and self-contained pages (each library inlined once);
@@ -23,11 +24,14 @@ from tvlens.views.plots import (
     accuracy_figure,
     emergence_figure,
     encodings_scatter_figure,
+    finetune_figure,
+    function_vectors_figure,
     head_scores_figure,
     patching_figure,
     patching_grids_figure,
     patching_profile_figure,
     sweep_figure,
+    td_accuracy_figure,
     td_by_layer_figure,
     td_heatmap_figure,
 )
@@ -47,6 +51,8 @@ __all__ = [
     "emergence_figure",
     "encodings_scatter_figure",
     "figure_fragment",
+    "finetune_figure",
+    "function_vectors_figure",
     "head_scores_figure",
     "patching_figure",
     "patching_grids_figure",
@@ -54,6 +60,7 @@ __all__ = [
     "position_sweep_view",
     "prompt_tokens",
     "sweep_figure",
+    "td_accuracy_figure",
     "td_by_layer_figure",
     "td_heatmap_figure",
     "write_report",

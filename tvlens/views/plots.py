@@ -287,15 +287,138 @@ def emergence_figure(em) -> Any:
     return fig
 
 
+# --------------------------------------------------------------------------- function vectors
+def function_vectors_figure(fv) -> Any:
+    """A ``FunctionVectors``: the chosen heads per layer, cosine similarity between the tasks' vectors,
+    and each task's vector norm."""
+    _need(fv, ["vectors", "layers", "task_names", "heads"], "function_vectors_figure")
+    from plotly.subplots import make_subplots
+
+    v = _np(fv.vectors)
+    if v.ndim != 3 or v.shape[1] != len(fv.task_names):
+        raise ConfigError(f"function_vectors_figure: vectors must be [layer, task, d_model] with one task name each; "
+                          f"got shape {v.shape} and {len(fv.task_names)} names")
+    vec = v[0]  # the same vector at every layer
+    norm = np.linalg.norm(vec, axis=-1)
+    cos = (vec @ vec.T) / np.maximum(norm[:, None] * norm[None], 1e-12)
+    n_layers = max([len(fv.layers), *[int(L) + 1 for L, _ in fv.heads]])
+    per_layer = [[f"H{h}" for L, h in fv.heads if int(L) == layer] for layer in range(n_layers)]
+    names = [label(t) for t in fv.task_names]
+    fig = make_subplots(rows=1, cols=3, column_widths=[0.3, 0.4, 0.3], horizontal_spacing=0.1,
+                        subplot_titles=(f"the {len(fv.heads)} heads, per layer", "cosine similarity between tasks",
+                                        "norm per task"))
+    fig.add_bar(x=list(range(n_layers)), y=[len(h) for h in per_layer], text=[", ".join(h) for h in per_layer],
+                name="heads", showlegend=False, hovertemplate="layer %{x}: %{text}<extra></extra>", row=1, col=1)
+    fig.add_heatmap(z=cos, x=names, y=names, zmin=-1, zmax=1, colorscale=DIVERGING, colorbar=dict(title="cos", x=0.66),
+                    hovertemplate="%{y} vs %{x}: %{z:.3f}<extra></extra>", row=1, col=2)
+    fig.add_bar(x=names, y=norm.tolist(), name="norm", showlegend=False, row=1, col=3)
+    fig.update_xaxes(title_text="layer", dtick=1, row=1, col=1)
+    fig.update_yaxes(title_text="heads", row=1, col=1)
+    fig.update_yaxes(autorange="reversed", row=1, col=2)
+    fig.update_layout(title=f"Function vectors: sum of {len(fv.heads)} heads' mean outputs at the query")
+    return fig
+
+
+# --------------------------------------------------------------------------- language-model studies
+def td_accuracy_figure(res) -> Any:
+    """A ``TDAccuracyResult``: ICL accuracy against TD, one point per (family, shots, task), the
+    linear fit of each family (and over all points when there are several families)."""
+    _need(res, ["rows", "fits"], "td_accuracy_figure")
+    if not res.rows:
+        raise ConfigError("td_accuracy_figure: the result holds no points (rows is empty)")
+    go = _go()
+    fig = go.Figure()
+    fams = list(dict.fromkeys(r["family"] for r in res.rows))
+    import plotly.colors as pc
+
+    cols = pc.qualitative.Plotly
+    for i, fam in enumerate(fams):
+        pts = [r for r in res.rows if r["family"] == fam]
+        x, y = [r["td"] for r in pts], [r["accuracy"] for r in pts]
+        fig.add_scatter(x=x, y=y, mode="markers", name=label(fam), marker=dict(size=9, color=cols[i % len(cols)]),
+                        text=[label(f"{r['task']}, {r['shots']}-shot") for r in pts],
+                        hovertemplate="%{text}: TD %{x:.3f}, accuracy %{y:.3f}<extra></extra>")
+        fit = res.fits.get(fam)
+        if fit and np.isfinite(fit["slope"]):
+            xs = np.array([min(x), max(x)])
+            fig.add_scatter(x=xs.tolist(), y=(fit["slope"] * xs + fit["intercept"]).tolist(), mode="lines",
+                            line=dict(color=cols[i % len(cols)]), name=f"{label(fam)} fit, R²={fit['r2']:.3f}")
+    fit = res.fits.get("all")
+    if len(fams) > 1 and fit and np.isfinite(fit["slope"]):
+        td = [r["td"] for r in res.rows]
+        xs = np.array([min(td), max(td)])
+        fig.add_scatter(x=xs.tolist(), y=(fit["slope"] * xs + fit["intercept"]).tolist(), mode="lines",
+                        line=dict(dash="dash", color="black"), name=f"all, R²={fit['r2']:.3f}")
+    scoring = label(getattr(res, "scoring", ""))
+    fig.update_layout(title="ICL accuracy vs task decodability (per task and shot count)",
+                      xaxis_title="TD at the best layer", yaxis_title=f"ICL accuracy (exact match, {scoring})",
+                      xaxis_range=[-0.02, 1.02], yaxis_range=[-0.02, 1.02])
+    return fig
+
+
+def _arms(results) -> list[tuple[str, Any]]:
+    if isinstance(results, Mapping):
+        arms = [(str(k), v) for k, v in results.items()]
+    elif hasattr(results, "td_before"):
+        arms = [("", results)]
+    else:
+        try:
+            arms = [("", r) for r in results]
+        except TypeError:
+            raise ConfigError(f"finetune_figure needs a FinetuneResult, a list of them or a mapping "
+                              f"{{arm: FinetuneResult}}; got {type(results).__name__}") from None
+    if not arms:
+        raise ConfigError("finetune_figure: no results to draw")
+    out = []
+    for name, r in arms:
+        _need(r, ["blocks", "acc_before", "acc_after", "td_before", "td_after", "losses"], "finetune_figure")
+        if not name:
+            name = f"blocks {', '.join(map(str, r.blocks))}" + (f" (LoRA r={r.lora_rank})" if r.lora_rank else "")
+        out.append((name, r))
+    return out
+
+
+def finetune_figure(results) -> Any:
+    """Finetuning arms (a ``FinetuneResult``, a list, or ``{arm: FinetuneResult}``, e.g. first vs last
+    half): TD at the best layer and mean ICL accuracy before and after, as bars per arm, and each arm's
+    training loss."""
+    arms = _arms(results)
+    from plotly.subplots import make_subplots
+
+    names = [label(n) for n, _ in arms]
+    fig = make_subplots(rows=1, cols=3, subplot_titles=("TD at the best layer", "ICL accuracy (mean, no null)",
+                                                        "training loss"))
+    for when, color in (("before", "#9aa5b1"), ("after", "#2680c2")):
+        td = [getattr(r, f"td_{when}").best_td for _, r in arms]
+        acc = [getattr(r, f"acc_{when}").mean for _, r in arms]
+        fig.add_bar(x=names, y=td, name=when, legendgroup=when, marker_color=color, row=1, col=1,
+                    text=[f"{v:.2f}" for v in td], textposition="outside")
+        fig.add_bar(x=names, y=acc, name=when, legendgroup=when, marker_color=color, showlegend=False, row=1, col=2,
+                    text=[f"{v:.2f}" for v in acc], textposition="outside")
+    for n, r in arms:
+        fig.add_scatter(y=list(r.losses), x=list(range(1, len(r.losses) + 1)), mode="lines", name=f"loss, {label(n)}",
+                        row=1, col=3)
+    fig.update_yaxes(range=[0, 1.1], row=1, col=1)
+    fig.update_yaxes(range=[0, 1.1], row=1, col=2)
+    fig.update_xaxes(title_text="step", row=1, col=3)
+    fam = ", ".join(dict.fromkeys(label(r.family) for _, r in arms))
+    steps = ", ".join(dict.fromkeys(str(r.steps) for _, r in arms))
+    fig.update_layout(title=f"Finetuning chosen blocks on {fam} ({steps} steps): before and after", barmode="group")
+    return fig
+
+
 __all__ = [
     "accuracy_figure",
     "emergence_figure",
     "encodings_scatter_figure",
+    "finetune_figure",
+    "function_vectors_figure",
     "head_scores_figure",
     "patching_figure",
     "patching_grids_figure",
     "patching_profile_figure",
     "sweep_figure",
+    "td_accuracy_figure",
     "td_by_layer_figure",
     "td_heatmap_figure",
 ]
