@@ -13,7 +13,8 @@ def test_demo_prints_accuracy_and_td_with_the_step_zero_control(capsys, tmp_path
     # then patching, head attribution and the report, with its summary and where it is
     (report,) = list(tmp_path.iterdir())
     assert report.suffix == ".html" and str(report) in out
-    assert "patching (swap)" in out and "grid means" in out and "top heads (dla)" in out
+    assert "patching at the query (swap)" in out and "grid means" in out and "top heads (dla)" in out
+    assert "patching at answers (replace)" in out
 
 
 def test_list_shows_families_and_shipped_models(capsys):

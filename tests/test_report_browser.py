@@ -75,8 +75,9 @@ def report_file(tmp_path_factory):
     rep.page.add(plots.td_heatmap_figure(dec), "XSS: plot labels")
     # the report itself: every view and a summary
     kinds = [sec.fragment.kind for sec in rep.page.sections]
-    assert kinds.count("plot") == 10 + 1 and kinds.count("attention") == 1 + 1 and kinds.count("circuit") == 1 + 1
+    assert kinds.count("plot") == 11 + 1 and kinds.count("attention") == 1 + 1 and kinds.count("circuit") == 1 + 1
     top = rep.results["head_scores"].top(1)[0]
+    assert "patching at answers (replace)" in rep.summary and "patching_answers" in rep.results
     assert "best layer" in rep.summary and "grid means" in rep.summary and f"top heads (dla): L{top[0]}H{top[1]}" in rep.summary
     assert len(rep.results["emergence"].steps) == 3
     path = tmp_path_factory.mktemp("report") / "report.html"

@@ -206,6 +206,12 @@ def build_report(
         psub = prompts.subset(keep)
     patch = tvlens.run_patching(m, psub, enc.task_vectors(), mode=patching_mode, progress=progress)
     results["patching"] = patch
+    patch_ans = None
+    if patch.metric != "mse" and prompts.shots >= 1 and prompts.train_mask is not None:
+        # the same test where a model may keep its task instead: the examples' answer tokens (replace)
+        vec_ans = extract(m, psub, progress=progress, at="answers").task_vectors()
+        patch_ans = tvlens.run_patching(m, psub, vec_ans, mode="replace", progress=progress)
+        results["patching_answers"] = patch_ans
     tick("run_patching", t0)
 
     t0 = time.perf_counter()
@@ -298,6 +304,11 @@ def build_report(
                  f"({len(psub)} prompts).")
         page.add(plots.patching_grids_figure(patch), "Patching grids (source x target, per layer)",
                  "Fraction of target-task prompts whose answer follows the source task's rule after patching.")
+    if patch_ans is not None:
+        page.add(plots.patching_profile_figure(patch_ans), "Task-vector patching at the examples' answers",
+                 "Mode 'replace': task vectors read (extract(..., at='answers')) and patched at every in-context "
+                 "example's answer token instead of the query. A model that keeps its task there, not at the query, "
+                 f"flips here ({len(psub)} prompts).")
     if scores is not None:
         page.add(plots.head_scores_figure(scores), f"Head scores ({getattr(scores, 'method', '')})")
         page.add(circuits.attention_heads_view(m, prompts, scores, prompt=prompt, k=top_k),
@@ -316,7 +327,7 @@ def build_report(
         page.add(plots.emergence_figure(em), "Emergence over training")
     tick("views", t0)
 
-    rows = summarize(name, fam, acc, dec, patch, scores, em, sweep, top_k=min(top_k, 5))
+    rows = summarize(name, fam, acc, dec, patch, scores, em, sweep, top_k=min(top_k, 5), patch_answers=patch_ans)
     summary = "\n".join(f"{k}: {v}" for k, v in rows)
     timings["total"] = round(time.perf_counter() - t_all, 2)
     note_html = "".join(f'<p class="tvlens-note">{esc(n)}</p>' for n in notes)
@@ -327,7 +338,8 @@ def build_report(
     return Report(page=page, summary=summary, summary_rows=rows, results=results, timings=timings, notes=notes)
 
 
-def summarize(name, fam, acc, dec, patch, scores=None, em=None, sweep=None, top_k: int = 5) -> list[tuple[str, str]]:
+def summarize(name, fam, acc, dec, patch, scores=None, em=None, sweep=None, top_k: int = 5,
+              patch_answers=None) -> list[tuple[str, str]]:
     """The report's short summary: (what, result) rows."""
     rows = [("model", f"{name}, family {fam.name} ({len(dec.task_names)} tasks)"),
             (f"ICL {acc.metric}", f"{acc.mean:.3f} (mean over non-null tasks)")]
@@ -342,9 +354,14 @@ def summarize(name, fam, acc, dec, patch, scores=None, em=None, sweep=None, top_
         b = patch.best_layer()
         li = patch.layers.index(b)
         grid_means = ", ".join(f"L{L} {float(patch.follows_source[i].nanmean()):.2f}" for i, L in enumerate(patch.layers))
-        rows.append((f"patching ({patch.mode})", f"best layer {b}: flip rate {float(patch.flip_rate[li]):.3f}, own-task "
+        rows.append((f"patching at the query ({patch.mode})", f"best layer {b}: flip rate {float(patch.flip_rate[li]):.3f}, own-task "
                                                  f"control {float(patch.control[li]):.3f}, floor {patch.flip_floor:.3f}; "
                                                  f"grid means {grid_means}"))
+    if patch_answers is not None:
+        b = patch_answers.best_layer()
+        li = patch_answers.layers.index(b)
+        rows.append(("patching at answers (replace)", f"best layer {b}: flip rate {float(patch_answers.flip_rate[li]):.3f}, "
+                                                      f"own-task control {float(patch_answers.control[li]):.3f}"))
     if scores is not None:
         rows.append((f"top heads ({getattr(scores, 'method', '')})",
                      ", ".join(f"L{L}H{h} ({s:+.3g})" for L, h, s in scores.top(top_k))))
