@@ -2,7 +2,10 @@
 
 (a) the shipped bitwise model, (b) a randomly initialised GPT-2-small-shaped model (12 layers,
 12 heads, d_model 768, vocab 50257), batch 4 x 16 tokens; a resid_pre layer x position sweep and
-a per-head all-positions (z) sweep. Prints wall time, speed-up and the largest |difference|.
+a per-head all-positions (z) sweep. Prints wall time, speed-up and the largest |difference|; the
+resid_pre sweep runs three ways: ``skip_prefix=False`` (every patched run recomputes all positions),
+``True`` (one call per patched position, positions before it taken from the corrupted run's key/value
+cache) and ``None`` (auto: the cost model's choice).
 
 Run: ``.venv/bin/python benchmarks/bench_patching.py`` (``--quick`` skips the GPT-2-shaped model).
 """
@@ -63,14 +66,18 @@ def run(which: str) -> None:
         with torch.no_grad():
             ref = tl_fn(model, corrupted, cache, tl_metric)
         t_tl = time.perf_counter() - t
-        t = time.perf_counter()
-        ours = activation_patching(model, clean, corrupted, metric, site=site, by=by, read_positions=[-1],
-                                   batch_size=256, progress=False)
-        t_us = time.perf_counter() - t
-        diff = float((ours.values - ref.cpu()).abs().max())
-        print(f"[patching] {which:18s} {name:24s} TransformerLens {t_tl:7.2f}s  tvlens {t_us:7.2f}s  "
-              f"speed-up {t_tl / t_us:5.2f}x  max|diff| {diff:.2e}", flush=True)
-
+        # resid_pre by position: also with the unchanged prefix skipped (True), never (False), and auto (None)
+        variants = [None] if "pos" not in by else [False, True, None]
+        for skip in variants:
+            t = time.perf_counter()
+            ours = activation_patching(model, clean, corrupted, metric, site=site, by=by, read_positions=[-1],
+                                       batch_size=256, progress=False, skip_prefix=skip)
+            t_us = time.perf_counter() - t
+            diff = float((ours.values - ref.cpu()).abs().max())
+            label = name if skip is None and "pos" not in by else f"{name} skip_prefix={skip}"
+            print(f"[patching] {which:18s} {label:40s} TransformerLens {t_tl:7.2f}s  tvlens {t_us:7.2f}s  "
+                  f"speed-up {t_tl / t_us:5.2f}x  max|diff| {diff:.2e}  ({ours.notes['forward_calls']} calls)",
+                  flush=True)
 
 def main() -> None:
     ap = argparse.ArgumentParser()

@@ -113,3 +113,119 @@ def test_bad_sweep_input(setup):
         activation_patching(model, clean, corrupted, metric, read_positions=[9], progress=False)
     with pytest.raises(ConfigError, match="cannot fit"):
         activation_patching(model, clean, corrupted, metric, batch_size=2, progress=False)
+
+
+# --- skipping the unchanged prefix (skip_prefix): exact against the full recomputation and TransformerLens ---
+
+PREFIX_CASES = [
+    ("resid_pre", ("layer", "pos"), tlp.get_act_patch_resid_pre),
+    ("resid_mid", ("layer", "pos"), tlp.get_act_patch_resid_mid),
+    ("resid_post", ("layer", "pos"), None),
+    ("attn_out", ("layer", "pos"), tlp.get_act_patch_attn_out),
+    ("mlp_out", ("layer", "pos"), tlp.get_act_patch_mlp_out),
+    ("z", ("layer", "pos", "head"), tlp.get_act_patch_attn_head_out_by_pos),
+    ("q", ("layer", "pos", "head"), tlp.get_act_patch_attn_head_q_by_pos),
+    ("k", ("layer", "pos", "head"), tlp.get_act_patch_attn_head_k_by_pos),
+    ("v", ("layer", "pos", "head"), tlp.get_act_patch_attn_head_v_by_pos),
+    ("result", ("layer", "pos", "head"), None),
+]
+
+
+@pytest.mark.parametrize("site,by,tl_fn", PREFIX_CASES, ids=[f"{c[0]}-{'-'.join(c[1])}" for c in PREFIX_CASES])
+def test_skip_prefix_equals_full_run_and_transformer_lens(setup, site, by, tl_fn):
+    model, clean, corrupted, clean_cache, metric, tl_metric = setup
+    kw = dict(site=site, by=by, read_positions=[-1], batch_size=12, progress=False)  # 4 heads per call
+    skip = activation_patching(model, clean, corrupted, metric, skip_prefix=True, **kw)
+    full = activation_patching(model, clean, corrupted, metric, skip_prefix=False, **kw)
+    auto = activation_patching(model, clean, corrupted, metric, **kw)
+    assert skip.notes["skip_prefix"] and not full.notes["skip_prefix"]
+    assert skip.notes["forward_calls"] == 2 * 7  # one call per (layer, patched position)
+    assert (skip.values - full.values).abs().max() <= 1e-4 and (auto.values - full.values).abs().max() <= 1e-4
+    assert full.values.abs().max() > 0 and (full.values - full.corrupted_metric).abs().max() > 1e-3
+    if tl_fn is not None:
+        ref = tl_fn(model, corrupted, clean_cache, tl_metric)
+        assert (skip.values - ref).abs().max() <= 1e-4
+
+
+def test_skip_prefix_on_a_rotary_model():
+    cfg = HookedTransformerConfig(n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_ctx=16, d_vocab=40,
+                                  act_fn="gelu", normalization_type="LN", positional_embedding_type="rotary",
+                                  rotary_dim=8, seed=3)
+    model = _hooked_transformer(cfg)
+    g = torch.Generator().manual_seed(2)
+    clean = torch.randint(0, 40, (2, 8), generator=g)
+    corrupted = torch.randint(0, 40, (2, 8), generator=g)
+    _, cache = model.run_with_cache(clean)
+
+    def metric(logits):
+        return logits[:, -1, 1] - logits[:, -1, 2]
+
+    for site, by, tl_fn in [("resid_pre", ("layer", "pos"), tlp.get_act_patch_resid_pre),
+                            ("k", ("layer", "pos", "head"), tlp.get_act_patch_attn_head_k_by_pos)]:
+        ref = tl_fn(model, corrupted, cache, lambda lg: metric(lg).mean())
+        skip = activation_patching(model, clean, corrupted, metric, site=site, by=by, read_positions=[-1],
+                                   batch_size=8, progress=False, skip_prefix=True)
+        assert skip.notes["skip_prefix"] and (skip.values - ref).abs().max() <= 1e-4
+
+
+def test_skip_prefix_reading_before_the_patched_position(setup):
+    # the metric reads position 3: patches at positions > 3 still run from position 3 on, exactly
+    model, clean, corrupted, clean_cache, _, _ = setup
+
+    def metric(logits):
+        return logits[:, 0, 3] - logits[:, 0, 5]
+
+    ref = tlp.get_act_patch_resid_pre(model, corrupted, clean_cache, lambda lg: metric(lg[:, 3:4]).mean())
+    skip = activation_patching(model, clean, corrupted, metric, read_positions=[3], batch_size=10, progress=False,
+                               skip_prefix=True)
+    assert skip.notes["skip_prefix"] and (skip.values - ref).abs().max() <= 1e-4
+    assert skip.values[:, 4:].abs().max() == pytest.approx(abs(skip.corrupted_metric), abs=1e-4)
+
+
+def test_skip_prefix_with_patch_positions_and_source(setup):
+    # one position per prompt (what head attribution sweeps), with a mean activation patched in
+    model, clean, corrupted, clean_cache, metric, _ = setup
+    pos = torch.tensor([3, 5, 4])
+    source = {L: clean_cache[f"blocks.{L}.attn.hook_z"].mean(0) for L in range(2)}
+    kw = dict(site="z", by=("layer", "head"), read_positions=torch.full((3,), 6), patch_positions=pos,
+              source=source, batch_size=12, progress=False, per_prompt=True)
+    skip = activation_patching(model, None, corrupted, metric, skip_prefix=True, **kw)
+    full = activation_patching(model, None, corrupted, metric, skip_prefix=False, **kw)
+    assert skip.notes["skip_prefix"] and (skip.per_prompt - full.per_prompt).abs().max() <= 1e-4
+    assert (full.values - full.corrupted_metric).abs().max() > 1e-3
+
+
+def test_skip_prefix_on_the_shipped_bitwise_model():
+    import tvlens
+
+    model = tvlens.load_model("bitwise")
+    fam = tvlens.model_info(model).task_family()
+    p = fam.sample(2, shots=2, seed=0, tasks=["and", "or"])
+    clean, corrupted = p.tokens[:2], p.tokens[2:]
+    q = p.query_pos[:2]
+    ans = p.answers[:2, 0]
+
+    def metric(logits):
+        return logits[:, 0].log_softmax(-1)[torch.arange(2), ans]
+
+    _, cache = model.run_with_cache(clean)
+    ref = tlp.get_act_patch_resid_pre(model, corrupted, cache,
+                                      lambda lg: metric(lg[torch.arange(2), q][:, None]).mean())
+    skip = activation_patching(model, clean, corrupted, metric, read_positions=q, batch_size=64, progress=False,
+                               skip_prefix=True)
+    full = activation_patching(model, clean, corrupted, metric, read_positions=q, batch_size=64, progress=False,
+                               skip_prefix=False)
+    assert skip.notes["skip_prefix"] and (skip.values - ref).abs().max() <= 1e-4
+    assert (skip.values - full.values).abs().max() <= 1e-4
+
+
+def test_skip_prefix_true_when_it_cannot_be_done(setup):
+    model, clean, corrupted, _, metric, _ = setup
+    with pytest.raises(ConfigError, match="read_positions is None"):
+        activation_patching(model, clean, corrupted, metric, skip_prefix=True, progress=False)
+    with pytest.raises(ConfigError, match="single positions"):
+        activation_patching(model, clean, corrupted, metric, by=("layer",), read_positions=[-1], skip_prefix=True,
+                            progress=False)
+    with pytest.raises(ConfigError, match="single positions"):
+        activation_patching(model, clean, corrupted, metric, site="pattern", by=("layer", "head", "dest"),
+                            read_positions=[-1], skip_prefix=True, progress=False)

@@ -408,6 +408,38 @@ def _load_pretrained(name: str, device, local_folder: bool, **kwargs: Any) -> Ho
     return model
 
 
+def supports_prefix_kv(model) -> bool:
+    """Whether ``prefix_kv_cache`` continues ``model`` exactly: a HookedTransformer with causal attention
+    whose cached keys/values are the ``hook_k``/``hook_v`` activations and whose position information
+    is in the residual stream (learned positions) or applied after the cache (rotary, with the offset)."""
+    cfg = getattr(model, "cfg", None)
+    return (
+        isinstance(model, HookedTransformer)
+        and cfg is not None
+        and cfg.attention_dir == "causal"
+        and cfg.positional_embedding_type in ("standard", "rotary")
+        and getattr(cfg, "clip_qkv", None) is None  # clamped after hook_k
+        and cfg.original_architecture not in ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
+        and not getattr(cfg, "use_logn_attn", False)
+        and not getattr(cfg, "use_dynamic_ntk_rope", False)
+        and getattr(cfg, "n_devices", 1) == 1
+    )
+
+
+def prefix_kv_cache(model, keys: dict[int, torch.Tensor], values: dict[int, torch.Tensor], batch: int):
+    """A frozen TransformerLens KV cache holding ``keys[l]``/``values[l]`` (``hook_k``/``hook_v``
+    activations ``[batch, prefix, kv_heads, d_head]``) for layers ``l``; other layers are empty. Passed
+    with ``start_at_layer`` to ``model(...)``, the run continues those prefix positions."""
+    from transformer_lens import TransformerLensKeyValueCache, TransformerLensKeyValueCacheEntry
+
+    device = next(model.parameters()).device
+    cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, batch)
+    for layer, k in keys.items():
+        cache.entries[layer] = TransformerLensKeyValueCacheEntry(past_keys=k, past_values=values[layer])
+    cache.freeze()
+    return cache
+
+
 __all__ = [
     "HookedRegressionTransformer",
     "LinearEmbed",

@@ -32,6 +32,7 @@ from jaxtyping import Float, Int
 from tqdm.auto import tqdm
 
 from tvlens.errors import ConfigError
+from tvlens.models import prefix_kv_cache, supports_prefix_kv
 
 # site -> (hook name inside block l, kind)
 SITES: dict[str, tuple[str, str]] = {
@@ -180,6 +181,7 @@ def activation_patching(
     source: dict[int, torch.Tensor] | None = None,
     patch_positions: Int[torch.Tensor, "batch"] | None = None,
     per_prompt: bool = False,
+    skip_prefix: bool | None = None,
 ) -> SweepResult:
     """Patch clean activations into the corrupted run at every index of ``by``; record ``metric``.
 
@@ -194,6 +196,14 @@ def activation_patching(
     None, and ``clean_metric`` is nan). ``patch_positions`` ``[batch]`` patches only each prompt's
     position (``by`` without ``pos``: ``("layer",)`` or ``("layer", "head")``). ``per_prompt`` keeps every
     prompt's metric (``per_prompt``, ``corrupted_per_prompt``).
+
+    ``skip_prefix``: a patch at one position ``p`` (by ``pos``, or ``patch_positions``) leaves every
+    position before ``p`` as in the corrupted run (causal attention), so when all read positions are
+    ``>= p`` the patched run computes only positions ``min(p, reads)..`` of blocks ``l..``, attending to
+    the corrupted run's cached keys and values of the earlier positions (exact, not an approximation).
+    None (default) does it where it is valid and a cost model expects it to be faster; False never;
+    True wherever valid (one forward call per patched position), and raises ConfigError when it cannot
+    be done (no read_positions, a sweep not at single positions, or a model it is not exact for).
     """
     if site not in SITES:
         raise ConfigError(f"unknown site {site!r}; known sites: {sorted(SITES)}")
@@ -238,6 +248,15 @@ def activation_patching(
             raise ConfigError(f"read_positions {list(rp)} out of range for sequences of length {seq}")
     if batch_size < B:
         raise ConfigError(f"batch_size={batch_size} cannot fit one patch of {B} prompts; use batch_size >= {B}")
+    single_pos = kind != "pattern" and ("pos" in by or patch_positions is not None)
+    can_skip = single_pos and read_positions is not None and supports_prefix_kv(model)
+    if skip_prefix and not can_skip:
+        why = ("the sweep does not patch single positions (by 'pos' or patch_positions)" if not single_pos else
+               "read_positions is None (the metric reads every position)" if read_positions is None else
+               f"the model ({type(model).__name__}, positional_embedding_type "
+               f"{model.cfg.positional_embedding_type!r}) cannot be continued exactly from a key/value cache")
+        raise ConfigError(f"skip_prefix=True cannot skip the unchanged prefix: {why}; use skip_prefix=None")
+    use_skip = can_skip and skip_prefix is not False
     device = next(model.parameters()).device
     corrupted = corrupted.to(device)
     clean = clean.to(device) if clean is not None else None
@@ -249,7 +268,11 @@ def activation_patching(
     try:
         names = {_hook_name(site, L) for L in layers}
         starts = {f"blocks.{L}.hook_resid_pre" for L in layers}
-        corrupt_logits, corrupt_cache = model.run_with_cache(corrupted, names_filter=lambda n: n in starts)
+        kv_names = set()
+        if use_skip:  # the corrupted run's keys/values of every block a patched run goes through
+            kv_names = {f"blocks.{i}.attn.hook_{x}" for i in range(min(layers), n_layers) for x in "kv"}
+        corrupt_logits, corrupt_cache = model.run_with_cache(corrupted,
+                                                             names_filter=lambda n: n in starts or n in kv_names)
 
         def score(logits_full):
             return _per_prompt(metric, _select(logits_full, read_positions), B)
@@ -269,33 +292,52 @@ def activation_patching(
         out = torch.zeros(len(layers), len(idx_all))
         out_pp = torch.zeros(len(layers), len(idx_all), B) if per_prompt else None
         per_chunk = max(1, batch_size // B)
-        total = len(layers) * ((len(idx_all) + per_chunk - 1) // per_chunk)
-        bar = tqdm(total=total, desc=f"patching {site}", disable=not progress, leave=False)
+        if use_skip:
+            reads = _normalized_reads(read_positions, seq, device)
+            min_read = int(reads.min()) if torch.is_tensor(reads) else min(reads)
+            # the first patched position of each index (patch_positions: the earliest prompt's)
+            first = ([i[0] for i in idx_all] if "pos" in by else [int(pp.min())] * len(idx_all))
+            plan = _plan_chunks(first, min_read, per_chunk, B, seq, model, auto=skip_prefix is None)
+        else:
+            reads = read_positions
+            plan = [(c0, min(c0 + per_chunk, len(idx_all)), 0) for c0 in range(0, len(idx_all), per_chunk)]
+        n_calls = 0
+        bar = tqdm(total=len(layers) * len(plan), desc=f"patching {site}", disable=not progress, leave=False)
         for li, L in enumerate(layers):
             start = corrupt_cache[f"blocks.{L}.hook_resid_pre"]
             if source is None:
                 clean_act = clean_cache[_hook_name(site, L)]
             else:
                 clean_act = _expand_source(source[L], corrupt_cache[f"blocks.{L}.hook_resid_pre"], site, model, device)
-            for c0 in range(0, len(idx_all), per_chunk):
-                chunk = idx_all[c0 : c0 + per_chunk]
+            for c0, c1, o in plan:
+                # positions o.. are computed; the metric reads only positions >= o, patches are at >= o
+                chunk = [((i[0] - o,) + i[1:]) if "pos" in by else i for i in idx_all[c0:c1]]
                 k = len(chunk)
+                act_o = clean_act[:, o:] if o else clean_act
+                pp_o = pp - o if pp is not None and o else pp
 
-                def hook(act, hook, _chunk=chunk, _clean=clean_act):
+                def hook(act, hook, _chunk=chunk, _clean=act_o, _pp=pp_o):
                     act = act.clone()
                     for j, idx in enumerate(_chunk):
-                        _apply(act, _clean, kind, rest, idx, j, B, pp)
+                        _apply(act, _clean, kind, rest, idx, j, B, _pp)
                     return act
 
-                resid_in = start.repeat(k, *([1] * (start.ndim - 1)))
+                resid_in = start[:, o:].repeat(k, *([1] * (start.ndim - 1)))
+                kv = None
+                if o:
+                    def rep(x):
+                        return x[:, :o].repeat(k, *([1] * (x.ndim - 1)))
+                    kv = prefix_kv_cache(model, {i: rep(corrupt_cache[f"blocks.{i}.attn.hook_k"]) for i in range(L, n_layers)},
+                                         {i: rep(corrupt_cache[f"blocks.{i}.attn.hook_v"]) for i in range(L, n_layers)}, k * B)
                 with model.hooks(fwd_hooks=[(_hook_name(site, L), hook)]):
-                    resid = model(resid_in, start_at_layer=L, stop_at_layer=n_layers)
-                logits = _read(model, resid, read_positions)
+                    resid = model(resid_in, start_at_layer=L, stop_at_layer=n_layers, past_kv_cache=kv)
+                n_calls += 1
+                logits = _read(model, resid, _shift(reads, o))
                 # the metric sees the B prompts in their order, once per stacked patch
                 pp_vals = torch.stack([_per_prompt(metric, logits[j * B : (j + 1) * B], B) for j in range(k)])
-                out[li, c0 : c0 + k] = pp_vals.mean(1).float().cpu()
+                out[li, c0:c1] = pp_vals.mean(1).float().cpu()
                 if out_pp is not None:
-                    out_pp[li, c0 : c0 + k] = pp_vals.float().cpu()
+                    out_pp[li, c0:c1] = pp_vals.float().cpu()
                 bar.update(1)
         bar.close()
     finally:
@@ -303,9 +345,82 @@ def activation_patching(
             model.set_use_attn_result(old_result)
     shape = [len(layers)] + [seq if a in ("pos", "dest") else n_heads for a in rest]
     return SweepResult(values=out.reshape(shape), axes=by, site=site, clean_metric=clean_m,
-                       corrupted_metric=corrupt_m, notes={"layers": layers},
+                       corrupted_metric=corrupt_m,
+                       notes={"layers": layers, "skip_prefix": use_skip and any(o for _, _, o in plan),
+                              "forward_calls": n_calls},
                        per_prompt=out_pp.reshape(*shape, B) if out_pp is not None else None,
                        corrupted_per_prompt=corrupt_pp if per_prompt else None)
+
+
+def _normalized_reads(read_positions, seq: int, device):
+    """Read positions as non-negative indices, in the form ``_select`` takes (list or tensor)."""
+    if torch.is_tensor(read_positions):
+        return read_positions.to(device).long() % seq
+    return [int(p) % seq for p in read_positions]
+
+
+def _shift(reads, o: int):
+    if not o or reads is None:
+        return reads
+    return reads - o if torch.is_tensor(reads) else [p - o for p in reads]
+
+
+# cost model for skip_prefix=None: seconds of fixed overhead per forward call (Python, hooks, kernel
+# launches) and arithmetic throughput, to compare one call's overhead with the positions it skips
+_CALL_OVERHEAD_S = {"cpu": 2e-3, "cuda": 2e-3}
+_FLOPS = {"cpu": 2e10, "cuda": 2e13}
+
+
+def _plan_chunks(first: list[int], min_read: int, per_chunk: int, B: int, seq: int, model, auto: bool):
+    """Split the (position-sorted) indices into forward calls ``(c0, c1, offset)``: at most ``per_chunk``
+    patches each; a call computes positions ``offset..`` where ``offset = min(first patched position,
+    min_read)``. ``auto``: contiguous runs of positions share a call where a call's overhead outweighs the
+    positions it would skip (cost model); otherwise one call per patched position."""
+    n = len(first)
+    # runs of indices patching the same first position (indices are sorted by position)
+    groups: list[tuple[int, int]] = []
+    for i, p in enumerate(first):
+        if groups and first[groups[-1][0]] == p:
+            groups[-1] = (groups[-1][0], i + 1)
+        else:
+            groups.append((i, i + 1))
+    if not auto:
+        return [(c0, min(c0 + per_chunk, g1), min(first[c0], min_read)) for g0, g1 in groups
+                for c0 in range(g0, g1, per_chunk)]
+    cfg = model.cfg
+    dev = "cuda" if next(model.parameters()).is_cuda else "cpu"
+    d_attn = cfg.n_heads * cfg.d_head
+    flops_tok = 2 * (4 * cfg.d_model * d_attn + (0 if cfg.attn_only else 2 * cfg.d_model * (cfg.d_mlp or 0))) \
+        + 4 * seq * d_attn
+    threads = torch.get_num_threads() if dev == "cpu" else 1
+    c0_tok = _CALL_OVERHEAD_S[dev] * _FLOPS[dev] * threads / flops_tok  # one call's overhead in tokens
+
+    def cost(g0: int, g1: int) -> float:  # groups g0..g1-1 in calls of per_chunk, each from its first position
+        a, b = groups[g0][0], groups[g1 - 1][1]
+        return sum(c0_tok + B * (min(c1, b) - c) * (seq - min(first[c], min_read))
+                   for c in range(a, b, per_chunk) for c1 in [c + per_chunk])
+
+    # dynamic programme over contiguous runs of groups (a run spans at most per_chunk indices, or one group)
+    G = len(groups)
+    best = [0.0] + [float("inf")] * G
+    back = [0] * (G + 1)
+    for j in range(1, G + 1):
+        for i in range(j - 1, -1, -1):
+            if i < j - 1 and groups[j - 1][1] - groups[i][0] > per_chunk:
+                break
+            c = best[i] + cost(i, j)
+            if c < best[j]:
+                best[j], back[j] = c, i
+    runs, j = [], G
+    while j:
+        runs.append((back[j], j))
+        j = back[j]
+    plan = []
+    for g0, g1 in reversed(runs):
+        a, b = groups[g0][0], groups[g1 - 1][1]
+        plan += [(c, min(c + per_chunk, b), min(first[c], min_read)) for c in range(a, b, per_chunk)]
+    assert plan[-1][1] == n
+    return plan
 
 
 def _expand_source(src: torch.Tensor, resid: torch.Tensor, site: str, model, device) -> torch.Tensor:
