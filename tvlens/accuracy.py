@@ -177,7 +177,9 @@ def logits_at_answers(model, x: torch.Tensor, query_pos: torch.Tensor, n_answer:
     """Run ``model`` on ``x`` (inputs, or the residual stream entering ``start_at_layer``) and unembed
     only the answer positions: ``[b, n_answer, d_vocab_out]``."""
     resid = model(x, start_at_layer=start_at_layer, stop_at_layer=model.cfg.n_layers)
-    return model.unembed(model.ln_final(at_answer_positions(resid, query_pos, n_answer)))
+    from tvlens.models import unembed
+
+    return unembed(model, model.ln_final(at_answer_positions(resid, query_pos, n_answer)))
 
 
 def icl_accuracy(model, prompts: PromptSet, batch_size: int | None = 256, progress: bool = False) -> AccuracyResult:

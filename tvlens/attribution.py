@@ -531,7 +531,9 @@ def _atp(model, P, C, layers, fn, site, qk_fix, batch_size, progress):
             from tvlens.accuracy import at_answer_positions
 
             x = at_answer_positions(resid, P.query_pos[sl], P.n_answer)
-            sel = model.unembed(model.ln_final(x) if hasattr(model, "ln_final") else x)
+            from tvlens.models import unembed
+
+            sel = unembed(model, model.ln_final(x) if hasattr(model, "ln_final") else x)
             m = fn(sel, P.answers[sl])
             if not torch.is_tensor(m) or not m.requires_grad:
                 raise ConfigError("the metric is not differentiable (its value has no gradient): method='atp' needs "

@@ -185,7 +185,9 @@ def _greedy_accuracy(model, prompts: PromptSet, batch_size: int | None, progress
         resid = model(sub.tokens[:, :last], stop_at_layer=model.cfg.n_layers)  # type: ignore[index]
         pos = (sub.query_pos[:, None] + torch.arange(A, device=device)[None]).clamp(max=last - 1)
         picked = resid.gather(1, pos[..., None].expand(-1, -1, resid.shape[-1]))
-        sel = model.unembed(model.ln_final(picked)).float()
+        from tvlens.models import unembed
+
+        sel = unembed(model, model.ln_final(picked)).float()
         ans = sub.extra["answer_tokens"]
         ok = ans >= 0
         lp = sel.log_softmax(-1).gather(-1, ans.clamp_min(0)[..., None])[..., 0]

@@ -426,6 +426,19 @@ def supports_prefix_kv(model) -> bool:
     )
 
 
+def unembed(model, x: torch.Tensor) -> torch.Tensor:
+    """``model.unembed(x)`` without TransformerLens 3.x's per-call copy of the whole unembedding matrix
+    (its ``Unembed.forward`` runs ``F.linear(x, W_U.T.contiguous(), b_U)``: 154 MB copied per call for
+    GPT-2's 768 x 50257, which dominated sweeps that unembed a few positions many times). The hooks
+    ``unembed.hook_in`` / ``hook_out`` still run; results equal TL's up to float rounding."""
+    from transformer_lens.components import Unembed
+
+    u = model.unembed
+    if type(u) is not Unembed:  # e.g. the regression read-out: its own forward
+        return u(x)
+    return u.hook_out(torch.matmul(u.hook_in(x), u.W_U) + u.b_U)
+
+
 def prefix_kv_cache(model, keys: dict[int, torch.Tensor], values: dict[int, torch.Tensor], batch: int):
     """A frozen TransformerLens KV cache holding ``keys[l]``/``values[l]`` (``hook_k``/``hook_v``
     activations ``[batch, prefix, kv_heads, d_head]``) for layers ``l``; other layers are empty. Passed
@@ -441,6 +454,7 @@ def prefix_kv_cache(model, keys: dict[int, torch.Tensor], values: dict[int, torc
 
 
 __all__ = [
+    "unembed",
     "HookedRegressionTransformer",
     "LinearEmbed",
     "ModelInfo",

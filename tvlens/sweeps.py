@@ -32,7 +32,7 @@ from jaxtyping import Float, Int
 from tqdm.auto import tqdm
 
 from tvlens.errors import ConfigError
-from tvlens.models import prefix_kv_cache, supports_prefix_kv
+from tvlens.models import prefix_kv_cache, supports_prefix_kv, unembed
 
 # site -> (hook name inside block l, kind)
 SITES: dict[str, tuple[str, str]] = {
@@ -163,7 +163,7 @@ def _select(x: torch.Tensor, read_positions) -> torch.Tensor:
 def _read(model, resid: torch.Tensor, read_positions) -> torch.Tensor:
     """Final layer norm (when the model has one) and unembedding at the read positions only."""
     x = _select(resid, read_positions)
-    return model.unembed(model.ln_final(x) if hasattr(model, "ln_final") else x)
+    return unembed(model, model.ln_final(x) if hasattr(model, "ln_final") else x)
 
 
 @torch.no_grad()
