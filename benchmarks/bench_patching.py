@@ -3,9 +3,9 @@
 (a) the shipped bitwise model, (b) a randomly initialised GPT-2-small-shaped model (12 layers,
 12 heads, d_model 768, vocab 50257), batch 4 x 16 tokens; a resid_pre layer x position sweep and
 a per-head all-positions (z) sweep. Prints wall time, speed-up and the largest |difference|; the
-resid_pre sweep runs three ways: ``skip_prefix=False`` (every patched run recomputes all positions),
-``True`` (one call per patched position, positions before it taken from the corrupted run's key/value
-cache) and ``None`` (auto: the cost model's choice).
+resid_pre sweep runs two ways: ``skip_prefix=False`` (the default: every patched run recomputes all
+positions, patches stacked in few calls) and ``True`` (one call per patched position, positions
+before it taken from the corrupted run's key/value cache).
 
 Run: ``.venv/bin/python benchmarks/bench_patching.py`` (``--quick`` skips the GPT-2-shaped model).
 """
@@ -66,8 +66,8 @@ def run(which: str) -> None:
         with torch.no_grad():
             ref = tl_fn(model, corrupted, cache, tl_metric)
         t_tl = time.perf_counter() - t
-        # resid_pre by position: also with the unchanged prefix skipped (True), never (False), and auto (None)
-        variants = [None] if "pos" not in by else [False, True, None]
+        # resid_pre by position: also with the unchanged prefix skipped (True)
+        variants = [None] if "pos" not in by else [False, True]
         for skip in variants:
             t = time.perf_counter()
             ours = activation_patching(model, clean, corrupted, metric, site=site, by=by, read_positions=[-1],

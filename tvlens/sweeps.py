@@ -160,12 +160,6 @@ def _select(x: torch.Tensor, read_positions) -> torch.Tensor:
     return x[:, list(read_positions)]
 
 
-def _read(model, resid: torch.Tensor, read_positions) -> torch.Tensor:
-    """Final layer norm (when the model has one) and unembedding at the read positions only."""
-    x = _select(resid, read_positions)
-    return unembed(model, model.ln_final(x) if hasattr(model, "ln_final") else x)
-
-
 @torch.no_grad()
 def activation_patching(
     model,
@@ -201,9 +195,11 @@ def activation_patching(
     position before ``p`` as in the corrupted run (causal attention), so when all read positions are
     ``>= p`` the patched run computes only positions ``min(p, reads)..`` of blocks ``l..``, attending to
     the corrupted run's cached keys and values of the earlier positions (exact, not an approximation).
-    None (default) does it where it is valid and a cost model expects it to be faster; False never;
-    True wherever valid (one forward call per patched position), and raises ConfigError when it cannot
-    be done (no read_positions, a sweep not at single positions, or a model it is not exact for).
+    True does it wherever valid (one forward call per patched position) and raises ConfigError when it
+    cannot be done (no read_positions, a sweep not at single positions, or a model it is not exact for).
+    None (default) and False do not: on CPU the many small calls cost as much as the positions they
+    skip save (TransformerLens copies weights on every call; measured on a GPT-2-small-shaped model,
+    ``benchmarks/bench_patching.py``), so the batched full run stays the default.
     """
     if site not in SITES:
         raise ConfigError(f"unknown site {site!r}; known sites: {sorted(SITES)}")
@@ -256,7 +252,7 @@ def activation_patching(
                f"the model ({type(model).__name__}, positional_embedding_type "
                f"{model.cfg.positional_embedding_type!r}) cannot be continued exactly from a key/value cache")
         raise ConfigError(f"skip_prefix=True cannot skip the unchanged prefix: {why}; use skip_prefix=None")
-    use_skip = can_skip and skip_prefix is not False
+    use_skip = can_skip and skip_prefix is True
     device = next(model.parameters()).device
     corrupted = corrupted.to(device)
     clean = clean.to(device) if clean is not None else None
@@ -297,11 +293,30 @@ def activation_patching(
             min_read = int(reads.min()) if torch.is_tensor(reads) else min(reads)
             # the first patched position of each index (patch_positions: the earliest prompt's)
             first = ([i[0] for i in idx_all] if "pos" in by else [int(pp.min())] * len(idx_all))
-            plan = _plan_chunks(first, min_read, per_chunk, B, seq, model, auto=skip_prefix is None)
+            plan = _plan_chunks(first, min_read, per_chunk)
         else:
             reads = read_positions
             plan = [(c0, min(c0 + per_chunk, len(idx_all)), 0) for c0 in range(0, len(idx_all), per_chunk)]
         n_calls = 0
+        pending: list[tuple[int, int, int, torch.Tensor]] = []
+        pending_rows = [0]
+
+        def flush(li: int) -> None:
+            if not pending:
+                return
+            sel = torch.cat([x for *_, x in pending])
+            logits = unembed(model, model.ln_final(sel) if hasattr(model, "ln_final") else sel)
+            r0 = 0
+            for c0, c1, k, _ in pending:
+                # the metric sees the B prompts in their order, once per stacked patch
+                pp_vals = torch.stack([_per_prompt(metric, logits[r0 + j * B : r0 + (j + 1) * B], B) for j in range(k)])
+                r0 += k * B
+                out[li, c0:c1] = pp_vals.mean(1).float().cpu()
+                if out_pp is not None:
+                    out_pp[li, c0:c1] = pp_vals.float().cpu()
+            pending.clear()
+            pending_rows[0] = 0
+
         bar = tqdm(total=len(layers) * len(plan), desc=f"patching {site}", disable=not progress, leave=False)
         for li, L in enumerate(layers):
             start = corrupt_cache[f"blocks.{L}.hook_resid_pre"]
@@ -332,13 +347,14 @@ def activation_patching(
                 with model.hooks(fwd_hooks=[(_hook_name(site, L), hook)]):
                     resid = model(resid_in, start_at_layer=L, stop_at_layer=n_layers, past_kv_cache=kv)
                 n_calls += 1
-                logits = _read(model, resid, _shift(reads, o))
-                # the metric sees the B prompts in their order, once per stacked patch
-                pp_vals = torch.stack([_per_prompt(metric, logits[j * B : (j + 1) * B], B) for j in range(k)])
-                out[li, c0:c1] = pp_vals.mean(1).float().cpu()
-                if out_pp is not None:
-                    out_pp[li, c0:c1] = pp_vals.float().cpu()
+                # keep only the read positions' final residual; unembed many calls at once (reading the
+                # unembedding matrix once per flush, not once per call: it dominates small calls)
+                pending.append((c0, c1, k, _select(resid, _shift(reads, o))))
+                pending_rows[0] += k * B
+                if pending_rows[0] >= per_chunk * B:
+                    flush(li)
                 bar.update(1)
+            flush(li)
         bar.close()
     finally:
         if use_result:
@@ -365,62 +381,18 @@ def _shift(reads, o: int):
     return reads - o if torch.is_tensor(reads) else [p - o for p in reads]
 
 
-# cost model for skip_prefix=None: seconds of fixed overhead per forward call (Python, hooks, kernel
-# launches) and arithmetic throughput, to compare one call's overhead with the positions it skips
-_CALL_OVERHEAD_S = {"cpu": 2e-3, "cuda": 2e-3}
-_FLOPS = {"cpu": 2e10, "cuda": 2e13}
-
-
-def _plan_chunks(first: list[int], min_read: int, per_chunk: int, B: int, seq: int, model, auto: bool):
+def _plan_chunks(first: list[int], min_read: int, per_chunk: int) -> list[tuple[int, int, int]]:
     """Split the (position-sorted) indices into forward calls ``(c0, c1, offset)``: at most ``per_chunk``
-    patches each; a call computes positions ``offset..`` where ``offset = min(first patched position,
-    min_read)``. ``auto``: contiguous runs of positions share a call where a call's overhead outweighs the
-    positions it would skip (cost model); otherwise one call per patched position."""
-    n = len(first)
-    # runs of indices patching the same first position (indices are sorted by position)
-    groups: list[tuple[int, int]] = []
+    patches each, all patching the same first position; a call computes positions ``offset..`` where
+    ``offset = min(first patched position, min_read)``."""
+    groups: list[tuple[int, int]] = []  # runs of indices patching the same first position
     for i, p in enumerate(first):
         if groups and first[groups[-1][0]] == p:
             groups[-1] = (groups[-1][0], i + 1)
         else:
             groups.append((i, i + 1))
-    if not auto:
-        return [(c0, min(c0 + per_chunk, g1), min(first[c0], min_read)) for g0, g1 in groups
-                for c0 in range(g0, g1, per_chunk)]
-    cfg = model.cfg
-    dev = "cuda" if next(model.parameters()).is_cuda else "cpu"
-    d_attn = cfg.n_heads * cfg.d_head
-    flops_tok = 2 * (4 * cfg.d_model * d_attn + (0 if cfg.attn_only else 2 * cfg.d_model * (cfg.d_mlp or 0))) \
-        + 4 * seq * d_attn
-    threads = torch.get_num_threads() if dev == "cpu" else 1
-    c0_tok = _CALL_OVERHEAD_S[dev] * _FLOPS[dev] * threads / flops_tok  # one call's overhead in tokens
-
-    def cost(g0: int, g1: int) -> float:  # groups g0..g1-1 in calls of per_chunk, each from its first position
-        a, b = groups[g0][0], groups[g1 - 1][1]
-        return sum(c0_tok + B * (min(c1, b) - c) * (seq - min(first[c], min_read))
-                   for c in range(a, b, per_chunk) for c1 in [c + per_chunk])
-
-    # dynamic programme over contiguous runs of groups (a run spans at most per_chunk indices, or one group)
-    G = len(groups)
-    best = [0.0] + [float("inf")] * G
-    back = [0] * (G + 1)
-    for j in range(1, G + 1):
-        for i in range(j - 1, -1, -1):
-            if i < j - 1 and groups[j - 1][1] - groups[i][0] > per_chunk:
-                break
-            c = best[i] + cost(i, j)
-            if c < best[j]:
-                best[j], back[j] = c, i
-    runs, j = [], G
-    while j:
-        runs.append((back[j], j))
-        j = back[j]
-    plan = []
-    for g0, g1 in reversed(runs):
-        a, b = groups[g0][0], groups[g1 - 1][1]
-        plan += [(c, min(c + per_chunk, b), min(first[c], min_read)) for c in range(a, b, per_chunk)]
-    assert plan[-1][1] == n
-    return plan
+    return [(c0, min(c0 + per_chunk, g1), min(first[c0], min_read)) for g0, g1 in groups
+            for c0 in range(g0, g1, per_chunk)]
 
 
 def _expand_source(src: torch.Tensor, resid: torch.Tensor, site: str, model, device) -> torch.Tensor:
