@@ -174,3 +174,14 @@ def test_emergence_on_a_short_run_and_track_encoding(tmp_path):
     df = em.to_dataframe()
     assert list(df["step"]) == em.steps
     assert em.plot().data and "Emergence" in em._repr_html_()
+
+
+def test_extract_of_the_embedding_layer_alone_equals_its_column_of_a_full_extraction():
+    """Layer 0 is read by a hook at the start of block 0: extracting it alone must still run that block."""
+    fam = tasks.get("categories")
+    model = build_model(fam, n_layers=2, d_model=32, n_heads=4, seed=3)
+    p = fam.sample(3, shots=2, seed=0)
+    full = extract(model, p, progress=False)
+    for layer in (0, 1, 2):
+        alone = extract(model, p, layers=[layer], progress=False)
+        assert torch.equal(alone.acts[:, 0], full.acts[:, full.layers.index(layer)])

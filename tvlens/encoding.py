@@ -128,7 +128,9 @@ def extract(
     names = {resid_hook_name(layer): i for i, layer in enumerate(layers)}
     device = next(model.parameters()).device
     out = torch.empty(len(prompts), len(layers), model.cfg.d_model, dtype=torch.float32)
-    stop = max(layers)  # layer l is the input of block l: run blocks 0..l-1 only
+    # layer l is the input of block l: run blocks 0..l-1 only (layer 0 is read by a hook at the start of
+    # block 0, so that block runs; and never the unembedding)
+    stop = min(max(max(layers), 1), model.cfg.n_layers)
     it, bs = batches(len(prompts), batch_size, "extract", progress)
     for s in it:
         sub = prompts.subset(slice(s, s + bs)).to(device)
@@ -147,7 +149,7 @@ def extract(
 
         fwd_hooks = [(n, keep) for n in names]
         x = sub.model_input[:, : int(q.max()) + 1]
-        model.run_with_hooks(x, fwd_hooks=fwd_hooks, stop_at_layer=stop if stop < model.cfg.n_layers else None)
+        model.run_with_hooks(x, fwd_hooks=fwd_hooks, stop_at_layer=stop)
     return TaskEncodings(
         acts=out,
         layers=layers,
