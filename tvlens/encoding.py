@@ -23,7 +23,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 
 from tvlens.accuracy import batches, check_prompts_fit
-from tvlens.errors import ConfigError
+from tvlens.errors import ConfigError, TvlensError
 from tvlens.io import load_tensors_with_sidecar, save_tensors_with_sidecar
 from tvlens.prompts import PromptSet
 
@@ -127,7 +127,7 @@ def extract(
         representation_mask(prompts, at)  # refuse prompts without examples before any work
     names = {resid_hook_name(layer): i for i, layer in enumerate(layers)}
     device = next(model.parameters()).device
-    out = torch.empty(len(prompts), len(layers), model.cfg.d_model, dtype=torch.float32)
+    out = torch.full((len(prompts), len(layers), model.cfg.d_model), float("nan"), dtype=torch.float32)
     # layer l is the input of block l: run blocks 0..l-1 only (layer 0 is read by a hook at the start of
     # block 0, so that block runs; and never the unembedding)
     stop = min(max(max(layers), 1), model.cfg.n_layers)
@@ -150,6 +150,9 @@ def extract(
         fwd_hooks = [(n, keep) for n in names]
         x = sub.model_input[:, : int(q.max()) + 1]
         model.run_with_hooks(x, fwd_hooks=fwd_hooks, stop_at_layer=stop)
+    if bool(out.isnan().any()):  # a hook that never fired (or a model that produced NaN): never return garbage
+        raise TvlensError(f"extract: no residual was read (or it is NaN) at some of layers {layers}; "
+                          "the model's forward pass did not run the hooks these layers need")
     return TaskEncodings(
         acts=out,
         layers=layers,
