@@ -95,6 +95,13 @@ def test_sweep_on_the_shipped_bitwise_model():
     ref = tlp.get_act_patch_resid_pre(model, corrupted, cache, tl_metric)
     ours = activation_patching(model, clean, corrupted, metric, read_positions=q, batch_size=64, progress=False)
     assert (ours.values - ref).abs().max() <= 1e-4
+    # the same sweep with the unchanged prefix skipped (per-prompt read positions)
+    skip = activation_patching(model, clean, corrupted, metric, read_positions=q, batch_size=64, progress=False,
+                               skip_prefix=True)
+    full = activation_patching(model, clean, corrupted, metric, read_positions=q, batch_size=64, progress=False,
+                               skip_prefix=False)
+    assert skip.notes["skip_prefix"] and (skip.values - ref).abs().max() <= 1e-4
+    assert (skip.values - full.values).abs().max() <= 1e-4
 
 
 def test_bad_sweep_input(setup):
@@ -193,30 +200,6 @@ def test_skip_prefix_with_patch_positions_and_source(setup):
     full = activation_patching(model, None, corrupted, metric, skip_prefix=False, **kw)
     assert skip.notes["skip_prefix"] and (skip.per_prompt - full.per_prompt).abs().max() <= 1e-4
     assert (full.values - full.corrupted_metric).abs().max() > 1e-3
-
-
-def test_skip_prefix_on_the_shipped_bitwise_model():
-    import tvlens
-
-    model = tvlens.load_model("bitwise")
-    fam = tvlens.model_info(model).task_family()
-    p = fam.sample(2, shots=2, seed=0, tasks=["and", "or"])
-    clean, corrupted = p.tokens[:2], p.tokens[2:]
-    q = p.query_pos[:2]
-    ans = p.answers[:2, 0]
-
-    def metric(logits):
-        return logits[:, 0].log_softmax(-1)[torch.arange(2), ans]
-
-    _, cache = model.run_with_cache(clean)
-    ref = tlp.get_act_patch_resid_pre(model, corrupted, cache,
-                                      lambda lg: metric(lg[torch.arange(2), q][:, None]).mean())
-    skip = activation_patching(model, clean, corrupted, metric, read_positions=q, batch_size=64, progress=False,
-                               skip_prefix=True)
-    full = activation_patching(model, clean, corrupted, metric, read_positions=q, batch_size=64, progress=False,
-                               skip_prefix=False)
-    assert skip.notes["skip_prefix"] and (skip.values - ref).abs().max() <= 1e-4
-    assert (skip.values - full.values).abs().max() <= 1e-4
 
 
 def test_skip_prefix_true_when_it_cannot_be_done(setup):

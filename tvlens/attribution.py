@@ -686,21 +686,12 @@ class FunctionVectors(TaskVectors):
 
         return function_vectors_figure(self)
 
-    def save(self, path: str | Path) -> Path:
-        tensors = {"vectors": self.vectors}
-        if self.counts is not None:
-            tensors["counts"] = self.counts
-        meta = {"kind": "FunctionVectors", "layers": self.layers, "task_names": self.task_names,
-                "fingerprint": self.fingerprint, "d_model": self.d_model, "family": self.family,
-                "heads": [list(h) for h in self.heads]}
-        return save_tensors_with_sidecar(path, tensors, meta)
+    def _extra_meta(self) -> dict:
+        return {"heads": [list(h) for h in self.heads]}
 
     @classmethod
-    def load(cls, path: str | Path) -> "FunctionVectors":
-        t, m = load_tensors_with_sidecar(path, expect_kind="FunctionVectors")
-        return cls(vectors=t["vectors"], counts=t.get("counts"), layers=list(m["layers"]),
-                   task_names=list(m["task_names"]), fingerprint=m["fingerprint"], d_model=int(m["d_model"]),
-                   family=m.get("family", ""), heads=[tuple(h) for h in m["heads"]])
+    def _extra_from_meta(cls, meta: dict) -> dict:
+        return {"heads": [tuple(h) for h in meta["heads"]]}
 
 
 @torch.no_grad()

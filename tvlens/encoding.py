@@ -280,16 +280,25 @@ class TaskVectors:
         tensors = {"vectors": self.vectors}
         if self.counts is not None:
             tensors["counts"] = self.counts
-        meta = {"kind": "TaskVectors", "layers": self.layers, "task_names": self.task_names,
-                "fingerprint": self.fingerprint, "d_model": self.d_model, "family": self.family, "read_at": self.read_at}
+        meta = {"kind": type(self).__name__, "layers": self.layers, "task_names": self.task_names,
+                "fingerprint": self.fingerprint, "d_model": self.d_model, "family": self.family, "read_at": self.read_at,
+                **self._extra_meta()}
         return save_tensors_with_sidecar(path, tensors, meta)
 
     @classmethod
     def load(cls, path: str | Path) -> "TaskVectors":
-        t, m = load_tensors_with_sidecar(path, expect_kind="TaskVectors")
+        t, m = load_tensors_with_sidecar(path, expect_kind=cls.__name__)
         return cls(vectors=t["vectors"], counts=t.get("counts"), layers=list(m["layers"]),
                    task_names=list(m["task_names"]), fingerprint=m["fingerprint"], d_model=int(m["d_model"]),
-                   family=m.get("family", ""), read_at=m.get("read_at", "query"))
+                   family=m.get("family", ""), read_at=m.get("read_at", "query"), **cls._extra_from_meta(m))
+
+    def _extra_meta(self) -> dict[str, Any]:
+        """Sidecar fields a subclass adds (``FunctionVectors``: its heads)."""
+        return {}
+
+    @classmethod
+    def _extra_from_meta(cls, meta: dict[str, Any]) -> dict[str, Any]:
+        return {}
 
 
 # --------------------------------------------------------------------------- decodability
