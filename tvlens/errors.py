@@ -24,3 +24,14 @@ class CheckpointError(TvlensError, ValueError):
 
 class OfflineWeightsError(TvlensError, FileNotFoundError):
     """Pretrained weights requested while offline and not on disk."""
+
+
+class UnsupportedModelError(TvlensError, TypeError):
+    """A model object tvlens cannot drive, or an architecture TransformerLens' bridge does not support."""
+
+
+class HookError(TvlensError, KeyError):
+    """A hook the model's backend cannot fire. The message names the hook and the backend."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
