@@ -50,7 +50,10 @@ class BridgeBackend(CommonBackend):
         self.n_ctx = int(cfg.n_ctx)
         self.positional_embedding_type = str(getattr(cfg, "positional_embedding_type", "standard") or "standard")
         self.n_key_value_heads = getattr(cfg, "n_key_value_heads", None)
-        self.continuous = bool(getattr(model, "tvlens_read_in", None) is not None)
+        from tvlens.backends.loading import read_in_of
+
+        self._read_in = read_in_of(model)
+        self.continuous = self._read_in is not None
         self.softcap = float(getattr(cfg, "output_logits_soft_cap", 0.0) or 0.0)
         self._block_calls: dict[tuple, list[tuple[tuple, dict]]] = {}
 
@@ -71,8 +74,10 @@ class BridgeBackend(CommonBackend):
         return self.model.hooks(fwd_hooks=list(fwd_hooks), bwd_hooks=list(bwd_hooks))
 
     def _input(self, x):
-        read_in = getattr(self.model, "tvlens_read_in", None)
-        return read_in(x) if read_in is not None else x
+        return self._read_in(x) if self._read_in is not None else x
+
+    def logits(self, x):
+        return self.model(self._input(x))
 
     def run_with_hooks(self, x, fwd_hooks: Sequence = (), stop_at_layer: int | None = None):
         for n, _ in fwd_hooks:

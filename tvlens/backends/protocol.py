@@ -64,6 +64,9 @@ class Backend(Protocol):
         ``start``) and return the residual after them (before the final norm). Hooks in a ``hooks()``
         context fire. ``past_kv``: a frozen prefix cache from :meth:`prefix_kv_cache` (HookedTransformer)."""
 
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's output for inputs ``x`` (token ids, or float vectors for a regression model)."""
+
     def final_resid(self, x: torch.Tensor) -> Float[torch.Tensor, "batch pos d_model"]:
         """The final residual stream (after the last block, before the final norm) for inputs ``x``."""
 
