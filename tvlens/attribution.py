@@ -485,7 +485,11 @@ def _patch_sweep(model, P, C, layers, fn, batch_size, progress):
 
 def _attn_scale(model, layer: int) -> float:
     cfg = model.cfg
-    s = float(getattr(cfg, "attn_scale", cfg.d_head ** 0.5)) if getattr(cfg, "use_attn_scale", True) else 1.0
+    s = float(getattr(cfg, "attn_scale", -1.0) or -1.0)
+    if s <= 0:  # a bridge's config leaves it at -1 (the architecture's default, 1/sqrt(d_head))
+        s = float(cfg.d_head) ** 0.5
+    if not getattr(cfg, "use_attn_scale", True):
+        s = 1.0
     if getattr(cfg, "scale_attn_by_inverse_layer_idx", False):
         s *= layer + 1
     return s
@@ -522,6 +526,7 @@ def _atp(model, P, C, layers, fn, site, qk_fix, batch_size, progress):
 
         def save(act, hook, _name, _s=corr):
             _s[_name] = act
+            return act  # returned, so the tensor saved is the one downstream (a bridge hands hooks a view)
 
         def leaf(act, hook):  # the graph starts here even when the weights are frozen
             return act.detach().requires_grad_(True)
@@ -545,6 +550,12 @@ def _atp(model, P, C, layers, fn, site, qk_fix, batch_size, progress):
             grad_names = names + [n for n in extra if n.endswith("pattern")]
             grads = dict(zip(grad_names, torch.autograd.grad(m.sum(), [corr[n] for n in grad_names],
                                                              allow_unused=True)))
+            lost = [n for n in names if n.endswith("hook_z") and grads[n] is None]
+            if lost:
+                from tvlens.errors import TvlensError
+
+                raise TvlensError(f"atp: no gradient reaches {lost[:2]} on this {bk.kind} model, so its scores "
+                                  "would be zeros; this is a bug in the backend, please report it")
         bases.append(m.detach().float().cpu())
         with torch.no_grad():
             per_layer, per_pos = [], []
@@ -584,7 +595,7 @@ def _qk_fix_terms(model, L, clean, corr, grads, parts) -> torch.Tensor:
     g = _g(grads[pre + "pattern"], pattern)
     scale = _attn_scale(model, L)
     recon = torch.einsum("bqhd,bkhd->bhqk", q, k) / scale
-    finite = torch.isfinite(scores)
+    finite = torch.isfinite(scores) & (scores > -1e30)  # a bridge masks with -3.4e38, not -inf
     if finite.any() and not torch.allclose(recon[finite], scores[finite], atol=1e-4, rtol=1e-3):
         raise ConfigError(f"block {L}'s attention scores are not q.k/scale of hook_q and hook_k (a positional "
                           "scheme or soft cap inside the attention): use qk_fix=False or atp_site='z'")
@@ -609,6 +620,7 @@ def _dla(model, P, layers, batch_size, progress):
     norm = getattr(model.cfg, "normalization_type", None)
     vals, pos_vals, logits_out = [], [], []
     W_O = bk.W_O[layers]  # [layer, head, d_head, d_model]
+    a_heads = bk.n_heads
     it = tqdm(_chunks(len(P), batch_size), desc="dla", disable=not progress, leave=False)
     for sl in it:
         toks, q = P.tokens[sl], P.query_pos[sl]
@@ -645,7 +657,9 @@ def _dla(model, P, layers, batch_size, progress):
         # by source position: z = sum_s pattern[q, s] v_s
         per_pos = []
         for li, L in enumerate(layers):
-            v = store[f"blocks.{L}.attn.hook_v"]  # [b, pos, head, d_head]
+            v = store[f"blocks.{L}.attn.hook_v"]  # [b, pos, head, d_head] ([.., kv_head, ..] with grouped queries)
+            if v.shape[2] != a_heads:
+                v = v.repeat_interleave(a_heads // v.shape[2], dim=2)  # query head h reads key/value head h // group
             a = store[f"blocks.{L}.attn.hook_pattern"]  # [b, head, pos]
             per_pos.append(torch.einsum("bhs,bshe,bhe->bsh", a, v, wd[:, li]))
         pos_vals.append(torch.stack(per_pos, 2).float().cpu())  # [b, pos, layer, head]

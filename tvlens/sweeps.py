@@ -280,7 +280,7 @@ def activation_patching(
         corrupt_pp = score(corrupt_logits).float().cpu()
         corrupt_m = float(corrupt_pp.mean())
         del corrupt_logits
-        n_heads = bk.n_heads
+        n_heads = _site_heads(bk, site)
         idx_all = _indices(kind, by, seq, n_heads)
         rest = by[1:]
         out = torch.zeros(len(layers), len(idx_all))
@@ -393,6 +393,12 @@ def _plan_chunks(first: list[int], min_read: int, per_chunk: int) -> list[tuple[
             for c0 in range(g0, g1, per_chunk)]
 
 
+def _site_heads(bk, site: str) -> int:
+    """Heads on a site's head axis: key/value heads for ``k``/``v`` under grouped-query attention."""
+    kv = bk.n_key_value_heads
+    return int(kv) if site in ("k", "v") and kv else bk.n_heads
+
+
 def _run_caching(bk, x: torch.Tensor, names) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Logits and the activations at canonical hook ``names``, from one forward pass."""
     store: dict[str, torch.Tensor] = {}
@@ -414,7 +420,7 @@ def _expand_source(src: torch.Tensor, resid: torch.Tensor, site: str, bk, device
     if kind == "vector":
         tail: tuple[int, ...] = (cfg.d_model,)
     elif kind == "head":
-        tail = (cfg.n_heads, cfg.d_head)
+        tail = (_site_heads(cfg, site), cfg.d_head)
     else:
         tail = (cfg.n_heads, seq, seq)
     full = (B, seq, *tail) if kind != "pattern" else (B, *tail)

@@ -204,12 +204,23 @@ def load_pretrained_hooked(name: str, device, local_folder: bool, **kwargs):
     import transformer_lens.loading_from_pretrained as loading
 
     official = loading.get_official_model_name
-    with warnings.catch_warnings(), mock.patch.object(
-        loading, "get_official_model_name", lambda n: n if Path(n).exists() else official(n)
-    ):
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        return HookedTransformer.from_pretrained(str(folder), hf_model=hf_model, tokenizer=tokenizer, device=device,
-                                                 **kwargs)
+    import re
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="tvlens-") as tmp:
+        # TL 3.9 guesses the architecture from the *name* when it holds "llama" or "gemma" (and then reads
+        # no config: a crash, or Gemma-2 taken for Gemma-1); a neutral link name makes it read config.json
+        path = str(folder)
+        if re.search("llama|gemma", path.lower()):
+            link = Path(tmp) / "model"
+            link.symlink_to(folder.resolve(), target_is_directory=True)
+            path = str(link)
+        with warnings.catch_warnings(), mock.patch.object(
+            loading, "get_official_model_name", lambda n: n if Path(n).exists() else official(n)
+        ):
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            return HookedTransformer.from_pretrained(path, hf_model=hf_model, tokenizer=tokenizer, device=device,
+                                                     **kwargs)
 
 
 def pretrained_names() -> tuple[set[str], set[str]]:

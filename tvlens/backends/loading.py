@@ -192,7 +192,11 @@ def load_pretrained(name: str, backend: str, device: Any = None, local_folder: b
     if kind == "hooked":
         from tvlens.backends.hooked import load_pretrained_hooked
 
-        return load_pretrained_hooked(name, device, local_folder, **kwargs)
+        try:
+            return load_pretrained_hooked(name, device, local_folder, **kwargs)
+        except NotImplementedError as e:
+            raise UnsupportedModelError(f"{name!r}: TransformerLens' HookedTransformer does not support it ({e}); "
+                                        "use backend='bridge'") from e
     from transformer_lens.model_bridge import TransformerBridge
 
     tokenizer = kwargs.pop("tokenizer", None)
