@@ -31,8 +31,7 @@ def _tokenizer(vocab_size: int):
 
 
 def _hf_folder(tmp_path_factory, arch: str):
-    from transformers import (GPT2Config, GPT2LMHeadModel, Gemma2Config, Gemma2ForCausalLM, LlamaConfig,
-                              LlamaForCausalLM)
+    from transformers import Gemma2Config, Gemma2ForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     V = FAM.d_vocab
     ids = dict(vocab_size=V, bos_token_id=1, eos_token_id=2, pad_token_id=3)

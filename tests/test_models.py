@@ -27,16 +27,21 @@ def test_regression_model_reads_float_inputs_with_the_same_hook_names():
     m = build_model(fam, n_layers=2, d_model=32, n_heads=4, shots=9)
     assert is_continuous(m)
     p = fam.sample(3, shots=9, seed=0)
-    out, cache = m.run_with_cache(p.inputs)
+    from tvlens.backends import get_backend
+    from tvlens.backends.loading import read_in_of
+
+    bk = get_backend(m)
+    out = bk.logits(p.inputs)
     assert out.shape == (len(p), p.seq_len, 1)
-    emb = cache["hook_embed"]
-    assert torch.allclose(emb, p.inputs @ m.embed.W_E + m.embed.b_E, atol=1e-6)
-    assert torch.allclose(cache["blocks.0.hook_resid_pre"], emb + cache["hook_pos_embed"], atol=1e-6)
-    # start_at_layer / stop_at_layer work as on token models
-    resid = m(p.inputs, stop_at_layer=1)
-    assert torch.allclose(m(resid, start_at_layer=1), out, atol=1e-5)
+    read_in = m.embed if bk.kind == "hooked" else read_in_of(m)
+    resid0 = bk.capture(p.inputs, ["blocks.0.hook_resid_pre"])["blocks.0.hook_resid_pre"]
+    emb = p.inputs @ read_in.W_E + read_in.b_E
+    assert torch.allclose(resid0, emb + m.W_pos[: p.seq_len], atol=1e-6)
+    # running blocks 1.. from the residual works as on token models
+    resid = bk.capture(p.inputs, ["blocks.1.hook_resid_pre"])["blocks.1.hook_resid_pre"]
+    assert torch.allclose(bk.unembed(bk.run_from(resid, 1)), out, atol=1e-5)
     with pytest.raises(ConfigError, match="input dimension 5"):
-        m(torch.zeros(1, 4, 5))
+        bk.logits(torch.zeros(1, 4, 5))
 
 
 def test_same_seed_same_initial_weights():

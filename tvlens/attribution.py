@@ -534,7 +534,7 @@ def _atp(model, P, C, layers, fn, site, qk_fix, batch_size, progress):
         extra = []
         fix = qk_fix and ("q" in parts or "k" in parts)
         if fix:
-            extra = [f"blocks.{L}.attn.hook_{k}" for L in layers for k in ("pattern", "attn_scores", "q", "k")
+            extra = [f"blocks.{L}.attn.hook_{k}" for L in layers for k in ("pattern", "q", "k")
                      if f"blocks.{L}.attn.hook_{k}" not in names]
         hooks = [("blocks.0.hook_resid_pre", leaf)] + [(n, functools.partial(save, _name=n)) for n in names + extra]
         with torch.enable_grad():
@@ -590,13 +590,15 @@ def _qk_fix_terms(model, L, clean, corr, grads, parts) -> torch.Tensor:
     respect to the pattern."""
     pre = f"blocks.{L}.attn.hook_"
     q, k = corr[pre + "q"].detach(), corr[pre + "k"].detach()
-    scores = corr[pre + "attn_scores"].detach()  # [b, head, q, k], masked
     pattern = corr[pre + "pattern"].detach()
     g = _g(grads[pre + "pattern"], pattern)
     scale = _attn_scale(model, L)
-    recon = torch.einsum("bqhd,bkhd->bhqk", q, k) / scale
-    finite = torch.isfinite(scores) & (scores > -1e30)  # a bridge masks with -3.4e38, not -inf
-    if finite.any() and not torch.allclose(recon[finite], scores[finite], atol=1e-4, rtol=1e-3):
+    # the causal scores from hook_q/hook_k themselves (hook_attn_scores is not the same thing on every
+    # backend: -inf or -3.4e38 masks, and TransformerLens 4's native bridge fires it after the softmax)
+    n_q, n_k = q.shape[1], k.shape[1]
+    causal = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).triu(n_k - n_q + 1)
+    scores = (torch.einsum("bqhd,bkhd->bhqk", q, k) / scale).masked_fill(causal, float("-inf"))
+    if not torch.allclose(torch.softmax(scores, -1), pattern, atol=1e-4, rtol=1e-3):
         raise ConfigError(f"block {L}'s attention scores are not q.k/scale of hook_q and hook_k (a positional "
                           "scheme or soft cap inside the attention): use qk_fix=False or atp_site='z'")
     out = 0

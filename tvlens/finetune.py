@@ -109,7 +109,10 @@ def _lora_targets(block: nn.Module) -> list[tuple[nn.Module, str]]:
     """A block's attention and MLP matrices: HookedTransformer's ``W_Q .. W_out``, or (a bridge block,
     Hugging Face modules) every 2-D ``weight`` outside its norms, each parameter once."""
     out, seen = [], set()
-    for mod in block.modules():
+    split = hasattr(getattr(block, "attn", None), "q")  # a bridge computes q, k, v from split copies...
+    for path, mod in block.named_modules():
+        if split and any(part == "qkv" for part in path.split(".")):  # ...so its joint matrix is not used
+            continue
         for name, p in list(mod.named_parameters(recurse=False)):
             hooked = re.fullmatch(r"_?W_(Q|K|V|O|in|out|gate)", name)
             hf = name == "weight" and "norm" not in type(mod).__name__.lower() and not isinstance(mod, nn.Embedding)

@@ -314,13 +314,23 @@ def load_model(
     from tvlens.backends.hooked import pretrained_names
 
     official, aliases = pretrained_names()
-    if kind == "bridge" or s.lower() in aliases or s in official:
+    if kind == "bridge" and _in_hf_cache(s) or s.lower() in aliases or s in official:
         return _load_pretrained(s, device, kind, local_folder=False, **pretrained_kwargs)
     raise UnknownNameError(
         f"unknown model {s!r}. Shipped tvlens models: {sorted(set(ALIASES) | set(shipped_models()))}; "
         "or give a tvlens checkpoint folder, a local Hugging Face model folder, or a pretrained name "
         "whose weights are in the local Hugging Face cache (e.g. 'gpt2')"
     )
+
+
+def _in_hf_cache(name: str) -> bool:
+    """Whether a Hugging Face model id has its config in the local cache (never asks the hub)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except Exception:  # an id the hub library refuses is not in the cache either
+        return False
 
 
 def _looks_like_hub_id(s: str) -> bool:

@@ -74,7 +74,7 @@ class BridgeBackend(CommonBackend):
         return self.model.hooks(fwd_hooks=list(fwd_hooks), bwd_hooks=list(bwd_hooks))
 
     def _input(self, x):
-        return self._read_in(x) if self._read_in is not None else x
+        return x  # a continuous model's read-in runs inside the native model's forward (loading.build_native_bridge)
 
     def logits(self, x):
         return self.model(self._input(x))

@@ -224,12 +224,20 @@ def load_pretrained_hooked(name: str, device, local_folder: bool, **kwargs):
 
 
 def pretrained_names() -> tuple[set[str], set[str]]:
-    """TransformerLens 3.x's official model names and aliases (empty on 4.x)."""
+    """TransformerLens' official model names and their aliases (3.x: loading_from_pretrained; 4.x:
+    supported_models)."""
     try:
         from transformer_lens.loading_from_pretrained import OFFICIAL_MODEL_NAMES, make_model_alias_map
+
+        return set(OFFICIAL_MODEL_NAMES), set(make_model_alias_map())
+    except ImportError:
+        pass
+    try:
+        from transformer_lens.supported_models import OFFICIAL_MODEL_NAMES, _model_alias_map
+
+        return set(OFFICIAL_MODEL_NAMES), set(_model_alias_map())
     except ImportError:
         return set(), set()
-    return set(OFFICIAL_MODEL_NAMES), set(make_model_alias_map())
 
 
 def fast_unembed(model, x: torch.Tensor) -> torch.Tensor:

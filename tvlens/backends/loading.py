@@ -10,6 +10,7 @@ bridge's weights are converted back (:func:`tl_state`) when saved.
 from __future__ import annotations
 
 import math
+import types
 from pathlib import Path
 from typing import Any
 
@@ -62,13 +63,13 @@ class LinearEmbed(nn.Module):
 
 
 def build(cfg: dict[str, Any], continuous: bool, backend: str = "auto", model_name: str = "tvlens"):
-    """A fresh model from a tvlens model config (the ``_CFG_FIELDS`` of ``tvlens.models``)."""
+    """A fresh model from a tvlens model config (the ``_CFG_FIELDS`` of ``tvlens.models``), in eval mode."""
     kind = resolve_backend(backend)
     if kind == "hooked":
         from tvlens.backends.hooked import build_hooked
 
-        return build_hooked(cfg, continuous, model_name)
-    return build_native_bridge(cfg, continuous, model_name)
+        return build_hooked(cfg, continuous, model_name).eval()
+    return build_native_bridge(cfg, continuous, model_name).eval()
 
 
 def _bridge_config(cfg: dict[str, Any]):
@@ -90,8 +91,19 @@ def build_native_bridge(cfg: dict[str, Any], continuous: bool, model_name: str =
         read_in = LinearEmbed(int(cfg["d_vocab"]), int(cfg["d_model"]))
         with torch.no_grad():
             read_in.W_E.copy_(torch.randn(read_in.W_E.shape, generator=g) / math.sqrt(int(cfg["d_vocab"])))
-        model.original_model.tvlens_read_in = read_in  # trained and moved with the model's own parameters
+        native = model.original_model
+        native.tvlens_read_in = read_in  # trained and moved with the model's own parameters
+        native.forward = types.MethodType(_read_in_forward, native)
     return model
+
+
+def _read_in_forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, **kwargs):
+    """The native model's forward with the continuous read-in applied to its float inputs (a bridge hands
+    float inputs to the model as ``inputs_embeds``), so every TransformerLens call on the bridge works."""
+    if inputs_embeds is not None:
+        inputs_embeds = self.tvlens_read_in(inputs_embeds)
+    return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              inputs_embeds=inputs_embeds, **kwargs)
 
 
 def read_in_of(model) -> LinearEmbed | None:
@@ -121,7 +133,14 @@ def from_tl_state(state: dict[str, torch.Tensor], cfg: dict[str, Any], continuou
     if continuous:
         read_in = {"W_E": state.pop("embed.W_E"), "b_E": state.pop("embed.b_E")}
         state["embed.W_E"] = torch.zeros(int(cfg["d_vocab"]), int(cfg["d_model"]))  # the unused token table
-    model.load_state_dict(convert_tl_checkpoint(state, _bridge_config(cfg)), strict=False)
+    conv = convert_tl_checkpoint(state, _bridge_config(cfg))
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith("tvlens_read_in.")}
+    got = {k: tuple(v.shape) for k, v in conv.items()}
+    if expected != got:
+        bad = sorted(set(expected) ^ set(got))[:5] + [f"{k}: {got[k]} vs {expected[k]}" for k in expected
+                                                      if k in got and got[k] != expected[k]][:5]
+        raise ValueError(f"the weights do not fit the model the config describes: {bad}")
+    model.load_state_dict(conv, strict=False)  # strict would also ask for the read-in (loaded below)
     if read_in is not None:
         read_in_of(model).load_state_dict(read_in)
     return model
