@@ -47,7 +47,8 @@ def inputs(which):
 
 def run(which: str) -> None:
     model, clean, corrupted = inputs(which)
-    t1, t2 = int(clean[0, -1]) % tvlens.backends.get_backend(model).d_vocab_out, (int(clean[0, -1]) + 1) % tvlens.backends.get_backend(model).d_vocab_out
+    v = tvlens.backends.get_backend(model).d_vocab_out
+    t1, t2 = int(clean[0, -1]) % v, (int(clean[0, -1]) + 1) % v
 
     def metric(logits):
         return logits[:, -1, t1] - logits[:, -1, t2]

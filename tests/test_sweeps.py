@@ -12,8 +12,9 @@ from tvlens.errors import ConfigError
 
 # skip_prefix continues a HookedTransformer's key/value cache; a TransformerBridge ignores past_kv_cache, so
 # on TransformerLens 4 (no HookedTransformer) skip_prefix=True is refused: test_skip_prefix_refused_on_a_bridge
+from tvlens.sweeps import activation_patching  # noqa: E402
+
 needs_hooked = pytest.mark.skipif(not has_hooked_transformer(), reason="skip_prefix needs a HookedTransformer (TL 3.x)")
-from tvlens.sweeps import activation_patching
 
 
 @pytest.fixture(scope="module")
