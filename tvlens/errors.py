@@ -24,3 +24,16 @@ class CheckpointError(TvlensError, ValueError):
 
 class OfflineWeightsError(TvlensError, FileNotFoundError):
     """Pretrained weights requested while offline and not on disk."""
+
+
+class ResourceError(TvlensError, MemoryError):
+    """Work that would need more memory than is available; the message says what to lower."""
+
+
+class OverwriteError(TvlensError, FileExistsError):
+    """A path that already holds something tvlens did not write in this run; the message names the flag
+    (``overwrite=True``, ``--restart``) that allows replacing tvlens' own files there."""
+
+
+class TrainingError(TvlensError, RuntimeError):
+    """Training that cannot go on (a non-finite loss); nothing of that step is saved."""
