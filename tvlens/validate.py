@@ -81,9 +81,10 @@ def check_optional_int(value: Any, name: str, *, minimum: int | None = None, whe
     return None if value is None else check_int(value, name, minimum=minimum, where=where, hint=hint)
 
 
-def check_seed(seed: Any, name: str = "seed", *, where: str = "") -> int:
-    """A seed: an integer in ``0..2**63-1`` (numpy and torch both accept it)."""
-    return check_int(seed, name, minimum=0, maximum=MAX_SEED, where=where, hint="seeds are non-negative integers")
+def check_seed(seed: Any, name: str = "seed", *, where: str = "", maximum: int | None = MAX_SEED) -> int:
+    """A seed: an integer in ``0..2**63-1`` (numpy and torch both accept it; ``maximum=None`` for numpy
+    alone, which takes any non-negative integer)."""
+    return check_int(seed, name, minimum=0, maximum=maximum, where=where, hint="seeds are non-negative integers")
 
 
 def check_batch_size(batch_size: Any, name: str = "batch_size", *, where: str = "", allow_none: bool = True) -> int | None:
