@@ -395,7 +395,7 @@ def _load_from_folder(folder: Path, step: int | None, device) -> HookedTransform
     for s, stem in ckpts:
         if s == step:
             return load_checkpoint(stem, device)
-    raise CheckpointError(f"{folder} has no complete checkpoint at step {step}; steps: {[s for s, _ in ckpts]}")
+    raise CheckpointError(f"{folder} has no checkpoint at step {step} (with both files); steps: {[s for s, _ in ckpts]}")
 
 
 def _check_run_finished(folder: Path, last: int) -> None:

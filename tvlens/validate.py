@@ -258,7 +258,7 @@ def transformer_batch_bytes(
     per_token = n_layers * (12 * d_model + 3 * d_mlp) + 3 * d_vocab_out
     attn = n_layers * n_heads * seq * seq * 4  # scores, masked scores, pattern, softmax grad/copies
     total = batch * (seq * per_token + attn) * bytes_per_float
-    return total * (2.0 if backward else 1.0)
+    return total * (1.2 if backward else 1.0)  # measured: 1.53 GB for codes, 66 prompts of 278 tokens (est. 2.1)
 
 
 __all__ = [
