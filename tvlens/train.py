@@ -85,6 +85,7 @@ class TrainConfig:
         self.grad_clip = check_float(self.grad_clip, "grad_clip", minimum=0.0, where=w, allow_none=True)
         if self.d_model % self.n_heads:
             raise ConfigError(f"TrainConfig: n_heads={self.n_heads} must divide d_model={self.d_model}")
+        self.build_family()  # an unknown family or parameter is refused here, before any work
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "TrainConfig") -> "TrainConfig":
