@@ -471,7 +471,8 @@ def _cli(env, capsys, argv):
 
 
 def _train_argv(env, *extra, out=None):
-    return ["train", "--family", "shift", "--out", str(env.tmp / "cli_run" if out is None else out), "--steps", "4", "--batch-size", "6",
+    out = env.tmp / "cli_run" if out is None else out
+    return ["train", "--family", "shift", "--out", str(out), "--steps", "4", "--batch-size", "6",
             "--n-layers", "1", "--d-model", "16", "--n-heads", "2", "--eval-every", "2", "--eval-n-per-task", "2",
             "--no-progress", *extra]
 

@@ -442,11 +442,11 @@ class DecodabilityResult:
 
         return td_by_layer_figure(self)
 
-    def save(self, path: str | Path) -> Path:
+    def save(self, path: str | Path, overwrite: bool = False) -> Path:
         meta = {"kind": "DecodabilityResult", "layers": self.layers, "task_names": self.task_names, "k": self.k,
                 "metric": self.metric, "n_prompts": self.n_prompts}
         return save_tensors_with_sidecar(path, {"td": self.td, "per_task": self.per_task,
-                                                "confusion": self.confusion}, meta)
+                                                "confusion": self.confusion}, meta, overwrite=overwrite)
 
     @classmethod
     def load(cls, path: str | Path) -> "DecodabilityResult":

@@ -32,6 +32,7 @@ from tvlens.io import atomic_write_bytes, load_tensors_with_sidecar, save_tensor
 from tvlens.models import build_model, save_checkpoint
 from tvlens.prompts import PromptSet
 from tvlens.validate import (
+    check_batch_size,
     check_float,
     check_int,
     check_memory,
@@ -73,7 +74,8 @@ class TrainConfig:
                 f"TrainConfig.family must be a family name or a dict with a 'name' (e.g. {{'name': 'codes'}}), "
                 f"got {self.family!r}"
             )
-        for name, lo in (("steps", 1), ("batch_size", 1), ("eval_every", 1), ("eval_n_per_task", 1),
+        self.batch_size = check_batch_size(self.batch_size, where=w, allow_none=False)
+        for name, lo in (("steps", 1), ("eval_every", 1), ("eval_n_per_task", 1),
                          ("n_checkpoints", 1), ("shots", 0), ("warmup", 0), ("n_layers", 1), ("d_model", 1),
                          ("n_heads", 1)):
             setattr(self, name, check_int(getattr(self, name), name, minimum=lo, where=w))
