@@ -390,6 +390,12 @@ API_CASES = [
     ("run folder: finished run, last checkpoint gone", _run_last_pair_missing, ["missing"]),
     ("save_checkpoint over existing", _save_ckpt_existing, ["overwrite=True"]),
     ("load_model step=str", _load_step_string, ["step"]),
+    ("vectors save under a file", lambda env: (lambda: env.tv.save(env.tmp / "my_notes.md" / "vectors")), ["is a file"]),
+    ("train out_dir under a file", lambda env: (lambda: train(TrainConfig(**TINY), env.tmp / "my_notes.md" / "run",
+                                                              progress=False)), ["out_dir"]),
+    ("train into the shipped checkpoints", lambda env: (lambda: train(TrainConfig(**TINY), CHECKPOINT_DIR / "codes",
+                                                                      progress=False, overwrite=True)), ["shipped"]),
+    ("train callback not callable", _train(callback=3), ["callback"]),
 ]
 
 
@@ -426,6 +432,17 @@ ANALYSIS_CASES = [
                                                                       progress=False)), ["layers"]),
     ("run_patching sources='and'", _xcase(lambda e: tvlens.run_patching(e.model, e.prompts, e.tv, sources="and",
                                                                          layers=[1], progress=False)), ["sources"]),
+    ("TaskVectors.get unknown task", _xcase(lambda e: e.tv.get("nope", 1)), ["nope"]),
+    ("TD seed=str", _xcase(lambda e: tvlens.task_decodability(e.enc, k=2, seed="1")), ["seed"]),
+    ("TD tie_break unknown", _xcase(lambda e: tvlens.task_decodability(e.enc, k=2, tie_break="coin")), ["tie_break"]),
+    ("TD metric unknown", _xcase(lambda e: tvlens.task_decodability(e.enc, k=2, metric="manhattan")), ["metric"]),
+    ("extract prompts=tensor", _xcase(lambda e: tvlens.extract(e.model, e.prompts.tokens, progress=False)), ["prompts"]),
+    ("icl_accuracy prompts=list", _xcase(lambda e: tvlens.icl_accuracy(e.model, [[1, 2, 3]])), ["prompts"]),
+    ("extract at unknown", _xcase(lambda e: tvlens.extract(e.model, e.prompts, at="middle", progress=False)), ["at"]),
+    ("run_patching mode unknown", _xcase(lambda e: tvlens.run_patching(e.model, e.prompts, e.tv, mode="swap2",
+                                                                        progress=False)), ["mode"]),
+    ("head_attribution batch_size=0", _xcase(lambda e: tvlens.head_attribution(e.model, e.prompts, method="dla",
+                                                                                batch_size=0)), ["batch_size"]),
     ("head_attribution method unknown", _xcase(lambda e: tvlens.head_attribution(e.model, e.prompts, method="nope")),
      ["method"]),
     ("activation_patching by='layer'", _xcase(lambda e: tvlens.activation_patching(
@@ -447,6 +464,10 @@ _STILL_FAILING: set[str] = {
     "run_patching batch_size<0",  # returns zeros (patching.py: `batch_size or len(prompts)`)
     "run_patching scale=nan",  # returns zeros
     "run_patching sources='and'",  # iterated as letters: "unknown source task 'a'"
+    "TaskVectors.get unknown task",  # ValueError from list.index
+    "TD seed=str",  # RuntimeError from torch.Generator.manual_seed
+    "extract prompts=tensor",  # AttributeError deep inside
+    "icl_accuracy prompts=list",  # AttributeError deep inside
 }
 
 

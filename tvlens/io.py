@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from tvlens.errors import CheckpointError, ConfigError, OverwriteError
-from tvlens.validate import check_out_path
+from tvlens.validate import check_out_path, check_writable_parent
 
 
 def _stem(path: str | Path) -> Path:
@@ -85,6 +85,7 @@ def save_tensors_with_sidecar(
         )
     if stem.name in ("", ".", ".."):
         raise ConfigError(f"save: path {str(path)!r} has no file name; give e.g. 'out/vectors'")
+    check_writable_parent(stem, "path", where="save")
     st, js = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
     for f in (st, js):
         if f.is_dir():

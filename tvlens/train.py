@@ -39,6 +39,7 @@ from tvlens.validate import (
     check_optional_int,
     check_out_path,
     check_seed,
+    check_writable_parent,
     transformer_batch_bytes,
 )
 
@@ -260,6 +261,13 @@ def train(
     out = check_out_path(out_dir, flag("out_dir", "--out"), where="train") if out_dir is not None else None
     if out is not None and out.exists() and not out.is_dir():
         raise ConfigError(f"train: {flag('out_dir', '--out')} {str(out)!r} is a file, not a folder; give a folder for the run")
+    if out is not None:
+        check_writable_parent(out / "log.jsonl", flag("out_dir", "--out"), where="train")
+        from tvlens.models import CHECKPOINT_DIR
+
+        if out.resolve() == CHECKPOINT_DIR.resolve() or CHECKPOINT_DIR.resolve() in out.resolve().parents:
+            raise ConfigError(f"train: {flag('out_dir', '--out')} {str(out)!r} is inside tvlens' shipped checkpoints "
+                              f"({CHECKPOINT_DIR}); train into a folder of your own")
     family = cfg.build_family()
     train_b, eval_b, seq = estimate_train_memory(cfg, family)
     check_memory(train_b, f"training (batches of {cfg.batch_size} prompts of {seq} tokens, {cfg.n_layers} layers)",

@@ -197,6 +197,19 @@ def check_out_path(path: Any, name: str = "path", *, where: str = "") -> Path:
     return Path(path).expanduser()
 
 
+def check_writable_parent(path: Path, name: str = "path", *, where: str = "") -> Path:
+    """Refuse a path that cannot be created: an ancestor that is a file, or a folder not writable."""
+    p = Path(path).absolute()
+    anc = p.parent
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise ConfigError(f"{_pre(where)}{name} {str(path)!r} cannot be created: {anc} is a file, not a folder")
+    if not os.access(anc, os.W_OK):
+        raise ConfigError(f"{_pre(where)}{name} {str(path)!r} cannot be created: {anc} is not writable")
+    return p
+
+
 # --------------------------------------------------------------------------- memory
 def _parse_bytes(s: str) -> int:
     s = s.strip().upper().replace(" ", "")
@@ -273,6 +286,7 @@ __all__ = [
     "check_optional_int",
     "check_out_path",
     "check_seed",
+    "check_writable_parent",
     "fmt_bytes",
     "memory_budget",
     "transformer_batch_bytes",
