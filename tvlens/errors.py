@@ -11,6 +11,10 @@ class ConfigError(TvlensError, ValueError):
     """An argument or parameter that cannot work (impossible family parameters, bad shapes...)."""
 
 
+class ArgumentTypeError(ConfigError, TypeError):
+    """An argument of the wrong type (a string seed, a float step count, a string where a list is meant)."""
+
+
 class UnknownNameError(TvlensError, KeyError):
     """An unknown task family, task or model name. The message lists the known ones."""
 

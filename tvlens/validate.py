@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from tvlens.errors import ConfigError, ResourceError
+from tvlens.errors import ArgumentTypeError, ConfigError, ResourceError
 
 MAX_SEED = 2**63 - 1
 
@@ -67,7 +67,7 @@ def check_int(
         else ""
     )
     if not _is_int(value):
-        raise ConfigError(
+        raise ArgumentTypeError(
             f"{_pre(where)}{name} must be an integer{rng}, got {_show(value)} ({type(value).__name__})"
             + (f"; {hint}" if hint else "")
         )
@@ -117,7 +117,7 @@ def check_float(
         rng += f"{' and' if rng else ''} <= {maximum}"
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         if not (hasattr(value, "item") and getattr(value, "ndim", 1) == 0):
-            raise ConfigError(f"{_pre(where)}{name} must be a finite number{rng}, got {_show(value)} ({type(value).__name__})")
+            raise ArgumentTypeError(f"{_pre(where)}{name} must be a finite number{rng}, got {_show(value)} ({type(value).__name__})")
         value = value.item()
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise ConfigError(f"{_pre(where)}{name} must be a finite number{rng}, got {_show(value)}")
@@ -152,7 +152,7 @@ def check_names(
     if isinstance(value, str):
         items: list = [value]
     elif isinstance(value, (bytes, dict)) or not isinstance(value, Iterable):
-        raise ConfigError(f"{_pre(where)}{name} must be a name or a list of names, got {_show(value)} ({type(value).__name__})")
+        raise ArgumentTypeError(f"{_pre(where)}{name} must be a name or a list of names, got {_show(value)} ({type(value).__name__})")
     else:
         items = list(value)
     out = []
@@ -165,7 +165,7 @@ def check_names(
             out.append(int(it))
         else:
             want = "names (strings) or indices" if allow_index else "names (strings)"
-            raise ConfigError(f"{_pre(where)}{name} must hold {want}, got {_show(it)} ({type(it).__name__}) in {_show(value)}")
+            raise ArgumentTypeError(f"{_pre(where)}{name} must hold {want}, got {_show(it)} ({type(it).__name__}) in {_show(value)}")
     if not out and not allow_empty:
         raise ConfigError(f"{_pre(where)}{name} is empty: name at least one")
     if len(set(map(str, out))) != len(out):
@@ -179,7 +179,9 @@ def check_int_list(value: Any, name: str, *, minimum: int | None = None, maximum
     if _is_int(value):
         items = [value]
     elif isinstance(value, (str, bytes, dict)) or not isinstance(value, Iterable):
-        raise ConfigError(f"{_pre(where)}{name} must be an integer or a list of integers, got {_show(value)} ({type(value).__name__})")
+        raise ArgumentTypeError(
+            f"{_pre(where)}{name} must be an integer or a list of integers, got {_show(value)} ({type(value).__name__})"
+        )
     else:
         items = list(value)
     out = [check_int(v, f"{name} entry", minimum=minimum, maximum=maximum, where=where) for v in items]
@@ -191,7 +193,7 @@ def check_int_list(value: Any, name: str, *, minimum: int | None = None, maximum
 def check_out_path(path: Any, name: str = "path", *, where: str = "") -> Path:
     """A path to write to: not empty, not None, a str or PathLike."""
     if isinstance(path, bool) or not isinstance(path, (str, os.PathLike)):
-        raise ConfigError(f"{_pre(where)}{name} must be a path (str or pathlib.Path), got {_show(path)} ({type(path).__name__})")
+        raise ArgumentTypeError(f"{_pre(where)}{name} must be a path (str or pathlib.Path), got {_show(path)} ({type(path).__name__})")
     if str(path).strip() == "":
         raise ConfigError(f"{_pre(where)}{name} is empty: give a file or folder name")
     return Path(path).expanduser()
