@@ -396,6 +396,9 @@ API_CASES = [
     ("train into the shipped checkpoints", lambda env: (lambda: train(TrainConfig(**TINY), CHECKPOINT_DIR / "codes",
                                                                       progress=False, overwrite=True)), ["shipped"]),
     ("train callback not callable", _train(callback=3), ["callback"]),
+    ("build_model seed=str", lambda env: (lambda: build_model("shift", seed="0")), ["seed"]),
+    ("build_model seed<0", lambda env: (lambda: build_model("shift", seed=-3)), ["seed"]),
+    ("build_model family unknown", lambda env: (lambda: build_model("nope")), ["nope"]),
 ]
 
 
@@ -605,6 +608,12 @@ def test_overwrite_error_is_a_file_exists_error(env):
     with pytest.raises(FileExistsError):
         env.tv.save(p)
     assert issubclass(OverwriteError, TvlensError)
+
+
+def test_a_huge_n_checkpoints_costs_nothing():
+    from tvlens.train import checkpoint_steps
+
+    assert checkpoint_steps(10, 10**9) == checkpoint_steps(10, 11)  # no billion-point logspace
 
 
 def test_distinct_cases():

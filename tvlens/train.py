@@ -109,7 +109,7 @@ def checkpoint_steps(steps: int, n: int) -> list[int]:
     """Log-spaced checkpoint steps: 0, then ~n steps geometrically up to ``steps`` (included)."""
     if steps < 1:
         return [0]
-    pts = np.unique(np.round(np.logspace(0, math.log10(steps), max(n - 1, 1))).astype(int))
+    pts = np.unique(np.round(np.logspace(0, math.log10(steps), min(max(n - 1, 1), steps))).astype(int))
     return sorted({0, *pts.tolist(), steps})
 
 
