@@ -179,6 +179,8 @@ def test_a_finished_run_extends_with_more_steps(tmp_path, capsys):
     assert main(args + ["--steps", "6"]) == 0
     assert [r["step"] for r in read_log(tmp_path / "cli")] == [0, 2, 4, 6]
     capsys.readouterr()
+    assert main(args + ["--steps", "6"]) == 0  # nothing to do: says how to extend
+    assert "already trained to step 6; give --steps N" in capsys.readouterr().err
     assert main(args + ["--steps", "8", "--lr", "0.01"]) == 2
     err = capsys.readouterr().err
     assert "--restart" in err and "--steps" in err and "overwrite=True" not in err

@@ -115,6 +115,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         command=args.command_line, callback=callback, _cli=True,
     )
     last = history[-1] if history else {}
+    if not history:
+        step = getattr(getattr(model, "tvlens_info", None), "step", None)
+        print(f"tvlens train: {args.out} is already trained to step {step}; give --steps N (more than {step}) "
+              "to extend it", file=sys.stderr)
     print(json.dumps({"out": args.out, "seconds": round(time.perf_counter() - t0, 1), "final": last}, indent=1))
     return 0
 
