@@ -11,7 +11,7 @@ import torch
 import tvlens
 from tvlens import tasks
 from tvlens.errors import CheckpointError, ConfigError, OfflineWeightsError, UnknownNameError
-from tvlens.models import HookedRegressionTransformer, build_model, load_checkpoint, save_checkpoint
+from tvlens.models import build_model, is_continuous, load_checkpoint, save_checkpoint
 
 
 def test_token_model_keeps_transformerlens_hooks():
@@ -25,7 +25,7 @@ def test_token_model_keeps_transformerlens_hooks():
 def test_regression_model_reads_float_inputs_with_the_same_hook_names():
     fam = tasks.get("sparse_regression_small")
     m = build_model(fam, n_layers=2, d_model=32, n_heads=4, shots=9)
-    assert isinstance(m, HookedRegressionTransformer)
+    assert is_continuous(m)
     p = fam.sample(3, shots=9, seed=0)
     out, cache = m.run_with_cache(p.inputs)
     assert out.shape == (len(p), p.seq_len, 1)

@@ -5,18 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 import transformer_lens.patching as tlp
-from transformer_lens import HookedTransformerConfig
 
+from tvlens.backends.loading import build
 from tvlens.errors import ConfigError
-from tvlens.models import _hooked_transformer
 from tvlens.sweeps import activation_patching
 
 
 @pytest.fixture(scope="module")
 def setup():
-    cfg = HookedTransformerConfig(n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_ctx=16, d_vocab=40,
+    cfg = dict(n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_ctx=16, d_vocab=40,
                                   act_fn="gelu", normalization_type="LN", seed=0)
-    model = _hooked_transformer(cfg)
+    model = build(cfg, False)
     g = torch.Generator().manual_seed(1)
     clean = torch.randint(0, 40, (3, 7), generator=g)
     corrupted = clean.clone()
@@ -155,10 +154,10 @@ def test_skip_prefix_equals_full_run_and_transformer_lens(setup, site, by, tl_fn
 
 
 def test_skip_prefix_on_a_rotary_model():
-    cfg = HookedTransformerConfig(n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_ctx=16, d_vocab=40,
+    cfg = dict(n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_ctx=16, d_vocab=40,
                                   act_fn="gelu", normalization_type="LN", positional_embedding_type="rotary",
                                   rotary_dim=8, seed=3)
-    model = _hooked_transformer(cfg)
+    model = build(cfg, False)
     g = torch.Generator().manual_seed(2)
     clean = torch.randint(0, 40, (2, 8), generator=g)
     corrupted = torch.randint(0, 40, (2, 8), generator=g)

@@ -184,8 +184,10 @@ def _demo(args: argparse.Namespace) -> int:
         raise SystemExit(f"tvlens demo: model {args.model!r} records no task family; use a tvlens model")
     prompts = family.sample(args.n_per_task, shots=args.shots, seed=args.seed)
     acc = tvlens.icl_accuracy(model, prompts)
-    print(f"model {args.model!r} ({info.source}, step {info.step}): {model.cfg.n_layers} layers, "
-          f"d_model {model.cfg.d_model}, family {family!r}")
+    from tvlens.backends import get_backend
+
+    print(f"model {args.model!r} ({info.source}, step {info.step}): {get_backend(model).n_layers} layers, "
+          f"d_model {get_backend(model).d_model}, family {family!r}")
     print(f"{len(prompts)} fresh prompts ({args.shots}-shot, seed {args.seed}); e.g.\n  {prompts.render(0)}")
     print(acc.to_dataframe().to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print(f"mean {acc.metric} (non-null tasks): {acc.mean:.3f}")

@@ -41,3 +41,14 @@ class OverwriteError(TvlensError, FileExistsError):
 
 class TrainingError(TvlensError, RuntimeError):
     """Training that cannot go on (a non-finite loss); nothing of that step is saved."""
+
+
+class UnsupportedModelError(TvlensError, TypeError):
+    """A model object tvlens cannot drive, or an architecture TransformerLens' bridge does not support."""
+
+
+class HookError(TvlensError, KeyError):
+    """A hook the model's backend cannot fire. The message names the hook and the backend."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from tvlens import tasks as _tasks
 from tvlens.accuracy import icl_accuracy
+from tvlens.backends import get_backend
 from tvlens.errors import CheckpointError, ConfigError, OverwriteError, TrainingError
 from tvlens.io import atomic_write_bytes, load_tensors_with_sidecar, save_tensors_with_sidecar
 from tvlens.models import build_model, save_checkpoint
@@ -130,7 +131,7 @@ def batch_for_step(family: _tasks.TaskFamily, cfg: TrainConfig, step: int) -> Pr
 
 def answer_loss(model, prompts: PromptSet) -> torch.Tensor:
     """Mean loss over the trained (answer) positions: cross-entropy, or MSE for regression."""
-    out = model(prompts.model_input, return_type="logits")
+    out = get_backend(model).logits(prompts.model_input)
     m = prompts.train_mask
     if prompts.is_continuous:
         return ((out[..., 0][m] - prompts.targets[m]) ** 2).mean()
