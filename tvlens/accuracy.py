@@ -81,7 +81,7 @@ def refuse_greedy(prompts: PromptSet, what: str) -> None:
 
 
 def batches(n: int, batch_size: int | None, desc: str = "", progress: bool = False):
-    from tvlens.validate import check_batch_size  # batch_size: a positive int, or None for all (never 0)
+    from tvlens.checks import check_batch_size  # batch_size: a positive int, or None for all (never 0)
 
     batch_size = check_batch_size(batch_size, where=desc)
     bs = max(n, 1) if batch_size is None else batch_size

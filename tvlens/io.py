@@ -13,8 +13,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from tvlens.checks import check_out_path, check_writable_parent
 from tvlens.errors import CheckpointError, ConfigError, OverwriteError
-from tvlens.validate import check_out_path, check_writable_parent
 
 
 def _stem(path: str | Path) -> Path:

@@ -111,7 +111,7 @@ def build_model(
             raise ConfigError(f"build_model: {name} must be an integer >= {lo}, got {v!r}")
     if d_model % n_heads:
         raise ConfigError(f"build_model: n_heads={n_heads} must divide d_model={d_model}")
-    from tvlens.validate import check_optional_int, check_seed
+    from tvlens.checks import check_optional_int, check_seed
 
     seed = check_seed(seed, where="build_model")
     d_mlp = check_optional_int(d_mlp, "d_mlp", minimum=1, where="build_model")

@@ -17,7 +17,7 @@ import json
 import math
 import re
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,11 +28,7 @@ from tqdm.auto import tqdm
 from tvlens import tasks as _tasks
 from tvlens.accuracy import icl_accuracy
 from tvlens.backends import get_backend
-from tvlens.errors import CheckpointError, ConfigError, OverwriteError, TrainingError
-from tvlens.io import atomic_write_bytes, load_tensors_with_sidecar, save_tensors_with_sidecar
-from tvlens.models import build_model, save_checkpoint
-from tvlens.prompts import PromptSet
-from tvlens.validate import (
+from tvlens.checks import (
     check_batch_size,
     check_float,
     check_int,
@@ -43,6 +39,10 @@ from tvlens.validate import (
     check_writable_parent,
     transformer_batch_bytes,
 )
+from tvlens.errors import CheckpointError, ConfigError, OverwriteError, TrainingError
+from tvlens.io import atomic_write_bytes, load_tensors_with_sidecar, save_tensors_with_sidecar
+from tvlens.models import build_model, save_checkpoint
+from tvlens.prompts import PromptSet
 
 EVAL_SEED = 1_000_003
 
@@ -206,6 +206,16 @@ def _truncate_log(log_path: Path, step: int) -> None:
     atomic_write_bytes(log_path, ("\n".join(keep) + ("\n" if keep else "")).encode())
 
 
+def _field_defaults() -> dict[str, Any]:
+    out = {}
+    for f in fields(TrainConfig):
+        if f.default is not MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not MISSING:  # type: ignore[misc]
+            out[f.name] = f.default_factory()  # type: ignore[misc]
+    return json.loads(json.dumps(out))
+
+
 def estimate_train_memory(cfg: TrainConfig, family: _tasks.TaskFamily) -> tuple[float, float, int]:
     """Estimated peak bytes of one training step and of one evaluation batch, and the sequence length."""
     seq = family.seq_len(cfg.shots)
@@ -320,6 +330,7 @@ def train(
                     f"train: {out} holds a resume state but its train_config.json is missing or unreadable; "
                     f"use a new {out_name}, or {flag('overwrite=True', '--restart')} to start afresh there"
                 )
+            saved = {**_field_defaults(), **saved}  # a run written before a field existed has its default
             diff = sorted(k for k in set(saved) | set(cfg_now) if k != "steps" and saved.get(k) != cfg_now.get(k))
             if diff:
                 shown = ", ".join(f"{k}: {saved.get(k)!r} there, {cfg_now.get(k)!r} now" for k in diff[:5])

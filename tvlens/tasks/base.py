@@ -8,9 +8,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from tvlens.checks import check_memory, check_names, check_seed
 from tvlens.errors import ConfigError, UnknownNameError
 from tvlens.prompts import PromptSet
-from tvlens.validate import check_memory, check_names, check_seed
 
 ARROW = "->"
 END = ";"

@@ -1,16 +1,18 @@
 """Argument checks shared by every public function: one meaning per argument, one wording per error.
 
-A low module (imports only ``tvlens.errors``): tasks, prompts, train, the CLI and the analyses can all
-use it. Every check names the argument, says what was expected and what was given, and returns the
+A low module (imports only ``tvlens.errors``): tasks, io, train, the CLI and the analyses can all use
+it. Every check names the argument, says what was expected and what was given, and returns the
 normalised value::
 
     batch_size = check_batch_size(batch_size)          # a positive int, or None for "all at once"
     seed = check_seed(seed)                            # an int >= 0 (not a bool, not a string)
     tasks = check_names(tasks, "tasks")                # a list of names; a bare string is one name
     lr = check_float(lr, "lr", minimum=0, strict=True) # finite, > 0
+    check_memory(estimated_bytes, "sampling 10^7 prompts", "n_per_task")  # before allocating
 
 ``where`` prefixes the message with the function or class the argument belongs to
-(``"train: lr must be ..."``).
+(``"train: lr must be ..."``). Wrong types raise ``ArgumentTypeError`` (a ``ConfigError`` and a
+``TypeError``), bad values ``ConfigError``, memory ``ResourceError``.
 """
 
 from __future__ import annotations
@@ -87,15 +89,15 @@ def check_seed(seed: Any, name: str = "seed", *, where: str = "", maximum: int |
     return check_int(seed, name, minimum=0, maximum=maximum, where=where, hint="seeds are non-negative integers")
 
 
-def check_batch_size(batch_size: Any, name: str = "batch_size", *, where: str = "", allow_none: bool = True) -> int | None:
+def check_batch_size(batch_size: Any, argument: str = "batch_size", where: str = "", *, allow_none: bool = True) -> int | None:
     """The one meaning of ``batch_size`` in tvlens: a positive int (prompts per forward pass), or ``None``
     for all prompts in one batch (where a function allows it). 0 and negatives are errors, never "all"."""
     if batch_size is None:
         if allow_none:
             return None
-        raise ConfigError(f"{_pre(where)}{name} must be a positive integer, got None")
+        raise ConfigError(f"{_pre(where)}{argument} must be a positive integer, got None")
     hint = "a positive number of prompts per forward pass" + (", or None for all at once" if allow_none else "")
-    return check_int(batch_size, name, minimum=1, where=where, hint=hint)
+    return check_int(batch_size, argument, minimum=1, where=where, hint=hint)
 
 
 def check_float(
