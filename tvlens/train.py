@@ -201,11 +201,6 @@ def _read_log_lines(log_path: Path, upto: int | None = None) -> list[str]:
     return keep
 
 
-def _truncate_log(log_path: Path, step: int) -> None:
-    keep = _read_log_lines(log_path, step)
-    atomic_write_bytes(log_path, ("\n".join(keep) + ("\n" if keep else "")).encode())
-
-
 def _field_defaults() -> dict[str, Any]:
     out = {}
     for f in fields(TrainConfig):
