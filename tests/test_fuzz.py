@@ -547,6 +547,10 @@ CLI_CASES = [
     ("demo --threads 0", lambda env: ["demo", "--threads", "0", "--no-report"], ["--threads"]),
     ("demo --n-per-task 0", lambda env: ["demo", "--n-per-task", "0", "--no-report"], ["--n-per-task"]),
     ("report --seed x", lambda env: ["report", "--seed", "x"], ["--seed"]),
+    ("demo --out a file", lambda env: ["demo", "--out", str(env.tmp / "my_notes.md")], ["--out"]),
+    ("demo --out ''", lambda env: ["demo", "--out", ""], ["--out"]),
+    ("report --out under a file", lambda env: ["report", "--out", str(env.tmp / "my_notes.md" / "r")], ["--out"]),
+    ("demo --n-per-task 10^7", lambda env: ["demo", "--n-per-task", str(10**7), "--no-report"], ["n_per_task"]),
 ]
 
 

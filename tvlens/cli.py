@@ -168,7 +168,22 @@ def _threads(n: int):
         torch.set_num_threads(old)
 
 
+def _check_out_folder(out: str, flag: str = "--out") -> None:
+    """A report folder that cannot be written is refused before any work (not after the analyses)."""
+    from pathlib import Path
+
+    from tvlens.checks import check_out_path, check_writable_parent
+    from tvlens.errors import ConfigError
+
+    p = check_out_path(out, flag)
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"{flag} {out!r} is a file, not a folder; give a folder for the report")
+    check_writable_parent(Path(p) / "report.html", flag)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
+    if not args.no_report:
+        _check_out_folder(args.out)
     with _threads(args.threads):
         return _demo(args)
 
@@ -232,6 +247,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from tvlens.views.report import write_report
 
     t0 = time.perf_counter()
+    _check_out_folder(args.out)
     with _threads(args.threads):
         path, rep = write_report(args.out, args.model, args.family, n_per_task=args.n_per_task, shots=args.shots,
                                  seed=args.seed, patching_per_task=args.patching_per_task, head_method=args.head_method,
