@@ -150,7 +150,7 @@ class HeadScores:
         return head_scores_figure(self, per_task=per_task)
 
     # ------------------------------------------------------------------ persistence
-    def save(self, path: str | Path) -> Path:
+    def save(self, path: str | Path, overwrite: bool = False) -> Path:
         """``path.safetensors`` + ``path.json`` (atomic writes)."""
         tensors = {"scores": self.scores}
         if self.per_task is not None:
@@ -159,7 +159,7 @@ class HeadScores:
             tensors["per_position"] = self.per_position
         meta = {"kind": "HeadScores", "method": self.method, "metric": self.metric, "task_names": self.task_names,
                 "prompts": self.prompts, "notes": self.notes}
-        return save_tensors_with_sidecar(path, tensors, meta)
+        return save_tensors_with_sidecar(path, tensors, meta, overwrite=overwrite)
 
     @classmethod
     def load(cls, path: str | Path) -> "HeadScores":

@@ -275,18 +275,19 @@ class TaskVectors:
                 "extract them from this model"
             )
 
-    def save(self, path: str | Path) -> Path:
+    def save(self, path: str | Path, overwrite: bool = False) -> Path:
         tensors = {"vectors": self.vectors}
         if self.counts is not None:
             tensors["counts"] = self.counts
         meta = {"kind": type(self).__name__, "layers": self.layers, "task_names": self.task_names,
                 "fingerprint": self.fingerprint, "d_model": self.d_model, "family": self.family, "read_at": self.read_at,
                 **self._extra_meta()}
-        return save_tensors_with_sidecar(path, tensors, meta)
+        return save_tensors_with_sidecar(path, tensors, meta, overwrite=overwrite)
 
     @classmethod
     def load(cls, path: str | Path) -> "TaskVectors":
         t, m = load_tensors_with_sidecar(path, expect_kind=cls.__name__)
+        _check_vectors_artifact(t, m, f"{cls.__name__}.load({str(path)!r})")
         return cls(vectors=t["vectors"], counts=t.get("counts"), layers=list(m["layers"]),
                    task_names=list(m["task_names"]), fingerprint=m["fingerprint"], d_model=int(m["d_model"]),
                    family=m.get("family", ""), read_at=m.get("read_at", "query"), **cls._extra_from_meta(m))
@@ -298,6 +299,29 @@ class TaskVectors:
     @classmethod
     def _extra_from_meta(cls, meta: dict[str, Any]) -> dict[str, Any]:
         return {}
+
+
+def _check_vectors_artifact(t: dict[str, torch.Tensor], m: dict[str, Any], where: str) -> None:
+    """A TaskVectors file whose sidecar labels do not fit its stored rows is refused, never mislabelled."""
+    from tvlens.errors import CheckpointError
+    from tvlens.io import require_keys
+
+    require_keys(m, {"layers": list, "task_names": list, "fingerprint": str, "d_model": int}, where)
+    if "vectors" not in t or t["vectors"].ndim != 3:
+        raise CheckpointError(f"{where}: the weights file holds no [layer, task, d_model] 'vectors' tensor")
+    n_l, n_t, d = t["vectors"].shape
+    layers, names = m["layers"], m["task_names"]
+    if any(isinstance(x, bool) or not isinstance(x, int) for x in layers) or len(set(layers)) != len(layers):
+        raise CheckpointError(f"{where}: sidecar 'layers' must be distinct integers, got {layers}")
+    if any(not isinstance(x, str) for x in names) or len(set(names)) != len(names):
+        raise CheckpointError(f"{where}: sidecar 'task_names' must be distinct strings, got {names}")
+    if (len(layers), len(names), m["d_model"]) != (n_l, n_t, d):
+        raise CheckpointError(
+            f"{where}: the sidecar describes {len(layers)} layers x {len(names)} tasks x d_model {m['d_model']} "
+            f"but the stored vectors are {n_l} x {n_t} x {d}; the sidecar was edited or belongs to another file"
+        )
+    if "counts" in t and tuple(t["counts"].shape) not in ((n_t,), (n_l, n_t)):
+        raise CheckpointError(f"{where}: stored counts {tuple(t['counts'].shape)} do not fit {n_t} tasks")
 
 
 # --------------------------------------------------------------------------- decodability
@@ -417,11 +441,11 @@ class DecodabilityResult:
 
         return td_by_layer_figure(self)
 
-    def save(self, path: str | Path) -> Path:
+    def save(self, path: str | Path, overwrite: bool = False) -> Path:
         meta = {"kind": "DecodabilityResult", "layers": self.layers, "task_names": self.task_names, "k": self.k,
                 "metric": self.metric, "n_prompts": self.n_prompts}
         return save_tensors_with_sidecar(path, {"td": self.td, "per_task": self.per_task,
-                                                "confusion": self.confusion}, meta)
+                                                "confusion": self.confusion}, meta, overwrite=overwrite)
 
     @classmethod
     def load(cls, path: str | Path) -> "DecodabilityResult":

@@ -111,6 +111,11 @@ def build_model(
             raise ConfigError(f"build_model: {name} must be an integer >= {lo}, got {v!r}")
     if d_model % n_heads:
         raise ConfigError(f"build_model: n_heads={n_heads} must divide d_model={d_model}")
+    from tvlens.checks import check_optional_int, check_seed
+
+    seed = check_seed(seed, where="build_model")
+    d_mlp = check_optional_int(d_mlp, "d_mlp", minimum=1, where="build_model")
+    n_ctx = check_optional_int(n_ctx, "n_ctx", minimum=1, where="build_model")
     if n_ctx is None:
         n_ctx = fam.seq_len(shots)
     d_vocab = fam.d_in if fam.continuous else fam.d_vocab
@@ -156,8 +161,10 @@ def save_checkpoint(
     command: str | None = None,
     dtype: torch.dtype = torch.float16,
     extra: dict[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> Path:
-    """Write ``path.safetensors`` (weights, half precision by default) and ``path.json``."""
+    """Write ``path.safetensors`` (weights, half precision by default) and ``path.json``; an existing
+    checkpoint at ``path`` is refused unless ``overwrite=True``."""
     info = model_info(model)
     meta = {
         "kind": "tvlens-model",
@@ -172,7 +179,7 @@ def save_checkpoint(
         **(extra or {}),
     }
     sd = {k: v.detach().to(dtype) if v.is_floating_point() else v for k, v in _loading.tl_state(model).items()}
-    return save_tensors_with_sidecar(path, sd, meta)
+    return save_tensors_with_sidecar(path, sd, meta, overwrite=overwrite)
 
 
 def _model_from_meta(meta: dict[str, Any], where: str, tensors: dict[str, torch.Tensor], backend: str = "auto"):
@@ -183,7 +190,7 @@ def _model_from_meta(meta: dict[str, Any], where: str, tensors: dict[str, torch.
     kind = _loading.resolve_backend(backend)
     try:
         skeleton = _loading.build(cfg_d, cont, "hooked") if kind == "hooked" else None
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, AssertionError) as e:
         raise CheckpointError(f"{where}: sidecar has no usable model_config ({e})") from e
     if skeleton is not None:
         expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
@@ -204,15 +211,26 @@ def _model_from_meta(meta: dict[str, Any], where: str, tensors: dict[str, torch.
         raise CheckpointError(f"{where}.safetensors does not match the model its sidecar describes ({e})") from e
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", backend: str = "auto"):
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", backend: str = "auto", verify: bool = True):
     """Load one tvlens checkpoint (``<stem>.safetensors`` + ``<stem>.json``), weights as float32, as a
-    HookedTransformer or a TransformerBridge (``backend``, see :func:`build_model`)."""
+    HookedTransformer or a TransformerBridge (``backend``, see :func:`build_model`).
+
+    The weights must match the sidecar's ``weights_sha256`` (or the hash and fields the file's header
+    records); ``verify=False`` skips that check, for a pair you trust."""
     stem = Path(path)
     if stem.suffix in (".safetensors", ".json"):
         stem = stem.with_suffix("")
     if not stem.with_suffix(".safetensors").exists() and not stem.with_suffix(".json").exists():
         raise CheckpointError(f"no checkpoint at {stem} (expected {stem}.safetensors and {stem}.json)")
-    tensors, meta = load_tensors_with_sidecar(stem, expect_kind="tvlens-model")
+    if not stem.with_suffix(".safetensors").exists():
+        raise CheckpointError(f"checkpoint {stem} is incomplete: {stem.name}.json has no {stem.name}.safetensors")
+    tensors, meta = load_tensors_with_sidecar(stem, expect_kind="tvlens-model", verify_hash=verify)
+    step = meta.get("step")
+    if step is not None and (isinstance(step, bool) or not isinstance(step, int)):
+        raise CheckpointError(f"{stem}.json: field 'step' must be an integer or null, got {step!r}")
+    m = _STEP_RE.search(stem.name + ".safetensors")
+    if verify and m and step is not None and int(m.group(1)) != step:
+        raise CheckpointError(f"{stem}.json records step {step} but the file is named for step {int(m.group(1))}")
     tensors = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
     model = _model_from_meta(meta, str(stem), tensors, backend)
     if get_backend(model).kind == "hooked":
@@ -223,7 +241,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", backen
     model.tvlens_info = ModelInfo(
         source=str(stem),
         family=meta.get("family"),
-        step=meta.get("step"),
+        step=step,
         metrics=meta.get("metrics"),
         command=meta.get("command"),
         continuous=bool(meta.get("continuous")),
@@ -232,28 +250,44 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", backen
 
 
 _STEP_RE = re.compile(r"step_(\d+)\.safetensors$")
+_STEM_RE = re.compile(r"step_(\d+)\.(safetensors|json)$")
 
 
-def list_checkpoints(folder: str | Path) -> list[tuple[int, Path]]:
+def list_checkpoints(folder: str | Path, strict: bool = True) -> list[tuple[int, Path]]:
     """``(step, stem)`` of every checkpoint in a run folder, or of a shipped model by name or alias
-    (``"bitwise"``, ``"default"``), by step. An existing folder wins over a shipped name."""
+    (``"bitwise"``, ``"default"``), by step. An existing folder wins over a shipped name.
+
+    A checkpoint with only one of its two files (``.safetensors``, ``.json``) is an error with
+    ``strict`` (the default), and left out without."""
     if not Path(folder).is_dir() and (CHECKPOINT_DIR / ALIASES.get(str(folder), str(folder))).is_dir():
         folder = CHECKPOINT_DIR / ALIASES.get(str(folder), str(folder))
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"no checkpoint folder at {folder} (nor a shipped model: {sorted(ALIASES) + shipped_models()})")
-    out = []
+    parts: dict[int, dict[str, Path]] = {}
     for f in folder.iterdir():
-        m = _STEP_RE.search(f.name)
-        if m:
-            out.append((int(m.group(1)), f.with_suffix("")))
-    return sorted(out)
+        m = _STEM_RE.search(f.name)
+        if m and f.name == m.group(0):
+            parts.setdefault(int(m.group(1)), {})[m.group(2)] = f
+    out, broken = [], []
+    for step, files in sorted(parts.items()):
+        if len(files) == 2:
+            out.append((step, files["safetensors"].with_suffix("")))
+        else:
+            have = next(iter(files.values()))
+            broken.append(f"{have.name} without {have.with_suffix('.json' if have.suffix == '.safetensors' else '.safetensors').name}")
+    if broken and strict:
+        raise CheckpointError(
+            f"{folder} holds incomplete checkpoints: {', '.join(broken)}; restore the missing files, or load a "
+            f"complete step explicitly (step=N; complete steps: {[s for s, _ in out]})"
+        )
+    return out
 
 
 def shipped_models() -> list[str]:
     if not CHECKPOINT_DIR.is_dir():
         return []
-    return sorted(d.name for d in CHECKPOINT_DIR.iterdir() if d.is_dir() and list_checkpoints(d))
+    return sorted(d.name for d in CHECKPOINT_DIR.iterdir() if d.is_dir() and list_checkpoints(d, strict=False))
 
 
 def checkpoint_steps(name_or_path: str | Path) -> list[int]:
@@ -298,13 +332,13 @@ def load_model(
     s = str(name_or_path)
     name = ALIASES.get(s, s)
     folder = CHECKPOINT_DIR / name
-    if folder.is_dir() and list_checkpoints(folder):
+    if folder.is_dir() and list_checkpoints(folder, strict=False):
         return _load_from_folder(folder, step, device, kind)
     p = Path(s).expanduser()
     if p.is_dir() and (p / "config.json").exists():
         return _load_pretrained(str(p), device, kind, local_folder=True, **pretrained_kwargs)
     if p.is_dir():
-        if not list_checkpoints(p):
+        if not list_checkpoints(p, strict=False):
             raise CheckpointError(f"{p} holds no tvlens checkpoint (step_*.safetensors) and no config.json")
         return _load_from_folder(p, step, device, kind)
     if p.with_suffix(".safetensors").exists() or (p.suffix == ".safetensors" and p.exists()):
@@ -338,13 +372,35 @@ def _looks_like_hub_id(s: str) -> bool:
 
 
 def _load_from_folder(folder: Path, step: int | None, device, backend: str = "auto"):
-    ckpts = list_checkpoints(folder)
     if step is None:
+        ckpts = list_checkpoints(folder)
+        if not ckpts:
+            raise CheckpointError(f"{folder} holds no complete tvlens checkpoint (step_*.safetensors + .json)")
+        _check_run_finished(folder, ckpts[-1][0])
         return load_checkpoint(ckpts[-1][1], device, backend)
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise ConfigError(f"load_model: step must be an integer (a checkpoint step) or None, got {step!r}")
+    ckpts = list_checkpoints(folder, strict=False)
     for s, stem in ckpts:
         if s == step:
             return load_checkpoint(stem, device, backend)
-    raise CheckpointError(f"{folder} has no checkpoint at step {step}; steps: {[s for s, _ in ckpts]}")
+    raise CheckpointError(f"{folder} has no checkpoint at step {step} (with both files); steps: {[s for s, _ in ckpts]}")
+
+
+def _check_run_finished(folder: Path, last: int) -> None:
+    """A finished run (its resume state at the configured last step) must have its last checkpoint."""
+    import json
+
+    try:
+        steps = json.loads((folder / "train_config.json").read_text())["steps"]
+        done = read_sidecar(folder / "resume")["step"]
+    except Exception:  # not a tvlens run folder with a resume state: nothing to compare
+        return
+    if isinstance(steps, int) and done == steps and last < steps:
+        raise CheckpointError(
+            f"{folder}: the run finished at step {steps} but its last checkpoint on disk is step {last} "
+            f"(step_{steps:06d}.safetensors/.json are missing); restore them, or load step={last} explicitly"
+        )
 
 
 def _load_pretrained(name: str, device, backend: str, local_folder: bool, **kwargs: Any):
