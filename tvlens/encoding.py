@@ -302,6 +302,37 @@ class TaskVectors:
 
 
 # --------------------------------------------------------------------------- decodability
+def knn_loo_neighbors(
+    X: Float[torch.Tensor, "n d"],
+    k: int = 10,
+    metric: str = "euclidean",
+    chunk: int = 2048,
+) -> Int[torch.Tensor, "n k"]:
+    """Each point's ``k`` nearest *other* points (leave-one-out), nearest first; neighbours at equal
+    distance are taken in index order. The labels play no part, so one call serves every relabelling
+    (the shuffled-label null, ``tvlens.stats.knn_permutation_null``)."""
+    n = X.shape[0]
+    if k >= n:
+        raise ConfigError(f"k={k} needs more than k prompts, got {n}")
+    X = X.double()
+    if metric == "cosine":
+        X = X / X.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    elif metric != "euclidean":
+        raise ConfigError(f"unknown metric {metric!r}; use 'euclidean' or 'cosine'")
+    out = torch.empty(n, k, dtype=torch.long)
+    sq = (X * X).sum(1)
+    for s in range(0, n, chunk):
+        xb = X[s : s + chunk]
+        if metric == "cosine":
+            d = 1 - xb @ X.T
+        else:
+            d = (sq[s : s + chunk, None] + sq[None] - 2 * xb @ X.T).clamp_min(0)
+        rows = torch.arange(len(xb))
+        d[rows, rows + s] = float("inf")  # leave one out
+        out[s : s + len(xb)] = torch.sort(d, dim=1, stable=True).indices[:, :k]
+    return out
+
+
 def knn_loo_predict(
     X: Float[torch.Tensor, "n d"],
     y: Int[torch.Tensor, "n"],
@@ -314,49 +345,18 @@ def knn_loo_predict(
     """Leave-one-out kNN predictions: each point is classified by its k nearest *other* points.
 
     Neighbours at equal distance are taken in index order. Vote ties go to the lowest class index
-    (``"lowest"``, as scikit-learn), to the tied class with the nearest neighbour (``"nearest"``),
-    or to a seeded random tied class (``"random"``).
+    (``"lowest"``, the default: scikit-learn's ``KNeighborsClassifier``, whose vote is a mode with ties
+    to the smallest label, so this equals ``cross_val_predict(KNeighborsClassifier(k), X, y,
+    cv=LeaveOneOut())``), to the tied class with the nearest neighbour (``"nearest"``), or to a seeded
+    random tied class (``"random"``).
     """
-    n = X.shape[0]
-    if k >= n:
-        raise ConfigError(f"k={k} needs more than k prompts, got {n}")
-    X = X.double()
-    if metric == "cosine":
-        X = X / X.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    elif metric != "euclidean":
-        raise ConfigError(f"unknown metric {metric!r}; use 'euclidean' or 'cosine'")
+    from tvlens.stats import TIE_BREAKS, knn_vote
+
+    if tie_break not in TIE_BREAKS:
+        raise ConfigError(f"unknown tie_break {tie_break!r}; use 'lowest', 'nearest' or 'random'")
+    nn_idx = knn_loo_neighbors(X, k, metric, chunk)
     n_cls = int(y.max()) + 1
-    gen = torch.Generator().manual_seed(seed)
-    preds = torch.empty(n, dtype=torch.long)
-    sq = (X * X).sum(1)
-    for s in range(0, n, chunk):
-        xb = X[s : s + chunk]
-        if metric == "cosine":
-            d = 1 - xb @ X.T
-        else:
-            d = (sq[s : s + chunk, None] + sq[None] - 2 * xb @ X.T).clamp_min(0)
-        rows = torch.arange(len(xb))
-        d[rows, rows + s] = float("inf")  # leave one out
-        nn_idx = torch.sort(d, dim=1, stable=True).indices[:, :k]
-        nn_lab = y[nn_idx]
-        votes = torch.zeros(len(xb), n_cls, dtype=torch.long).scatter_add_(1, nn_lab, torch.ones_like(nn_lab))
-        top = votes.max(1, keepdim=True).values
-        tied = votes == top
-        if tie_break == "lowest":
-            p = tied.float().argmax(1)
-        elif tie_break == "nearest":
-            # rank of each class's nearest neighbour; first tied class in neighbour order wins
-            first = torch.full((len(xb), n_cls), k, dtype=torch.long)
-            order = torch.arange(k).expand_as(nn_lab)
-            first.scatter_reduce_(1, nn_lab, order, reduce="amin")
-            p = torch.where(tied, first, torch.full_like(first, k + 1)).argmin(1)
-        elif tie_break == "random":
-            r = torch.rand(len(xb), n_cls, generator=gen)
-            p = torch.where(tied, r, torch.full_like(r, -1.0)).argmax(1)
-        else:
-            raise ConfigError(f"unknown tie_break {tie_break!r}; use 'lowest', 'nearest' or 'random'")
-        preds[s : s + len(xb)] = p
-    return preds
+    return torch.from_numpy(knn_vote(y.cpu()[nn_idx].numpy(), n_cls, tie_break, seed)).long()
 
 
 @dataclass
@@ -372,6 +372,57 @@ class DecodabilityResult:
     metric: str = "euclidean"
     n_prompts: int = 0
     notes: dict[str, Any] = field(default_factory=dict)
+    # per prompt (what the CIs and the null are computed from; ``tvlens.stats``)
+    correct: torch.Tensor | None = None  # [layer, n] bool: the prompt's task was decoded (leave-one-out)
+    labels: torch.Tensor | None = None  # [n] the prompts' tasks
+    neighbors: torch.Tensor | None = None  # [layer, n, k] each prompt's k nearest other prompts
+    tie_break: str = "lowest"
+    # bootstrap CIs over prompts (stratified by task; ``with_ci``) and the shuffled-label null (``with_null``)
+    td_ci: torch.Tensor | None = None  # [2, layer]: lo, hi
+    per_task_ci: torch.Tensor | None = None  # [2, layer, task]
+    null_mean: torch.Tensor | None = None  # [layer] mean TD with permuted task labels
+    null_quantile: torch.Tensor | None = None  # [layer] its ``null_q`` quantile
+    p_value: torch.Tensor | None = None  # [layer] (1 + #{null >= TD}) / (1 + n_perm)
+    ci_info: dict[str, Any] = field(default_factory=dict)  # ci, n_boot, seed; n_perm, q, null_seed
+
+    def with_ci(self, ci: float = 0.95, n_boot: int = 1000, seed: int = 0) -> "DecodabilityResult":
+        """Fill ``td_ci`` and ``per_task_ci``: percentile bootstrap over prompts, stratified by task,
+        resampling each prompt's leave-one-out verdict (the neighbours stay fixed; ``tvlens.stats``).
+        Returns ``self``."""
+        from tvlens import stats
+
+        ci, n_boot, seed = stats.check_ci_args(ci, n_boot, seed)
+        if self.correct is None or self.labels is None:
+            raise ConfigError("this DecodabilityResult holds no per-prompt verdicts (correct, labels): recompute it "
+                              "with tvlens.task_decodability to get CIs")
+        T = len(self.task_names)
+        ok, lab = self.correct.double().numpy(), self.labels.numpy()
+        W = stats.bootstrap_counts(ok.shape[-1], n_boot, seed, lab)
+        gm = stats.group_means_boot(ok, lab, T, W)  # [boot, layer, task]
+        counts = np.bincount(lab, minlength=T)
+        overall = (np.nan_to_num(gm) * counts).sum(-1) / counts.sum()
+        self.td_ci = torch.tensor(np.stack(stats.percentile_ci(overall, ci)), dtype=torch.float32)
+        self.per_task_ci = torch.tensor(np.stack(stats.percentile_ci(gm, ci)), dtype=torch.float32)
+        self.ci_info.update(ci=ci, n_boot=n_boot, seed=seed)
+        return self
+
+    def with_null(self, n_perm: int = 1000, q: float = 0.95, seed: int = 0) -> "DecodabilityResult":
+        """Fill the shuffled-label null: TD per layer when the task labels are permuted over prompts
+        (votes recomputed from the stored neighbours), its mean, ``q`` quantile and the p-value of the
+        observed TD. Returns ``self``."""
+        from tvlens import stats
+
+        if self.neighbors is None or self.labels is None:
+            raise ConfigError("this DecodabilityResult holds no neighbours: recompute it with tvlens.task_decodability "
+                              "to get the shuffled-label null")
+        nr = stats.knn_permutation_null(self.neighbors.numpy(), self.labels.numpy(), len(self.task_names),
+                                        self.td.double().numpy(), n_perm=n_perm, q=q, seed=seed,
+                                        tie_break=self.tie_break)
+        self.null_mean = torch.tensor(nr.mean, dtype=torch.float32)
+        self.null_quantile = torch.tensor(nr.quantile, dtype=torch.float32)
+        self.p_value = torch.tensor(nr.p_value, dtype=torch.float32)
+        self.ci_info.update(n_perm=nr.n_perm, q=nr.q, null_seed=nr.seed)
+        return self
 
     @property
     def best_layer(self) -> int:
@@ -394,14 +445,29 @@ class DecodabilityResult:
         rows = []
         for i, layer in enumerate(self.layers):
             row = {"layer": layer, "td": float(self.td[i])}
-            row.update({f"td[{t}]": float(self.per_task[i, j]) for j, t in enumerate(self.task_names)})
+            if self.td_ci is not None:
+                row.update(td_lo=float(self.td_ci[0, i]), td_hi=float(self.td_ci[1, i]))
+            if self.null_mean is not None:
+                q = self.ci_info.get("q", 0.95)
+                row.update({"null_mean": float(self.null_mean[i]), f"null_q{round(100 * q)}": float(self.null_quantile[i]),
+                            "p_value": float(self.p_value[i])})
+            for j, t in enumerate(self.task_names):
+                row[f"td[{t}]"] = float(self.per_task[i, j])
+                if self.per_task_ci is not None:
+                    row[f"td[{t}]_lo"] = float(self.per_task_ci[0, i, j])
+                    row[f"td[{t}]_hi"] = float(self.per_task_ci[1, i, j])
             rows.append(row)
         return pd.DataFrame(rows)
 
     def __repr__(self) -> str:
         tds = ", ".join(f"{L}: {float(v):.3f}" for L, v in zip(self.layers, self.td))
+        b = self.layers.index(self.best_layer)
+        ci = "" if self.td_ci is None else (f" [{float(self.td_ci[0, b]):.3f}, {float(self.td_ci[1, b]):.3f}] "
+                                            f"({round(100 * self.ci_info.get('ci', 0.95))}% CI)")
+        null = "" if self.null_mean is None else (f", shuffled-label null {float(self.null_mean[b]):.3f} "
+                                                  f"(p {float(self.p_value[b]):.3g})")
         return (f"DecodabilityResult(k={self.k}, {self.metric}, n={self.n_prompts}, best layer {self.best_layer} "
-                f"TD {self.best_td:.3f}, chance {self.chance:.3f}; by layer {{{tds}}})")
+                f"TD {self.best_td:.3f}{ci}, chance {self.chance:.3f}{null}; by layer {{{tds}}})")
 
     def _repr_html_(self) -> str:
         from tvlens.views.page import figure_fragment, result_html
@@ -418,17 +484,28 @@ class DecodabilityResult:
 
         return td_by_layer_figure(self)
 
+    _OPTIONAL = ("correct", "labels", "neighbors", "td_ci", "per_task_ci", "null_mean", "null_quantile", "p_value")
+
     def save(self, path: str | Path) -> Path:
         meta = {"kind": "DecodabilityResult", "layers": self.layers, "task_names": self.task_names, "k": self.k,
-                "metric": self.metric, "n_prompts": self.n_prompts}
-        return save_tensors_with_sidecar(path, {"td": self.td, "per_task": self.per_task,
-                                                "confusion": self.confusion}, meta)
+                "metric": self.metric, "n_prompts": self.n_prompts, "tie_break": self.tie_break,
+                "ci_info": self.ci_info}
+        tensors = {"td": self.td, "per_task": self.per_task, "confusion": self.confusion}
+        for name in self._OPTIONAL:
+            v = getattr(self, name)
+            if v is not None:
+                tensors[name] = v.to(torch.uint8) if v.dtype == torch.bool else v
+        return save_tensors_with_sidecar(path, tensors, meta)
 
     @classmethod
     def load(cls, path: str | Path) -> "DecodabilityResult":
         t, m = load_tensors_with_sidecar(path, expect_kind="DecodabilityResult")
+        opt = {name: t.get(name) for name in cls._OPTIONAL}
+        if opt["correct"] is not None:
+            opt["correct"] = opt["correct"].bool()
         return cls(layers=m["layers"], task_names=m["task_names"], k=m["k"], metric=m["metric"],
-                   n_prompts=m["n_prompts"], td=t["td"], per_task=t["per_task"], confusion=t["confusion"])
+                   n_prompts=m["n_prompts"], td=t["td"], per_task=t["per_task"], confusion=t["confusion"],
+                   tie_break=m.get("tie_break", "nearest"), ci_info=dict(m.get("ci_info", {})), **opt)
 
 
 def task_decodability(
@@ -438,12 +515,31 @@ def task_decodability(
     k: int = 10,
     metric: str = "euclidean",
     layers: Sequence[int] | None = None,
-    tie_break: str = "nearest",
+    tie_break: str = "lowest",
     seed: int = 0,
     batch_size: int | None = 256,
     progress: bool = False,
+    ci: float | None = 0.95,
+    n_boot: int = 1000,
+    null: int = 0,
+    ci_seed: int = 0,
 ) -> DecodabilityResult:
-    """TD per layer: ``task_decodability(encodings)`` or ``task_decodability(model, prompts)``."""
+    """TD per layer: ``task_decodability(encodings)`` or ``task_decodability(model, prompts)``.
+
+    ``tie_break``: how a tied vote is decided, ``"lowest"`` (default; scikit-learn's
+    ``KNeighborsClassifier``), ``"nearest"`` or ``"random"`` (``knn_loo_predict``). ``ci``: the level
+    of the bootstrap CIs over prompts (``td_ci``, ``per_task_ci``; None for none), from ``n_boot``
+    resamples seeded by ``ci_seed``. ``null``: the number of label permutations of the shuffled-label
+    null (0 = none; ``result.with_null()`` computes it later from the stored neighbours).
+    """
+    from tvlens import stats
+
+    if ci is not None:
+        stats.check_ci_args(ci, n_boot, ci_seed, ("ci", "n_boot", "ci_seed"))
+    if isinstance(null, bool) or not isinstance(null, int) or null < 0:
+        raise ConfigError(f"null must be the number of label permutations (an integer >= 0; 0 = no null), got {null!r}")
+    if tie_break not in stats.TIE_BREAKS:
+        raise ConfigError(f"tie_break must be one of {list(stats.TIE_BREAKS)}, got {tie_break!r}")
     if not isinstance(encodings, TaskEncodings):
         if prompts is None:
             raise ConfigError("task_decodability(model, prompts): give the prompts, or pass TaskEncodings")
@@ -466,19 +562,28 @@ def task_decodability(
         )
     sel = enc.layers if layers is None else list(layers)
     T = len(enc.task_names)
-    td, per_task, conf = [], [], []
+    td, per_task, conf, oks, nbrs = [], [], [], [], []
     for layer in sel:
-        pred = knn_loo_predict(enc.at(layer), enc.labels, k=k, metric=metric, tie_break=tie_break, seed=seed)
+        nn_idx = knn_loo_neighbors(enc.at(layer), k, metric)
+        pred = torch.from_numpy(stats.knn_vote(enc.labels.cpu()[nn_idx].numpy(), T, tie_break, seed)).long()
         ok = (pred == enc.labels).float()
+        oks.append(ok.bool())
+        nbrs.append(nn_idx.int())
         td.append(ok.mean())
         per_task.append(torch.stack([ok[enc.labels == t].mean() if counts[t] else torch.tensor(float("nan"))
                                      for t in range(T)]))
         c = torch.zeros(T, T)
         c.index_put_((enc.labels, pred), torch.ones(len(pred)), accumulate=True)
         conf.append(c / counts.clamp_min(1)[:, None])
-    return DecodabilityResult(layers=sel, task_names=list(enc.task_names), td=torch.stack(td).float(),
-                              per_task=torch.stack(per_task).float(), confusion=torch.stack(conf), k=k,
-                              metric=metric, n_prompts=len(enc))
+    res = DecodabilityResult(layers=sel, task_names=list(enc.task_names), td=torch.stack(td).float(),
+                             per_task=torch.stack(per_task).float(), confusion=torch.stack(conf), k=k,
+                             metric=metric, n_prompts=len(enc), correct=torch.stack(oks),
+                             labels=enc.labels.cpu().clone(), neighbors=torch.stack(nbrs), tie_break=tie_break)
+    if ci is not None:
+        res.with_ci(ci, n_boot, ci_seed)
+    if null:
+        res.with_null(null, seed=ci_seed)
+    return res
 
 
 # --------------------------------------------------------------------------- emergence
