@@ -24,7 +24,7 @@ def test_bootstrap_ci_covers_a_known_mean_about_95_percent_of_the_time():
         iv = stats.mean_ci(x, seed=r)
         hits += bool(iv.lo <= p <= iv.hi)
     coverage = hits / reps
-    assert 0.915 <= coverage <= 0.98, coverage  # measured: 0.950
+    assert 0.915 <= coverage <= 0.98, coverage  # measured: 0.945
 
 
 def test_stratified_per_task_ci_coverage():
@@ -41,7 +41,7 @@ def test_stratified_per_task_ci_coverage():
         ov = stats.mean_ci(x, lab, seed=r)
         hits_all += bool(ov.lo <= ps.mean() <= ov.hi)
     cov = hits.sum() / (3 * reps)  # 600 intervals: standard error ~0.009
-    assert 0.92 <= cov <= 0.98, cov
+    assert 0.92 <= cov <= 0.98, cov  # measured: 0.950 (overall mean: 0.960)
     assert 0.90 <= hits_all / reps <= 0.99, hits_all / reps
 
 
