@@ -15,9 +15,15 @@ from tvlens.models import build_model
 @pytest.fixture(scope="module")
 def bitwise():
     model = tvlens.load_model("bitwise")
-    prompts = model_family = tvlens.model_info(model).task_family()
-    prompts = model_family.sample(12, shots=4, seed=5)
+    prompts = tvlens.model_info(model).task_family().sample(12, shots=4, seed=5)
     return model, prompts
+
+
+@pytest.fixture(scope="module")
+def patched(bitwise):
+    model, prompts = bitwise
+    enc = tvlens.extract(model, prompts, progress=False)
+    return enc, tvlens.run_patching(model, prompts, enc.task_vectors(), layers=[0, 1], mode="swap", progress=False)
 
 
 def _brackets(est, lo, hi, tol=1e-6):
@@ -43,10 +49,8 @@ def test_accuracy_ci(bitwise):
         acc.with_ci(n_boot=0)
 
 
-def test_patching_ci(bitwise):
-    model, prompts = bitwise
-    vecs = tvlens.extract(model, prompts, progress=False).task_vectors()
-    res = tvlens.run_patching(model, prompts, vecs, mode="swap", progress=False)
+def test_patching_ci(patched):
+    _, res = patched
     # the per-prompt outcomes reproduce the grid
     lab = res.labels
     for t in range(len(res.target_names)):
@@ -64,7 +68,7 @@ def test_patching_ci(bitwise):
     assert torch.equal(res.with_ci(seed=0).flip_rate_ci, a)  # seeded
     assert not torch.equal(res.with_ci(seed=1).flip_rate_ci, a) or bool((a[0] == a[1]).all())
     fig = tvlens.views.patching_profile_figure(res)
-    assert any(getattr(t, "fill", None) == "toself" for t in fig.data)  # a CI band
+    assert fig.data[0].error_y.array is not None and fig.data[1].error_y.arrayminus is not None  # CI bars
 
 
 def test_head_scores_ci_and_round_trip(bitwise, tmp_path):
@@ -127,3 +131,22 @@ def test_td_vs_accuracy_r2_ci():
     add_r2_ci(fits, rows)
     f = fits["all"]
     assert f["r2_lo"] <= f["r2"] <= f["r2_hi"]
+
+
+def test_report_summary_quotes_cis(bitwise, patched):
+    from tvlens.views.report import summarize
+
+    model, prompts = bitwise
+    fam = tvlens.model_info(model).task_family()
+    acc = tvlens.icl_accuracy(model, prompts)
+    enc, patch = patched
+    dec = tvlens.task_decodability(enc, k=5, null=200)
+    hs = tvlens.head_attribution(model, prompts, method="dla", progress=False)
+    rows = dict(summarize("bitwise", fam, acc, dec, patch, hs))
+    assert "[" in rows["ICL accuracy"] and "shuffled-label null" in rows["task decodability"]
+    assert rows["task decodability"].count("[") >= 1 and "p " in rows["task decodability"]
+    assert rows["patching at the query (swap)"].count("[") == 2
+    assert "[" in rows["top heads (dla)"] and "bootstrap" in rows["uncertainty"]
+    fig = tvlens.views.td_by_layer_figure(dec)
+    assert fig.data[0].error_y.array is not None  # TD's CI as bars on the TD line
+    assert sum(getattr(t, "fill", None) == "toself" for t in fig.data) == 1  # the null band

@@ -122,19 +122,18 @@ def td_by_layer_figure(source, layer_title: str = "layer (0 = embedding)") -> An
     else:
         _need(source, ["layers", "td", "task_names"], "td_by_layer_figure")
         tci = getattr(source, "td_ci", None)
-        if tci is not None:
-            _band(fig, source.layers, tci[0], tci[1], f"TD {_ci_pct(source)} (bootstrap over prompts)")
-        nm = getattr(source, "null_mean", None)
-        if nm is not None:
-            q = (getattr(source, "ci_info", None) or {}).get("q", 0.95)
-            _band(fig, source.layers, nm, source.null_quantile, f"shuffled-label null (mean to q{round(100 * q)})",
-                  "rgba(128,128,128,0.25)")
-        fig.add_scatter(x=list(source.layers), y=_np(source.td).tolist(), mode="lines+markers", name="TD (all tasks)",
-                        line=dict(width=4))
+        fig.add_scatter(x=list(source.layers), y=_np(source.td).tolist(), mode="lines+markers",
+                        name="TD (all tasks)" + (f", {_ci_pct(source)}" if tci is not None else ""), line=dict(width=4),
+                        error_y=_err(source.td, tci[0], tci[1]) if tci is not None else None)
         if getattr(source, "per_task", None) is not None:
             pt = _np(source.per_task)
             for j, t in enumerate(source.task_names):
                 fig.add_scatter(x=list(source.layers), y=pt[:, j].tolist(), mode="lines", name=label(t), opacity=0.6)
+        nm = getattr(source, "null_mean", None)
+        if nm is not None:  # after the lines, so trace 0 stays the TD line
+            q = (getattr(source, "ci_info", None) or {}).get("q", 0.95)
+            _band(fig, source.layers, nm, source.null_quantile, f"shuffled-label null (mean to q{round(100 * q)})",
+                  "rgba(128,128,128,0.25)")
         chance = source.chance
         title = "Task decodability by layer"
     if chance is not None:
@@ -150,10 +149,16 @@ def td_heatmap_figure(dec) -> Any:
     _need(dec, ["layers", "task_names", "per_task"], "td_heatmap_figure")
     z = _np(dec.per_task).T  # [task, layer]
     go = _go()
+    hover = dict(hovertemplate="task %{y}, layer %{x}: TD %{z:.3f}<extra></extra>")
+    ci = getattr(dec, "per_task_ci", None)
+    if ci is not None:
+        c = _np(ci)  # [2, layer, task]
+        hover = dict(customdata=np.stack([c[0].T, c[1].T], -1),
+                     hovertemplate=f"task %{{y}}, layer %{{x}}: TD %{{z:.3f}} [%{{customdata[0]:.3f}}, "
+                                   f"%{{customdata[1]:.3f}}] ({_ci_pct(dec)})<extra></extra>")
     fig = go.Figure(go.Heatmap(z=z, x=[str(L) for L in dec.layers], y=[label(t) for t in dec.task_names], zmin=0,
                                zmax=1, colorscale=SEQUENTIAL, colorbar=dict(title="TD"),
-                               text=np.round(z, 2), texttemplate="%{text}",
-                               hovertemplate="task %{y}, layer %{x}: TD %{z:.3f}<extra></extra>"))
+                               text=np.round(z, 2), texttemplate="%{text}", **hover))
     fig.update_layout(title="Task decodability per task and layer", xaxis_title="layer", yaxis_title="task")
     return fig
 
@@ -193,12 +198,23 @@ def patching_grids_figure(res, what: str = "follows_source", layers: Sequence[in
                         horizontal_spacing=0.03 if len(layers) > 3 else 0.08, shared_yaxes=True)
     rate = what.startswith("follows")
     zmin, zmax = (0.0, 1.0) if rate else (float(np.nanmin(grid)), float(np.nanmax(grid)))
+    if hasattr(res, "_ensure_ci"):
+        res._ensure_ci()
+    gci = getattr(res, "grid_ci", None)
+    # grid_ci is the CI of follows_source (token tasks) or of the MSE grid (regression)
+    own = gci is not None and (what == "follows_source" or (what == "delta_logprob_source" and res.metric == "mse"))
     for c, L in enumerate(layers):
-        z = grid[res.layers.index(L)]
+        li = res.layers.index(L)
+        z = grid[li]
+        hover = dict(hovertemplate=f"layer {L}<br>source %{{y}} into target %{{x}}: %{{z:.3f}}<extra></extra>")
+        if own:
+            g = _np(gci)[:, li]
+            hover = dict(customdata=np.stack([g[0], g[1]], -1),
+                         hovertemplate=f"layer {L}<br>source %{{y}} into target %{{x}}: %{{z:.3f}} "
+                                       f"[%{{customdata[0]:.3f}}, %{{customdata[1]:.3f}}] ({_ci_pct(res)})<extra></extra>")
         fig.add_heatmap(z=z, x=[label(t) for t in res.target_names], y=[label(s) for s in res.source_names],
                         zmin=zmin, zmax=zmax, colorscale=SEQUENTIAL if rate else DIVERGING, showscale=c == len(layers) - 1,
-                        hovertemplate=f"layer {L}<br>source %{{y}} into target %{{x}}: %{{z:.3f}}<extra></extra>",
-                        row=1, col=c + 1)
+                        **hover, row=1, col=c + 1)
         fig.update_xaxes(title_text="target task", row=1, col=c + 1, tickangle=45)
     fig.update_yaxes(title_text="source task (patched vector)", row=1, col=1)
     mode = getattr(res, "mode", "")
@@ -216,12 +232,13 @@ def patching_profile_figure(res) -> Any:
     if hasattr(res, "_ensure_ci"):
         res._ensure_ci()
     fci, cci = getattr(res, "flip_rate_ci", None), getattr(res, "control_ci", None)
+    fig.add_scatter(x=list(res.layers), y=_np(res.flip_rate).tolist(), mode="lines+markers", name="flip rate (other tasks)",
+                    error_y=_err(res.flip_rate, fci[0], fci[1]) if fci is not None else None)
+    fig.add_scatter(x=list(res.layers), y=_np(res.control).tolist(), mode="lines+markers", name="own-task control",
+                    error_y=_err(res.control, cci[0], cci[1]) if cci is not None else None)
     if fci is not None:
-        _band(fig, res.layers, fci[0], fci[1], f"flip rate {_ci_pct(res)}", "rgba(99,110,250,0.2)")
-    if cci is not None:
-        _band(fig, res.layers, cci[0], cci[1], f"control {_ci_pct(res)}", "rgba(239,85,59,0.2)")
-    fig.add_scatter(x=list(res.layers), y=_np(res.flip_rate).tolist(), mode="lines+markers", name="flip rate (other tasks)")
-    fig.add_scatter(x=list(res.layers), y=_np(res.control).tolist(), mode="lines+markers", name="own-task control")
+        fig.update_layout(annotations=[dict(text=f"bars: {_ci_pct(res)}, bootstrap over prompts", xref="paper",
+                                            yref="paper", x=0, y=-0.18, showarrow=False)])
     floor = getattr(res, "flip_floor", float("nan"))
     if floor == floor:  # not NaN
         fig.add_hline(y=floor, line_dash="dot", annotation_text="rule-agreement floor")
@@ -348,9 +365,8 @@ def emergence_figure(em) -> Any:
         fig.add_scatter(x=x, y=m[:, j].tolist(), name=label(t), mode="lines+markers", error_y=err, row=1, col=1)
     best = em.best_layer
     for j, L in enumerate(em.layers):
-        if tci is not None and L == best:
-            _band(fig, x, _np(tci)[0][:, j], _np(tci)[1][:, j], f"TD layer {L}, {_ci_pct(em)}", row=1, col=2)
-        fig.add_scatter(x=x, y=td[:, j].tolist(), name=f"TD layer {L}", mode="lines+markers",
+        err = _err(td[:, j], _np(tci)[0][:, j], _np(tci)[1][:, j]) if tci is not None and L == best else None
+        fig.add_scatter(x=x, y=td[:, j].tolist(), name=f"TD layer {L}", mode="lines+markers", error_y=err,
                         line=dict(dash="dot" if L != best else "solid", width=3 if L == best else 1.5), row=1, col=2)
     fig.update_xaxes(type="log", title_text="training step")
     fig.update_yaxes(range=[0, 1.02], row=1, col=2)
