@@ -209,3 +209,13 @@ def test_spearman_and_r2_cis():
     tiny = stats.r2_ci([0, 1], [0, 2])
     assert np.isnan(tiny.lo) and np.isnan(tiny.hi)
     assert np.isnan(stats.spearman_rows(np.ones(5), np.arange(5.0)))  # constant series: undefined, NaN
+
+
+def test_identical_representations_get_no_p_value():
+    """Every prompt at one point: index order picks the neighbours, so TD is the prompts' order, not
+    decodability; its null would call the exact-chance TD significant. The p-value is NaN, with a note."""
+    y = np.repeat(np.arange(6), 10)
+    enc = TaskEncodings(acts=torch.zeros(60, 1, 4), layers=[0], labels=torch.tensor(y), task_names=list("abcdef"))
+    res = task_decodability(enc, k=5, null=100)
+    assert res.td[0].item() == pytest.approx(1 / 6) and res.notes["boundary_ties"][0] == 1.0
+    assert np.isnan(float(res.p_value[0])) and "index order" in res.notes["no_p_value"]

@@ -307,10 +307,13 @@ def knn_loo_neighbors(
     k: int = 10,
     metric: str = "euclidean",
     chunk: int = 2048,
-) -> Int[torch.Tensor, "n k"]:
+    return_ties: bool = False,
+):
     """Each point's ``k`` nearest *other* points (leave-one-out), nearest first; neighbours at equal
     distance are taken in index order. The labels play no part, so one call serves every relabelling
-    (the shuffled-label null, ``tvlens.stats.knn_permutation_null``)."""
+    (the shuffled-label null, ``tvlens.stats.knn_permutation_null``). With ``return_ties`` also a
+    ``[n]`` bool: the k-th and (k+1)-th neighbours are at the same distance (so index order, not
+    distance, chose the neighbourhood)."""
     n = X.shape[0]
     if k >= n:
         raise ConfigError(f"k={k} needs more than k prompts, got {n}")
@@ -320,6 +323,7 @@ def knn_loo_neighbors(
     elif metric != "euclidean":
         raise ConfigError(f"unknown metric {metric!r}; use 'euclidean' or 'cosine'")
     out = torch.empty(n, k, dtype=torch.long)
+    ties = torch.zeros(n, dtype=torch.bool)
     sq = (X * X).sum(1)
     for s in range(0, n, chunk):
         xb = X[s : s + chunk]
@@ -329,8 +333,11 @@ def knn_loo_neighbors(
             d = (sq[s : s + chunk, None] + sq[None] - 2 * xb @ X.T).clamp_min(0)
         rows = torch.arange(len(xb))
         d[rows, rows + s] = float("inf")  # leave one out
-        out[s : s + len(xb)] = torch.sort(d, dim=1, stable=True).indices[:, :k]
-    return out
+        srt = torch.sort(d, dim=1, stable=True)
+        out[s : s + len(xb)] = srt.indices[:, :k]
+        if k + 1 < n:
+            ties[s : s + len(xb)] = srt.values[:, k - 1] == srt.values[:, k]
+    return (out, ties) if return_ties else out
 
 
 def knn_loo_predict(
@@ -420,7 +427,17 @@ class DecodabilityResult:
                                         tie_break=self.tie_break)
         self.null_mean = torch.tensor(nr.mean, dtype=torch.float32)
         self.null_quantile = torch.tensor(nr.quantile, dtype=torch.float32)
-        self.p_value = torch.tensor(nr.p_value, dtype=torch.float32)
+        p = nr.p_value.copy()
+        # where index order, not distance, picked most neighbourhoods (e.g. every prompt at the same point),
+        # TD and its null measure the prompts' order: no p-value
+        ties = self.notes.get("boundary_ties", {})
+        degenerate = [i for i, L in enumerate(self.layers) if ties.get(L, ties.get(str(L), 0.0)) > 0.5]
+        p[degenerate] = np.nan
+        if degenerate:
+            self.notes["no_p_value"] = (f"layers {[self.layers[i] for i in degenerate]}: for most prompts the k-th "
+                                        "and (k+1)-th neighbours are equidistant (e.g. identical representations), "
+                                        "so index order chose the neighbours; p-value left NaN")
+        self.p_value = torch.tensor(p, dtype=torch.float32)
         self.ci_info.update(n_perm=nr.n_perm, q=nr.q, null_seed=nr.seed)
         return self
 
@@ -489,7 +506,7 @@ class DecodabilityResult:
     def save(self, path: str | Path) -> Path:
         meta = {"kind": "DecodabilityResult", "layers": self.layers, "task_names": self.task_names, "k": self.k,
                 "metric": self.metric, "n_prompts": self.n_prompts, "tie_break": self.tie_break,
-                "ci_info": self.ci_info}
+                "ci_info": self.ci_info, "notes": self.notes}
         tensors = {"td": self.td, "per_task": self.per_task, "confusion": self.confusion}
         for name in self._OPTIONAL:
             v = getattr(self, name)
@@ -505,7 +522,8 @@ class DecodabilityResult:
             opt["correct"] = opt["correct"].bool()
         return cls(layers=m["layers"], task_names=m["task_names"], k=m["k"], metric=m["metric"],
                    n_prompts=m["n_prompts"], td=t["td"], per_task=t["per_task"], confusion=t["confusion"],
-                   tie_break=m.get("tie_break", "nearest"), ci_info=dict(m.get("ci_info", {})), **opt)
+                   tie_break=m.get("tie_break", "nearest"), ci_info=dict(m.get("ci_info", {})),
+                   notes=dict(m.get("notes", {})), **opt)
 
 
 def task_decodability(
@@ -562,9 +580,10 @@ def task_decodability(
         )
     sel = enc.layers if layers is None else list(layers)
     T = len(enc.task_names)
-    td, per_task, conf, oks, nbrs = [], [], [], [], []
+    td, per_task, conf, oks, nbrs, tie_frac = [], [], [], [], [], []
     for layer in sel:
-        nn_idx = knn_loo_neighbors(enc.at(layer), k, metric)
+        nn_idx, ties = knn_loo_neighbors(enc.at(layer), k, metric, return_ties=True)
+        tie_frac.append(float(ties.float().mean()))
         pred = torch.from_numpy(stats.knn_vote(enc.labels.cpu()[nn_idx].numpy(), T, tie_break, seed)).long()
         ok = (pred == enc.labels).float()
         oks.append(ok.bool())
@@ -578,7 +597,8 @@ def task_decodability(
     res = DecodabilityResult(layers=sel, task_names=list(enc.task_names), td=torch.stack(td).float(),
                              per_task=torch.stack(per_task).float(), confusion=torch.stack(conf), k=k,
                              metric=metric, n_prompts=len(enc), correct=torch.stack(oks),
-                             labels=enc.labels.cpu().clone(), neighbors=torch.stack(nbrs), tie_break=tie_break)
+                             labels=enc.labels.cpu().clone(), neighbors=torch.stack(nbrs), tie_break=tie_break,
+                             notes={"boundary_ties": dict(zip(sel, tie_frac))})
     if ci is not None:
         res.with_ci(ci, n_boot, ci_seed)
     if null:

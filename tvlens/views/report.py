@@ -366,8 +366,10 @@ def summarize(name, fam, acc, dec, patch, scores=None, em=None, sweep=None, top_
     b = dec.layers.index(dec.best_layer)
     null = ""
     if getattr(dec, "null_mean", None) is not None:
+        p = float(dec.p_value[b])
+        p = f"p {p:.3g}" if p == p else "no p-value: tied neighbourhoods"
         null = (f"; shuffled-label null {float(dec.null_mean[b]):.3f} (q95 {float(dec.null_quantile[b]):.3f}, "
-                f"p {float(dec.p_value[b]):.3g})")
+                f"{p})")
     rows.append(("task decodability", f"best layer {dec.best_layer}: TD {dec.best_td:.3f}"
                                       f"{_ci(getattr(dec, 'td_ci', None), b)} (chance {dec.chance:.3f}{null}); "
                                       f"layers {dec.layers[0]}..{dec.layers[-1]}: {tds}"))
