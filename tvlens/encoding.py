@@ -6,8 +6,10 @@ Definitions (Han et al. 2025; DESIGN.md):
   last token before the answer). Layer 0 is the embedding (``blocks.0.hook_resid_pre``), layer
   ``l > 0`` the output of block ``l - 1`` (``blocks.{l-1}.hook_resid_post``): ``n_layers + 1`` layers;
 - a task vector of task A at layer l is the mean representation of A's prompts;
-- TD at layer l is the leave-one-out k-nearest-neighbour accuracy (k=10, Euclidean, majority vote)
-  of the prompts' latent task: each prompt is classified by its k nearest *other* prompts.
+- TD at layer l is the leave-one-out k-nearest-neighbour accuracy (k=10, Euclidean, majority vote,
+  ties to the lowest task index as scikit-learn) of the prompts' latent task: each prompt is
+  classified by its k nearest *other* prompts. ``DecodabilityResult`` carries a bootstrap CI over
+  prompts and, on request, the shuffled-label null (``tvlens.stats``).
 """
 
 from __future__ import annotations
