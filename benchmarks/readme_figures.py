@@ -125,7 +125,7 @@ def patching(seeds):
             rows.setdefault(f"default query {mode}: min own-task control", []).append(
                 (float(r.control[lc]), tuple(float(x) for x in r.control_ci[:, lc])))
         va = tvlens.extract(model, p, progress=False, at="answers").task_vectors()
-        r = tvlens.run_patching(model, p, va, mode="replace", progress=False).with_ci()
+        r = tvlens.run_patching(model, p, va, layers=[1], mode="replace", progress=False).with_ci()
         li = r.layers.index(1)
         rows.setdefault("default answers replace: layer 1 flip rate", []).append(
             (float(r.flip_rate[li]), tuple(float(x) for x in r.flip_rate_ci[:, li])))
@@ -135,7 +135,7 @@ def patching(seeds):
         pc = tvlens.model_info(cats).task_family().sample(50, shots=SHOTS, seed=s)
         vc = tvlens.extract(cats, pc, progress=False).task_vectors()
         for mode in ("swap", "replace"):
-            r = tvlens.run_patching(cats, pc, vc, mode=mode, progress=False).with_ci()
+            r = tvlens.run_patching(cats, pc, vc, layers=[0, 1], mode=mode, progress=False).with_ci()
             for L in (0, 1):
                 li = r.layers.index(L)
                 rows.setdefault(f"categories {mode} layer {L} flip rate", []).append(

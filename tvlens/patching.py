@@ -6,8 +6,9 @@ al. 2023), add it (``"add"``, Todd et al. 2024), or swap the prompt's own task c
 source's (``"swap"``: add ``scale * (v_source - v_own)``, the difference of the two task means), run
 the rest of the model from that layer, and score the output against every task's rule. Replacing
 the whole residual also erases what the model already computed there about the query (on the
-shipped ``categories`` model the own-task control falls to 0.61 after block 0), which ``"swap"``
-keeps. Patching at layer ``l`` means the residual stream *entering* block ``l``
+shipped ``categories`` model the own-task control falls to 0.56-0.63 after block 0, prompt seeds 0,
+777, 2024: ``benchmarks/readme_figures.py``), which ``"swap"`` keeps (1.00, flipping 0.93-0.95).
+Patching at layer ``l`` means the residual stream *entering* block ``l``
 (``blocks.{l}.hook_resid_pre``, the same as ``blocks.{l-1}.hook_resid_post``; layer 0 = embedding),
 matching ``tvlens.extract``'s layer numbering.
 
