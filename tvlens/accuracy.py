@@ -29,30 +29,31 @@ def check_prompts_fit(model, prompts: PromptSet) -> None:
     """Raise a clear error when prompts cannot be fed to ``model``."""
     if len(prompts) == 0:
         raise ConfigError("the PromptSet is empty: sample at least one prompt")
-    from tvlens.models import is_continuous
+    from tvlens.backends import get_backend
 
-    if is_continuous(model) != prompts.is_continuous:
-        kind = "continuous (regression)" if is_continuous(model) else "token"
+    bk = get_backend(model)
+    if bk.continuous != prompts.is_continuous:
+        kind = "continuous (regression)" if bk.continuous else "token"
         raise ConfigError(
             f"prompts of family {prompts.family!r} are {'continuous' if prompts.is_continuous else 'tokens'} "
             f"but the model is a {kind} model"
         )
     if prompts.is_continuous:
-        if prompts.inputs.shape[-1] != model.cfg.d_vocab:  # type: ignore[union-attr]
+        if prompts.inputs.shape[-1] != bk.d_vocab:  # type: ignore[union-attr]
             raise ConfigError(
                 f"prompts have input dimension {prompts.inputs.shape[-1]} but the model reads "  # type: ignore[union-attr]
-                f"{model.cfg.d_vocab}"
+                f"{bk.d_vocab}"
             )
     else:
         mx = int(prompts.tokens.max())  # type: ignore[union-attr]
-        if mx >= model.cfg.d_vocab:
+        if mx >= bk.d_vocab:
             raise ConfigError(
-                f"prompts use token id {mx} but the model's vocabulary has {model.cfg.d_vocab} tokens: "
+                f"prompts use token id {mx} but the model's vocabulary has {bk.d_vocab} tokens: "
                 "these prompts come from another family or vocabulary than the model was built for"
             )
-    if prompts.seq_len > model.cfg.n_ctx:
+    if prompts.seq_len > bk.n_ctx:
         raise ConfigError(
-            f"prompts are {prompts.seq_len} positions long but the model's context is {model.cfg.n_ctx}: "
+            f"prompts are {prompts.seq_len} positions long but the model's context is {bk.n_ctx}: "
             "use fewer shots"
         )
 
@@ -80,9 +81,10 @@ def refuse_greedy(prompts: PromptSet, what: str) -> None:
 
 
 def batches(n: int, batch_size: int | None, desc: str = "", progress: bool = False):
-    bs = n if not batch_size else int(batch_size)
-    if bs < 1:
-        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    from tvlens.checks import check_batch_size  # batch_size: a positive int, or None for all (never 0)
+
+    batch_size = check_batch_size(batch_size, where=desc)
+    bs = max(n, 1) if batch_size is None else batch_size
     starts = range(0, n, bs)
     return tqdm(starts, desc=desc, disable=not progress or len(starts) <= 1, leave=False), bs
 
@@ -209,10 +211,11 @@ def logits_at_answers(model, x: torch.Tensor, query_pos: torch.Tensor, n_answer:
                       start_at_layer: int | None = None) -> torch.Tensor:
     """Run ``model`` on ``x`` (inputs, or the residual stream entering ``start_at_layer``) and unembed
     only the answer positions: ``[b, n_answer, d_vocab_out]``."""
-    resid = model(x, start_at_layer=start_at_layer, stop_at_layer=model.cfg.n_layers)
-    from tvlens.models import unembed
+    from tvlens.backends import get_backend
 
-    return unembed(model, model.ln_final(at_answer_positions(resid, query_pos, n_answer)))
+    bk = get_backend(model)
+    resid = bk.final_resid(x) if start_at_layer is None else bk.run_from(x, start_at_layer)
+    return bk.unembed(at_answer_positions(resid, query_pos, n_answer))
 
 
 def icl_accuracy(model, prompts: PromptSet, batch_size: int | None = 256, progress: bool = False) -> AccuracyResult:
@@ -239,7 +242,9 @@ def teacher_forced_accuracy(model, prompts: PromptSet, batch_size: int | None = 
     check_prompts_fit(model, prompts)
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
+    from tvlens.backends import get_backend
+
+    device = get_backend(model).input_device
     per_prompt, logprobs = [], []
     n_ans = prompts.n_answer
     it, bs = batches(len(prompts), batch_size, "icl_accuracy", progress)
