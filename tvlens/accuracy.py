@@ -101,6 +101,33 @@ class AccuracyResult:
     baseline: torch.Tensor | None = None  # least-squares squared error per prompt (regression)
     shots: int = 0
     notes: dict = field(default_factory=dict)
+    # bootstrap CIs over prompts, stratified by task (``with_ci``; filled on first use with the defaults)
+    per_task_ci: torch.Tensor | None = None  # [2, task]: lo, hi of each task's accuracy (or MSE)
+    mean_ci: tuple[float, float] | None = None  # of ``mean`` (the mean over non-null tasks)
+    ci_info: dict = field(default_factory=dict)  # ci, n_boot, seed
+
+    def with_ci(self, ci: float = 0.95, n_boot: int = 1000, seed: int = 0) -> "AccuracyResult":
+        """Fill ``per_task_ci`` and ``mean_ci``: percentile bootstrap over prompts, stratified by task
+        (``tvlens.stats``). Returns ``self``."""
+        from tvlens import stats
+
+        ci, n_boot, seed = stats.check_ci_args(ci, n_boot, seed)
+        T = len(self.task_names)
+        v, lab = self.per_prompt.double().numpy(), self.labels.numpy()
+        gm = stats.group_means_boot(v, lab, T, stats.bootstrap_counts(len(v), n_boot, seed, lab))  # [boot, task]
+        self.per_task_ci = torch.tensor(np.stack(stats.percentile_ci(gm, ci)), dtype=torch.float32)
+        real = [j for j, t in enumerate(self.task_names) if t != "null" and bool((self.labels == j).any())]
+        if real:
+            lo, hi = stats.percentile_ci(gm[:, real].mean(1), ci)
+            self.mean_ci = (float(lo), float(hi))
+        else:
+            self.mean_ci = (float("nan"), float("nan"))
+        self.ci_info = {"ci": ci, "n_boot": n_boot, "seed": seed}
+        return self
+
+    def _ensure_ci(self) -> None:
+        if self.per_task_ci is None and len(self.per_prompt):
+            self.with_ci()
 
     def _per_task(self, values: torch.Tensor) -> dict[str, float]:
         return {
@@ -123,10 +150,14 @@ class AccuracyResult:
     def to_dataframe(self):
         import pandas as pd
 
+        self._ensure_ci()
         rows = []
         for i, t in enumerate(self.task_names):
             m = self.labels == i
             row = {"task": t, "n": int(m.sum()), self.metric: self.per_task[t]}
+            if self.per_task_ci is not None:
+                row[f"{self.metric}_lo"] = float(self.per_task_ci[0, i])
+                row[f"{self.metric}_hi"] = float(self.per_task_ci[1, i])
             if self.logprob is not None:
                 row["answer_logprob"] = float(self.logprob[m].mean()) if bool(m.any()) else float("nan")
             if self.baseline is not None:
@@ -135,8 +166,10 @@ class AccuracyResult:
         return pd.DataFrame(rows)
 
     def __repr__(self) -> str:
+        self._ensure_ci()
         vals = ", ".join(f"{t}: {v:.3f}" for t, v in self.per_task.items())
-        return f"AccuracyResult({self.metric}, shots={self.shots}, mean={self.mean:.3f}, {{{vals}}})"
+        ci = "" if self.mean_ci is None else f" [{self.mean_ci[0]:.3f}, {self.mean_ci[1]:.3f}]"
+        return f"AccuracyResult({self.metric}, shots={self.shots}, mean={self.mean:.3f}{ci}, {{{vals}}})"
 
     def _repr_html_(self) -> str:
         from tvlens.views.page import figure_fragment, result_html

@@ -47,6 +47,7 @@ import html
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from jaxtyping import Float
 
@@ -79,6 +80,39 @@ class HeadScores:
     per_position: Float[torch.Tensor, "pos layer head"] | None = None
     prompts: str = ""
     notes: dict = field(default_factory=dict)
+    # per prompt (what the CIs are computed from): every prompt's score ``[n, layer, head]`` and its task ``[n]``
+    per_prompt: Float[torch.Tensor, "n layer head"] | None = None
+    labels: torch.Tensor | None = None
+    # bootstrap CIs over prompts, stratified by task (``with_ci``; filled on first use with the defaults)
+    scores_ci: torch.Tensor | None = None  # [2, layer, head]: lo, hi
+    per_task_ci: torch.Tensor | None = None  # [2, task, layer, head]
+    ci_info: dict = field(default_factory=dict)
+
+    def with_ci(self, ci: float = 0.95, n_boot: int = 1000, seed: int = 0) -> "HeadScores":
+        """Fill ``scores_ci`` and ``per_task_ci``: percentile bootstrap over prompts, stratified by task;
+        the headline map is resampled as the mean of the resampled per-task maps (``tvlens.stats``).
+        Returns ``self``."""
+        from tvlens import stats
+
+        ci, n_boot, seed = stats.check_ci_args(ci, n_boot, seed)
+        if self.per_prompt is None or self.labels is None:
+            raise ConfigError("these HeadScores hold no per-prompt scores: recompute them with "
+                              "tvlens.head_attribution to get CIs")
+        T = len(self.task_names)
+        lab = self.labels.numpy()
+        v = self.per_prompt.double().numpy()  # [n, layer, head]
+        gm = stats.group_means_boot(np.moveaxis(v, 0, -1), lab, T,
+                                    stats.bootstrap_counts(len(lab), n_boot, seed, lab))  # [boot, layer, head, task]
+        present = [t for t in range(T) if bool((self.labels == t).any())]
+        real = [t for t in present if self.task_names[t] != "null"] or present
+        self.scores_ci = torch.tensor(np.stack(stats.percentile_ci(gm[..., real].mean(-1), ci)), dtype=torch.float32)
+        self.per_task_ci = torch.tensor(np.stack(stats.percentile_ci(np.moveaxis(gm, -1, 1), ci)), dtype=torch.float32)
+        self.ci_info = {"ci": ci, "n_boot": n_boot, "seed": seed}
+        return self
+
+    def _ensure_ci(self) -> None:
+        if self.scores_ci is None and self.per_prompt is not None and self.labels is not None:
+            self.with_ci()
 
     @property
     def n_layers(self) -> int:
@@ -116,14 +150,19 @@ class HeadScores:
         """One row per (task, layer, head); the headline map has task ``"all"``."""
         import pandas as pd
 
+        self._ensure_ci()
         rows = []
-        maps = [("all", self.scores)]
+        maps = [("all", self.scores, self.scores_ci)]
         if self.per_task is not None:
-            maps += list(zip(self.task_names, self.per_task))
-        for t, m in maps:
+            maps += [(t, m, None if self.per_task_ci is None else self.per_task_ci[:, i])
+                     for i, (t, m) in enumerate(zip(self.task_names, self.per_task))]
+        for t, m, c in maps:
             for L in range(m.shape[0]):
                 for h in range(m.shape[1]):
-                    rows.append({"task": t, "layer": L, "head": h, "score": float(m[L, h])})
+                    row = {"task": t, "layer": L, "head": h, "score": float(m[L, h])}
+                    if c is not None:
+                        row.update(score_lo=float(c[0, L, h]), score_hi=float(c[1, L, h]))
+                    rows.append(row)
         return pd.DataFrame(rows)
 
     def __repr__(self) -> str:
@@ -157,8 +196,11 @@ class HeadScores:
             tensors["per_task"] = self.per_task
         if self.per_position is not None:
             tensors["per_position"] = self.per_position
+        for name in ("per_prompt", "labels", "scores_ci", "per_task_ci"):
+            if getattr(self, name) is not None:
+                tensors[name] = getattr(self, name)
         meta = {"kind": "HeadScores", "method": self.method, "metric": self.metric, "task_names": self.task_names,
-                "prompts": self.prompts, "notes": self.notes}
+                "prompts": self.prompts, "notes": self.notes, "ci_info": self.ci_info}
         return save_tensors_with_sidecar(path, tensors, meta, overwrite=overwrite)
 
     @classmethod
@@ -166,7 +208,9 @@ class HeadScores:
         t, m = load_tensors_with_sidecar(path, expect_kind="HeadScores")
         return cls(scores=t["scores"], per_task=t.get("per_task"), per_position=t.get("per_position"),
                    method=m["method"], metric=m["metric"], task_names=list(m["task_names"]),
-                   prompts=m.get("prompts", ""), notes=dict(m.get("notes", {})))
+                   prompts=m.get("prompts", ""), notes=dict(m.get("notes", {})), per_prompt=t.get("per_prompt"),
+                   labels=t.get("labels"), scores_ci=t.get("scores_ci"), per_task_ci=t.get("per_task_ci"),
+                   ci_info=dict(m.get("ci_info", {})))
 
 
 # --------------------------------------------------------------------------- inputs
@@ -397,7 +441,7 @@ def head_attribution(
     by_task, scores = _per_task(full, labels, list(prompts.task_names))
     return HeadScores(scores=scores, method=method, metric=metric_name, task_names=list(prompts.task_names),
                       per_task=by_task if per_task else None, per_position=per_position, prompts=_describe(prompts),
-                      notes=notes)
+                      notes=notes, per_prompt=full, labels=labels.clone())
 
 
 def _chunks(n: int, batch_size: int):

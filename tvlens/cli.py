@@ -205,7 +205,8 @@ def _demo(args: argparse.Namespace) -> int:
           f"d_model {get_backend(model).d_model}, family {family!r}")
     print(f"{len(prompts)} fresh prompts ({args.shots}-shot, seed {args.seed}); e.g.\n  {prompts.render(0)}")
     print(acc.to_dataframe().to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    print(f"mean {acc.metric} (non-null tasks): {acc.mean:.3f}")
+    print(f"mean {acc.metric} (non-null tasks): {acc.mean:.3f} [{acc.mean_ci[0]:.3f}, {acc.mean_ci[1]:.3f}] "
+          "(95% bootstrap CI over prompts)")
     enc = tvlens.extract(model, prompts, progress=False)
     td = tvlens.task_decodability(enc)
     steps = tvlens.checkpoint_steps(args.model) if args.model in tvlens.shipped_models() + ["default"] else []
@@ -215,7 +216,7 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"task decodability (leave-one-out {td.k}-NN at the query, chance {td.chance:.3f}):")
     for i, layer in enumerate(td.layers):
         ctrl = f"   untrained (step 0): {float(td0.td[i]):.3f}" if td0 is not None else ""
-        print(f"  layer {layer}: {float(td.td[i]):.3f}{ctrl}")
+        print(f"  layer {layer}: {float(td.td[i]):.3f} [{float(td.td_ci[0, i]):.3f}, {float(td.td_ci[1, i]):.3f}]{ctrl}")
     print(f"best layer {td.best_layer}: TD {td.best_td:.3f}   [{time.perf_counter() - t0:.1f}s]")
     if args.no_report:
         return 0

@@ -6,8 +6,10 @@ Definitions (Han et al. 2025; DESIGN.md):
   last token before the answer). Layer 0 is the embedding (``blocks.0.hook_resid_pre``), layer
   ``l > 0`` the output of block ``l - 1`` (``blocks.{l-1}.hook_resid_post``): ``n_layers + 1`` layers;
 - a task vector of task A at layer l is the mean representation of A's prompts;
-- TD at layer l is the leave-one-out k-nearest-neighbour accuracy (k=10, Euclidean, majority vote)
-  of the prompts' latent task: each prompt is classified by its k nearest *other* prompts.
+- TD at layer l is the leave-one-out k-nearest-neighbour accuracy (k=10, Euclidean, majority vote,
+  ties to the lowest task index as scikit-learn) of the prompts' latent task: each prompt is
+  classified by its k nearest *other* prompts. ``DecodabilityResult`` carries a bootstrap CI over
+  prompts and, on request, the shuffled-label null (``tvlens.stats``).
 """
 
 from __future__ import annotations
@@ -325,6 +327,44 @@ def _check_vectors_artifact(t: dict[str, torch.Tensor], m: dict[str, Any], where
 
 
 # --------------------------------------------------------------------------- decodability
+def knn_loo_neighbors(
+    X: Float[torch.Tensor, "n d"],
+    k: int = 10,
+    metric: str = "euclidean",
+    chunk: int = 2048,
+    return_ties: bool = False,
+):
+    """Each point's ``k`` nearest *other* points (leave-one-out), nearest first; neighbours at equal
+    distance are taken in index order. The labels play no part, so one call serves every relabelling
+    (the shuffled-label null, ``tvlens.stats.knn_permutation_null``). With ``return_ties`` also a
+    ``[n]`` bool: the k-th and (k+1)-th neighbours are at the same distance (so index order, not
+    distance, chose the neighbourhood)."""
+    n = X.shape[0]
+    if k >= n:
+        raise ConfigError(f"k={k} needs more than k prompts, got {n}")
+    X = X.double()
+    if metric == "cosine":
+        X = X / X.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    elif metric != "euclidean":
+        raise ConfigError(f"unknown metric {metric!r}; use 'euclidean' or 'cosine'")
+    out = torch.empty(n, k, dtype=torch.long)
+    ties = torch.zeros(n, dtype=torch.bool)
+    sq = (X * X).sum(1)
+    for s in range(0, n, chunk):
+        xb = X[s : s + chunk]
+        if metric == "cosine":
+            d = 1 - xb @ X.T
+        else:
+            d = (sq[s : s + chunk, None] + sq[None] - 2 * xb @ X.T).clamp_min(0)
+        rows = torch.arange(len(xb))
+        d[rows, rows + s] = float("inf")  # leave one out
+        srt = torch.sort(d, dim=1, stable=True)
+        out[s : s + len(xb)] = srt.indices[:, :k]
+        if k + 1 < n:
+            ties[s : s + len(xb)] = srt.values[:, k - 1] == srt.values[:, k]
+    return (out, ties) if return_ties else out
+
+
 def knn_loo_predict(
     X: Float[torch.Tensor, "n d"],
     y: Int[torch.Tensor, "n"],
@@ -337,49 +377,18 @@ def knn_loo_predict(
     """Leave-one-out kNN predictions: each point is classified by its k nearest *other* points.
 
     Neighbours at equal distance are taken in index order. Vote ties go to the lowest class index
-    (``"lowest"``, as scikit-learn), to the tied class with the nearest neighbour (``"nearest"``),
-    or to a seeded random tied class (``"random"``).
+    (``"lowest"``, the default: scikit-learn's ``KNeighborsClassifier``, whose vote is a mode with ties
+    to the smallest label, so this equals ``cross_val_predict(KNeighborsClassifier(k), X, y,
+    cv=LeaveOneOut())``), to the tied class with the nearest neighbour (``"nearest"``), or to a seeded
+    random tied class (``"random"``).
     """
-    n = X.shape[0]
-    if k >= n:
-        raise ConfigError(f"k={k} needs more than k prompts, got {n}")
-    X = X.double()
-    if metric == "cosine":
-        X = X / X.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    elif metric != "euclidean":
-        raise ConfigError(f"unknown metric {metric!r}; use 'euclidean' or 'cosine'")
+    from tvlens.stats import TIE_BREAKS, knn_vote
+
+    if tie_break not in TIE_BREAKS:
+        raise ConfigError(f"unknown tie_break {tie_break!r}; use 'lowest', 'nearest' or 'random'")
+    nn_idx = knn_loo_neighbors(X, k, metric, chunk)
     n_cls = int(y.max()) + 1
-    gen = torch.Generator().manual_seed(seed)
-    preds = torch.empty(n, dtype=torch.long)
-    sq = (X * X).sum(1)
-    for s in range(0, n, chunk):
-        xb = X[s : s + chunk]
-        if metric == "cosine":
-            d = 1 - xb @ X.T
-        else:
-            d = (sq[s : s + chunk, None] + sq[None] - 2 * xb @ X.T).clamp_min(0)
-        rows = torch.arange(len(xb))
-        d[rows, rows + s] = float("inf")  # leave one out
-        nn_idx = torch.sort(d, dim=1, stable=True).indices[:, :k]
-        nn_lab = y[nn_idx]
-        votes = torch.zeros(len(xb), n_cls, dtype=torch.long).scatter_add_(1, nn_lab, torch.ones_like(nn_lab))
-        top = votes.max(1, keepdim=True).values
-        tied = votes == top
-        if tie_break == "lowest":
-            p = tied.float().argmax(1)
-        elif tie_break == "nearest":
-            # rank of each class's nearest neighbour; first tied class in neighbour order wins
-            first = torch.full((len(xb), n_cls), k, dtype=torch.long)
-            order = torch.arange(k).expand_as(nn_lab)
-            first.scatter_reduce_(1, nn_lab, order, reduce="amin")
-            p = torch.where(tied, first, torch.full_like(first, k + 1)).argmin(1)
-        elif tie_break == "random":
-            r = torch.rand(len(xb), n_cls, generator=gen)
-            p = torch.where(tied, r, torch.full_like(r, -1.0)).argmax(1)
-        else:
-            raise ConfigError(f"unknown tie_break {tie_break!r}; use 'lowest', 'nearest' or 'random'")
-        preds[s : s + len(xb)] = p
-    return preds
+    return torch.from_numpy(knn_vote(y.cpu()[nn_idx].numpy(), n_cls, tie_break, seed)).long()
 
 
 @dataclass
@@ -395,6 +404,67 @@ class DecodabilityResult:
     metric: str = "euclidean"
     n_prompts: int = 0
     notes: dict[str, Any] = field(default_factory=dict)
+    # per prompt (what the CIs and the null are computed from; ``tvlens.stats``)
+    correct: torch.Tensor | None = None  # [layer, n] bool: the prompt's task was decoded (leave-one-out)
+    labels: torch.Tensor | None = None  # [n] the prompts' tasks
+    neighbors: torch.Tensor | None = None  # [layer, n, k] each prompt's k nearest other prompts
+    tie_break: str = "lowest"
+    # bootstrap CIs over prompts (stratified by task; ``with_ci``) and the shuffled-label null (``with_null``)
+    td_ci: torch.Tensor | None = None  # [2, layer]: lo, hi
+    per_task_ci: torch.Tensor | None = None  # [2, layer, task]
+    null_mean: torch.Tensor | None = None  # [layer] mean TD with permuted task labels
+    null_quantile: torch.Tensor | None = None  # [layer] its ``null_q`` quantile
+    p_value: torch.Tensor | None = None  # [layer] (1 + #{null >= TD}) / (1 + n_perm)
+    ci_info: dict[str, Any] = field(default_factory=dict)  # ci, n_boot, seed; n_perm, q, null_seed
+
+    def with_ci(self, ci: float = 0.95, n_boot: int = 1000, seed: int = 0) -> "DecodabilityResult":
+        """Fill ``td_ci`` and ``per_task_ci``: percentile bootstrap over prompts, stratified by task,
+        resampling each prompt's leave-one-out verdict (the neighbours stay fixed; ``tvlens.stats``).
+        Returns ``self``."""
+        from tvlens import stats
+
+        ci, n_boot, seed = stats.check_ci_args(ci, n_boot, seed)
+        if self.correct is None or self.labels is None:
+            raise ConfigError("this DecodabilityResult holds no per-prompt verdicts (correct, labels): recompute it "
+                              "with tvlens.task_decodability to get CIs")
+        T = len(self.task_names)
+        ok, lab = self.correct.double().numpy(), self.labels.numpy()
+        W = stats.bootstrap_counts(ok.shape[-1], n_boot, seed, lab)
+        gm = stats.group_means_boot(ok, lab, T, W)  # [boot, layer, task]
+        counts = np.bincount(lab, minlength=T)
+        overall = (np.nan_to_num(gm) * counts).sum(-1) / counts.sum()
+        self.td_ci = torch.tensor(np.stack(stats.percentile_ci(overall, ci)), dtype=torch.float32)
+        self.per_task_ci = torch.tensor(np.stack(stats.percentile_ci(gm, ci)), dtype=torch.float32)
+        self.ci_info.update(ci=ci, n_boot=n_boot, seed=seed)
+        return self
+
+    def with_null(self, n_perm: int = 1000, q: float = 0.95, seed: int = 0) -> "DecodabilityResult":
+        """Fill the shuffled-label null: TD per layer when the task labels are permuted over prompts
+        (votes recomputed from the stored neighbours), its mean, ``q`` quantile and the p-value of the
+        observed TD. Returns ``self``."""
+        from tvlens import stats
+
+        if self.neighbors is None or self.labels is None:
+            raise ConfigError("this DecodabilityResult holds no neighbours: recompute it with tvlens.task_decodability "
+                              "to get the shuffled-label null")
+        nr = stats.knn_permutation_null(self.neighbors.numpy(), self.labels.numpy(), len(self.task_names),
+                                        self.td.double().numpy(), n_perm=n_perm, q=q, seed=seed,
+                                        tie_break=self.tie_break)
+        self.null_mean = torch.tensor(nr.mean, dtype=torch.float32)
+        self.null_quantile = torch.tensor(nr.quantile, dtype=torch.float32)
+        p = nr.p_value.copy()
+        # where index order, not distance, picked most neighbourhoods (e.g. every prompt at the same point),
+        # TD and its null measure the prompts' order: no p-value
+        ties = self.notes.get("boundary_ties", {})
+        degenerate = [i for i, L in enumerate(self.layers) if ties.get(L, ties.get(str(L), 0.0)) > 0.5]
+        p[degenerate] = np.nan
+        if degenerate:
+            self.notes["no_p_value"] = (f"layers {[self.layers[i] for i in degenerate]}: for most prompts the k-th "
+                                        "and (k+1)-th neighbours are equidistant (e.g. identical representations), "
+                                        "so index order chose the neighbours; p-value left NaN")
+        self.p_value = torch.tensor(p, dtype=torch.float32)
+        self.ci_info.update(n_perm=nr.n_perm, q=nr.q, null_seed=nr.seed)
+        return self
 
     @property
     def best_layer(self) -> int:
@@ -417,14 +487,29 @@ class DecodabilityResult:
         rows = []
         for i, layer in enumerate(self.layers):
             row = {"layer": layer, "td": float(self.td[i])}
-            row.update({f"td[{t}]": float(self.per_task[i, j]) for j, t in enumerate(self.task_names)})
+            if self.td_ci is not None:
+                row.update(td_lo=float(self.td_ci[0, i]), td_hi=float(self.td_ci[1, i]))
+            if self.null_mean is not None:
+                q = self.ci_info.get("q", 0.95)
+                row.update({"null_mean": float(self.null_mean[i]), f"null_q{round(100 * q)}": float(self.null_quantile[i]),
+                            "p_value": float(self.p_value[i])})
+            for j, t in enumerate(self.task_names):
+                row[f"td[{t}]"] = float(self.per_task[i, j])
+                if self.per_task_ci is not None:
+                    row[f"td[{t}]_lo"] = float(self.per_task_ci[0, i, j])
+                    row[f"td[{t}]_hi"] = float(self.per_task_ci[1, i, j])
             rows.append(row)
         return pd.DataFrame(rows)
 
     def __repr__(self) -> str:
         tds = ", ".join(f"{L}: {float(v):.3f}" for L, v in zip(self.layers, self.td))
+        b = self.layers.index(self.best_layer)
+        ci = "" if self.td_ci is None else (f" [{float(self.td_ci[0, b]):.3f}, {float(self.td_ci[1, b]):.3f}] "
+                                            f"({round(100 * self.ci_info.get('ci', 0.95))}% CI)")
+        null = "" if self.null_mean is None else (f", shuffled-label null {float(self.null_mean[b]):.3f} "
+                                                  f"(p {float(self.p_value[b]):.3g})")
         return (f"DecodabilityResult(k={self.k}, {self.metric}, n={self.n_prompts}, best layer {self.best_layer} "
-                f"TD {self.best_td:.3f}, chance {self.chance:.3f}; by layer {{{tds}}})")
+                f"TD {self.best_td:.3f}{ci}, chance {self.chance:.3f}{null}; by layer {{{tds}}})")
 
     def _repr_html_(self) -> str:
         from tvlens.views.page import figure_fragment, result_html
@@ -441,17 +526,29 @@ class DecodabilityResult:
 
         return td_by_layer_figure(self)
 
+    _OPTIONAL = ("correct", "labels", "neighbors", "td_ci", "per_task_ci", "null_mean", "null_quantile", "p_value")
+
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
         meta = {"kind": "DecodabilityResult", "layers": self.layers, "task_names": self.task_names, "k": self.k,
-                "metric": self.metric, "n_prompts": self.n_prompts}
-        return save_tensors_with_sidecar(path, {"td": self.td, "per_task": self.per_task,
-                                                "confusion": self.confusion}, meta, overwrite=overwrite)
+                "metric": self.metric, "n_prompts": self.n_prompts, "tie_break": self.tie_break,
+                "ci_info": self.ci_info, "notes": self.notes}
+        tensors = {"td": self.td, "per_task": self.per_task, "confusion": self.confusion}
+        for name in self._OPTIONAL:
+            v = getattr(self, name)
+            if v is not None:
+                tensors[name] = v.to(torch.uint8) if v.dtype == torch.bool else v
+        return save_tensors_with_sidecar(path, tensors, meta, overwrite=overwrite)
 
     @classmethod
     def load(cls, path: str | Path) -> "DecodabilityResult":
         t, m = load_tensors_with_sidecar(path, expect_kind="DecodabilityResult")
+        opt = {name: t.get(name) for name in cls._OPTIONAL}
+        if opt["correct"] is not None:
+            opt["correct"] = opt["correct"].bool()
         return cls(layers=m["layers"], task_names=m["task_names"], k=m["k"], metric=m["metric"],
-                   n_prompts=m["n_prompts"], td=t["td"], per_task=t["per_task"], confusion=t["confusion"])
+                   n_prompts=m["n_prompts"], td=t["td"], per_task=t["per_task"], confusion=t["confusion"],
+                   tie_break=m.get("tie_break", "nearest"), ci_info=dict(m.get("ci_info", {})),
+                   notes=dict(m.get("notes", {})), **opt)
 
 
 def task_decodability(
@@ -461,12 +558,31 @@ def task_decodability(
     k: int = 10,
     metric: str = "euclidean",
     layers: Sequence[int] | None = None,
-    tie_break: str = "nearest",
+    tie_break: str = "lowest",
     seed: int = 0,
     batch_size: int | None = 256,
     progress: bool = False,
+    ci: float | None = 0.95,
+    n_boot: int = 1000,
+    null: int = 0,
+    ci_seed: int = 0,
 ) -> DecodabilityResult:
-    """TD per layer: ``task_decodability(encodings)`` or ``task_decodability(model, prompts)``."""
+    """TD per layer: ``task_decodability(encodings)`` or ``task_decodability(model, prompts)``.
+
+    ``tie_break``: how a tied vote is decided, ``"lowest"`` (default; scikit-learn's
+    ``KNeighborsClassifier``), ``"nearest"`` or ``"random"`` (``knn_loo_predict``). ``ci``: the level
+    of the bootstrap CIs over prompts (``td_ci``, ``per_task_ci``; None for none), from ``n_boot``
+    resamples seeded by ``ci_seed``. ``null``: the number of label permutations of the shuffled-label
+    null (0 = none; ``result.with_null()`` computes it later from the stored neighbours).
+    """
+    from tvlens import stats
+
+    if ci is not None:
+        stats.check_ci_args(ci, n_boot, ci_seed, ("ci", "n_boot", "ci_seed"))
+    if isinstance(null, bool) or not isinstance(null, int) or null < 0:
+        raise ConfigError(f"null must be the number of label permutations (an integer >= 0; 0 = no null), got {null!r}")
+    if tie_break not in stats.TIE_BREAKS:
+        raise ConfigError(f"tie_break must be one of {list(stats.TIE_BREAKS)}, got {tie_break!r}")
     if not isinstance(encodings, TaskEncodings):
         if prompts is None:
             raise ConfigError("task_decodability(model, prompts): give the prompts, or pass TaskEncodings")
@@ -489,19 +605,30 @@ def task_decodability(
         )
     sel = enc.layers if layers is None else list(layers)
     T = len(enc.task_names)
-    td, per_task, conf = [], [], []
+    td, per_task, conf, oks, nbrs, tie_frac = [], [], [], [], [], []
     for layer in sel:
-        pred = knn_loo_predict(enc.at(layer), enc.labels, k=k, metric=metric, tie_break=tie_break, seed=seed)
+        nn_idx, ties = knn_loo_neighbors(enc.at(layer), k, metric, return_ties=True)
+        tie_frac.append(float(ties.float().mean()))
+        pred = torch.from_numpy(stats.knn_vote(enc.labels.cpu()[nn_idx].numpy(), T, tie_break, seed)).long()
         ok = (pred == enc.labels).float()
+        oks.append(ok.bool())
+        nbrs.append(nn_idx.int())
         td.append(ok.mean())
         per_task.append(torch.stack([ok[enc.labels == t].mean() if counts[t] else torch.tensor(float("nan"))
                                      for t in range(T)]))
         c = torch.zeros(T, T)
         c.index_put_((enc.labels, pred), torch.ones(len(pred)), accumulate=True)
         conf.append(c / counts.clamp_min(1)[:, None])
-    return DecodabilityResult(layers=sel, task_names=list(enc.task_names), td=torch.stack(td).float(),
-                              per_task=torch.stack(per_task).float(), confusion=torch.stack(conf), k=k,
-                              metric=metric, n_prompts=len(enc))
+    res = DecodabilityResult(layers=sel, task_names=list(enc.task_names), td=torch.stack(td).float(),
+                             per_task=torch.stack(per_task).float(), confusion=torch.stack(conf), k=k,
+                             metric=metric, n_prompts=len(enc), correct=torch.stack(oks),
+                             labels=enc.labels.cpu().clone(), neighbors=torch.stack(nbrs), tie_break=tie_break,
+                             notes={"boundary_ties": dict(zip(sel, tie_frac))})
+    if ci is not None:
+        res.with_ci(ci, n_boot, ci_seed)
+    if null:
+        res.with_null(null, seed=ci_seed)
+    return res
 
 
 # --------------------------------------------------------------------------- emergence
@@ -519,6 +646,53 @@ class EmergenceResult:
     td_per_task: Float[torch.Tensor, "step layer task"]
     k: int = 10
     n_per_task: int = 100
+    # per prompt (the same prompts at every step): what the CIs are computed from
+    per_prompt_metric: torch.Tensor | None = None  # [step, n]: correct (0/1) or squared error
+    td_correct: torch.Tensor | None = None  # [step, layer, n]: leave-one-out verdicts
+    labels: torch.Tensor | None = None  # [n]
+    # bootstrap CIs over prompts, stratified by task (``with_ci``; filled on first use with the defaults)
+    mean_metric_ci: torch.Tensor | None = None  # [2, step]
+    per_task_metric_ci: torch.Tensor | None = None  # [2, step, task]
+    td_ci: torch.Tensor | None = None  # [2, step, layer]
+    spearman_ci: tuple[float, float] | None = None  # of ``spearman()`` at the best layer
+    ci_info: dict = field(default_factory=dict)
+
+    def with_ci(self, ci: float = 0.95, n_boot: int = 1000, seed: int = 0) -> "EmergenceResult":
+        """Fill the CIs: percentile bootstrap over prompts, stratified by task. One resample of the prompts
+        applies to every step (the same prompts are scored at each), so the Spearman correlation over
+        steps is recomputed on each resample's series of TD (best layer, held fixed) and mean metric
+        (``tvlens.stats``). Returns ``self``."""
+        from tvlens import stats
+
+        ci, n_boot, seed = stats.check_ci_args(ci, n_boot, seed)
+        if self.per_prompt_metric is None or self.td_correct is None or self.labels is None:
+            raise ConfigError("this EmergenceResult holds no per-prompt values: recompute it with tvlens.emergence "
+                              "to get CIs")
+        T = len(self.task_names)
+        lab = self.labels.numpy()
+        W = stats.bootstrap_counts(len(lab), n_boot, seed, lab)
+        gm = stats.group_means_boot(self.per_prompt_metric.double().numpy(), lab, T, W)  # [boot, step, task]
+        real = [j for j, t in enumerate(self.task_names) if t != "null"]
+        mm = gm[..., real].mean(-1)  # [boot, step]
+        counts = np.bincount(lab, minlength=T)
+        gt = stats.group_means_boot(self.td_correct.double().numpy(), lab, T, W)  # [boot, step, layer, task]
+        td = (np.nan_to_num(gt) * counts).sum(-1) / counts.sum()  # [boot, step, layer]
+        self.per_task_metric_ci = torch.tensor(np.stack(stats.percentile_ci(gm, ci)), dtype=torch.float32)
+        self.mean_metric_ci = torch.tensor(np.stack(stats.percentile_ci(mm, ci)), dtype=torch.float32)
+        self.td_ci = torch.tensor(np.stack(stats.percentile_ci(td, ci)), dtype=torch.float32)
+        if len(self.steps) >= 3:
+            b = self.layers.index(self.best_layer)
+            rho = stats.spearman_rows(td[:, :, b], -mm if self.metric == "mse" else mm)
+            lo, hi = stats.percentile_ci(rho, ci)
+            self.spearman_ci = (float(lo), float(hi))
+        else:
+            self.spearman_ci = (float("nan"), float("nan"))
+        self.ci_info = {"ci": ci, "n_boot": n_boot, "seed": seed}
+        return self
+
+    def _ensure_ci(self) -> None:
+        if self.mean_metric_ci is None and self.per_prompt_metric is not None and self.td_correct is not None:
+            self.with_ci()
 
     @property
     def best_layer(self) -> int:
@@ -544,19 +718,34 @@ class EmergenceResult:
     def to_dataframe(self):
         import pandas as pd
 
+        self._ensure_ci()
+        m = self.metric
         rows = []
         for i, s in enumerate(self.steps):
-            row = {"step": s, f"mean_{self.metric}": float(self.mean_metric[i])}
-            row.update({f"{self.metric}[{t}]": float(self.per_task_metric[i, j]) for j, t in enumerate(self.task_names)})
-            row.update({f"td[L{L}]": float(self.td[i, j]) for j, L in enumerate(self.layers)})
+            row = {"step": s, f"mean_{m}": float(self.mean_metric[i])}
+            if self.mean_metric_ci is not None:
+                row.update({f"mean_{m}_lo": float(self.mean_metric_ci[0, i]),
+                            f"mean_{m}_hi": float(self.mean_metric_ci[1, i])})
+            for j, t in enumerate(self.task_names):
+                row[f"{m}[{t}]"] = float(self.per_task_metric[i, j])
+                if self.per_task_metric_ci is not None:
+                    row[f"{m}[{t}]_lo"] = float(self.per_task_metric_ci[0, i, j])
+                    row[f"{m}[{t}]_hi"] = float(self.per_task_metric_ci[1, i, j])
+            for j, L in enumerate(self.layers):
+                row[f"td[L{L}]"] = float(self.td[i, j])
+                if self.td_ci is not None:
+                    row[f"td[L{L}]_lo"] = float(self.td_ci[0, i, j])
+                    row[f"td[L{L}]_hi"] = float(self.td_ci[1, i, j])
             rows.append(row)
         return pd.DataFrame(rows)
 
     def __repr__(self) -> str:
+        self._ensure_ci()
+        sp = "" if self.spearman_ci is None else f" [{self.spearman_ci[0]:.3f}, {self.spearman_ci[1]:.3f}]"
         return (f"EmergenceResult({len(self.steps)} steps {self.steps[0]}..{self.steps[-1]}, best layer "
                 f"{self.best_layer}: TD {float(self.td_at()[0]):.3f} -> {float(self.td_at()[-1]):.3f}, mean "
                 f"{self.metric} {float(self.mean_metric[0]):.3f} -> {float(self.mean_metric[-1]):.3f}, "
-                f"Spearman {self.spearman():.3f})")
+                f"Spearman {self.spearman():.3f}{sp})")
 
     def _repr_html_(self) -> str:
         from tvlens.views.page import figure_fragment, result_html
@@ -617,7 +806,7 @@ def emergence(
     if not items:
         raise ConfigError("emergence needs at least one checkpoint")
     prompts = None
-    rows_m, rows_td, rows_tdt, step_list = [], [], [], []
+    rows_m, rows_td, rows_tdt, step_list, pp_m, pp_td = [], [], [], [], [], []
     for s, get in tqdm(items, desc="emergence", disable=not progress):
         model = get()
         if prompts is None:
@@ -633,18 +822,21 @@ def emergence(
             else:
                 prompts = fam.sample(n_per_task, shots=shots, seed=seed)
         acc = icl_accuracy(model, prompts)
-        dec = task_decodability(model, prompts, k=k)
+        dec = task_decodability(model, prompts, k=k, ci=None)
         step_list.append(int(s))
         rows_m.append(torch.tensor([acc.per_task[t] for t in acc.task_names]))
         rows_td.append(dec.td)
         rows_tdt.append(dec.per_task)
+        pp_m.append(acc.per_prompt.float())
+        pp_td.append(dec.correct)
     assert prompts is not None
     per_task = torch.stack(rows_m)
     non_null = [j for j, t in enumerate(prompts.task_names) if t != "null"]
     return EmergenceResult(
         steps=step_list, task_names=list(prompts.task_names), metric=acc.metric, per_task_metric=per_task,
         mean_metric=per_task[:, non_null].mean(1), layers=dec.layers, td=torch.stack(rows_td),
-        td_per_task=torch.stack(rows_tdt), k=k, n_per_task=n_per_task,
+        td_per_task=torch.stack(rows_tdt), k=k, n_per_task=n_per_task, per_prompt_metric=torch.stack(pp_m),
+        td_correct=torch.stack(pp_td), labels=prompts.labels.cpu().clone(),
     )
 
 
@@ -667,7 +859,7 @@ def encoding_callback(config, n_per_task: int = 50, k: int = 10, seed: int = 424
     prompts = fam.sample(n_per_task, shots=config.shots, seed=seed)
 
     def cb(step: int, model, record: dict) -> dict:
-        res = task_decodability(model, prompts, k=k)
+        res = task_decodability(model, prompts, k=k, ci=None)
         return {"td": [round(float(v), 4) for v in res.td], "td_best_layer": res.best_layer}
 
     return cb

@@ -258,7 +258,11 @@ class TDAccuracyResult:
         return pd.DataFrame([{"family": k, **v} for k, v in self.fits.items()])
 
     def __repr__(self) -> str:
-        fits = ", ".join(f"{k}: R²={v['r2']:.3f} (n={v['n']})" for k, v in self.fits.items())
+        def r2(v):
+            ci = f" [{v['r2_lo']:.3f}, {v['r2_hi']:.3f}]" if "r2_lo" in v else ""
+            return f"R²={v['r2']:.3f}{ci}"
+
+        fits = ", ".join(f"{k}: {r2(v)} (n={v['n']})" for k, v in self.fits.items())
         return f"TDAccuracyResult({len(self.rows)} points, scoring={self.scoring}; {fits})"
 
     def _repr_html_(self) -> str:
@@ -277,6 +281,19 @@ class TDAccuracyResult:
         from tvlens.views.plots import td_accuracy_figure
 
         return td_accuracy_figure(self)
+
+
+def add_r2_ci(fits: dict[str, dict[str, float]], rows: list[dict[str, Any]], ci: float = 0.95, n_boot: int = 1000,
+              seed: int = 0) -> dict[str, dict[str, float]]:
+    """Add ``r2_lo``, ``r2_hi`` to each fit: a bootstrap CI of R² over the fit's points, (TD, accuracy)
+    pairs resampled (``tvlens.stats.r2_ci``); NaN with fewer than three points."""
+    from tvlens.stats import r2_ci
+
+    for name, fit in fits.items():
+        sel = rows if name == "all" else [r for r in rows if r["family"] == name]
+        iv = r2_ci([r["td"] for r in sel], [r["accuracy"] for r in sel], ci=ci, n_boot=n_boot, seed=seed)
+        fit.update(r2_lo=float(iv.lo), r2_hi=float(iv.hi), ci=ci)
+    return fits
 
 
 def td_vs_accuracy(
@@ -327,18 +344,22 @@ def td_vs_accuracy(
             used.add(acc.notes.get("scoring", "?"))
             td = task_decodability(extract(model, prompts, batch_size=batch_size, progress=False), k=k)
             li = td.layers.index(td.best_layer)
+            acc.with_ci()
             for j, task in enumerate(prompts.task_names):
                 if task == "null" and not include_null:
                     continue
                 rows.append({"family": fam.name, "shots": s, "task": task, "td": float(td.per_task[li, j]),
                              "accuracy": acc.per_task[task], "layer": td.best_layer,
-                             "n": int((prompts.labels == j).sum())})
+                             "n": int((prompts.labels == j).sum()),
+                             "td_lo": float(td.per_task_ci[0, li, j]), "td_hi": float(td.per_task_ci[1, li, j]),
+                             "accuracy_lo": float(acc.per_task_ci[0, j]), "accuracy_hi": float(acc.per_task_ci[1, j])})
             bar.update(1)
     bar.close()
     fits = {"all": linear_fit([r["td"] for r in rows], [r["accuracy"] for r in rows])}
     for fam in fams:
         sel = [r for r in rows if r["family"] == fam.name]
         fits[fam.name] = linear_fit([r["td"] for r in sel], [r["accuracy"] for r in sel])
+    add_r2_ci(fits, rows)
     return TDAccuracyResult(rows=rows, fits=fits, scoring="/".join(sorted(used)), k=k)
 
 

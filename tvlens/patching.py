@@ -6,8 +6,9 @@ al. 2023), add it (``"add"``, Todd et al. 2024), or swap the prompt's own task c
 source's (``"swap"``: add ``scale * (v_source - v_own)``, the difference of the two task means), run
 the rest of the model from that layer, and score the output against every task's rule. Replacing
 the whole residual also erases what the model already computed there about the query (on the
-shipped ``categories`` model the own-task control falls to 0.61 after block 0), which ``"swap"``
-keeps. Patching at layer ``l`` means the residual stream *entering* block ``l``
+shipped ``categories`` model the own-task control falls to 0.56-0.63 after block 0, prompt seeds 0,
+777, 2024: ``benchmarks/readme_figures.py``), which ``"swap"`` keeps (1.00, flipping 0.93-0.95).
+Patching at layer ``l`` means the residual stream *entering* block ``l``
 (``blocks.{l}.hook_resid_pre``, the same as ``blocks.{l-1}.hook_resid_post``; layer 0 = embedding),
 matching ``tvlens.extract``'s layer numbering.
 
@@ -24,6 +25,7 @@ import html
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import numpy as np
 import torch
 from jaxtyping import Float
 from tqdm.auto import tqdm
@@ -64,6 +66,43 @@ class PatchingResult:
     rule_agreement: torch.Tensor | None = None
     read_at: str = "query"  # where the vectors were patched: the query position, or the examples' answers
     notes: dict = field(default_factory=dict)
+    # per prompt [layer, source, n] (what the CIs are computed from) and the prompts' tasks [n]
+    per_prompt_source: torch.Tensor | None = None  # follows the source's rule (bool); regression: squared error
+    per_prompt_own: torch.Tensor | None = None  # still follows its own rule (bool)
+    labels: torch.Tensor | None = None
+    # bootstrap CIs over prompts, stratified by task (``with_ci``; filled on first use with the defaults)
+    flip_rate_ci: torch.Tensor | None = None  # [2, layer]: lo, hi
+    control_ci: torch.Tensor | None = None  # [2, layer]
+    grid_ci: torch.Tensor | None = None  # [2, layer, source, target] of follows_source (regression: of the MSE)
+    ci_info: dict = field(default_factory=dict)
+
+    def with_ci(self, ci: float = 0.95, n_boot: int = 1000, seed: int = 0) -> "PatchingResult":
+        """Fill ``flip_rate_ci``, ``control_ci`` and ``grid_ci``: percentile bootstrap over prompts,
+        stratified by target task; one resample of the prompts serves every layer, source and cell, so
+        a flip rate (a mean of cells) is resampled as a whole (``tvlens.stats``). Returns ``self``."""
+        from tvlens import stats
+
+        ci, n_boot, seed = stats.check_ci_args(ci, n_boot, seed)
+        if self.per_prompt_source is None or self.labels is None:
+            raise ConfigError("this PatchingResult holds no per-prompt outcomes: recompute it with tvlens.run_patching "
+                              "to get CIs")
+        T = len(self.target_names)
+        lab = self.labels.numpy()
+        v = self.per_prompt_source.double().numpy()  # [layer, source, n]
+        gm = stats.group_means_boot(v, lab, T, stats.bootstrap_counts(v.shape[-1], n_boot, seed, lab))
+        self.grid_ci = torch.tensor(np.stack(stats.percentile_ci(gm, ci)), dtype=torch.float32)
+        if self.metric != "mse":
+            flat = torch.from_numpy(gm).reshape(-1, *gm.shape[2:])  # [boot * layer, source, target]
+            fr = self._offdiag(flat).reshape(n_boot, -1).numpy()
+            co = self._diag(flat).reshape(n_boot, -1).numpy()
+            self.flip_rate_ci = torch.tensor(np.stack(stats.percentile_ci(fr, ci)), dtype=torch.float32)
+            self.control_ci = torch.tensor(np.stack(stats.percentile_ci(co, ci)), dtype=torch.float32)
+        self.ci_info = {"ci": ci, "n_boot": n_boot, "seed": seed}
+        return self
+
+    def _ensure_ci(self) -> None:
+        if self.grid_ci is None and self.per_prompt_source is not None and self.labels is not None:
+            self.with_ci()
 
     def _offdiag(self, grid: torch.Tensor, null_free: bool = True) -> torch.Tensor:
         """Mean over source != target pairs (both real, non-null tasks) per layer."""
@@ -73,12 +112,12 @@ class PatchingResult:
                 if a == b or (null_free and "null" in (a, b)):
                     continue
                 vals.append(grid[:, i, j])
-        return torch.stack(vals, 1).nanmean(1) if vals else torch.full((len(self.layers),), float("nan"))
+        return torch.stack(vals, 1).nanmean(1) if vals else torch.full((grid.shape[0],), float("nan"))
 
     def _diag(self, grid: torch.Tensor) -> torch.Tensor:
         vals = [grid[:, i, self.target_names.index(a)] for i, a in enumerate(self.source_names)
                 if a in self.target_names and a != "null"]
-        return torch.stack(vals, 1).nanmean(1) if vals else torch.full((len(self.layers),), float("nan"))
+        return torch.stack(vals, 1).nanmean(1) if vals else torch.full((grid.shape[0],), float("nan"))
 
     @property
     def flip_rate(self) -> Float[torch.Tensor, "layer"]:
@@ -104,15 +143,21 @@ class PatchingResult:
     def to_dataframe(self):
         import pandas as pd
 
+        self._ensure_ci()
+        what = "follows_source" if self.metric != "mse" else "delta_mse"
         rows = []
         for li, L in enumerate(self.layers):
             for i, a in enumerate(self.source_names):
                 for j, b in enumerate(self.target_names):
-                    rows.append({"layer": L, "source": a, "target": b,
-                                 "follows_source": float(self.follows_source[li, i, j]),
-                                 "follows_own": float(self.follows_own[li, i, j]),
-                                 "delta_" + ("logprob_source" if self.metric == "accuracy" else "mse"):
-                                     float(self.delta_logprob_source[li, i, j])})
+                    row = {"layer": L, "source": a, "target": b,
+                           "follows_source": float(self.follows_source[li, i, j]),
+                           "follows_own": float(self.follows_own[li, i, j]),
+                           "delta_" + ("logprob_source" if self.metric == "accuracy" else "mse"):
+                               float(self.delta_logprob_source[li, i, j])}
+                    if self.grid_ci is not None:
+                        row[f"{what}_lo"] = float(self.grid_ci[0, li, i, j])
+                        row[f"{what}_hi"] = float(self.grid_ci[1, li, i, j])
+                    rows.append(row)
         return pd.DataFrame(rows)
 
     @property
@@ -125,16 +170,29 @@ class PatchingResult:
     def layer_profile(self):
         import pandas as pd
 
-        return pd.DataFrame({"layer": self.layers, "flip_rate": self.flip_rate.tolist(),
-                             "own_task_control": self.control.tolist(),
-                             "flip_floor": [self.flip_floor] * len(self.layers)})
+        self._ensure_ci()
+        df = pd.DataFrame({"layer": self.layers, "flip_rate": self.flip_rate.tolist(),
+                           "own_task_control": self.control.tolist(),
+                           "flip_floor": [self.flip_floor] * len(self.layers)})
+        if self.flip_rate_ci is not None:
+            df.insert(2, "flip_rate_lo", self.flip_rate_ci[0].tolist())
+            df.insert(3, "flip_rate_hi", self.flip_rate_ci[1].tolist())
+            df.insert(5, "control_lo", self.control_ci[0].tolist())
+            df.insert(6, "control_hi", self.control_ci[1].tolist())
+        return df
 
     def __repr__(self) -> str:
         b = self.best_layer()
         li = self.layers.index(b)
         where = "" if self.read_at == "query" else f", at the examples' {self.read_at}"
+        self._ensure_ci()
+
+        def ci(x):
+            return "" if x is None else f" [{float(x[0, li]):.3f}, {float(x[1, li]):.3f}]"
+
         return (f"PatchingResult({self.mode}{where}, scale {self.scale}, layers {self.layers}; best layer {b}: "
-                f"flip rate {float(self.flip_rate[li]):.3f}, own-task control {float(self.control[li]):.3f})")
+                f"flip rate {float(self.flip_rate[li]):.3f}{ci(self.flip_rate_ci)}, own-task control "
+                f"{float(self.control[li]):.3f}{ci(self.control_ci)})")
 
     def _repr_html_(self) -> str:
         from tvlens.views.page import figure_fragment, result_html
@@ -218,6 +276,7 @@ def run_patching(
     counts = torch.bincount(labels, minlength=T).float().clamp_min(1)
     follows_src, follows_own, dlp = torch.zeros(L, S, T), torch.zeros(L, S, T), torch.zeros(L, S, T)
     base_own = torch.zeros(T)
+    pp_src, pp_own = torch.zeros(L, S, len(prompts), dtype=torch.bool), torch.zeros(L, S, len(prompts), dtype=torch.bool)
     vecs = {s: torch.stack([vectors.get(s, layer) for layer in layers]).to(device) for s in src_names}
     if mode == "swap":
         missing_own = [t for t in prompts.task_names if t not in vectors.task_names]
@@ -261,6 +320,7 @@ def run_patching(
                 out_own = out_src if n_ans == 1 else run_patched(own_store, layer, q, vecs[sname][li], li, sub.labels, where)
                 ok_own, _ = answer_scores(out_own, sub.answers)
                 follows_src[li, si].index_add_(0, lab, ok_src.float().cpu())
+                pp_src[li, si, b0 : b0 + len(lab)], pp_own[li, si, b0 : b0 + len(lab)] = ok_src.cpu(), ok_own.cpu()
                 follows_own[li, si].index_add_(0, lab, ok_own.float().cpu())
                 dlp[li, si].index_add_(0, lab, (lp_src - lp_clean).float().cpu())
         it.update(1)
@@ -274,7 +334,7 @@ def run_patching(
         layers=layers, source_names=src_names, target_names=list(prompts.task_names), mode=mode, read_at=read_at,
         scale=float(scale), follows_source=follows_src / counts, follows_own=follows_own / counts,
         delta_logprob_source=dlp / counts, baseline_own=base_own / counts, metric="accuracy", shots=prompts.shots,
-        rule_agreement=agree / counts,
+        rule_agreement=agree / counts, per_prompt_source=pp_src, per_prompt_own=pp_own, labels=labels.clone(),
     )
 
 
@@ -323,6 +383,7 @@ def _run_patching_regression(model, prompts, vectors, layers, mode, scale, src_n
     labels = prompts.labels.cpu()
     counts = torch.bincount(labels, minlength=T).float().clamp_min(1)
     base = torch.zeros(T)
+    pp_mse = torch.zeros(L, S, len(prompts))
     bs = batch_size or len(prompts)
     names = sorted({resid_hook_name(layer) for layer in layers})
     for b0 in range(0, len(prompts), bs):
@@ -339,11 +400,13 @@ def _run_patching_regression(model, prompts, vectors, layers, mode, scale, src_n
                 resid = _patch(store[resid_hook_name(layer)], q, vectors.get(sname, layer).to(device), mode, scale, own)
                 pred = logits_at_answers(model, resid, q, 1, start_at_layer=layer)[:, 0, 0]
                 mse[li, si].index_add_(0, lab, ((pred - sub.answers[:, 0]) ** 2).cpu())
+                pp_mse[li, si, b0 : b0 + len(lab)] = ((pred - sub.answers[:, 0]) ** 2).cpu()
     grid = mse / counts
     nanv = torch.full_like(grid, float("nan"))
     return PatchingResult(layers=layers, source_names=src_names, target_names=list(prompts.task_names), mode=mode,
                           scale=float(scale), follows_source=nanv, follows_own=nanv, delta_logprob_source=grid,
-                          baseline_own=base / counts, metric="mse", shots=prompts.shots)
+                          baseline_own=base / counts, metric="mse", shots=prompts.shots, per_prompt_source=pp_mse,
+                          labels=labels.clone())
 
 
 __all__ = ["PatchingResult", "run_patching"]

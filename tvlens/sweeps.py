@@ -27,6 +27,7 @@ import html
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from jaxtyping import Float, Int
 from tqdm.auto import tqdm
@@ -70,10 +71,34 @@ class SweepResult:
     notes: dict = field(default_factory=dict)
     per_prompt: torch.Tensor | None = None  # [*values.shape, batch] with per_prompt=True
     corrupted_per_prompt: torch.Tensor | None = None  # [batch]: the unpatched run's metric per prompt
+    # bootstrap CI over prompts of ``values`` (needs ``per_prompt``; ``with_ci``, or ``activation_patching(ci=)``)
+    values_ci: torch.Tensor | None = None  # [2, *values.shape]: lo, hi
+    ci_info: dict = field(default_factory=dict)
+
+    def with_ci(self, ci: float = 0.95, n_boot: int = 1000, seed: int = 0) -> "SweepResult":
+        """Fill ``values_ci``: the percentile bootstrap over prompts of every index's mean metric (one
+        resample of the prompts for all indices; ``tvlens.stats``). Needs ``per_prompt``. Returns ``self``."""
+        from tvlens import stats
+
+        ci, n_boot, seed = stats.check_ci_args(ci, n_boot, seed)
+        if self.per_prompt is None:
+            raise ConfigError("a sweep's CI is over prompts and needs every prompt's metric: run "
+                              "activation_patching(..., per_prompt=True) or activation_patching(..., ci=0.95)")
+        iv = stats.mean_ci(self.per_prompt.double(), n_boot=n_boot, ci=ci, seed=seed)
+        self.values_ci = torch.tensor(np.stack([iv.lo, iv.hi]), dtype=torch.float32)
+        self.ci_info = {"ci": ci, "n_boot": n_boot, "seed": seed}
+        return self
 
     def normalized(self) -> torch.Tensor:
         """(patched - corrupted) / (clean - corrupted): 1 = the patch restores the clean behaviour."""
         return (self.values - self.corrupted_metric) / (self.clean_metric - self.corrupted_metric)
+
+    def normalized_ci(self) -> torch.Tensor | None:
+        """``values_ci`` on the ``normalized()`` scale ``[2, ...]`` (clean and corrupted means held fixed)."""
+        if self.values_ci is None:
+            return None
+        n = (self.values_ci - self.corrupted_metric) / (self.clean_metric - self.corrupted_metric)
+        return torch.stack([n.min(0).values, n.max(0).values])
 
     def to_dataframe(self):
         import pandas as pd
@@ -81,6 +106,9 @@ class SweepResult:
         idx = torch.stack(torch.meshgrid(*[torch.arange(s) for s in self.values.shape], indexing="ij"), -1)
         df = pd.DataFrame(idx.reshape(-1, len(self.axes)).numpy(), columns=list(self.axes))
         df["metric"] = self.values.reshape(-1).numpy()
+        if self.values_ci is not None:
+            df["metric_lo"] = self.values_ci[0].reshape(-1).numpy()
+            df["metric_hi"] = self.values_ci[1].reshape(-1).numpy()
         return df
 
     def __repr__(self) -> str:
@@ -176,6 +204,9 @@ def activation_patching(
     patch_positions: Int[torch.Tensor, "batch"] | None = None,
     per_prompt: bool = False,
     skip_prefix: bool | None = None,
+    ci: float | None = None,
+    n_boot: int = 1000,
+    ci_seed: int = 0,
 ) -> SweepResult:
     """Patch clean activations into the corrupted run at every index of ``by``; record ``metric``.
 
@@ -200,7 +231,15 @@ def activation_patching(
     None (default) and False do not: on CPU the many small calls cost as much as the positions they
     skip save (TransformerLens copies weights on every call; measured on a GPT-2-small-shaped model,
     ``benchmarks/bench_patching.py``), so the batched full run stays the default.
+
+    ``ci`` (e.g. 0.95; opt-in, as it keeps every prompt's metric): a bootstrap CI over prompts of every
+    value (``values_ci``), from ``n_boot`` resamples seeded by ``ci_seed``.
     """
+    if ci is not None:
+        from tvlens.stats import check_ci_args
+
+        check_ci_args(ci, n_boot, ci_seed, ("ci", "n_boot", "ci_seed"))
+        per_prompt = True
     if site not in SITES:
         raise ConfigError(f"unknown site {site!r}; known sites: {sorted(SITES)}")
     kind = SITES[site][1]
@@ -358,12 +397,13 @@ def activation_patching(
         if use_result:
             bk.set_use_attn_result(old_result)
     shape = [len(layers)] + [seq if a in ("pos", "dest") else n_heads for a in rest]
-    return SweepResult(values=out.reshape(shape), axes=by, site=site, clean_metric=clean_m,
-                       corrupted_metric=corrupt_m,
-                       notes={"layers": layers, "skip_prefix": use_skip and any(o for _, _, o in plan),
-                              "forward_calls": n_calls},
-                       per_prompt=out_pp.reshape(*shape, B) if out_pp is not None else None,
-                       corrupted_per_prompt=corrupt_pp if per_prompt else None)
+    res = SweepResult(values=out.reshape(shape), axes=by, site=site, clean_metric=clean_m,
+                      corrupted_metric=corrupt_m,
+                      notes={"layers": layers, "skip_prefix": use_skip and any(o for _, _, o in plan),
+                             "forward_calls": n_calls},
+                      per_prompt=out_pp.reshape(*shape, B) if out_pp is not None else None,
+                      corrupted_per_prompt=corrupt_pp if per_prompt else None)
+    return res.with_ci(ci, n_boot, ci_seed) if ci is not None else res
 
 
 def _normalized_reads(read_positions, seq: int, device):

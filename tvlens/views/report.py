@@ -196,6 +196,11 @@ def build_report(
     if len(enc) != len(prompts) or len(acc.per_prompt) != len(prompts):
         raise ConfigError(f"precomputed results hold {len(enc)} / {len(acc.per_prompt)} prompts but the report samples "
                           f"{len(prompts)} (n_per_task={n_per_task}, seed={seed}): compute them on the same prompts")
+    if getattr(dec, "neighbors", None) is not None:  # uncertainty of every figure (seeded; tvlens.stats)
+        if dec.td_ci is None:
+            dec.with_ci()
+        if dec.null_mean is None:
+            dec.with_null()
     results.update(accuracy=acc, encodings=enc, decodability=dec)
     tick("accuracy+extract+TD", t0)
 
@@ -244,7 +249,7 @@ def build_report(
             return logits[rows, 0, ans_a] - logits[rows, 0, ans_b]
 
         sweep = tvlens.activation_patching(m, clean, corrupted, logit_diff, site="resid_pre", by=("layer", "pos"),
-                                           read_positions=read, progress=progress)
+                                           read_positions=read, progress=progress, ci=0.95)
         results["position_sweep"] = sweep
         results["position_sweep_pairs"] = pairs
     else:
@@ -282,7 +287,9 @@ def build_report(
                  f"Leave-one-out {em.k}-NN accuracy of the latent task from the query representation, at every "
                  f"checkpoint ({em.n_per_task} prompts per task).")
     page.add(plots.td_by_layer_figure(dec), "Task decodability by layer",
-             f"Final model, {len(prompts)} prompts, k={dec.k}; thin lines: each task.")
+             f"Final model, {len(prompts)} prompts, k={dec.k}; thin lines: each task. Bands: 95% bootstrap CI over "
+             "prompts (stratified by task, seed 0) and the shuffled-label null (TD with the task labels permuted, "
+             "1000 permutations: its mean to its 95th percentile).")
     page.add(plots.td_heatmap_figure(dec), "Task decodability per task")
     page.add(plots.encodings_scatter_figure(enc, dec.best_layer, "pca", seed), "Encodings (PCA)",
              f"Query representations at the best TD layer ({dec.best_layer}), coloured by their latent task.")
@@ -338,13 +345,33 @@ def build_report(
     return Report(page=page, summary=summary, summary_rows=rows, results=results, timings=timings, notes=notes)
 
 
+def _ci(x, i=None) -> str:
+    """`` [lo, hi]`` of a ``[2, ...]`` CI tensor (or a (lo, hi) pair) at index ``i``; "" without one."""
+    if x is None:
+        return ""
+    lo, hi = (x[0], x[1]) if i is None else (x[0][i], x[1][i])
+    return f" [{float(lo):.3f}, {float(hi):.3f}]"
+
+
 def summarize(name, fam, acc, dec, patch, scores=None, em=None, sweep=None, top_k: int = 5,
               patch_answers=None) -> list[tuple[str, str]]:
-    """The report's short summary: (what, result) rows."""
+    """The report's short summary: (what, result) rows; ``[lo, hi]`` are 95% bootstrap CIs over prompts
+    (stratified by task, seeded; ``tvlens.stats``)."""
+    for r in (acc, patch, scores, em, patch_answers):
+        if r is not None and hasattr(r, "_ensure_ci"):
+            r._ensure_ci()
     rows = [("model", f"{name}, family {fam.name} ({len(dec.task_names)} tasks)"),
-            (f"ICL {acc.metric}", f"{acc.mean:.3f} (mean over non-null tasks)")]
+            (f"ICL {acc.metric}", f"{acc.mean:.3f}{_ci(getattr(acc, 'mean_ci', None))} (mean over non-null tasks)")]
     tds = " ".join(f"{float(v):.2f}" for v in dec.td)
-    rows.append(("task decodability", f"best layer {dec.best_layer}: TD {dec.best_td:.3f} (chance {dec.chance:.3f}); "
+    b = dec.layers.index(dec.best_layer)
+    null = ""
+    if getattr(dec, "null_mean", None) is not None:
+        p = float(dec.p_value[b])
+        p = f"p {p:.3g}" if p == p else "no p-value: tied neighbourhoods"
+        null = (f"; shuffled-label null {float(dec.null_mean[b]):.3f} (q95 {float(dec.null_quantile[b]):.3f}, "
+                f"{p})")
+    rows.append(("task decodability", f"best layer {dec.best_layer}: TD {dec.best_td:.3f}"
+                                      f"{_ci(getattr(dec, 'td_ci', None), b)} (chance {dec.chance:.3f}{null}); "
                                       f"layers {dec.layers[0]}..{dec.layers[-1]}: {tds}"))
     if patch.metric == "mse":
         grid_means = ", ".join(f"L{L} {float(patch.delta_logprob_source[i].nanmean()):.3f}"
@@ -354,25 +381,40 @@ def summarize(name, fam, acc, dec, patch, scores=None, em=None, sweep=None, top_
         b = patch.best_layer()
         li = patch.layers.index(b)
         grid_means = ", ".join(f"L{L} {float(patch.follows_source[i].nanmean()):.2f}" for i, L in enumerate(patch.layers))
-        rows.append((f"patching at the query ({patch.mode})", f"best layer {b}: flip rate {float(patch.flip_rate[li]):.3f}, own-task "
-                                                 f"control {float(patch.control[li]):.3f}, floor {patch.flip_floor:.3f}; "
-                                                 f"grid means {grid_means}"))
+        fci, cci = getattr(patch, "flip_rate_ci", None), getattr(patch, "control_ci", None)
+        rows.append((f"patching at the query ({patch.mode})",
+                     f"best layer {b}: flip rate {float(patch.flip_rate[li]):.3f}{_ci(fci, li)}, own-task "
+                     f"control {float(patch.control[li]):.3f}{_ci(cci, li)}, floor {patch.flip_floor:.3f}; "
+                     f"grid means {grid_means}"))
     if patch_answers is not None:
         b = patch_answers.best_layer()
         li = patch_answers.layers.index(b)
-        rows.append(("patching at answers (replace)", f"best layer {b}: flip rate {float(patch_answers.flip_rate[li]):.3f}, "
-                                                      f"own-task control {float(patch_answers.control[li]):.3f}"))
+        fci, cci = getattr(patch_answers, "flip_rate_ci", None), getattr(patch_answers, "control_ci", None)
+        rows.append(("patching at answers (replace)",
+                     f"best layer {b}: flip rate {float(patch_answers.flip_rate[li]):.3f}{_ci(fci, li)}, "
+                     f"own-task control {float(patch_answers.control[li]):.3f}{_ci(cci, li)}"))
     if scores is not None:
-        rows.append((f"top heads ({getattr(scores, 'method', '')})",
-                     ", ".join(f"L{L}H{h} ({s:+.3g})" for L, h, s in scores.top(top_k))))
+        sci = getattr(scores, "scores_ci", None)
+
+        def head(L, h, s):
+            return f"L{L}H{h} ({s:+.3g}" + ("" if sci is None else f" [{float(sci[0, L, h]):+.3g}, "
+                                                                   f"{float(sci[1, L, h]):+.3g}]") + ")"
+
+        rows.append((f"top heads ({getattr(scores, 'method', '')})", ", ".join(head(*t) for t in scores.top(top_k))))
     if sweep is not None:
         nv = sweep.normalized()
         L, p = divmod(int(torch.argmax(nv.nan_to_num(-1e9))), nv.shape[1])
-        rows.append(("position sweep", f"strongest restoring patch at layer {L}, position {p} ({float(nv[L, p]):.2f})"))
+        nci = sweep.normalized_ci() if hasattr(sweep, "normalized_ci") else None
+        ci = "" if nci is None else f" [{float(nci[0, L, p]):.2f}, {float(nci[1, L, p]):.2f}] over the pairs"
+        rows.append(("position sweep", f"strongest restoring patch at layer {L}, position {p} ({float(nv[L, p]):.2f}{ci})"))
     if em is not None:
+        sp = getattr(em, "spearman_ci", None)
+        sp = "" if sp is None else f" [{sp[0]:.2f}, {sp[1]:.2f}]"
         rows.append(("emergence", f"{len(em.steps)} checkpoints, TD at layer {em.best_layer} {float(em.td_at()[0]):.2f} -> "
                                   f"{float(em.td_at()[-1]):.2f}, mean {em.metric} {float(em.mean_metric[0]):.2f} -> "
-                                  f"{float(em.mean_metric[-1]):.2f}, Spearman {em.spearman():.2f}"))
+                                  f"{float(em.mean_metric[-1]):.2f}, Spearman {em.spearman():.2f}{sp}"))
+    rows.append(("uncertainty", "[lo, hi]: 95% percentile bootstrap CI over prompts (stratified by task, 1000 "
+                                "resamples, seed 0; tvlens.stats)"))
     return rows
 
 
