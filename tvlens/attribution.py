@@ -246,21 +246,16 @@ def _check_common(model, prompts, method: str, layers, batch_size):
 
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; use one of {list(METHODS)}")
-    check_prompts_fit(model, prompts)
+    from tvlens.validate import check_batch_size, int_list
+
+    check_prompts_fit(model, prompts, "head_attribution")
     if prompts.is_continuous:
         raise ConfigError("head_attribution scores answer tokens: these prompts are continuous (regression), "
                           "which it does not support yet")
     n = model.cfg.n_layers
-    if layers is None:
-        layers = list(range(n))
-    else:
-        layers = [layers] if isinstance(layers, int) else list(layers)
-        bad = [L for L in layers if isinstance(L, bool) or not isinstance(L, int) or not 0 <= L < n]
-        if bad or not layers:
-            raise ConfigError(f"layers must be block indices in 0..{n - 1}; got {bad or layers}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
-    return layers
+    layers = int_list(layers, "layers", 0, n - 1, "head_attribution", " (block indices)")
+    check_batch_size(batch_size, where="head_attribution")
+    return list(range(n)) if layers is None else layers
 
 
 def _describe(prompts) -> str:
@@ -322,7 +317,7 @@ def head_attribution(
     qk_fix: bool = True,
     layers=None,
     seed: int = 0,
-    batch_size: int = 256,
+    batch_size: int | None = 256,
     progress: bool = True,
 ) -> HeadScores:
     """Score every attention head (layer x head) by ``method``; see the module docstring.
@@ -340,6 +335,7 @@ def head_attribution(
     - ``layers``: the blocks to score (others are nan); ``batch_size``: sequences per forward pass.
     """
     layers = _check_common(model, prompts, method, layers, batch_size)
+    batch_size = batch_size or len(prompts)  # None: all prompts in one batch
     if method == "dla":
         if metric not in (None, "logit"):
             raise ConfigError(f"method='dla' attributes the answer's logit; metric must be None or 'logit', got {metric!r}")
@@ -696,7 +692,7 @@ class FunctionVectors(TaskVectors):
 
 @torch.no_grad()
 def function_vector(model, prompts, scores: HeadScores | None = None, k: int = 10, heads=None,
-                    batch_size: int = 256) -> FunctionVectors:
+                    batch_size: int | None = 256) -> FunctionVectors:
     """Per task, the sum over the top-``k`` heads of ``scores`` (or the given ``heads``, a list of
     ``(layer, head)``) of the head's mean output at the query position over the task's prompts,
     projected by ``W_O`` (its write to the residual stream; the attention bias ``b_O`` is left out)."""
@@ -720,7 +716,10 @@ def function_vector(model, prompts, scores: HeadScores | None = None, k: int = 1
             raise ConfigError(f"heads must be (layer, head) pairs with layer in 0..{nL - 1} and head in 0..{nH - 1}; "
                               f"got {bad or heads}")
         heads = [(int(L), int(h)) for L, h in heads]
-    check_prompts_fit(model, prompts)
+    from tvlens.validate import check_batch_size
+
+    check_prompts_fit(model, prompts, "function_vector")
+    batch_size = check_batch_size(batch_size, where="function_vector") or len(prompts)
     if prompts.is_continuous:
         raise ConfigError("function_vector reads token prompts; these prompts are continuous")
     device = next(model.parameters()).device

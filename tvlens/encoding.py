@@ -42,6 +42,10 @@ def check_layers(model, layers: Sequence[int] | int | None) -> list[int]:
     n = n_resid_layers(model)
     if layers is None:
         return list(range(n))
+    if isinstance(layers, str):
+        from tvlens.validate import int_list
+
+        int_list(layers, "layers", 0, n - 1, what=" (residual layers: 0 = embedding, l = output of block l-1)")
     if isinstance(layers, (int, np.integer)):
         layers = [int(layers)]
     out = []
@@ -120,7 +124,7 @@ def extract(
     ``at="answers"`` reads the mean over the examples' answer tokens instead of the query position
     (``representation_mask``): where a model that does not route its task through the query keeps it.
     """
-    check_prompts_fit(model, prompts)
+    check_prompts_fit(model, prompts, "extract")
     layers = check_layers(model, layers)
     check_at(at)
     if at != "query":
@@ -196,7 +200,8 @@ class TaskEncodings:
         idx = [self.layers.index(L) if L in self.layers else -1 for L in layers]
         if -1 in idx:
             raise ConfigError(f"layers {layers} not all extracted; these encodings hold layers {self.layers}")
-        vecs = torch.zeros(len(layers), len(self.task_names), self.acts.shape[-1])
+        # a task without prompts has no mean: NaN (``counts`` 0), never a zero vector that patches as one
+        vecs = torch.full((len(layers), len(self.task_names), self.acts.shape[-1]), float("nan"))
         counts = torch.zeros(len(self.task_names), dtype=torch.long)
         for t in range(len(self.task_names)):
             m = self.labels == t
@@ -444,12 +449,24 @@ def task_decodability(
     progress: bool = False,
 ) -> DecodabilityResult:
     """TD per layer: ``task_decodability(encodings)`` or ``task_decodability(model, prompts)``."""
+    from tvlens.validate import check_encodings, int_list
+
     if not isinstance(encodings, TaskEncodings):
+        if torch.is_tensor(encodings) or isinstance(encodings, (np.ndarray, list, tuple)):
+            raise ConfigError("task_decodability: encodings must be TaskEncodings (tvlens.extract(model, prompts)) "
+                              f"or a model (with prompts), got {type(encodings).__name__}")
         if prompts is None:
             raise ConfigError("task_decodability(model, prompts): give the prompts, or pass TaskEncodings")
         encodings = extract(encodings, prompts, layers=layers, batch_size=batch_size, progress=progress)
         layers = None
     enc = encodings
+    check_encodings(enc, "task_decodability")
+    if layers is not None:
+        layers = int_list(layers, "layers", 0, 10**9, "task_decodability")
+        missing = [L for L in layers if L not in enc.layers]
+        if missing:
+            raise ConfigError(f"task_decodability: layers {missing} were not extracted; these encodings hold layers "
+                              f"{enc.layers}")
     if len(enc) == 0:
         raise ConfigError("no prompts to decode: the encodings are empty")
     counts = torch.bincount(enc.labels, minlength=len(enc.task_names))

@@ -116,11 +116,20 @@ class PromptSet:
         return self.task_names.index(task)
 
     # ------------------------------------------------------------------ rendering
-    def str_tokens(self, i: int) -> list[str]:
-        """The tokens of prompt ``i`` as strings (token families), answer included."""
-        if self.tokens is None or self.vocab is None:
-            raise ConfigError("str_tokens needs a token family with a vocabulary; this PromptSet is continuous")
-        return [self.vocab[int(t)] for t in self.tokens[i]]
+    def str_tokens(self, i: int, tokenizer: Any = None) -> list[str]:
+        """The tokens of prompt ``i`` as strings, answer included: from the PromptSet's vocabulary, else
+        from ``tokenizer`` (e.g. ``model.tokenizer``; each id decoded alone), else the ids themselves."""
+        if self.tokens is None:
+            raise ConfigError("str_tokens: this PromptSet is continuous (float inputs): it has no tokens to show")
+        ids = [int(t) for t in self.tokens[i]]
+        if self.vocab is not None:
+            return [self.vocab[t] if 0 <= t < len(self.vocab) else f"<{t}>" for t in ids]
+        if tokenizer is not None:
+            try:
+                return [tokenizer.decode([t]) for t in ids]
+            except Exception:  # noqa: BLE001 - a tokenizer that cannot decode these ids: show the ids
+                pass
+        return [str(t) for t in ids]
 
     def render(self, i: int) -> str:
         """Prompt ``i`` as readable text; the query's answer follows ``=>`` after the query."""

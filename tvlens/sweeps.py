@@ -170,7 +170,7 @@ def activation_patching(
     by: Sequence[str] = ("layer", "pos"),
     layers: Sequence[int] | None = None,
     read_positions: Sequence[int] | Int[torch.Tensor, "batch"] | Int[torch.Tensor, "batch n"] | None = None,
-    batch_size: int = 256,
+    batch_size: int | None = 256,
     progress: bool = True,
     source: dict[int, torch.Tensor] | None = None,
     patch_positions: Int[torch.Tensor, "batch"] | None = None,
@@ -201,10 +201,17 @@ def activation_patching(
     skip save (TransformerLens copies weights on every call; measured on a GPT-2-small-shaped model,
     ``benchmarks/bench_patching.py``), so the batched full run stays the default.
     """
+    from tvlens.validate import check_batch_size, check_model_inputs, int_list
+
     if site not in SITES:
         raise ConfigError(f"unknown site {site!r}; known sites: {sorted(SITES)}")
     kind = SITES[site][1]
-    by = tuple(by)
+    by = (by,) if isinstance(by, str) else tuple(by)  # by="layer" is ("layer",), not its letters
+    check_model_inputs(corrupted, model, "corrupted", "activation_patching")
+    if clean is not None:
+        check_model_inputs(clean, model, "clean", "activation_patching")
+    layers = int_list(layers, "layers", 0, model.cfg.n_layers - 1, "activation_patching", " (block indices)")
+    batch_size = check_batch_size(batch_size, where="activation_patching") or int(corrupted.shape[0])
     if by not in BY[kind]:
         raise ConfigError(f"site {site!r} can be swept by {sorted(BY[kind])}, not {by}")
     if clean is None and source is None:

@@ -76,6 +76,8 @@ class TaskFamily(ABC):
     def _task_ids(self, tasks: Sequence[str | int] | None) -> list[int]:
         if tasks is None:
             return list(range(self.n_tasks))
+        if isinstance(tasks, (str, int, np.integer)):  # tasks="color" is one task, not its letters
+            tasks = [tasks]
         out = []
         for t in tasks:
             if isinstance(t, str):

@@ -338,6 +338,15 @@ def build_report(
     return Report(page=page, summary=summary, summary_rows=rows, results=results, timings=timings, notes=notes)
 
 
+def _best_patch(patch) -> str:
+    b, why = patch.best_layer_choice()
+    if b is None:
+        return f"best layer: none ({why})"
+    li = patch.layers.index(b)
+    return (f"best layer {b}: flip rate {float(patch.flip_rate[li]):.3f}, own-task control "
+            f"{float(patch.control[li]):.3f}")
+
+
 def summarize(name, fam, acc, dec, patch, scores=None, em=None, sweep=None, top_k: int = 5,
               patch_answers=None) -> list[tuple[str, str]]:
     """The report's short summary: (what, result) rows."""
@@ -351,17 +360,11 @@ def summarize(name, fam, acc, dec, patch, scores=None, em=None, sweep=None, top_
                                for i, L in enumerate(patch.layers))
         rows.append((f"patching ({patch.mode})", f"MSE grid means {grid_means}"))
     else:
-        b = patch.best_layer()
-        li = patch.layers.index(b)
         grid_means = ", ".join(f"L{L} {float(patch.follows_source[i].nanmean()):.2f}" for i, L in enumerate(patch.layers))
-        rows.append((f"patching at the query ({patch.mode})", f"best layer {b}: flip rate {float(patch.flip_rate[li]):.3f}, own-task "
-                                                 f"control {float(patch.control[li]):.3f}, floor {patch.flip_floor:.3f}; "
-                                                 f"grid means {grid_means}"))
+        rows.append((f"patching at the query ({patch.mode})", f"{_best_patch(patch)}, floor {patch.flip_floor:.3f}; "
+                                                              f"grid means {grid_means}"))
     if patch_answers is not None:
-        b = patch_answers.best_layer()
-        li = patch_answers.layers.index(b)
-        rows.append(("patching at answers (replace)", f"best layer {b}: flip rate {float(patch_answers.flip_rate[li]):.3f}, "
-                                                      f"own-task control {float(patch_answers.control[li]):.3f}"))
+        rows.append(("patching at answers (replace)", _best_patch(patch_answers)))
     if scores is not None:
         rows.append((f"top heads ({getattr(scores, 'method', '')})",
                      ", ".join(f"L{L}H{h} ({s:+.3g})" for L, h, s in scores.top(top_k))))
