@@ -186,6 +186,10 @@ def build_model(
         with torch.no_grad():
             model.embed.W_E.copy_(torch.randn(model.embed.W_E.shape, generator=g) / math.sqrt(d_vocab))
     model.tvlens_info = ModelInfo(source="build_model", family=fam.config(), step=0, continuous=fam.continuous)
+    if isinstance(fam, _tasks.TokenTaskFamily):  # model.to_tokens / to_str_tokens over the family's words
+        from tvlens.tokenizer import attach_tokenizer
+
+        attach_tokenizer(model, fam.vocab)
     model.eval()
     return model
 
@@ -264,6 +268,9 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Hoo
         command=meta.get("command"),
         continuous=bool(meta.get("continuous")),
     )
+    from tvlens.tokenizer import attach_tokenizer, family_vocab
+
+    attach_tokenizer(model, family_vocab(meta.get("family")))  # the family's words: model.to_tokens works
     return model
 
 

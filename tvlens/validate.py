@@ -221,10 +221,17 @@ def check_family(model, prompts, where: str = "") -> None:
     diff = []
     if prompts.family != name:
         diff.append(f"family {prompts.family!r} vs the model's {name!r}")
-    else:
-        for k, v in fam.items():
-            if k != "name" and k in prompts.params and prompts.params[k] != v:
-                diff.append(f"{k}={prompts.params[k]!r} vs the model's {k}={v!r}")
+    else:  # same name: the same tasks and vocabulary? (parameters such as a training curriculum may differ)
+        built = _family_of(fam)
+        if built is not None:
+            params = [f"{k}={prompts.params[k]!r} vs the model's {k}={v!r}" for k, v in built.params.items()
+                      if k in prompts.params and prompts.params[k] != v]
+            if list(built.task_names) != list(prompts.task_names):
+                diff.append(f"tasks {prompts.task_names} vs the model's {built.task_names}")
+            elif prompts.vocab is not None and built.vocab is not None and list(built.vocab) != list(prompts.vocab):
+                diff.append(f"another vocabulary ({len(prompts.vocab)} vs the model's {len(built.vocab)} words)")
+            if diff and params:
+                diff.append("parameters " + ", ".join(params))
     if diff:
         raise ConfigError(
             f"{_where(where)}the prompts do not come from the task family this model was trained on "
@@ -232,6 +239,24 @@ def check_family(model, prompts, where: str = "") -> None:
             f"(tvlens.model_info(model).task_family().sample(...)), or, to test transfer on purpose, run inside "
             "`with tvlens.validate.unchecked('family'):`"
         )
+
+
+_FAMILIES: dict[str, Any] = {}
+
+
+def _family_of(config: dict[str, Any]):
+    """The TaskFamily a model's family config describes (cached), or None when it cannot be built here
+    (e.g. a user's family not registered in this process)."""
+    key = repr(sorted(config.items(), key=lambda kv: kv[0]))
+    if key not in _FAMILIES:
+        from tvlens import tasks
+        from tvlens.errors import TvlensError
+
+        try:
+            _FAMILIES[key] = tasks.from_config(config)
+        except (TvlensError, TypeError, ValueError):
+            return None
+    return _FAMILIES[key]
 
 
 def check_model_prompts(model, prompts, where: str = "") -> None:
