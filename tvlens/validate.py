@@ -148,7 +148,8 @@ def int_list(value: Any, argument: str, lo: int, hi: int, where: str = "", what:
         raise ConfigError(f"{_where(where)}{argument} is empty: name at least one")
     bad = [x for x in items if not _is_int(x) or not lo <= int(x) <= hi]
     if bad:
-        raise ConfigError(f"{_where(where)}{argument} must be integers in {lo}..{hi}{what}; got {bad}")
+        raise ConfigError(f"{_where(where)}{argument} {bad} out of range or not integers: {argument} must be integers "
+                          f"in {lo}..{hi}{what}")
     return [int(x) for x in items]
 
 
@@ -210,9 +211,10 @@ def model_family(model) -> dict[str, Any] | None:
     return fam if isinstance(fam, dict) and fam.get("name") else None
 
 
-def check_family(model, prompts, where: str = "") -> None:
-    """Refuse prompts of another task family than the model's (when the model records its family)."""
-    if "family" in _SKIPPED:
+def check_family(model, prompts, where: str = "", force: bool = False) -> None:
+    """Refuse prompts of another task family than the model's (when the model records its family);
+    ``force`` checks even inside ``unchecked("family")``."""
+    if "family" in _SKIPPED and not force:
         return
     fam = model_family(model)
     if fam is None or not prompts.family:

@@ -9,6 +9,7 @@ atomically. ``tvlens report`` and ``tvlens demo`` call these.
 from __future__ import annotations
 
 import re
+import functools
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -127,7 +128,7 @@ def _table(rows: list[dict], floatfmt: str = "{:.3f}") -> str:
     return f'<table class="tvlens-table"><tr>{head}</tr>{body}</table>'
 
 
-def build_report(
+def _build_report(
     model: Any = "default",
     family: Any = None,
     *,
@@ -180,6 +181,10 @@ def build_report(
         notes.append(f"the model was trained on {recorded!r}, this report samples {fam!r}: its numbers describe a "
                      "family the model never saw")
     prompts = fam.sample(n_per_task, shots=shots, seed=seed)
+    if recorded is None or recorded.name == fam.name:  # another family is noted above; the same one must agree
+        from tvlens.validate import check_family
+
+        check_family(m, prompts, "build_report", force=True)
     prompt = circuits.check_prompt_index(prompts, prompt)
     tick("load", t0)
     results: dict[str, Any] = {"prompts": prompts}
@@ -336,6 +341,15 @@ def build_report(
                        f"{note_html}<details><summary>seconds per step</summary>"
                        + _table([{"step": k_, "seconds": v} for k_, v in timings.items()], "{:.2f}") + "</details>")
     return Report(page=page, summary=summary, summary_rows=rows, results=results, timings=timings, notes=notes)
+
+
+@functools.wraps(_build_report)
+def build_report(*args: Any, **kwargs: Any) -> Report:
+    from tvlens.validate import unchecked
+
+    # a report may sample another family than the model's on purpose (``--family``): its notes say so
+    with unchecked("family"):
+        return _build_report(*args, **kwargs)
 
 
 def _best_patch(patch) -> str:
