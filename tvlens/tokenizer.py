@@ -37,8 +37,10 @@ def word_tokenizer(vocab: Sequence[str], pad_token: str | None = None) -> Any:
     pad = pad_token if pad_token is not None else (";" if ";" in ids else vocab[-1])
     if pad not in ids:
         raise ConfigError(f"word_tokenizer: pad_token {pad!r} is not in the vocabulary")
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=pad, padding_side="right",
-                                   clean_up_tokenization_spaces=False)
+    out = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=pad, padding_side="right",
+                                  clean_up_tokenization_spaces=False)
+    out.tvlens_word_tokenizer = True  # text families tokenize with their own word tokenizer, not this one
+    return out
 
 
 def attach_tokenizer(model, vocab: Sequence[str] | None) -> None:
