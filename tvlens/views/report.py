@@ -8,8 +8,8 @@ atomically. ``tvlens report`` and ``tvlens demo`` call these.
 
 from __future__ import annotations
 
-import re
 import functools
+import re
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
