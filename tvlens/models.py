@@ -217,7 +217,7 @@ def save_checkpoint(
         "format": 1,
         "model_config": _cfg_dict(model),
         "continuous": is_continuous(model),
-        "family": family if family is not None else info.family,
+        "family": _tasks.with_module(family if family is not None else info.family),  # a user's family: its module
         "step": step if step is not None else info.step,
         "metrics": metrics or {},
         "command": command if command is not None else info.command,
