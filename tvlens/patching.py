@@ -45,7 +45,10 @@ class PatchingResult:
     - ``baseline_own[b]``: unpatched accuracy (or MSE) of task-b prompts;
     - ``rule_agreement[a, b]``: fraction of task-b prompts on which task a's rule gives the same answer
       as b's own (the floor of ``follows_source`` that needs no patching: e.g. AND and OR agree
-      wherever the two bits are equal).
+      wherever the two bits are equal);
+    - ``baseline_source[a, b]``: fraction of task-b prompts whose *unpatched* output already follows
+      task a's rule (what a patch must beat to do something; ``best_layer_choice``);
+    - ``notes``: e.g. ``absent_targets``, the tasks without prompts (their columns are NaN, not 0).
     """
 
     layers: list[int]
@@ -60,6 +63,7 @@ class PatchingResult:
     metric: str = "accuracy"
     shots: int = 0
     rule_agreement: torch.Tensor | None = None
+    baseline_source: torch.Tensor | None = None  # [source, target]: unpatched prompts already following a's rule
     read_at: str = "query"  # where the vectors were patched: the query position, or the examples' answers
     notes: dict = field(default_factory=dict)
 
@@ -94,8 +98,9 @@ class PatchingResult:
 
     def best_layer_choice(self, min_control: float = 0.9, min_effect: float = 0.05) -> tuple[int | None, str]:
         """``(layer, how it was chosen)``. Only a layer where the intervention does something can be best:
-        its flip rate must exceed the flip floor (what rule agreement gives with no patching, 0 when
-        unknown) by at least ``min_effect``. Among those, the highest flip rate of the layers whose
+        its flip rate must exceed what the prompts give with no patching by at least ``min_effect``: the
+        unpatched rate of following the other task's rule (``baseline_source``), or where that is not
+        recorded the flip floor (rule agreement; 0 when unknown). Among those, the highest flip rate of the layers whose
         own-task control holds (``>= min_control``); when none holds, the highest flip rate (the reason
         says the control fails). None when no layer's patch flips anything, or for regression (no flip
         rate; read the MSE grid ``delta_logprob_source``)."""
@@ -107,17 +112,20 @@ class PatchingResult:
             return None, "regression result: no flip rate to rank layers by; read the MSE grid (delta_logprob_source)"
         floor = self.flip_floor
         floor = 0.0 if floor != floor else floor
+        if self.baseline_source is not None:
+            unpatched = float(self._offdiag(self.baseline_source[None])[0])
+            floor = max(floor, unpatched) if unpatched == unpatched else floor
         fr, ctl = self.flip_rate, self.control
         effective = (fr - floor) >= min_effect  # NaN compares False
         if not bool(effective.any()):
             best = float(fr.nan_to_num(-1).max()) if len(fr) else float("nan")
             return None, (f"no layer: the patch changes nothing (flip rate at most {best:.3f}, within {min_effect} of "
-                          f"the floor {floor:.3f}, at every layer {self.layers})")
+                          f"the unpatched rate {floor:.3f}, at every layer {self.layers})")
         ok = effective & (ctl >= min_control)
         pick = ok if bool(ok.any()) else effective
         li = int(torch.where(pick, fr, torch.full_like(fr, -1.0)).argmax())
-        why = (f"highest flip rate ({float(fr[li]):.3f}) among layers whose flip rate exceeds the floor {floor:.3f} by "
-               f">= {min_effect}")
+        why = (f"highest flip rate ({float(fr[li]):.3f}) among layers whose flip rate exceeds the unpatched rate "
+               f"(floor) {floor:.3f} by >= {min_effect}")
         if bool(ok.any()):
             why += f" and whose own-task control holds (>= {min_control}: {float(ctl[li]):.3f})"
         else:
@@ -263,7 +271,7 @@ def run_patching(
     labels = prompts.labels.cpu()
     counts = _counts(labels, T)  # NaN for tasks without prompts: their rates are NaN, never 0
     follows_src, follows_own, dlp = torch.zeros(L, S, T), torch.zeros(L, S, T), torch.zeros(L, S, T)
-    base_own = torch.zeros(T)
+    base_own, base_src = torch.zeros(T), torch.zeros(S, T)
     vecs = {s: torch.stack([vectors.get(s, layer) for layer in layers]).to(device) for s in src_names}
     if mode == "swap":
         # [L, n_tasks_of_prompts, d]: the vector of each prompt's own task, by label
@@ -298,7 +306,8 @@ def run_patching(
             else:
                 src_logits, src_store = _prefix(model, _answers_for(sub, s)[:, :last], names)
                 src_sel = at_answer_positions(src_logits, q, n_ans)
-            _, lp_clean = answer_scores(src_sel, ans_src)
+            ok_clean, lp_clean = answer_scores(src_sel, ans_src)
+            base_src[si].index_add_(0, lab, ok_clean.float().cpu())
             for li, layer in enumerate(layers):
                 out_src = run_patched(src_store, layer, q, vecs[sname][li], li, sub.labels, where)
                 ok_src, lp_src = answer_scores(out_src, ans_src)
@@ -318,7 +327,7 @@ def run_patching(
         layers=layers, source_names=src_names, target_names=list(prompts.task_names), mode=mode, read_at=read_at,
         scale=float(scale), follows_source=follows_src / counts, follows_own=follows_own / counts,
         delta_logprob_source=dlp / counts, baseline_own=base_own / counts, metric="accuracy", shots=prompts.shots,
-        rule_agreement=agree / counts, notes=_notes(prompts, src_names),
+        rule_agreement=agree / counts, baseline_source=base_src / counts, notes=_notes(prompts, src_names),
     )
 
 
