@@ -237,3 +237,22 @@ def test_views_without_a_vocabulary_use_the_tokenizer_or_ids(tiny):
     with pytest.raises(ConfigError, match="continuous"):
         tasks.get("sparse_regression_small").sample(1, shots=2).str_tokens(0)
 
+
+
+def test_more_bad_arguments(tiny):
+    model, prompts, vecs = tiny
+    with pytest.raises(ConfigError, match=r"tvlens.load_model\('categories'\)"):
+        tvlens.icl_accuracy("categories", prompts)
+    with pytest.raises(ConfigError, match="TransformerLens model"):
+        extract(object(), prompts, progress=False)
+    for seed in ("1", -1, 1.0, None):
+        with pytest.raises(ConfigError, match="seed"):
+            tasks.get("categories").sample(2, shots=1, seed=seed)
+    with pytest.raises(ConfigError, match="labels must hold integer"):
+        tvlens.icl_accuracy(model, _with(prompts, labels=prompts.labels.float()))
+    with pytest.raises(ConfigError, match="query_pos"):
+        tvlens.icl_accuracy(model, _with(prompts, query_pos=prompts.query_pos + 100))
+    with pytest.raises(ConfigError, match="k must be"):
+        task_decodability(extract(model, prompts, progress=False), k=True)
+    with pytest.raises(KeyError, match="no task vector of task 'colour'"):
+        vecs.get("colour", 0)

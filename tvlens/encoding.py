@@ -265,6 +265,10 @@ class TaskVectors:
         return f"TaskVectors(layers={self.layers}, tasks={self.task_names}, d_model={self.d_model}{where})"
 
     def get(self, task: str | int, layer: int) -> Float[torch.Tensor, "d_model"]:
+        if isinstance(task, str) and task not in self.task_names:
+            from tvlens.errors import UnknownNameError
+
+            raise UnknownNameError(f"no task vector of task {task!r}; these hold tasks {self.task_names}")
         t = self.task_names.index(task) if isinstance(task, str) else int(task)
         if layer not in self.layers:
             raise ConfigError(f"no task vector at layer {layer}; these hold layers {self.layers}")
@@ -473,7 +477,7 @@ def task_decodability(
     present = int((counts > 0).sum())
     if present < 2:
         raise ConfigError(f"task decodability needs prompts of at least two tasks; got tasks {counts.tolist()}")
-    if not isinstance(k, int) or k < 1:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ConfigError(f"k must be an integer >= 1, got {k!r}")
     smallest = int(counts[counts > 0].min())
     if k >= smallest:

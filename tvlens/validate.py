@@ -194,6 +194,8 @@ def check_token_ids(tokens: Any, d_vocab: int | None, argument: str = "tokens", 
 def check_prompts_shape(prompts) -> None:
     """Query positions and answers that fit the prompts' sequences (a PromptSet built by hand can hold any)."""
     n, seq = len(prompts), prompts.seq_len
+    if prompts.labels.is_floating_point() or prompts.labels.dtype == torch.bool:
+        raise ConfigError(f"PromptSet.labels must hold integer task indices, got {_given(prompts.labels)}")
     q = prompts.query_pos
     if q.is_floating_point() or q.dtype == torch.bool:
         raise ConfigError(f"PromptSet.query_pos must hold integer positions, got {_given(q)}")
@@ -261,10 +263,31 @@ def _family_of(config: dict[str, Any]):
     return _FAMILIES[key]
 
 
+def check_model(model: Any, argument: str = "model", where: str = "") -> None:
+    """A loaded TransformerLens model (``model.cfg``), not a name or a path."""
+    import os
+
+    if isinstance(model, (str, os.PathLike)):
+        raise ConfigError(f"{_where(where)}{argument} must be a loaded model, got the name {str(model)!r}: "
+                          f"load it first, model = tvlens.load_model({str(model)!r})")
+    cfg = getattr(model, "cfg", None)
+    if cfg is None or not hasattr(cfg, "d_vocab") or not callable(getattr(model, "parameters", None)):
+        raise ConfigError(f"{_where(where)}{argument} must be a TransformerLens model (HookedTransformer, or one "
+                          f"from tvlens.load_model / build_model), got {_given(model)}")
+
+
+def check_seed(seed: Any, argument: str = "seed", where: str = "") -> int:
+    """A seed: a non-negative integer (numpy and torch generators take nothing else)."""
+    if not _is_int(seed) or int(seed) < 0:
+        raise ConfigError(f"{_where(where)}{argument} must be a non-negative integer, got {_given(seed)}")
+    return int(seed)
+
+
 def check_model_prompts(model, prompts, where: str = "") -> None:
     """Everything that must hold before ``prompts`` are fed to ``model``: a non-empty PromptSet of the
     model's kind (tokens or continuous), integer ids inside its vocabulary (or inputs of its width,
     finite), sequences within its context, and the model's task family when it records one."""
+    check_model(model, "model", where)
     check_prompt_set(prompts, "prompts", where)
     if len(prompts) == 0:
         raise ConfigError(f"{_where(where)}the PromptSet is empty: sample at least one prompt")
@@ -404,10 +427,12 @@ __all__ = [
     "check_family",
     "check_finite",
     "check_finite_number",
+    "check_model",
     "check_model_inputs",
     "check_model_prompts",
     "check_prompt_set",
     "check_prompts_shape",
+    "check_seed",
     "check_token_ids",
     "check_vectors",
     "int_list",

@@ -112,6 +112,7 @@ class TaskFamily(ABC):
         """Checked arguments of ``sample``: each prompt's task (task-major order), the shots, the generator."""
         n_per_task = check_int("n_per_task", n_per_task, 1, self.name)
         shots = check_int("shots", shots, 0, self.name)
+        seed = check_int("seed", seed, 0, self.name)
         if shots > self.max_shots():
             raise ConfigError(
                 f"{self.name}: shots={shots} is more than this family can fill with distinct examples "
