@@ -4,6 +4,9 @@ The whole public API (each name documented where it is defined)::
 
     tvlens.tasks.get(name, **params) -> TaskFamily     # bitwise, categories, shift, sparse_regression
     family.sample(n_per_task, shots, seed) -> PromptSet
+    tvlens.PromptSet.from_tokens(tokens, answers=, labels=) / .from_strings(model, texts, answers)  # your prompts
+    tvlens.tasks.register("mine", MyFamily)             # your family: a tvlens.tasks.RuleFamily (words + rules)
+    tvlens.validate.unchecked("family")                # a `with` block: run a model on another family on purpose
     tvlens.load_model(name_or_path) -> HookedTransformer   # "default", "shift", "categories", "bitwise"
     tvlens.icl_accuracy(model, prompts) -> AccuracyResult  # per-task accuracy (MSE for regression)
     tvlens.train(TrainConfig(...), out_dir) -> (model, history)
