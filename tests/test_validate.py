@@ -256,3 +256,41 @@ def test_more_bad_arguments(tiny):
         task_decodability(extract(model, prompts, progress=False), k=True)
     with pytest.raises(KeyError, match="no task vector of task 'colour'"):
         vecs.get("colour", 0)
+
+
+def test_bad_analysis_arguments_end_in_tvlens_errors(tiny):
+    from tvlens.errors import TvlensError
+
+    model, p, v = tiny
+    enc = extract(model, p, progress=False)
+    dla = tvlens.head_attribution(model, p, method="dla", progress=False)
+    metric = lambda lg: lg[:, -1, 0]  # noqa: E731
+    cases = {
+        "corrupted": lambda: tvlens.head_attribution(model, p, method="patch", corrupted=p.tokens, progress=False),
+        "seed": lambda: tvlens.head_attribution(model, p, method="cie", seed="x", progress=False),
+        "read_positions": lambda: activation_patching(model, p.tokens, p.tokens, metric, read_positions="3",
+                                                      progress=False),
+        "source": lambda: activation_patching(model, None, p.tokens, metric, by="layer", source={0: "x", 1: "y"},
+                                              progress=False),
+        "index": lambda: p.subset("0"),
+        "integer indices": lambda: p.subset([0.5]),
+        "was not patched": lambda: run_patching(model, p, v, layers=[0], progress=False).grid(9),
+        "min_control": lambda: run_patching(model, p, v, layers=[0], progress=False).best_layer(min_control="x"),
+        "layer": lambda: extract(model, p, layers=[1.0], progress=False),
+        "metric": lambda: task_decodability(enc, k=3, metric="manhattan"),
+        "tie_break": lambda: task_decodability(enc, k=3, tie_break="x"),
+        "TaskEncodings": lambda: task_decodability(p.tokens, k=3),
+        "mode": lambda: run_patching(model, p, v, mode=None, progress=False),
+        "empty": lambda: run_patching(model, p, v, sources=[], progress=False),
+        "k must be": lambda: tvlens.function_vector(model, p, dla, k=0),
+        "heads": lambda: tvlens.function_vector(model, p, heads=[(0,)]),
+        "max_new_tokens": lambda: tvlens.greedy_generate(model, p, max_new_tokens=0),
+        "scoring": lambda: tvlens.text_accuracy(model, p, scoring="x"),
+        "prompt=99": lambda: tvlens.views.attention_heads_view(model, p, [(0, 0)], prompt=99),
+        "PromptSet is empty": lambda: tvlens.icl_accuracy(model, p.subset([])),
+        "from_tokens": lambda: tvlens.PromptSet.from_tokens({"a": 1}),
+        "tokenizer": lambda: tvlens.PromptSet.from_strings(object(), ["a"], ["b"]),
+    }
+    for msg, call in cases.items():
+        with pytest.raises(TvlensError, match=msg):
+            call()

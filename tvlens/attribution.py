@@ -350,12 +350,17 @@ def head_attribution(
         raise ConfigError(f"atp_site must be 'qkv', 'z', 'q', 'k' or 'v', got {atp_site!r}")
     if not isinstance(qk_fix, bool):
         raise ConfigError(f"qk_fix must be True or False, got {qk_fix!r}")
+    from tvlens.validate import check_model_prompts, check_seed
+
+    seed = check_seed(seed, where="head_attribution")
     if method in ("cie", "patch", "atp"):
         if corrupted is None:
             corrupted = shuffle_labels(prompts, seed)
-        elif (corrupted.tokens is None or corrupted.tokens.shape != prompts.tokens.shape
-              or not torch.equal(corrupted.query_pos.cpu(), prompts.query_pos.cpu())):
-            raise ConfigError("corrupted prompts must have the same token shape and query positions as prompts")
+        else:
+            check_model_prompts(model, corrupted, "head_attribution (corrupted)")
+            if (corrupted.tokens is None or corrupted.tokens.shape != prompts.tokens.shape
+                    or not torch.equal(corrupted.query_pos.cpu(), prompts.query_pos.cpu())):
+                raise ConfigError("corrupted prompts must have the same token shape and query positions as prompts")
 
     device = next(model.parameters()).device
     P = _trim(prompts).to(device)

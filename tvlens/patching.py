@@ -134,7 +134,12 @@ class PatchingResult:
         return self.layers[li], why
 
     def grid(self, layer: int, what: str = "follows_source") -> Float[torch.Tensor, "source target"]:
-        return getattr(self, what)[self.layers.index(layer)]
+        if layer not in self.layers:
+            raise ConfigError(f"grid: layer={layer!r} was not patched; this result holds layers {self.layers}")
+        if what not in ("follows_source", "follows_own", "delta_logprob_source", "rule_agreement", "baseline_source"):
+            raise ConfigError(f"grid: what={what!r}; use 'follows_source', 'follows_own' or 'delta_logprob_source'")
+        g = getattr(self, what)
+        return g if g.ndim == 2 else g[self.layers.index(layer)]
 
     def to_dataframe(self):
         import pandas as pd

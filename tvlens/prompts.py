@@ -302,7 +302,13 @@ class PromptSet:
         if isinstance(index, slice):
             idx = torch.arange(len(self))[index]
         else:
+            if isinstance(index, str) or (not torch.is_tensor(index) and any(
+                    isinstance(i, (str, float)) for i in (index if isinstance(index, (list, tuple)) else [index]))):
+                raise ConfigError(f"PromptSet.subset: index must be integer indices, a boolean mask or a slice, got "
+                                  f"{index!r}")
             idx = torch.as_tensor(index)
+            if idx.is_floating_point() and idx.numel():  # (an empty list is a float tensor: no prompts)
+                raise ConfigError(f"PromptSet.subset: index must be integer indices, got a {idx.dtype} tensor")
             if idx.dtype == torch.bool:
                 if idx.shape != (len(self),):
                     raise ConfigError(f"boolean index must have shape ({len(self)},), got {tuple(idx.shape)}")

@@ -201,6 +201,8 @@ def activation_patching(
     skip save (TransformerLens copies weights on every call; measured on a GPT-2-small-shaped model,
     ``benchmarks/bench_patching.py``), so the batched full run stays the default.
     """
+    import numbers
+
     from tvlens.validate import check_batch_size, check_model_inputs, int_list
 
     if site not in SITES:
@@ -212,6 +214,15 @@ def activation_patching(
         check_model_inputs(clean, model, "clean", "activation_patching")
     layers = int_list(layers, "layers", 0, model.cfg.n_layers - 1, "activation_patching", " (block indices)")
     batch_size = check_batch_size(batch_size, where="activation_patching") or int(corrupted.shape[0])
+    if isinstance(read_positions, str) or (read_positions is not None and not torch.is_tensor(read_positions)
+                                           and not all(isinstance(r, numbers.Integral) and not isinstance(r, bool)
+                                                       for r in read_positions)):
+        raise ConfigError(f"activation_patching: read_positions must be positions (ints, or a tensor [batch] or "
+                          f"[batch, n]), got {read_positions!r}")
+    if source is not None and (not isinstance(source, dict)
+                               or not all(torch.is_tensor(t) and t.is_floating_point() for t in source.values())):
+        raise ConfigError("activation_patching: source must be {layer: float tensor} (activations to patch in), got "
+                          f"{type(source).__name__}")
     if by not in BY[kind]:
         raise ConfigError(f"site {site!r} can be swept by {sorted(BY[kind])}, not {by}")
     if clean is None and source is None:
