@@ -20,6 +20,14 @@ print("HEAVY", heavy, after_tasks, sorted(set(tvlens.__all__) - set(dir(tvlens))
 """
 
 
+def test_functions_named_like_their_modules_stay_functions():
+    import tvlens
+    import tvlens.finetune
+    import tvlens.train  # noqa: F401 - the import sets the package attribute; the function must win
+
+    assert callable(tvlens.train) and callable(tvlens.finetune) and tvlens.train.__module__ == "tvlens.train"
+
+
 def test_import_is_lazy_and_public_names_stay():
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=env, check=True).stdout

@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tvlens never downloads (see models.py)
@@ -58,6 +60,21 @@ _LAZY: dict[str, str] = {
     "TrainConfig": "tvlens.train", "read_log": "tvlens.train", "train": "tvlens.train",
 }
 _SUBMODULES = ("tasks", "views", "validate", "tokenizer")
+
+
+# ``tvlens.train`` and ``tvlens.finetune`` name functions, as their modules do: importing the module sets the
+# package attribute to the module, which would hide the function. Keep the function (as eager imports did).
+_SHADOWED = {name for name, module in _LAZY.items() if module == f"tvlens.{name}"}
+
+
+class _Package(types.ModuleType):
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _SHADOWED and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str) -> Any:
