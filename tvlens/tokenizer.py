@@ -4,7 +4,8 @@ The synthetic families' prompts are whole words separated by spaces (``PromptSet
 three -> red ;``. ``word_tokenizer(vocab)`` is a ``transformers.PreTrainedTokenizerFast`` over a
 word-level ``tokenizers`` model (split on whitespace, id = position in ``vocab``), so the shipped and
 trained models get a ``model.tokenizer`` and TransformerLens' ``model.to_tokens`` /
-``model.to_str_tokens`` / ``model.generate`` work on them like on any pretrained model::
+``model.to_str_tokens`` / ``model.generate(..., stop_at_eos=False)`` work on them as on a pretrained model
+(they have no end-of-text token: ``;`` ends an example but is never trained as an output)::
 
     model = tvlens.load_model("categories")
     model.to_tokens("dog red three -> ")       # tensor([[...]]), no BOS (these models have none)
@@ -24,7 +25,9 @@ def word_tokenizer(vocab: Sequence[str], pad_token: str | None = None) -> Any:
     """A ``PreTrainedTokenizerFast`` mapping each whitespace-separated word to its index in ``vocab``.
 
     ``pad_token`` (default: ``";"`` when the vocabulary has it, else its last word) pads batches of
-    different lengths; no token is added, so ids stay ``0..len(vocab)-1`` as the model expects."""
+    different lengths; no token is added, so ids stay ``0..len(vocab)-1`` as the model expects. Being the
+    pad token, it is dropped where text is decoded with ``skip_special_tokens`` (``model.generate`` on a
+    string returns the text without its ``;``; pass token ids to keep them)."""
     vocab = [str(w) for w in vocab]
     if not vocab or len(set(vocab)) != len(vocab) or any(not w or any(c.isspace() for c in w) for w in vocab):
         raise ConfigError("word_tokenizer: vocab must be distinct, non-empty words without whitespace")

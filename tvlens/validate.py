@@ -1,8 +1,9 @@
 """Checks at the public boundary, shared by every entry point: each raises a ``tvlens`` error that names
 the argument, what was expected, what was given and what to do, before any work is done.
 
-This module is low: it imports only ``tvlens.errors``, ``tvlens.prompts`` and torch/numpy at the top
-(``tvlens.models`` lazily, inside the model checks), so any module may import it.
+This module is low: it imports only ``tvlens.errors`` and torch/numpy at the top (``tvlens.prompts``,
+``tvlens.models``, ``tvlens.encoding`` and ``tvlens.tasks`` lazily, inside the checks that need them), so any
+module may import it. Sections: one per part of tvlens; keep a new part's checks in its own section.
 """
 
 from __future__ import annotations
