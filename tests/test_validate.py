@@ -99,6 +99,8 @@ def test_nan_or_inf_vectors_and_encodings_are_refused(tiny):
     enc.acts[2, 1, 0] = float("inf")
     with pytest.raises(ConfigError, match="encodings.acts holds 1 NaN or infinite"):
         task_decodability(enc, k=3)
+    with pytest.raises(ConfigError, match="encodings.labels must be integer indices"):
+        task_decodability(dataclasses.replace(enc, labels=enc.labels + 5), k=3)
     cont = tasks.get("sparse_regression_small")
     p = cont.sample(3, shots=4, seed=0)
     p.inputs[0, 0, 0] = float("nan")

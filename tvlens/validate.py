@@ -351,6 +351,9 @@ def check_encodings(enc, where: str = "") -> None:
     if lab.shape != (acts.shape[0],):
         raise ConfigError(f"{_where(where)}encodings.labels must have one label per prompt ({acts.shape[0]}), "
                           f"got {_given(lab)}")
+    if lab.is_floating_point() or (len(lab) and (int(lab.min()) < 0 or int(lab.max()) >= len(enc.task_names))):
+        raise ConfigError(f"{_where(where)}encodings.labels must be integer indices into task_names "
+                          f"(0..{len(enc.task_names) - 1}), got {_given(lab)}")
     check_finite(acts, "encodings.acts", where, " (the representations)")
 
 
