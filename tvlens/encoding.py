@@ -275,15 +275,11 @@ class TaskVectors:
         return self.vectors[self.layers.index(layer), t]
 
     def check_model(self, model) -> None:
-        """Refuse a model whose residual space these vectors do not live in."""
-        if int(model.cfg.d_model) != self.d_model:
-            raise ConfigError(f"task vectors have d_model={self.d_model} but the model has d_model={model.cfg.d_model}")
-        fp = model_fingerprint(model)
-        if self.fingerprint and fp != self.fingerprint:
-            raise ConfigError(
-                f"task vectors come from another model (fingerprint {self.fingerprint}, this model {fp}); "
-                "extract them from this model"
-            )
+        """Refuse a model whose residual space these vectors do not live in (``tvlens.validate.check_vectors``:
+        width, dtype, finite, and the model's fingerprint; vectors without one need ``unchecked("fingerprint")``)."""
+        from tvlens.validate import check_vectors
+
+        check_vectors(self, model, where="TaskVectors.check_model")
 
     def save(self, path: str | Path) -> Path:
         tensors = {"vectors": self.vectors}

@@ -372,14 +372,14 @@ def check_vectors(vectors, model, prompts=None, where: str = ""):
     d = int(model.cfg.d_model)
     if not torch.is_tensor(v) or not v.is_floating_point():
         raise ConfigError(f"{_where(where)}vectors.vectors must be a float tensor, got {_given(v)}")
+    if vectors.d_model and int(vectors.d_model) != d:
+        raise ConfigError(f"{_where(where)}task vectors have d_model={vectors.d_model} but the model has d_model={d}")
     shape = (len(vectors.layers), len(vectors.task_names), d)
     if tuple(v.shape) != shape:
         raise ConfigError(
             f"{_where(where)}vectors.vectors has shape {tuple(v.shape)} but must be [layers, tasks, d_model] = {shape} "
             f"({len(vectors.layers)} layers {vectors.layers}, tasks {vectors.task_names}, this model's d_model {d})"
         )
-    if vectors.d_model and int(vectors.d_model) != d:
-        raise ConfigError(f"{_where(where)}task vectors have d_model={vectors.d_model} but the model has d_model={d}")
     have = [i for i, t in enumerate(vectors.task_names) if t in vector_tasks(vectors)]
     check_finite(v[:, have], "vectors.vectors", where, " (the task vectors of tasks with prompts)")
     if not vectors.fingerprint:
