@@ -256,6 +256,8 @@ def test_more_bad_arguments(tiny):
         tvlens.icl_accuracy(model, _with(prompts, query_pos=prompts.query_pos + 100))
     with pytest.raises(ConfigError, match="k must be"):
         task_decodability(extract(model, prompts, progress=False), k=True)
+    with pytest.raises(ConfigError, match="seed"):
+        task_decodability(extract(model, prompts, progress=False), k=3, seed="0")
     with pytest.raises(KeyError, match="no task vector of task 'colour'"):
         vecs.get("colour", 0)
 

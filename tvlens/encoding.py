@@ -449,7 +449,9 @@ def task_decodability(
     progress: bool = False,
 ) -> DecodabilityResult:
     """TD per layer: ``task_decodability(encodings)`` or ``task_decodability(model, prompts)``."""
-    from tvlens.validate import check_encodings, int_list
+    from tvlens.validate import check_encodings, check_seed, int_list
+
+    seed = check_seed(seed, where="task_decodability")
 
     if not isinstance(encodings, TaskEncodings):
         if torch.is_tensor(encodings) or isinstance(encodings, (np.ndarray, list, tuple)):
