@@ -188,7 +188,7 @@ REF_LOGITS = __import__("pathlib").Path(__file__).parent / "data" / "default_log
 
 def test_bad_models_and_hooks_are_refused(pair, tmp_path):
     _, bridge, _ = pair
-    with pytest.raises(UnsupportedModelError, match="model: tvlens cannot drive a .*Linear"):
+    with pytest.raises(UnsupportedModelError, match="tvlens cannot drive a .*Linear"):
         tvlens.extract(torch.nn.Linear(2, 2), FAM.sample(2, shots=1, seed=0))
     with pytest.raises(HookError, match="blocks.0.hook_nonsense"):
         get_backend(bridge).capture(torch.zeros(1, 4, dtype=torch.long), ["blocks.0.hook_nonsense"])

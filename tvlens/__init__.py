@@ -4,6 +4,9 @@ The whole public API (each name documented where it is defined)::
 
     tvlens.tasks.get(name, **params) -> TaskFamily     # bitwise, categories, shift, sparse_regression
     family.sample(n_per_task, shots, seed) -> PromptSet
+    tvlens.PromptSet.from_tokens(tokens, answers=, labels=) / .from_strings(model, texts, answers)  # your prompts
+    tvlens.tasks.register("mine", MyFamily)             # your family: a tvlens.tasks.RuleFamily (words + rules)
+    tvlens.validate.unchecked("family")                # a `with` block: run a model on another family on purpose
     tvlens.load_model(name_or_path) -> HookedTransformer   # "default", "shift", "categories", "bitwise"
     tvlens.icl_accuracy(model, prompts) -> AccuracyResult  # per-task accuracy (MSE for regression)
     tvlens.train(TrainConfig(...), out_dir) -> (model, history)
@@ -26,44 +29,104 @@ The whole public API (each name documented where it is defined)::
 
 from __future__ import annotations
 
+import importlib
 import os
+import sys
+import types
+from typing import TYPE_CHECKING, Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tvlens never downloads (see models.py)
 
-from tvlens import tasks, views  # noqa: E402
-from tvlens.accuracy import AccuracyResult, icl_accuracy  # noqa: E402
-from tvlens.attribution import FunctionVectors, HeadScores, function_vector, head_attribution  # noqa: E402
-from tvlens.encoding import (  # noqa: E402
-    DecodabilityResult,
-    EmergenceResult,
-    TaskEncodings,
-    TaskVectors,
-    emergence,
-    extract,
-    task_decodability,
-)
 from tvlens.errors import CheckpointError, ConfigError, OfflineWeightsError, TvlensError, UnknownNameError  # noqa: E402
-from tvlens.finetune import FinetuneResult, finetune  # noqa: E402
-from tvlens.llm import TDAccuracyResult, greedy_generate, td_vs_accuracy, text_accuracy  # noqa: E402
-from tvlens.models import (  # noqa: E402
-    build_model,
-    checkpoint_steps,
-    list_checkpoints,
-    load_checkpoint,
-    load_model,
-    model_info,
-    save_checkpoint,
-    shipped_models,
-)
-from tvlens.patching import PatchingResult, run_patching  # noqa: E402
-from tvlens.prompts import PromptSet  # noqa: E402
-from tvlens.sweeps import SweepResult, activation_patching  # noqa: E402
-from tvlens.train import TrainConfig, read_log, train  # noqa: E402
+
+# Public names -> the module that defines them. Imported on first use (module-level ``__getattr__``), so
+# ``import tvlens`` does not pay for TransformerLens/transformers (seconds) until a model is needed.
+_LAZY: dict[str, str] = {
+    "AccuracyResult": "tvlens.accuracy", "icl_accuracy": "tvlens.accuracy",
+    "FunctionVectors": "tvlens.attribution", "HeadScores": "tvlens.attribution",
+    "function_vector": "tvlens.attribution", "head_attribution": "tvlens.attribution",
+    "DecodabilityResult": "tvlens.encoding", "EmergenceResult": "tvlens.encoding", "TaskEncodings": "tvlens.encoding",
+    "TaskVectors": "tvlens.encoding", "emergence": "tvlens.encoding", "extract": "tvlens.encoding",
+    "task_decodability": "tvlens.encoding",
+    "FinetuneResult": "tvlens.finetune", "finetune": "tvlens.finetune",
+    "TDAccuracyResult": "tvlens.llm", "greedy_generate": "tvlens.llm", "td_vs_accuracy": "tvlens.llm",
+    "text_accuracy": "tvlens.llm",
+    "build_model": "tvlens.models", "checkpoint_steps": "tvlens.models", "list_checkpoints": "tvlens.models",
+    "load_checkpoint": "tvlens.models", "load_model": "tvlens.models", "model_info": "tvlens.models",
+    "save_checkpoint": "tvlens.models", "shipped_models": "tvlens.models",
+    "PatchingResult": "tvlens.patching", "run_patching": "tvlens.patching",
+    "PromptSet": "tvlens.prompts",
+    "SweepResult": "tvlens.sweeps", "activation_patching": "tvlens.sweeps",
+    "TrainConfig": "tvlens.train", "read_log": "tvlens.train", "train": "tvlens.train",
+}
+_SUBMODULES = ("tasks", "views", "validate", "tokenizer")
+
+
+# ``tvlens.train`` and ``tvlens.finetune`` name functions, as their modules do: importing the module sets the
+# package attribute to the module, which would hide the function. Keep the function (as eager imports did).
+_SHADOWED = {name for name, module in _LAZY.items() if module == f"tvlens.{name}"}
+
+
+class _Package(types.ModuleType):
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _SHADOWED and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f"tvlens.{name}")
+    else:
+        raise AttributeError(f"module 'tvlens' has no attribute {name!r}")
+    globals()[name] = value  # later lookups are plain attribute reads
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY) | set(_SUBMODULES))
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
+    from tvlens import tasks, validate, views  # noqa: F401
+    from tvlens.accuracy import AccuracyResult, icl_accuracy  # noqa: F401
+    from tvlens.attribution import FunctionVectors, HeadScores, function_vector, head_attribution  # noqa: F401
+    from tvlens.encoding import (  # noqa: F401
+        DecodabilityResult,
+        EmergenceResult,
+        TaskEncodings,
+        TaskVectors,
+        emergence,
+        extract,
+        task_decodability,
+    )
+    from tvlens.finetune import FinetuneResult, finetune  # noqa: F401
+    from tvlens.llm import TDAccuracyResult, greedy_generate, td_vs_accuracy, text_accuracy  # noqa: F401
+    from tvlens.models import (  # noqa: F401
+        build_model,
+        checkpoint_steps,
+        list_checkpoints,
+        load_checkpoint,
+        load_model,
+        model_info,
+        save_checkpoint,
+        shipped_models,
+    )
+    from tvlens.patching import PatchingResult, run_patching  # noqa: F401
+    from tvlens.prompts import PromptSet  # noqa: F401
+    from tvlens.sweeps import SweepResult, activation_patching  # noqa: F401
+    from tvlens.train import TrainConfig, read_log, train  # noqa: F401
 
 __version__ = "0.1.0"
 
 __all__ = [
     "views",
+    "validate",
     "FinetuneResult",
     "TDAccuracyResult",
     "finetune",

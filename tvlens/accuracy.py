@@ -25,37 +25,12 @@ from tvlens.errors import ConfigError
 from tvlens.prompts import PromptSet
 
 
-def check_prompts_fit(model, prompts: PromptSet) -> None:
-    """Raise a clear error when prompts cannot be fed to ``model``."""
-    if len(prompts) == 0:
-        raise ConfigError("the PromptSet is empty: sample at least one prompt")
-    from tvlens.backends import get_backend
+def check_prompts_fit(model, prompts: PromptSet, where: str = "") -> None:
+    """Raise a clear error when prompts cannot be fed to ``model`` (``tvlens.validate.check_model_prompts``:
+    a PromptSet of the model's kind, token ids in its vocabulary, within its context, of its family)."""
+    from tvlens.validate import check_model_prompts
 
-    bk = get_backend(model)
-    if bk.continuous != prompts.is_continuous:
-        kind = "continuous (regression)" if bk.continuous else "token"
-        raise ConfigError(
-            f"prompts of family {prompts.family!r} are {'continuous' if prompts.is_continuous else 'tokens'} "
-            f"but the model is a {kind} model"
-        )
-    if prompts.is_continuous:
-        if prompts.inputs.shape[-1] != bk.d_vocab:  # type: ignore[union-attr]
-            raise ConfigError(
-                f"prompts have input dimension {prompts.inputs.shape[-1]} but the model reads "  # type: ignore[union-attr]
-                f"{bk.d_vocab}"
-            )
-    else:
-        mx = int(prompts.tokens.max())  # type: ignore[union-attr]
-        if mx >= bk.d_vocab:
-            raise ConfigError(
-                f"prompts use token id {mx} but the model's vocabulary has {bk.d_vocab} tokens: "
-                "these prompts come from another family or vocabulary than the model was built for"
-            )
-    if prompts.seq_len > bk.n_ctx:
-        raise ConfigError(
-            f"prompts are {prompts.seq_len} positions long but the model's context is {bk.n_ctx}: "
-            "use fewer shots"
-        )
+    check_model_prompts(model, prompts, where)
 
 
 def greedy_scored(prompts: PromptSet) -> bool:
@@ -81,10 +56,9 @@ def refuse_greedy(prompts: PromptSet, what: str) -> None:
 
 
 def batches(n: int, batch_size: int | None, desc: str = "", progress: bool = False):
-    from tvlens.checks import check_batch_size  # batch_size: a positive int, or None for all (never 0)
+    from tvlens.validate import check_batch_size
 
-    batch_size = check_batch_size(batch_size, where=desc)
-    bs = max(n, 1) if batch_size is None else batch_size
+    bs = check_batch_size(batch_size, where=desc) or max(n, 1)  # None: all prompts in one batch
     starts = range(0, n, bs)
     return tqdm(starts, desc=desc, disable=not progress or len(starts) <= 1, leave=False), bs
 

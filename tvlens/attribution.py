@@ -292,21 +292,16 @@ def _check_common(model, prompts, method: str, layers, batch_size):
 
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; use one of {list(METHODS)}")
-    check_prompts_fit(model, prompts)
+    from tvlens.validate import check_batch_size, int_list
+
+    check_prompts_fit(model, prompts, "head_attribution")
     if prompts.is_continuous:
         raise ConfigError("head_attribution scores answer tokens: these prompts are continuous (regression), "
                           "which it does not support yet")
     n = get_backend(model).n_layers
-    if layers is None:
-        layers = list(range(n))
-    else:
-        layers = [layers] if isinstance(layers, int) else list(layers)
-        bad = [L for L in layers if isinstance(L, bool) or not isinstance(L, int) or not 0 <= L < n]
-        if bad or not layers:
-            raise ConfigError(f"layers must be block indices in 0..{n - 1}; got {bad or layers}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
-    return layers
+    layers = int_list(layers, "layers", 0, n - 1, "head_attribution", " (block indices)")
+    check_batch_size(batch_size, where="head_attribution")
+    return list(range(n)) if layers is None else layers
 
 
 def _describe(prompts) -> str:
@@ -369,7 +364,7 @@ def head_attribution(
     qk_fix: bool = True,
     layers=None,
     seed: int = 0,
-    batch_size: int = 256,
+    batch_size: int | None = 256,
     progress: bool = True,
 ) -> HeadScores:
     """Score every attention head (layer x head) by ``method``; see the module docstring.
@@ -387,6 +382,7 @@ def head_attribution(
     - ``layers``: the blocks to score (others are nan); ``batch_size``: sequences per forward pass.
     """
     layers = _check_common(model, prompts, method, layers, batch_size)
+    batch_size = batch_size or len(prompts)  # None: all prompts in one batch
     if method == "dla":
         if metric not in (None, "logit"):
             raise ConfigError(f"method='dla' attributes the answer's logit; metric must be None or 'logit', got {metric!r}")
@@ -401,14 +397,19 @@ def head_attribution(
         raise ConfigError(f"atp_site must be 'qkv', 'z', 'q', 'k' or 'v', got {atp_site!r}")
     if not isinstance(qk_fix, bool):
         raise ConfigError(f"qk_fix must be True or False, got {qk_fix!r}")
+    from tvlens.validate import check_model_prompts, check_seed
+
+    seed = check_seed(seed, where="head_attribution")
     if method in ("cie", "patch", "atp"):
         if corrupted is None:
             corrupted = shuffle_labels(prompts, seed)
-        elif (corrupted.tokens is None or corrupted.tokens.shape != prompts.tokens.shape
-              or not torch.equal(corrupted.query_pos.cpu(), prompts.query_pos.cpu())):
-            raise ConfigError("corrupted prompts must have the same token shape and query positions as prompts")
+        else:
+            check_model_prompts(model, corrupted, "head_attribution (corrupted)")
+            if (corrupted.tokens is None or corrupted.tokens.shape != prompts.tokens.shape
+                    or not torch.equal(corrupted.query_pos.cpu(), prompts.query_pos.cpu())):
+                raise ConfigError("corrupted prompts must have the same token shape and query positions as prompts")
+
     device = get_backend(model).input_device
-    device = next(model.parameters()).device
     P = _trim(prompts).to(device)
     C = _trim(corrupted).to(device) if corrupted is not None else None
     labels = prompts.labels.cpu()
@@ -760,7 +761,7 @@ class FunctionVectors(TaskVectors):
 
 @torch.no_grad()
 def function_vector(model, prompts, scores: HeadScores | None = None, k: int = 10, heads=None,
-                    batch_size: int = 256) -> FunctionVectors:
+                    batch_size: int | None = 256) -> FunctionVectors:
     """Per task, the sum over the top-``k`` heads of ``scores`` (or the given ``heads``, a list of
     ``(layer, head)``) of the head's mean output at the query position over the task's prompts,
     projected by ``W_O`` (its write to the residual stream; the attention bias ``b_O`` is left out)."""
@@ -785,7 +786,10 @@ def function_vector(model, prompts, scores: HeadScores | None = None, k: int = 1
             raise ConfigError(f"heads must be (layer, head) pairs with layer in 0..{nL - 1} and head in 0..{nH - 1}; "
                               f"got {bad or heads}")
         heads = [(int(L), int(h)) for L, h in heads]
-    check_prompts_fit(model, prompts)
+    from tvlens.validate import check_batch_size
+
+    check_prompts_fit(model, prompts, "function_vector")
+    batch_size = check_batch_size(batch_size, where="function_vector") or len(prompts)
     if prompts.is_continuous:
         raise ConfigError("function_vector reads token prompts; these prompts are continuous")
     device = bk.input_device

@@ -260,6 +260,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tvlens", description="Task vectors and in-context learning, on TransformerLens.")
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                   help="import MODULE first (anywhere on the line, repeatable): a module that registers your own "
+                        "task families with tvlens.tasks.register, e.g. --import mytasks")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     d = sub.add_parser("demo", help="the main job on the shipped default model")
@@ -314,13 +317,61 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _split_imports(argv: list[str]) -> tuple[list[str], list[str]]:
+    """``--import MODULE`` (anywhere, repeatable) taken out of ``argv``: the modules, and the rest."""
+    mods, rest, i = [], [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--import":
+            if i + 1 >= len(argv) or argv[i + 1].startswith("-"):
+                raise SystemExit("tvlens: --import expects a module name (e.g. --import mytasks)")
+            mods.append(argv[i + 1])
+            i += 2
+            continue
+        if a.startswith("--import="):
+            mods.append(a.split("=", 1)[1])
+        else:
+            rest.append(a)
+        i += 1
+    return mods, rest
+
+
+def import_user_modules(modules: list[str]) -> None:
+    """Import the modules that register your own task families (``tvlens.tasks.register``); the current
+    folder is on the path, as for ``python -m``. A ``path/to/file.py`` is imported from that file."""
+    import importlib
+    import importlib.util
+    import os
+    from pathlib import Path
+
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    for mod in modules:
+        try:
+            if mod.endswith(".py"):
+                path = Path(mod)
+                if not path.is_file():
+                    raise SystemExit(f"tvlens: --import {mod}: no such file")
+                spec = importlib.util.spec_from_file_location(path.stem, path)
+                module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+                sys.modules[path.stem] = module
+                spec.loader.exec_module(module)  # type: ignore[union-attr]
+            else:
+                importlib.import_module(mod)
+        except ImportError as e:
+            raise SystemExit(f"tvlens: --import {mod}: cannot import it ({e}); give a module on the path (run from "
+                             "its folder or set PYTHONPATH) or a path to a .py file") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    imports, rest = _split_imports(argv)
+    args = build_parser().parse_args(rest)
     args.command_line = "tvlens " + shlex.join(argv)
     from tvlens.errors import TvlensError
 
     try:
+        import_user_modules(imports)
         return int(args.func(args) or 0)
     except TvlensError as e:
         print(f"tvlens: error: {e}", file=sys.stderr)

@@ -43,6 +43,10 @@ def check_layers(model, layers: Sequence[int] | int | None) -> list[int]:
     n = n_resid_layers(model)
     if layers is None:
         return list(range(n))
+    if isinstance(layers, str):
+        from tvlens.validate import int_list
+
+        int_list(layers, "layers", 0, n - 1, what=" (residual layers: 0 = embedding, l = output of block l-1)")
     if isinstance(layers, (int, np.integer)):
         layers = [int(layers)]
     out = []
@@ -118,7 +122,7 @@ def extract(
     ``at="answers"`` reads the mean over the examples' answer tokens instead of the query position
     (``representation_mask``): where a model that does not route its task through the query keeps it.
     """
-    check_prompts_fit(model, prompts)
+    check_prompts_fit(model, prompts, "extract")
     layers = check_layers(model, layers)
     check_at(at)
     if at != "query":
@@ -197,7 +201,8 @@ class TaskEncodings:
         idx = [self.layers.index(L) if L in self.layers else -1 for L in layers]
         if -1 in idx:
             raise ConfigError(f"layers {layers} not all extracted; these encodings hold layers {self.layers}")
-        vecs = torch.zeros(len(layers), len(self.task_names), self.acts.shape[-1])
+        # a task without prompts has no mean: NaN (``counts`` 0), never a zero vector that patches as one
+        vecs = torch.full((len(layers), len(self.task_names), self.acts.shape[-1]), float("nan"))
         counts = torch.zeros(len(self.task_names), dtype=torch.long)
         for t in range(len(self.task_names)):
             m = self.labels == t
@@ -261,21 +266,21 @@ class TaskVectors:
         return f"TaskVectors(layers={self.layers}, tasks={self.task_names}, d_model={self.d_model}{where})"
 
     def get(self, task: str | int, layer: int) -> Float[torch.Tensor, "d_model"]:
+        if isinstance(task, str) and task not in self.task_names:
+            from tvlens.errors import UnknownNameError
+
+            raise UnknownNameError(f"no task vector of task {task!r}; these hold tasks {self.task_names}")
         t = self.task_names.index(task) if isinstance(task, str) else int(task)
         if layer not in self.layers:
             raise ConfigError(f"no task vector at layer {layer}; these hold layers {self.layers}")
         return self.vectors[self.layers.index(layer), t]
 
     def check_model(self, model) -> None:
-        """Refuse a model whose residual space these vectors do not live in."""
-        if get_backend(model).d_model != self.d_model:
-            raise ConfigError(f"task vectors have d_model={self.d_model} but the model has d_model={get_backend(model).d_model}")
-        fp = model_fingerprint(model)
-        if self.fingerprint and fp != self.fingerprint:
-            raise ConfigError(
-                f"task vectors come from another model (fingerprint {self.fingerprint}, this model {fp}); "
-                "extract them from this model"
-            )
+        """Refuse a model whose residual space these vectors do not live in (``tvlens.validate.check_vectors``:
+        width, dtype, finite, and the model's fingerprint; vectors without one need ``unchecked("fingerprint")``)."""
+        from tvlens.validate import check_vectors
+
+        check_vectors(self, model, where="TaskVectors.check_model")
 
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
         tensors = {"vectors": self.vectors}
@@ -583,19 +588,33 @@ def task_decodability(
         raise ConfigError(f"null must be the number of label permutations (an integer >= 0; 0 = no null), got {null!r}")
     if tie_break not in stats.TIE_BREAKS:
         raise ConfigError(f"tie_break must be one of {list(stats.TIE_BREAKS)}, got {tie_break!r}")
+    from tvlens.validate import check_encodings, check_seed, int_list
+
+    seed = check_seed(seed, where="task_decodability")
+
     if not isinstance(encodings, TaskEncodings):
+        if torch.is_tensor(encodings) or isinstance(encodings, (np.ndarray, list, tuple)):
+            raise ConfigError("task_decodability: encodings must be TaskEncodings (tvlens.extract(model, prompts)) "
+                              f"or a model (with prompts), got {type(encodings).__name__}")
         if prompts is None:
             raise ConfigError("task_decodability(model, prompts): give the prompts, or pass TaskEncodings")
         encodings = extract(encodings, prompts, layers=layers, batch_size=batch_size, progress=progress)
         layers = None
     enc = encodings
+    check_encodings(enc, "task_decodability")
+    if layers is not None:
+        layers = int_list(layers, "layers", 0, 10**9, "task_decodability")
+        missing = [L for L in layers if L not in enc.layers]
+        if missing:
+            raise ConfigError(f"task_decodability: layers {missing} were not extracted; these encodings hold layers "
+                              f"{enc.layers}")
     if len(enc) == 0:
         raise ConfigError("no prompts to decode: the encodings are empty")
     counts = torch.bincount(enc.labels, minlength=len(enc.task_names))
     present = int((counts > 0).sum())
     if present < 2:
         raise ConfigError(f"task decodability needs prompts of at least two tasks; got tasks {counts.tolist()}")
-    if not isinstance(k, int) or k < 1:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ConfigError(f"k must be an integer >= 1, got {k!r}")
     smallest = int(counts[counts > 0].min())
     if k >= smallest:

@@ -43,7 +43,7 @@ class TrainingError(TvlensError, RuntimeError):
     """Training that cannot go on (a non-finite loss); nothing of that step is saved."""
 
 
-class UnsupportedModelError(TvlensError, TypeError):
+class UnsupportedModelError(ConfigError, TypeError):
     """A model object tvlens cannot drive, or an architecture TransformerLens' bridge does not support."""
 
 

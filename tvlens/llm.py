@@ -71,7 +71,8 @@ def text_tokenizer(model, tokenizer: Any = None) -> Any:
     """``tokenizer``, else ``model.tokenizer``; None (the family's word tokenizer) for models without one."""
     if tokenizer is not None:
         return tokenizer_of(tokenizer)
-    return getattr(model, "tokenizer", None)
+    tok = getattr(model, "tokenizer", None)
+    return None if getattr(tok, "tvlens_word_tokenizer", False) else tok  # a synthetic model's own words
 
 
 def _scoring_of(prompts: PromptSet, scoring: str | None) -> str:

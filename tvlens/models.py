@@ -136,6 +136,10 @@ def build_model(
     )
     model = _loading.build(cfg, fam.continuous, backend, model_name=f"tvlens-{fam.name}")
     model.tvlens_info = ModelInfo(source="build_model", family=fam.config(), step=0, continuous=fam.continuous)
+    if isinstance(fam, _tasks.TokenTaskFamily):  # model.to_tokens / to_str_tokens over the family's words
+        from tvlens.tokenizer import attach_tokenizer
+
+        attach_tokenizer(model, fam.vocab)
     model.eval()
     return model
 
@@ -171,7 +175,7 @@ def save_checkpoint(
         "format": 1,
         "model_config": _cfg_dict(model),
         "continuous": is_continuous(model),
-        "family": family if family is not None else info.family,
+        "family": _tasks.with_module(family if family is not None else info.family),  # a user's family: its module
         "step": step if step is not None else info.step,
         "metrics": metrics or {},
         "command": command if command is not None else info.command,
@@ -246,6 +250,9 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", backen
         command=meta.get("command"),
         continuous=bool(meta.get("continuous")),
     )
+    from tvlens.tokenizer import attach_tokenizer, family_vocab
+
+    attach_tokenizer(model, family_vocab(meta.get("family")))  # the family's words: model.to_tokens works
     return model
 
 

@@ -49,7 +49,10 @@ class PatchingResult:
     - ``baseline_own[b]``: unpatched accuracy (or MSE) of task-b prompts;
     - ``rule_agreement[a, b]``: fraction of task-b prompts on which task a's rule gives the same answer
       as b's own (the floor of ``follows_source`` that needs no patching: e.g. AND and OR agree
-      wherever the two bits are equal).
+      wherever the two bits are equal);
+    - ``baseline_source[a, b]``: fraction of task-b prompts whose *unpatched* output already follows
+      task a's rule (what a patch must beat to do something; ``best_layer_choice``);
+    - ``notes``: e.g. ``absent_targets``, the tasks without prompts (their columns are NaN, not 0).
     """
 
     layers: list[int]
@@ -64,6 +67,7 @@ class PatchingResult:
     metric: str = "accuracy"
     shots: int = 0
     rule_agreement: torch.Tensor | None = None
+    baseline_source: torch.Tensor | None = None  # [source, target]: unpatched prompts already following a's rule
     read_at: str = "query"  # where the vectors were patched: the query position, or the examples' answers
     notes: dict = field(default_factory=dict)
     # per prompt [layer, source, n] (what the CIs are computed from) and the prompts' tasks [n]
@@ -129,16 +133,54 @@ class PatchingResult:
         """Per layer: accuracy of prompts patched with their own task's vector."""
         return self._diag(self.follows_source)
 
-    def best_layer(self, min_control: float = 0.9) -> int:
-        """The layer with the highest flip rate among those whose own-task control holds."""
-        ok = self.control >= min_control
-        if not bool(ok.any()):
-            return self.layers[int(torch.argmax(self.control))]
-        fr = torch.where(ok, self.flip_rate, torch.full_like(self.flip_rate, -1.0))
-        return self.layers[int(torch.argmax(fr))]
+    def best_layer(self, min_control: float = 0.9, min_effect: float = 0.05) -> int | None:
+        """The layer where patching works best, or None where it does nothing: see ``best_layer_choice``."""
+        return self.best_layer_choice(min_control, min_effect)[0]
+
+    def best_layer_choice(self, min_control: float = 0.9, min_effect: float = 0.05) -> tuple[int | None, str]:
+        """``(layer, how it was chosen)``. Only a layer where the intervention does something can be best:
+        its flip rate must exceed what the prompts give with no patching by at least ``min_effect``: the
+        unpatched rate of following the other task's rule (``baseline_source``), or where that is not
+        recorded the flip floor (rule agreement; 0 when unknown). Among those, the highest flip rate of the layers whose
+        own-task control holds (``>= min_control``); when none holds, the highest flip rate (the reason
+        says the control fails). None when no layer's patch flips anything, or for regression (no flip
+        rate; read the MSE grid ``delta_logprob_source``)."""
+        from tvlens.validate import check_finite_number
+
+        min_control = check_finite_number(min_control, "min_control", "best_layer")
+        min_effect = check_finite_number(min_effect, "min_effect", "best_layer")
+        if self.metric != "accuracy":
+            return None, "regression result: no flip rate to rank layers by; read the MSE grid (delta_logprob_source)"
+        floor = self.flip_floor
+        floor = 0.0 if floor != floor else floor
+        if self.baseline_source is not None:
+            unpatched = float(self._offdiag(self.baseline_source[None])[0])
+            floor = max(floor, unpatched) if unpatched == unpatched else floor
+        fr, ctl = self.flip_rate, self.control
+        effective = (fr - floor) >= min_effect  # NaN compares False
+        if not bool(effective.any()):
+            best = float(fr.nan_to_num(-1).max()) if len(fr) else float("nan")
+            return None, (f"no layer: the patch changes nothing (flip rate at most {best:.3f}, within {min_effect} of "
+                          f"the unpatched rate {floor:.3f}, at every layer {self.layers})")
+        ok = effective & (ctl >= min_control)
+        pick = ok if bool(ok.any()) else effective
+        li = int(torch.where(pick, fr, torch.full_like(fr, -1.0)).argmax())
+        why = (f"highest flip rate ({float(fr[li]):.3f}) among layers whose flip rate exceeds the unpatched rate "
+               f"(floor) {floor:.3f} by >= {min_effect}")
+        if bool(ok.any()):
+            why += f" and whose own-task control holds (>= {min_control}: {float(ctl[li]):.3f})"
+        else:
+            why += (f"; no such layer keeps the own-task control >= {min_control} (here {float(ctl[li]):.3f}): "
+                    "the patch also disturbs prompts of the vector's own task")
+        return self.layers[li], why
 
     def grid(self, layer: int, what: str = "follows_source") -> Float[torch.Tensor, "source target"]:
-        return getattr(self, what)[self.layers.index(layer)]
+        if layer not in self.layers:
+            raise ConfigError(f"grid: layer={layer!r} was not patched; this result holds layers {self.layers}")
+        if what not in ("follows_source", "follows_own", "delta_logprob_source", "rule_agreement", "baseline_source"):
+            raise ConfigError(f"grid: what={what!r}; use 'follows_source', 'follows_own' or 'delta_logprob_source'")
+        g = getattr(self, what)
+        return g if g.ndim == 2 else g[self.layers.index(layer)]
 
     def to_dataframe(self):
         import pandas as pd
@@ -182,17 +224,19 @@ class PatchingResult:
         return df
 
     def __repr__(self) -> str:
-        b = self.best_layer()
-        li = self.layers.index(b)
+        b, why = self.best_layer_choice()
         where = "" if self.read_at == "query" else f", at the examples' {self.read_at}"
         self._ensure_ci()
 
         def ci(x):
             return "" if x is None else f" [{float(x[0, li]):.3f}, {float(x[1, li]):.3f}]"
 
-        return (f"PatchingResult({self.mode}{where}, scale {self.scale}, layers {self.layers}; best layer {b}: "
-                f"flip rate {float(self.flip_rate[li]):.3f}{ci(self.flip_rate_ci)}, own-task control "
-                f"{float(self.control[li]):.3f}{ci(self.control_ci)})")
+        head = f"PatchingResult({self.mode}{where}, scale {self.scale}, layers {self.layers}; "
+        if b is None:
+            return head + f"best layer: none, {why})"
+        li = self.layers.index(b)
+        return head + (f"best layer {b}: flip rate {float(self.flip_rate[li]):.3f}{ci(self.flip_rate_ci)}, own-task "
+                       f"control {float(self.control[li]):.3f}{ci(self.control_ci)})")
 
     def _repr_html_(self) -> str:
         from tvlens.views.page import figure_fragment, result_html
@@ -238,9 +282,14 @@ def run_patching(
     usual. That is where the shipped default model keeps its task (its query position decodes the
     task, TD ~1, but patching it there changes nothing; see the README's patching section).
     """
-    check_prompts_fit(model, prompts)
+    from tvlens.validate import check_batch_size, check_finite_number, check_vectors, name_list, vector_tasks
+
+    check_prompts_fit(model, prompts, "run_patching")
     refuse_greedy(prompts, "run_patching")
-    vectors.check_model(model)
+    vectors = check_vectors(vectors, model, prompts, "run_patching")
+    scale = check_finite_number(scale, "scale", "run_patching")
+    batch_size = check_batch_size(batch_size, where="run_patching")
+    sources = name_list(sources, "sources", None, "run_patching")
     read_at = check_at(getattr(vectors, "read_at", "query"))
     if read_at != "query":
         representation_mask(prompts, read_at)  # refuse prompts without examples before any work
@@ -257,10 +306,21 @@ def run_patching(
             f"layer {max(layers)} is the final residual stream: nothing runs after it to patch; use layers "
             f"0..{get_backend(model).n_layers - 1}"
         )
-    src_names = list(vectors.task_names if sources is None else sources)
+    have = vector_tasks(vectors)  # tasks whose vector was averaged over at least one prompt
+    src_names = [vectors.task_names[t] if not isinstance(t, str) and 0 <= t < len(vectors.task_names) else t
+                 for t in (have if sources is None else sources)]
     for s in src_names:
         if s not in vectors.task_names:
             raise ConfigError(f"unknown source task {s!r}; the vectors hold {vectors.task_names}")
+        if s not in have:
+            raise ConfigError(f"source task {s!r} has no vector: no prompt of it was extracted (counts 0); "
+                              f"the vectors hold tasks {have}")
+    if mode == "swap":
+        present = [t for i, t in enumerate(prompts.task_names) if bool((prompts.labels == i).any())]
+        missing_own = [t for t in present if t not in have]
+        if missing_own:
+            raise ConfigError(f"mode='swap' needs a vector of every task the prompts hold; missing {missing_own} "
+                              f"(the vectors hold {have})")
     if prompts.is_continuous:
         return _run_patching_regression(model, prompts, vectors, layers, mode, scale, src_names, batch_size)
     if prompts.task_answers is None:
@@ -273,17 +333,15 @@ def run_patching(
     T, n_ans = prompts.n_tasks, prompts.n_answer
     L, S = len(layers), len(src_names)
     labels = prompts.labels.cpu()
-    counts = torch.bincount(labels, minlength=T).float().clamp_min(1)
+    counts = _counts(labels, T)  # NaN for tasks without prompts: their rates are NaN, never 0
     follows_src, follows_own, dlp = torch.zeros(L, S, T), torch.zeros(L, S, T), torch.zeros(L, S, T)
-    base_own = torch.zeros(T)
+    base_own, base_src = torch.zeros(T), torch.zeros(S, T)
     pp_src, pp_own = torch.zeros(L, S, len(prompts), dtype=torch.bool), torch.zeros(L, S, len(prompts), dtype=torch.bool)
     vecs = {s: torch.stack([vectors.get(s, layer) for layer in layers]).to(device) for s in src_names}
     if mode == "swap":
-        missing_own = [t for t in prompts.task_names if t not in vectors.task_names]
-        if missing_own:
-            raise ConfigError(f"mode='swap' needs a vector for every target task; missing {missing_own}")
         # [L, n_tasks_of_prompts, d]: the vector of each prompt's own task, by label
-        own_vecs = torch.stack([torch.stack([vectors.get(t, layer) for t in prompts.task_names]) for layer in layers]).to(device)
+        own_vecs = torch.stack([torch.stack([_own(vectors, t, layer, have) for t in prompts.task_names])
+                                for layer in layers]).to(device)
     names = sorted({resid_hook_name(layer) for layer in layers})
     bs = batch_size or len(prompts)
 
@@ -313,7 +371,8 @@ def run_patching(
             else:
                 src_logits, src_store = _prefix(model, _answers_for(sub, s)[:, :last], names)
                 src_sel = at_answer_positions(src_logits, q, n_ans)
-            _, lp_clean = answer_scores(src_sel, ans_src)
+            ok_clean, lp_clean = answer_scores(src_sel, ans_src)
+            base_src[si].index_add_(0, lab, ok_clean.float().cpu())
             for li, layer in enumerate(layers):
                 out_src = run_patched(src_store, layer, q, vecs[sname][li], li, sub.labels, where)
                 ok_src, lp_src = answer_scores(out_src, ans_src)
@@ -335,7 +394,30 @@ def run_patching(
         scale=float(scale), follows_source=follows_src / counts, follows_own=follows_own / counts,
         delta_logprob_source=dlp / counts, baseline_own=base_own / counts, metric="accuracy", shots=prompts.shots,
         rule_agreement=agree / counts, per_prompt_source=pp_src, per_prompt_own=pp_own, labels=labels.clone(),
+        baseline_source=base_src / counts, notes=_notes(prompts, src_names),
     )
+
+
+def _own(vectors: TaskVectors, task: str, layer: int, have: list[str]) -> torch.Tensor:
+    """Task ``task``'s vector, or NaN for a task without one (only ever read for prompts of that task,
+    which ``run_patching`` has checked are absent)."""
+    if task in have:
+        return vectors.get(task, layer)
+    return torch.full(vectors.vectors.shape[-1:], float("nan"), dtype=vectors.vectors.dtype)
+
+
+def _counts(labels: torch.Tensor, n_tasks: int) -> torch.Tensor:
+    """Prompts per task, NaN where a task has none (dividing by it gives NaN, never a silent 0)."""
+    c = torch.bincount(labels, minlength=n_tasks).float()
+    return torch.where(c > 0, c, torch.full_like(c, float("nan")))
+
+
+def _notes(prompts: PromptSet, src_names: list[str]) -> dict:
+    absent = [t for i, t in enumerate(prompts.task_names) if not bool((prompts.labels == i).any())]
+    if not absent:
+        return {}
+    return {"absent_targets": absent,
+            "absent_note": f"no prompts of task(s) {absent}: their columns (and means over them) are NaN, not 0"}
 
 
 def _prefix(model, x, names):
@@ -376,12 +458,15 @@ def _patch(resid, q, vec, mode, scale, own=None):
 
 
 def _run_patching_regression(model, prompts, vectors, layers, mode, scale, src_names, batch_size):
+    from tvlens.validate import vector_tasks
+
+    have = vector_tasks(vectors)
     device = get_backend(model).input_device
     T = prompts.n_tasks
     L, S = len(layers), len(src_names)
     mse = torch.zeros(L, S, T)
     labels = prompts.labels.cpu()
-    counts = torch.bincount(labels, minlength=T).float().clamp_min(1)
+    counts = _counts(labels, T)
     base = torch.zeros(T)
     pp_mse = torch.zeros(L, S, len(prompts))
     bs = batch_size or len(prompts)
@@ -394,7 +479,7 @@ def _run_patching_regression(model, prompts, vectors, layers, mode, scale, src_n
         rows = torch.arange(len(sub), device=device)
         base.index_add_(0, lab, ((out[rows, q, 0] - sub.answers[:, 0]) ** 2).cpu())
         for li, layer in enumerate(layers):
-            own = torch.stack([vectors.get(t, layer) for t in prompts.task_names]).to(device)[sub.labels] \
+            own = torch.stack([_own(vectors, t, layer, have) for t in prompts.task_names]).to(device)[sub.labels] \
                 if mode == "swap" else None
             for si, sname in enumerate(src_names):
                 resid = _patch(store[resid_hook_name(layer)], q, vectors.get(sname, layer).to(device), mode, scale, own)
@@ -406,7 +491,7 @@ def _run_patching_regression(model, prompts, vectors, layers, mode, scale, src_n
     return PatchingResult(layers=layers, source_names=src_names, target_names=list(prompts.task_names), mode=mode,
                           scale=float(scale), follows_source=nanv, follows_own=nanv, delta_logprob_source=grid,
                           baseline_own=base / counts, metric="mse", shots=prompts.shots, per_prompt_source=pp_mse,
-                          labels=labels.clone())
+                          labels=labels.clone(), notes=_notes(prompts, src_names))
 
 
 __all__ = ["PatchingResult", "run_patching"]

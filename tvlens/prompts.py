@@ -55,6 +55,162 @@ class PromptSet:
         if n and (int(self.labels.min()) < 0 or int(self.labels.max()) >= len(self.task_names)):
             raise ConfigError(f"PromptSet.labels must index task_names (0..{len(self.task_names) - 1})")
 
+    # ------------------------------------------------------------------ your own prompts
+    @classmethod
+    def from_tokens(
+        cls,
+        tokens: Any,
+        query_pos: Any = None,
+        answers: Any = None,
+        labels: Any = None,
+        task_names: Sequence[str] | None = None,
+        *,
+        task_answers: Any = None,
+        family: str = "",
+        params: dict[str, Any] | None = None,
+        shots: int = 0,
+        vocab: Sequence[str] | None = None,
+        pad_id: int = 0,
+    ) -> "PromptSet":
+        """A PromptSet from your own token ids, for any model (``tvlens.extract``, ``task_decodability``,
+        ``icl_accuracy``, ``run_patching``... take it as they take a family's prompts).
+
+        - ``tokens``: ``[n, seq]`` ids (tensor, array or nested lists; a list of sequences of different
+          lengths is padded on the right with ``pad_id``, which nothing before the answer can see);
+          ``[seq]`` is one prompt;
+        - where the answer is: with ``answers`` and no ``query_pos``, each sequence is a prompt ending at
+          its query and ``answers`` (``[n]`` or ``[n, n_answer]`` ids) are appended after it; with
+          ``query_pos`` (``[n]`` or one int), the answer is written at ``query_pos + 1 ...`` (or, without
+          ``answers``, read from there); with neither, each sequence's last token is its answer;
+        - ``labels``: each prompt's latent task, as indices into ``task_names`` or as task names
+          (default: one task, ``"task"``). ``task_names`` defaults to the names in ``labels`` (first
+          seen first) or ``task0, task1, ...``;
+        - ``task_answers``: what every task's rule answers on each prompt, ``[n, n_tasks, n_answer]`` or
+          ``{task: [n, n_answer]}``: needed by ``run_patching`` to score whose rule a patched prompt follows.
+
+        ``family`` is empty (unknown): the model/family agreement check is skipped. ``vocab`` (words by
+        id) is optional: views show tokens with the model's tokenizer, or as ids."""
+        from tvlens.validate import int_list
+
+        rows, lens = _token_rows(tokens, "tokens")
+        n = len(rows)
+        if answers is not None:
+            ans = _id_matrix(answers, n, "answers")
+        if query_pos is None:
+            if answers is None:  # the last token of each sequence is its answer
+                if min(lens) < 2:
+                    raise ConfigError("PromptSet.from_tokens: each sequence needs a query and its answer (>= 2 "
+                                      f"tokens) when no answers are given; got a sequence of {min(lens)}")
+                ans = [[r[-1]] for r in rows]
+                q = [ln - 2 for ln in lens]
+            else:
+                q = [ln - 1 for ln in lens]
+                rows = [r + a for r, a in zip(rows, ans)]
+        else:
+            q = [int(query_pos)] * n if isinstance(query_pos, int) else int_list(query_pos, "query_pos", 0, 10**9,
+                                                                               "PromptSet.from_tokens")
+            if len(q) != n:
+                raise ConfigError(f"PromptSet.from_tokens: query_pos has {len(q)} positions for {n} prompts")
+            bad = [i for i, (qi, ln) in enumerate(zip(q, lens)) if qi >= ln]
+            if bad:
+                raise ConfigError(f"PromptSet.from_tokens: query_pos of prompt {bad[0]} ({q[bad[0]]}) is beyond its "
+                                  f"{lens[bad[0]]} tokens")
+            if answers is None:
+                if any(qi + 1 >= ln for qi, ln in zip(q, lens)):
+                    raise ConfigError("PromptSet.from_tokens: no token follows some query_pos to be its answer; "
+                                      "give answers=")
+                ans = [[r[qi + 1]] for r, qi in zip(rows, q)]
+            else:
+                rows = [r[: qi + 1] + a + r[qi + 1 + len(a):] for r, qi, a in zip(rows, q, ans)]
+        n_ans = len(ans[0])
+        if any(len(a) != n_ans for a in ans):
+            raise ConfigError("PromptSet.from_tokens: every answer must have the same number of tokens; got "
+                              f"{sorted({len(a) for a in ans})}")
+        width = max(len(r) for r in rows)
+        toks = torch.full((n, width), int(pad_id), dtype=torch.long)
+        for i, r in enumerate(rows):
+            toks[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        qpos = torch.tensor(q, dtype=torch.long)
+        lab, names = _labels(labels, task_names, n)
+        pos = qpos[:, None] + torch.arange(n_ans)[None]
+        train_mask = torch.zeros(n, width, dtype=torch.bool)
+        train_mask.scatter_(1, pos, True)
+        targets = torch.full((n, width), -100, dtype=torch.long)
+        answers_t = torch.tensor(ans, dtype=torch.long)
+        targets.scatter_(1, pos, answers_t)
+        ta = None
+        if task_answers is not None:
+            if isinstance(task_answers, dict):
+                unknown = [t for t in task_answers if t not in names]
+                if unknown:
+                    raise ConfigError(f"PromptSet.from_tokens: task_answers names tasks {unknown} not in task_names {names}")
+                missing = [t for t in names if t not in task_answers]
+                if missing:
+                    raise ConfigError(f"PromptSet.from_tokens: task_answers has no answers for tasks {missing}")
+                ta = torch.stack([torch.tensor(_id_matrix(task_answers[t], n, f"task_answers[{t!r}]")) for t in names], 1)
+            else:
+                ta = torch.as_tensor(task_answers)
+            if ta.is_floating_point() or tuple(ta.shape) != (n, len(names), n_ans):
+                raise ConfigError(f"PromptSet.from_tokens: task_answers must be integer ids [n, n_tasks, n_answer] = "
+                                  f"{(n, len(names), n_ans)}, got {ta.dtype} {tuple(ta.shape)}")
+            ta = ta.long()
+            own = ta[torch.arange(n), lab]
+            if not torch.equal(own, answers_t):
+                i = int((own != answers_t).any(-1).nonzero()[0])
+                raise ConfigError(f"PromptSet.from_tokens: task_answers of prompt {i}'s own task "
+                                  f"({names[int(lab[i])]!r}) is {own[i].tolist()} but its answer is {answers_t[i].tolist()}")
+        if vocab is not None and int(toks.max()) >= len(vocab):
+            raise ConfigError(f"PromptSet.from_tokens: token id {int(toks.max())} is outside vocab ({len(vocab)} words)")
+        return cls(family=str(family), params=dict(params or {}), task_names=names, labels=lab, query_pos=qpos,
+                   answers=answers_t, targets=targets, train_mask=train_mask, shots=int(shots), tokens=toks,
+                   task_answers=ta, vocab=None if vocab is None else list(vocab))
+
+    @classmethod
+    def from_strings(
+        cls,
+        model_or_tokenizer: Any,
+        prompts: Sequence[str],
+        answers: Sequence[str],
+        labels: Any = None,
+        task_names: Sequence[str] | None = None,
+        *,
+        task_answers: dict[str, Sequence[str]] | None = None,
+        prepend_bos: bool | None = None,
+        first_token: bool = False,
+        **kwargs: Any,
+    ) -> "PromptSet":
+        """A PromptSet from text, tokenized with the model's tokenizer (``model.to_tokens``, so BOS follows
+        the model's default unless ``prepend_bos``) or a Hugging Face tokenizer. Each prompt ends at its
+        query (``"France -> Paris ; Japan ->"``); each answer (``" Tokyo"``: mind the leading space of
+        BPE tokenizers) is tokenized alone, without BOS, and appended. Answers must tokenize to the same
+        length, or pass ``first_token=True`` to keep their first token. ``task_answers``: per task, the
+        answer its rule gives on each prompt (text). Other keywords go to ``from_tokens``."""
+        if isinstance(prompts, str) or isinstance(answers, str):
+            raise ConfigError("PromptSet.from_strings: prompts and answers must be lists of strings (one per prompt)")
+        prompts, answers = list(prompts), list(answers)
+        if len(prompts) != len(answers) or not prompts:
+            raise ConfigError(f"PromptSet.from_strings: give one answer per prompt; got {len(prompts)} prompts and "
+                              f"{len(answers)} answers")
+        encode = _encoder(model_or_tokenizer)
+        rows = [encode(p, prepend_bos) for p in prompts]
+
+        def answer_ids(texts, what):
+            ids = [encode(a, False) for a in texts]
+            if any(not a for a in ids):
+                raise ConfigError(f"PromptSet.from_strings: an empty {what} tokenizes to no tokens")
+            if first_token:
+                return [a[:1] for a in ids]
+            if len({len(a) for a in ids}) > 1:
+                raise ConfigError(f"PromptSet.from_strings: {what} tokenize to different lengths "
+                                  f"({sorted({len(a) for a in ids})} tokens); give answers of one length or "
+                                  "first_token=True")
+            return ids
+
+        ans = answer_ids(answers, "answers")
+        ta = None if task_answers is None else {t: answer_ids(list(v), f"task_answers[{t!r}]")
+                                                for t, v in task_answers.items()}
+        return cls.from_tokens(rows, answers=ans, labels=labels, task_names=task_names, task_answers=ta, **kwargs)
+
     # ------------------------------------------------------------------ basics
     @property
     def is_continuous(self) -> bool:
@@ -116,11 +272,20 @@ class PromptSet:
         return self.task_names.index(task)
 
     # ------------------------------------------------------------------ rendering
-    def str_tokens(self, i: int) -> list[str]:
-        """The tokens of prompt ``i`` as strings (token families), answer included."""
-        if self.tokens is None or self.vocab is None:
-            raise ConfigError("str_tokens needs a token family with a vocabulary; this PromptSet is continuous")
-        return [self.vocab[int(t)] for t in self.tokens[i]]
+    def str_tokens(self, i: int, tokenizer: Any = None) -> list[str]:
+        """The tokens of prompt ``i`` as strings, answer included: from the PromptSet's vocabulary, else
+        from ``tokenizer`` (e.g. ``model.tokenizer``; each id decoded alone), else the ids themselves."""
+        if self.tokens is None:
+            raise ConfigError("str_tokens: this PromptSet is continuous (float inputs): it has no tokens to show")
+        ids = [int(t) for t in self.tokens[i]]
+        if self.vocab is not None:
+            return [self.vocab[t] if 0 <= t < len(self.vocab) else f"<{t}>" for t in ids]
+        if tokenizer is not None:
+            try:
+                return [tokenizer.decode([t]) for t in ids]
+            except Exception:  # noqa: BLE001 - a tokenizer that cannot decode these ids: show the ids
+                pass
+        return [str(t) for t in ids]
 
     def render(self, i: int) -> str:
         """Prompt ``i`` as readable text; the query's answer follows ``=>`` after the query."""
@@ -137,7 +302,13 @@ class PromptSet:
         if isinstance(index, slice):
             idx = torch.arange(len(self))[index]
         else:
+            if isinstance(index, str) or (not torch.is_tensor(index) and any(
+                    isinstance(i, (str, float)) for i in (index if isinstance(index, (list, tuple)) else [index]))):
+                raise ConfigError(f"PromptSet.subset: index must be integer indices, a boolean mask or a slice, got "
+                                  f"{index!r}")
             idx = torch.as_tensor(index)
+            if idx.is_floating_point() and idx.numel():  # (an empty list is a float tensor: no prompts)
+                raise ConfigError(f"PromptSet.subset: index must be integer indices, got a {idx.dtype} tensor")
             if idx.dtype == torch.bool:
                 if idx.shape != (len(self),):
                     raise ConfigError(f"boolean index must have shape ({len(self)},), got {tuple(idx.shape)}")
@@ -264,3 +435,99 @@ class PromptSet:
             extra=extra,
             **kw,
         )
+
+
+# ---------------------------------------------------------------------- helpers of from_tokens
+def _token_rows(tokens: Any, argument: str) -> tuple[list[list[int]], list[int]]:
+    """Token ids as Python lists of ints (one per prompt) and their lengths; refuses floats, negatives."""
+    import numpy as np
+
+    if torch.is_tensor(tokens) or isinstance(tokens, np.ndarray):
+        t = torch.as_tensor(tokens)
+        if t.is_floating_point() or t.dtype == torch.bool or t.is_complex():
+            raise ConfigError(f"PromptSet.from_tokens: {argument} must hold integer token ids, got dtype {t.dtype}")
+        if t.ndim == 1:
+            t = t[None]
+        if t.ndim != 2:
+            raise ConfigError(f"PromptSet.from_tokens: {argument} must be [n, seq] (or [seq] for one prompt), "
+                              f"got shape {tuple(t.shape)}")
+        rows = t.tolist()
+    elif isinstance(tokens, (list, tuple)):
+        if not tokens:
+            raise ConfigError(f"PromptSet.from_tokens: {argument} is empty")
+        rows = [list(r) for r in tokens] if isinstance(tokens[0], (list, tuple)) or torch.is_tensor(tokens[0]) \
+            else [list(tokens)]
+        rows = [[x.item() if torch.is_tensor(x) else x for x in r] for r in rows]
+    else:
+        raise ConfigError(f"PromptSet.from_tokens: {argument} must be token ids (tensor, array or lists), got "
+                          f"{type(tokens).__name__}")
+    import numbers
+
+    for r in rows:
+        for x in r:
+            if isinstance(x, bool) or not isinstance(x, numbers.Integral) or x < 0:
+                raise ConfigError(f"PromptSet.from_tokens: {argument} must hold non-negative integer token ids, "
+                                  f"got {x!r}")
+    if not rows or min(len(r) for r in rows) == 0:
+        raise ConfigError(f"PromptSet.from_tokens: {argument} holds an empty sequence")
+    return [[int(x) for x in r] for r in rows], [len(r) for r in rows]
+
+
+def _id_matrix(x: Any, n: int, argument: str) -> list[list[int]]:
+    """``[n]`` or ``[n, k]`` ids as n lists."""
+    if torch.is_tensor(x) and x.ndim == 1 or (isinstance(x, (list, tuple)) and x and
+                                             not isinstance(x[0], (list, tuple)) and not torch.is_tensor(x[0])):
+        x = [[v] for v in (x.tolist() if torch.is_tensor(x) else x)]
+    rows, _ = _token_rows(x, argument)
+    if len(rows) != n:
+        raise ConfigError(f"PromptSet.from_tokens: {argument} has {len(rows)} rows for {n} prompts")
+    return rows
+
+
+def _labels(labels: Any, task_names: Sequence[str] | None, n: int) -> tuple[torch.Tensor, list[str]]:
+    if labels is None:
+        names = list(task_names) if task_names is not None else ["task"]
+        if len(names) != 1:
+            raise ConfigError(f"PromptSet.from_tokens: {len(names)} task_names but no labels: give each prompt's task")
+        return torch.zeros(n, dtype=torch.long), names
+    labs = labels.tolist() if torch.is_tensor(labels) else list(labels)
+    if len(labs) != n:
+        raise ConfigError(f"PromptSet.from_tokens: labels has {len(labs)} entries for {n} prompts")
+    if all(isinstance(v, str) for v in labs):
+        names = list(task_names) if task_names is not None else list(dict.fromkeys(labs))
+        unknown = sorted({v for v in labs if v not in names})
+        if unknown:
+            raise ConfigError(f"PromptSet.from_tokens: labels name tasks {unknown} not in task_names {names}")
+        return torch.tensor([names.index(v) for v in labs], dtype=torch.long), names
+    if any(isinstance(v, (bool, float, str)) or not float(v).is_integer() for v in labs):
+        raise ConfigError("PromptSet.from_tokens: labels must be task indices (int) or task names (str), not a mix")
+    idx = [int(v) for v in labs]
+    names = list(task_names) if task_names is not None else [f"task{i}" for i in range(max(idx) + 1)]
+    if min(idx) < 0 or max(idx) >= len(names):
+        raise ConfigError(f"PromptSet.from_tokens: labels must index task_names (0..{len(names) - 1}); got "
+                          f"{min(idx)}..{max(idx)}")
+    return torch.tensor(idx, dtype=torch.long), names
+
+
+def _encoder(model_or_tokenizer: Any):
+    """``encode(text, prepend_bos) -> ids`` with a TransformerLens model's ``to_tokens`` or a tokenizer."""
+    if hasattr(model_or_tokenizer, "to_tokens") and getattr(model_or_tokenizer, "tokenizer", None) is not None:
+        m = model_or_tokenizer
+
+        def enc(text: str, bos: bool | None) -> list[int]:
+            kw = {} if bos is None else {"prepend_bos": bos}
+            return m.to_tokens(text, truncate=False, move_to_device=False, **kw)[0].tolist()
+
+        return enc
+    tok = getattr(model_or_tokenizer, "tokenizer", None) if hasattr(model_or_tokenizer, "cfg") else model_or_tokenizer
+    if tok is None or not hasattr(tok, "encode"):
+        raise ConfigError("PromptSet.from_strings needs a model with a tokenizer (model.tokenizer) or a Hugging Face "
+                          f"tokenizer; got {type(model_or_tokenizer).__name__} without one: use PromptSet.from_tokens")
+
+    def enc2(text: str, bos: bool | None) -> list[int]:
+        ids = list(tok.encode(text, add_special_tokens=False))
+        if bos and getattr(tok, "bos_token_id", None) is not None:
+            ids = [tok.bos_token_id] + ids
+        return ids
+
+    return enc2

@@ -198,7 +198,7 @@ def activation_patching(
     by: Sequence[str] = ("layer", "pos"),
     layers: Sequence[int] | None = None,
     read_positions: Sequence[int] | Int[torch.Tensor, "batch"] | Int[torch.Tensor, "batch n"] | None = None,
-    batch_size: int = 256,
+    batch_size: int | None = 256,
     progress: bool = True,
     source: dict[int, torch.Tensor] | None = None,
     patch_positions: Int[torch.Tensor, "batch"] | None = None,
@@ -240,10 +240,28 @@ def activation_patching(
 
         check_ci_args(ci, n_boot, ci_seed, ("ci", "n_boot", "ci_seed"))
         per_prompt = True
+    import numbers
+
+    from tvlens.validate import check_batch_size, check_model_inputs, int_list
+
     if site not in SITES:
         raise ConfigError(f"unknown site {site!r}; known sites: {sorted(SITES)}")
     kind = SITES[site][1]
-    by = tuple(by)
+    by = (by,) if isinstance(by, str) else tuple(by)  # by="layer" is ("layer",), not its letters
+    check_model_inputs(corrupted, model, "corrupted", "activation_patching")
+    if clean is not None:
+        check_model_inputs(clean, model, "clean", "activation_patching")
+    layers = int_list(layers, "layers", 0, get_backend(model).n_layers - 1, "activation_patching", " (block indices)")
+    batch_size = check_batch_size(batch_size, where="activation_patching") or int(corrupted.shape[0])
+    if isinstance(read_positions, str) or (read_positions is not None and not torch.is_tensor(read_positions)
+                                           and not all(isinstance(r, numbers.Integral) and not isinstance(r, bool)
+                                                       for r in read_positions)):
+        raise ConfigError(f"activation_patching: read_positions must be positions (ints, or a tensor [batch] or "
+                          f"[batch, n]), got {read_positions!r}")
+    if source is not None and (not isinstance(source, dict)
+                               or not all(torch.is_tensor(t) and t.is_floating_point() for t in source.values())):
+        raise ConfigError("activation_patching: source must be {layer: float tensor} (activations to patch in), got "
+                          f"{type(source).__name__}")
     if by not in BY[kind]:
         raise ConfigError(f"site {site!r} can be swept by {sorted(BY[kind])}, not {by}")
     if clean is None and source is None:

@@ -41,7 +41,8 @@ def get_backend(model: Any) -> Backend:
         supported = ["transformer_lens.HookedTransformer (TransformerLens 3.x)"] if hooked_classes() else []
         supported.append("transformer_lens.model_bridge.TransformerBridge")
         raise UnsupportedModelError(
-            f"model: tvlens cannot drive a {type(model).__module__}.{type(model).__name__}; it takes "
+            f"model must be a TransformerLens model: tvlens cannot drive a {type(model).__module__}."
+            f"{type(model).__name__}; it takes "
             f"{' or '.join(supported)}. Load one with tvlens.load_model(...), or wrap a Hugging Face model "
             "with TransformerBridge.boot_transformers(folder)"
         )

@@ -12,7 +12,7 @@ import inspect
 from typing import Any, Callable
 
 from tvlens.errors import ConfigError, UnknownNameError
-from tvlens.tasks.base import TaskFamily, TokenTaskFamily
+from tvlens.tasks.base import RuleFamily, TaskFamily, TokenTaskFamily
 from tvlens.tasks.bitwise import Bitwise
 from tvlens.tasks.bitwise_text import BitwiseText
 from tvlens.tasks.categories import Categories
@@ -48,9 +48,52 @@ _REGISTRY: dict[str, tuple[Callable[..., TaskFamily], dict[str, Any], str]] = {
 }
 
 
-def register(name: str, factory: Callable[..., TaskFamily], description: str = "", **defaults: Any) -> None:
-    """Add a task family to the registry (``tvlens.tasks.get(name)`` then builds it)."""
-    _REGISTRY[name] = (factory, defaults, description)
+def register(name: str, factory: Callable[..., TaskFamily] | None = None, description: str = "", *,
+             overwrite: bool = False, **defaults: Any):
+    """Add a task family to the registry: ``tvlens.tasks.get(name, **params)`` then builds
+    ``factory(**{**defaults, **params})`` (a TaskFamily subclass, e.g. a :class:`RuleFamily`, or a function
+    returning one), and training, checkpoints, ``tvlens.load_model`` and the CLI know it by ``name``.
+
+    Also a class decorator: ``@tvlens.tasks.register("ends")``. A model trained on your family records
+    ``name``, its parameters and the factory's module; in a new process, import that module (the CLI:
+    ``tvlens --import mymodule ...``) before reopening the run. Re-registering a name with another factory
+    needs ``overwrite=True`` (the shipped families' names too)."""
+    if factory is None:  # decorator form
+        def deco(f: Callable[..., TaskFamily]) -> Callable[..., TaskFamily]:
+            register(name, f, description, overwrite=overwrite, **defaults)
+            return f
+
+        return deco
+    from tvlens.errors import ConfigError
+
+    if not isinstance(name, str) or not name.strip() or name != name.strip():
+        raise ConfigError(f"register: name must be a non-empty string without surrounding spaces, got {name!r}")
+    if not callable(factory):
+        raise ConfigError(f"register: factory must be a TaskFamily class or a function returning one, got {factory!r}")
+    old = _REGISTRY.get(name)
+    same = old is not None and getattr(old[0], "__qualname__", None) == getattr(factory, "__qualname__", None) \
+        and getattr(old[0], "__module__", None) == getattr(factory, "__module__", None)
+    if old is not None and not same and not overwrite:
+        raise ConfigError(f"register: a task family {name!r} is already registered ({old[0]!r}); pick another name "
+                          "or pass overwrite=True")
+    doc = (getattr(factory, "__doc__", None) or "").strip().splitlines()
+    _REGISTRY[name] = (factory, defaults, description or (doc[0] if doc else ""))
+    return factory
+
+
+def registered_module(name: str) -> str | None:
+    """The module of a family registered from outside tvlens (None for tvlens' own and unknown names)."""
+    entry = _REGISTRY.get(name)
+    module = getattr(entry[0], "__module__", None) if entry else None
+    return None if module is None or module == "tvlens" or module.startswith("tvlens.") else module
+
+
+def with_module(config: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``config`` with ``"_module"`` added for a family registered from outside tvlens (see ``register``)."""
+    if not isinstance(config, dict) or "_module" in config:
+        return config
+    module = registered_module(str(config.get("name")))
+    return {**config, "_module": module} if module else config
 
 
 def get(name: str, **params: Any) -> TaskFamily:
@@ -59,11 +102,21 @@ def get(name: str, **params: Any) -> TaskFamily:
         return name
     if not isinstance(name, str):
         raise ConfigError(f"a task family name must be a string (tvlens.tasks.list()), got {name!r} ({type(name).__name__})")
+    module = params.pop("_module", None)  # recorded by config(): where a user's family was registered
     if name not in _REGISTRY:
-        raise UnknownNameError(f"unknown task family {name!r}; known families: {sorted(_REGISTRY)}")
+        hint = ""
+        if module:
+            hint = (f". It was registered by module {module!r}: `import {module}` before this (the CLI: "
+                    f"tvlens --import {module} ...)")
+        else:
+            hint = (". Your own family? Register it first: tvlens.tasks.register(name, MyFamily) in a module you "
+                    "import (the CLI: tvlens --import mymodule ...)")
+        raise UnknownNameError(f"unknown task family {name!r}; known families: {sorted(_REGISTRY)}{hint}")
     factory, defaults, _ = _REGISTRY[name]
     _check_params(name, factory, params)
     fam = factory(**{**defaults, **params})
+    if not isinstance(fam, TaskFamily):
+        raise ConfigError(f"the factory registered as {name!r} returned {type(fam).__name__}, not a TaskFamily")
     fam.name = name
     return fam
 
@@ -103,6 +156,7 @@ def from_config(config: dict[str, Any]) -> TaskFamily:
 __all__ = [
     "TaskFamily",
     "TokenTaskFamily",
+    "RuleFamily",
     "Bitwise",
     "Categories",
     "Codes",
@@ -121,6 +175,8 @@ __all__ = [
     "get",
     "list",
     "register",
+    "registered_module",
+    "with_module",
     "describe",
     "from_config",
 ]

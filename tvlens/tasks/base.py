@@ -71,8 +71,13 @@ class TaskFamily(ABC):
         return f"{type(self).__name__}({ps})"
 
     def config(self) -> dict[str, Any]:
-        """Name and parameters: ``tvlens.tasks.get(**family.config())`` rebuilds the family."""
-        return {"name": self.name, **self.params}
+        """Name and parameters: ``tvlens.tasks.get(**family.config())`` rebuilds the family. A family
+        registered from outside tvlens also records its module (``"_module"``), so a checkpoint reopened in
+        another process can say which module to import to register it again."""
+        from tvlens.tasks import registered_module
+
+        module = registered_module(self.name)
+        return {"name": self.name, **self.params, **({"_module": module} if module else {})}
 
     def _task_ids(self, tasks: Sequence[str | int] | None) -> list[int]:
         if tasks is None:
@@ -143,17 +148,28 @@ class TokenTaskFamily(TaskFamily):
 
     ``query_pos`` is the query's ``->``; the answer positions of every example and of the query are
     trained. A family whose ``query_arrow`` is False writes the query without the ``->`` (its last
-    input token then is the query position; see ``shift(marked_query=True)``). Subclasses give
-    ``_draw(task, shots, rng)``: the examples' inputs and answers, the query's input and the answer
-    every task's rule gives on the query.
+    input token then is the query position; see ``shift(marked_query=True)``).
+
+    To define your own, the simplest is :class:`RuleFamily` (words, rules, a way to draw an input).
+    For full control subclass this and give ``task_names``, ``vocab`` (ending with ``"->"`` and ``";"``)
+    and ``draw(task, shots, rng)``: the examples' ``(input ids, answer ids)``, the query's input ids and
+    the answer every task's rule gives on the query (one list per task, in ``task_names`` order).
     """
 
     query_arrow: bool = True
 
-    @abstractmethod
+    def draw(
+        self, task: int, shots: int, rng: np.random.Generator
+    ) -> tuple[list[tuple[list[int], list[int]]], list[int], list[list[int]]]:
+        """One prompt of ``task``: ``(examples, query_input, answers_of_every_task)`` as token ids (the
+        public hook to implement; the shipped families implement ``_draw``, which this calls)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement draw(task, shots, rng) "
+                                  "(see tvlens.tasks.TokenTaskFamily), or subclass tvlens.tasks.RuleFamily")
+
     def _draw(
         self, task: int, shots: int, rng: np.random.Generator
-    ) -> tuple[list[tuple[list[int], list[int]]], list[int], list[list[int]]]: ...
+    ) -> tuple[list[tuple[list[int], list[int]]], list[int], list[list[int]]]:
+        return self.draw(task, shots, rng)
 
     def _sample(self, labels: np.ndarray, shots: int, rng: np.random.Generator) -> PromptSet:
         vocab = self.vocab
@@ -184,6 +200,9 @@ class TokenTaskFamily(TaskFamily):
             qpos.append(q)
             answers.append(q_answers[task])
             task_answers.append(q_answers)
+        if len({len(q) for q in seqs}) > 1:
+            raise ConfigError(f"{self.name}: prompts of different lengths ({sorted({len(q) for q in seqs})} tokens): "
+                              "every input and answer of a family must have one length per shots")
         tokens = torch.tensor(seqs, dtype=torch.long)
         train_mask = torch.tensor(masks, dtype=torch.bool)
         targets = torch.full_like(tokens, -100)
@@ -202,3 +221,75 @@ class TokenTaskFamily(TaskFamily):
             task_answers=torch.tensor(task_answers, dtype=torch.long),
             vocab=list(vocab),
         )
+
+
+class RuleFamily(TokenTaskFamily):
+    """Your own token task family from its words and rules. Subclass and set:
+
+    - ``words``: the content words (``"->"`` and ``";"`` are added to form the vocabulary);
+    - ``rules``: ``{task name: rule}``, each rule mapping an input (a list of words) to its answer (a
+      word or a list of words; every rule's answers must have the same length);
+    - ``draw_input(self, rng)``: a random input, a list of words, from ``rng`` (a numpy Generator).
+
+    >>> class Ends(tvlens.tasks.RuleFamily):
+    ...     words = list("abcdefgh")
+    ...     rules = {"first": lambda xs: xs[0], "last": lambda xs: xs[-1]}
+    ...     def draw_input(self, rng):
+    ...         return list(rng.choice(self.words, size=3, replace=False))
+    >>> tvlens.tasks.register("ends", Ends)
+    >>> prompts = tvlens.tasks.get("ends").sample(50, shots=4, seed=0)
+
+    Constructor keywords (``def __init__(self, length=3): super().__init__(length=length)``) are the
+    family's parameters: they are recorded with a trained model and passed back when it is reopened.
+    """
+
+    words: Sequence[str] = ()
+    rules: dict[str, Any] = {}
+
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
+        if type(self).name == TaskFamily.name:  # not registered (yet): the class name; get() sets the registered one
+            self.name = type(self).__name__.lower()
+        words = [str(w) for w in self.words]
+        if not words or len(set(words)) != len(words) or ARROW in words or END in words:
+            raise ConfigError(f"{type(self).__name__}.words must be distinct words (not {ARROW!r} or {END!r}); "
+                              f"got {list(self.words)[:10]}")
+        if not isinstance(self.rules, dict) or not self.rules or not all(callable(r) for r in self.rules.values()):
+            raise ConfigError(f"{type(self).__name__}.rules must be a non-empty dict of task name -> rule(input words)")
+        self._vocab = words + [ARROW, END]
+        self._ids = {w: i for i, w in enumerate(self._vocab)}
+        self._rules = list(self.rules.values())
+
+    @property
+    def task_names(self) -> list[str]:
+        return list(self.rules)
+
+    @property
+    def vocab(self) -> list[str]:
+        return list(self._vocab)
+
+    def draw_input(self, rng: np.random.Generator) -> Sequence[str]:
+        raise NotImplementedError(f"{type(self).__name__} must implement draw_input(self, rng) -> list of words")
+
+    def _encode(self, words: Any, what: str) -> list[int]:
+        words = [words] if isinstance(words, str) else list(words)
+        try:
+            return [self._ids[str(w)] for w in words]
+        except KeyError as e:
+            raise ConfigError(f"{type(self).__name__}: {what} uses {e.args[0]!r}, which is not in words") from None
+
+    def draw(self, task, shots, rng):
+        def one() -> tuple[list[int], list[list[int]]]:
+            inp = [str(w) for w in self.draw_input(rng)]
+            answers = [self._encode(rule(list(inp)), f"rule {name!r}") for name, rule in self.rules.items()]
+            if len({len(a) for a in answers}) != 1 or not answers[0]:
+                raise ConfigError(f"{type(self).__name__}: every rule must answer with the same number (>= 1) of "
+                                  f"words; on {inp} they give {[len(a) for a in answers]}")
+            return self._encode(inp, "draw_input"), answers
+
+        examples = []
+        for _ in range(shots):
+            inp, answers = one()
+            examples.append((inp, answers[task]))
+        q_in, q_answers = one()
+        return examples, q_in, q_answers

@@ -28,13 +28,15 @@ def check_prompt_index(prompts, prompt: int, argument: str = "prompt") -> int:
     return int(prompt) % n
 
 
-def prompt_tokens(prompts, prompt: int = 0, spaced: bool = False) -> list[str]:
+def prompt_tokens(prompts, prompt: int = 0, spaced: bool = False, model: Any = None) -> list[str]:
     """The prompt's tokens as strings (its real tokens for token families; ``x0, x1, ...`` for continuous).
+    A PromptSet without a vocabulary (``PromptSet.from_tokens``) is shown with ``model.tokenizer``, or as ids.
 
     ``spaced`` puts a space before every token but the first, for views that run tokens together
     (tvlens vocabularies are whole words without their spaces)."""
     i = check_prompt_index(prompts, prompt)
-    toks = [f"x{p}" for p in range(prompts.seq_len)] if prompts.is_continuous else prompts.str_tokens(i)
+    toks = ([f"x{p}" for p in range(prompts.seq_len)] if prompts.is_continuous
+            else prompts.str_tokens(i, tokenizer=getattr(model, "tokenizer", None)))
     return [(" " + t if spaced and j else t) for j, t in enumerate(toks)]
 
 
@@ -70,6 +72,9 @@ def normalize_heads(heads: Any, n_layers: int, n_heads: int, k: int = 6, argumen
 @torch.no_grad()
 def attention_patterns(model, prompts, prompt: int = 0) -> Float[torch.Tensor, "layer head dest src"]:
     """Every head's attention pattern on one prompt (the whole sequence, answer included)."""
+    from tvlens.validate import check_model_prompts
+
+    check_model_prompts(model, prompts, "attention_patterns")
     i = check_prompt_index(prompts, prompt)
     n_layers, _ = _model_shape(model)
     names = {f"blocks.{L}.attn.hook_pattern" for L in range(n_layers)}
@@ -121,7 +126,7 @@ def attention_heads_view(model, prompts, heads: Any = None, prompt: int = 0, k: 
     n_layers, n_heads = _model_shape(model)
     pairs = normalize_heads(heads, n_layers, n_heads, k=k)
     i = check_prompt_index(prompts, prompt)
-    tokens = prompt_tokens(prompts, i)
+    tokens = prompt_tokens(prompts, i, model=model)
     pat = attention_patterns(model, prompts, i)
     att = torch.stack([pat[L, h] for L, h in pairs])  # [heads, dest, src]
     names = [f"L{L}H{h}" for L, h in pairs]
@@ -183,7 +188,7 @@ def circuit_view(scores, model, prompts, prompt: int = 0, k: int = 8, title: str
     i = check_prompt_index(prompts, prompt)
     top = [(int(L), int(h), float(v)) for L, h, v in scores.top(min(k, n_layers * n_heads))]
     normalize_heads(top, n_layers, n_heads, argument="scores.top(k)")
-    tokens = prompt_tokens(prompts, i)
+    tokens = prompt_tokens(prompts, i, model=model)
     pat = attention_patterns(model, prompts, i).numpy().round(4)  # [layer, head, dest, src]
     lim = float(np.nanmax(np.abs(s))) or 1.0
     fig = go.Figure(go.Heatmap(z=s, x=[f"H{h}" for h in range(n_heads)], y=[f"L{L}" for L in range(n_layers)],

@@ -254,6 +254,8 @@ def patching_figure(res, layer: int | None = None) -> Any:
     from plotly.subplots import make_subplots
 
     layer = res.best_layer() if layer is None else layer
+    if layer is None:  # no layer where the patch does anything: show the first
+        layer = res.layers[0]
     if layer not in res.layers:
         raise ConfigError(f"layer={layer!r}: this patching result holds layers {res.layers}")
     fig = make_subplots(rows=1, cols=2, subplot_titles=(f"follows source rule, layer {layer}", "per layer"))

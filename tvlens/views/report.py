@@ -8,6 +8,7 @@ atomically. ``tvlens report`` and ``tvlens demo`` call these.
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from dataclasses import dataclass, field, replace
@@ -127,7 +128,7 @@ def _table(rows: list[dict], floatfmt: str = "{:.3f}") -> str:
     return f'<table class="tvlens-table"><tr>{head}</tr>{body}</table>'
 
 
-def build_report(
+def _build_report(
     model: Any = "default",
     family: Any = None,
     *,
@@ -180,6 +181,10 @@ def build_report(
         notes.append(f"the model was trained on {recorded!r}, this report samples {fam!r}: its numbers describe a "
                      "family the model never saw")
     prompts = fam.sample(n_per_task, shots=shots, seed=seed)
+    if recorded is None or recorded.name == fam.name:  # another family is noted above; the same one must agree
+        from tvlens.validate import check_family
+
+        check_family(m, prompts, "build_report", force=True)
     prompt = circuits.check_prompt_index(prompts, prompt)
     tick("load", t0)
     results: dict[str, Any] = {"prompts": prompts}
@@ -353,6 +358,25 @@ def _ci(x, i=None) -> str:
     return f" [{float(lo):.3f}, {float(hi):.3f}]"
 
 
+@functools.wraps(_build_report)
+def build_report(*args: Any, **kwargs: Any) -> Report:
+    from tvlens.validate import unchecked
+
+    # a report may sample another family than the model's on purpose (``--family``): its notes say so
+    with unchecked("family"):
+        return _build_report(*args, **kwargs)
+
+
+def _best_patch(patch) -> str:
+    b, why = patch.best_layer_choice()
+    if b is None:
+        return f"best layer: none ({why})"
+    li = patch.layers.index(b)
+    fci, cci = getattr(patch, "flip_rate_ci", None), getattr(patch, "control_ci", None)
+    return (f"best layer {b}: flip rate {float(patch.flip_rate[li]):.3f}{_ci(fci, li)}, own-task control "
+            f"{float(patch.control[li]):.3f}{_ci(cci, li)}")
+
+
 def summarize(name, fam, acc, dec, patch, scores=None, em=None, sweep=None, top_k: int = 5,
               patch_answers=None) -> list[tuple[str, str]]:
     """The report's short summary: (what, result) rows; ``[lo, hi]`` are 95% bootstrap CIs over prompts
@@ -378,21 +402,11 @@ def summarize(name, fam, acc, dec, patch, scores=None, em=None, sweep=None, top_
                                for i, L in enumerate(patch.layers))
         rows.append((f"patching ({patch.mode})", f"MSE grid means {grid_means}"))
     else:
-        b = patch.best_layer()
-        li = patch.layers.index(b)
         grid_means = ", ".join(f"L{L} {float(patch.follows_source[i].nanmean()):.2f}" for i, L in enumerate(patch.layers))
-        fci, cci = getattr(patch, "flip_rate_ci", None), getattr(patch, "control_ci", None)
-        rows.append((f"patching at the query ({patch.mode})",
-                     f"best layer {b}: flip rate {float(patch.flip_rate[li]):.3f}{_ci(fci, li)}, own-task "
-                     f"control {float(patch.control[li]):.3f}{_ci(cci, li)}, floor {patch.flip_floor:.3f}; "
-                     f"grid means {grid_means}"))
+        rows.append((f"patching at the query ({patch.mode})", f"{_best_patch(patch)}, floor {patch.flip_floor:.3f}; "
+                                                              f"grid means {grid_means}"))
     if patch_answers is not None:
-        b = patch_answers.best_layer()
-        li = patch_answers.layers.index(b)
-        fci, cci = getattr(patch_answers, "flip_rate_ci", None), getattr(patch_answers, "control_ci", None)
-        rows.append(("patching at answers (replace)",
-                     f"best layer {b}: flip rate {float(patch_answers.flip_rate[li]):.3f}{_ci(fci, li)}, "
-                     f"own-task control {float(patch_answers.control[li]):.3f}{_ci(cci, li)}"))
+        rows.append(("patching at answers (replace)", _best_patch(patch_answers)))
     if scores is not None:
         sci = getattr(scores, "scores_ci", None)
 
