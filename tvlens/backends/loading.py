@@ -230,11 +230,24 @@ def load_pretrained(name: str, backend: str, device: Any = None, local_folder: b
     if dm and device not in (None, "cpu"):
         raise ConfigError("give either device= or device_map=/n_devices=, not both")
     compat = kwargs.pop("compatibility_mode", False)
+    import inspect
+
+    accepted = inspect.signature(TransformerBridge.boot_transformers).parameters
+    refused = [k for k in dm if k not in accepted]
+    if refused:
+        from tvlens.backends import tl_version
+
+        raise ConfigError(f"{refused[0]}: TransformerLens {tl_version()}'s TransformerBridge.boot_transformers does not "
+                          "take it (4.x does); drop it, or install transformer-lens 4")
     try:
         model = TransformerBridge.boot_transformers(
             str(Path(name)) if local_folder else name, device=None if dm else device, tokenizer=tokenizer, **dm, **kwargs)
     except (NotImplementedError, KeyError) as e:
         raise UnsupportedModelError(f"TransformerLens' bridge cannot boot {name!r}: {str(e).splitlines()[0][:300]}") from e
+    except ValueError as e:
+        if "device_map" in str(e) or "offload" in str(e):
+            raise ConfigError(f"device_map: {str(e).splitlines()[0][:300]}") from e
+        raise
     if compat:
         model.enable_compatibility_mode(disable_warnings=True)
     return model
