@@ -519,13 +519,18 @@ class _EdgeFlags:
 
 def edge_attribution(model, prompts, method: str = "eap-ig", corrupted=None, metric=None,
                      ig_steps: int | None = None, seed: int = 0, batch_size: int = 64, per_prompt: bool = True,
-                     ci: bool = False, progress: bool = True) -> EdgeScores:
+                     ci: bool = False, progress: bool = True, positions=None) -> EdgeScores:
     """Score every edge of the graph by ``method``: ``"eap-ig"`` (default, ``ig_steps`` default
     ``DEFAULT_IG_STEPS``), ``"eap"`` (= ``ig_steps=1``) or ``"path-patch"`` (exact, ``path_patching``).
 
     ``corrupted``: the corrupted prompts (default: in-context labels shuffled, ``shuffle_labels(prompts,
     seed)``). ``metric``: as ``head_attribution`` (default ``"logprob"`` of the answer). ``ci``: add a
-    bootstrap interval over prompts (cheap: the per-prompt scores are kept anyway)."""
+    bootstrap interval over prompts (cheap: the per-prompt scores are kept anyway).
+
+    ``positions``: None (every position), ``"query"``, ``"answers"`` (the in-context examples' answer tokens,
+    ``tvlens.encoding.representation_mask``) or a boolean mask ``[n, seq]``: the estimate of patching the edge
+    only where its receiver reads at those positions (which heads read the task at the query, which write it
+    at the examples' answers)."""
     if method == "path-patch":
         return path_patching(model, prompts, corrupted=corrupted, metric=metric, seed=seed, ci=ci, progress=progress)
     if method not in ("eap", "eap-ig"):
@@ -551,6 +556,7 @@ def edge_attribution(model, prompts, method: str = "eap-ig", corrupted=None, met
     e_s = torch.tensor([s_idx[s] for s, _ in edges])
     e_r = torch.tensor([r_idx[r] for _, r in edges])
     reads = _reads(P)
+    pmask = _position_mask(prompts, positions, P.tokens.shape[1]).to(P.tokens.device)
     vals, bases = [], []
     with _EdgeFlags(bk, graph.mlps):
         for sl in tqdm(_chunks(len(P), max(1, batch_size // steps)), desc=method, disable=not progress, leave=False):
@@ -562,17 +568,40 @@ def edge_attribution(model, prompts, method: str = "eap-ig", corrupted=None, met
             bases.append(base)
             # receiver gradients [b, pos, R, d]
             gr = torch.stack([g[h][:, :, i] if i is not None else g[h] for _, h, i, _ in recv], 2)
-            m = torch.einsum("bpsd,bprd->bsr", delta.float(), gr.float())  # every sender x receiver
+            m = torch.einsum("bpsd,bprd,bp->bsr", delta.float(), gr.float(), pmask[sl].float())  # sender x receiver
             vals.append(m[:, e_s, e_r].cpu())
     pp = torch.cat(vals)
     res = EdgeScores(scores=pp.mean(0), edges=edges, method=method, metric=metric_name, n_layers=graph.n_layers,
                      n_heads=graph.n_heads, per_prompt=pp if per_prompt or ci else None,
                      prompts=_describe(prompts), notes={"ig_steps": steps, "seed": seed,
+                                                        "positions": positions if positions is None or isinstance(
+                                                            positions, str) else "mask",
                                                         "corrupted_metric": float(torch.cat(bases).mean())})
     res = res.with_ci(seed=seed) if ci else res
     if not per_prompt:
         res.per_prompt = None
     return res
+
+
+def _position_mask(prompts, positions, seq: int) -> torch.Tensor:
+    n = len(prompts)
+    if positions is None:
+        return torch.ones(n, seq, dtype=torch.bool)
+    if isinstance(positions, str):
+        if positions not in ("query", "answers"):
+            raise ConfigError(f"positions must be None, 'query', 'answers' or a boolean mask [n, seq]; got {positions!r}")
+        from tvlens.encoding import representation_mask
+
+        m = representation_mask(prompts, positions).cpu()
+    else:
+        m = torch.as_tensor(positions).cpu()
+        if m.dtype != torch.bool or m.ndim != 2 or m.shape[0] != n or m.shape[1] > prompts.tokens.shape[1]:
+            raise ConfigError(f"positions: a boolean mask of shape [{n}, <= {prompts.tokens.shape[1]}] expected, got "
+                              f"{m.dtype} {tuple(m.shape)}")
+    out = torch.zeros(n, seq, dtype=torch.bool)
+    w = min(seq, m.shape[1])
+    out[:, :w] = m[:, :w]
+    return out
 
 
 def _describe(prompts) -> str:
