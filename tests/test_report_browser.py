@@ -165,7 +165,7 @@ def test_report_renders_offline_in_chromium(report_file, tmp_path):
     for p in state["plots"]:
         assert p["traces"] > 0 and p["drawn"] > 0 and p["w"] > 100 and p["h"] > 100, p
     comps = [c["component"] for c in state["cv"]]
-    assert comps.count("AttentionHeads") == 2 and comps.count("AttentionPattern") == 2
+    assert comps.count("AttentionHeads") == 2 and comps.count("AttentionPattern") == 2 + 2  # + 2 circuit graphs
     assert comps.count("ColoredTokensMulti") == 1 and comps.count("ColoredTokens") == 1
     for c in state["cv"]:
         if c["component"].startswith("Attention"):
