@@ -68,6 +68,10 @@ def test_eap_equals_exact_path_patching_where_the_model_is_linear_in_the_receive
     assert (eap.scores[qk] - pp.scores[qk]).abs().max() > 1e-4  # softmax: first order is not exact
     # every prompt, not only the mean
     assert torch.allclose(eap.per_prompt[:, lin], pp.per_prompt[:, lin], rtol=1e-4, atol=1e-4 * float(pp.per_prompt.abs().max()))
+    # AtP*'s QK fix recomputes the receiving head's softmax exactly and linearises only after it: with no MLP
+    # and no LayerNorm after the pattern, that is exact for q and k edges too
+    fixed = edge_attribution(model, p, method="eap", qk_fix=True, corrupted=c, metric="logit", progress=False)
+    assert torch.allclose(fixed.per_prompt, pp.per_prompt, rtol=1e-4, atol=1e-4 * float(pp.per_prompt.abs().max()))
 
 
 def test_edge_graph_and_upstream_rule():
@@ -162,7 +166,7 @@ def test_eap_ig_completeness(codes):
     gap = pp.notes["clean_metric"] - pp.notes["corrupted_metric"]
 
     def embed_total(steps):
-        e = edge_attribution(model, p, method="eap-ig", ig_steps=steps, progress=False, per_prompt=False)
+        e = edge_attribution(model, p, method="eap-ig", ig_steps=steps, qk_fix=False, progress=False, per_prompt=False)
         return sum(float(v) for (s, _), v in zip(e.edges, e.scores) if s == "embed")
     one, many = embed_total(1), embed_total(40)
     assert abs(many - gap) <= 0.05 * abs(gap), (many, gap)
@@ -243,7 +247,7 @@ def test_eap_equals_transformerlens_4_edge_attribution(tmp_path):
     model = TransformerBridge.boot_transformers(str(tmp_path / "m"), device="cpu")
     model.eval()
     p, c = _random_promptset(model, n=2, seq=6, corrupt_at=(1, 3))
-    ours = edge_attribution(model, p, method="eap", corrupted=c, metric="logprob", progress=False)
+    ours = edge_attribution(model, p, method="eap", qk_fix=False, corrupted=c, metric="logprob", progress=False)
     rows = torch.arange(1)
 
     totals = {}

@@ -191,7 +191,10 @@ def _ig_gradients(bk, clean_x, corr_x, reads, answers, fn, steps: int, names: li
         return g if drop_groups else g.mean(0)
 
     base = m.detach().reshape(G, B)[0].float().cpu()
-    return {n: fold(g) for n, g in grads.items()}, base
+    out = {n: fold(g) for n, g in grads.items()}
+    if not drop_groups:  # the first step (alpha = 0 with the left rule): the gradient at the corrupted run
+        out.update({n + "@0": g.reshape(G, B, *g.shape[1:])[0] for n, g in grads.items() if n.endswith("hook_pattern")})
+    return out, base
 
 
 def _writers(bk, x, mlps: bool) -> dict[str, torch.Tensor]:
@@ -519,7 +522,7 @@ class _EdgeFlags:
 
 def edge_attribution(model, prompts, method: str = "eap-ig", corrupted=None, metric=None,
                      ig_steps: int | None = None, seed: int = 0, batch_size: int = 64, per_prompt: bool = True,
-                     ci: bool = False, progress: bool = True, positions=None) -> EdgeScores:
+                     ci: bool = False, progress: bool = True, positions=None, qk_fix: bool | None = None) -> EdgeScores:
     """Score every edge of the graph by ``method``: ``"eap-ig"`` (default, ``ig_steps`` default
     ``DEFAULT_IG_STEPS``), ``"eap"`` (= ``ig_steps=1``) or ``"path-patch"`` (exact, ``path_patching``).
 
@@ -550,6 +553,12 @@ def edge_attribution(model, prompts, method: str = "eap-ig", corrupted=None, met
     graph = graph_of(model)
     recv = _receiver_hooks(graph)
     names = sorted({h for _, h, _, _ in recv if h != "final"})
+    if qk_fix is None:
+        qk_fix = method == "eap-ig"
+    if qk_fix is not True and qk_fix is not False:
+        raise ConfigError(f"qk_fix must be True or False, got {qk_fix!r}")
+    if qk_fix:
+        names += [f"blocks.{l}.attn.hook_pattern" for l in range(graph.n_layers)]
     edges = graph.edges
     s_idx = {s: i for i, s in enumerate(graph.senders)}
     r_idx = {r: i for i, (r, *_) in enumerate(recv)}
@@ -561,19 +570,23 @@ def edge_attribution(model, prompts, method: str = "eap-ig", corrupted=None, met
     with _EdgeFlags(bk, graph.mlps):
         for sl in tqdm(_chunks(len(P), max(1, batch_size // steps)), desc=method, disable=not progress, leave=False):
             with torch.no_grad():
+                wk = _writers(bk, C.tokens[sl], graph.mlps)
                 delta = (_sender_outputs(bk, _writers(bk, P.tokens[sl], graph.mlps), graph)
-                         - _sender_outputs(bk, _writers(bk, C.tokens[sl], graph.mlps), graph))  # [b, pos, S, d]
+                         - _sender_outputs(bk, wk, graph))  # [b, pos, S, d]
             g, base = _ig_gradients(bk, P.tokens[sl], C.tokens[sl], reads[sl], P.answers[sl], fn, steps, names,
                                     final=True, method=method)
             bases.append(base)
             # receiver gradients [b, pos, R, d]
             gr = torch.stack([g[h][:, :, i] if i is not None else g[h] for _, h, i, _ in recv], 2)
             m = torch.einsum("bpsd,bprd,bp->bsr", delta.float(), gr.float(), pmask[sl].float())  # sender x receiver
+            if qk_fix:
+                _qk_fix_edges(bk, graph, C.tokens[sl], delta * pmask[sl][:, :, None, None].to(delta.dtype), g, m,
+                              s_idx, r_idx)
             vals.append(m[:, e_s, e_r].cpu())
     pp = torch.cat(vals)
     res = EdgeScores(scores=pp.mean(0), edges=edges, method=method, metric=metric_name, n_layers=graph.n_layers,
                      n_heads=graph.n_heads, per_prompt=pp if per_prompt or ci else None,
-                     prompts=_describe(prompts), notes={"ig_steps": steps, "seed": seed,
+                     prompts=_describe(prompts), notes={"ig_steps": steps, "seed": seed, "qk_fix": qk_fix,
                                                         "positions": positions if positions is None or isinstance(
                                                             positions, str) else "mask",
                                                         "corrupted_metric": float(torch.cat(bases).mean())})
@@ -581,6 +594,37 @@ def edge_attribution(model, prompts, method: str = "eap-ig", corrupted=None, met
     if not per_prompt:
         res.per_prompt = None
     return res
+
+
+@torch.no_grad()
+def _qk_fix_edges(bk, graph: Graph, corr_x, delta, g, m, s_idx, r_idx) -> None:
+    """Overwrite ``m[b, sender, receiver]`` for q and k receivers with the AtP* QK-fixed estimate."""
+    L, H = graph.n_layers, graph.n_heads
+    cap = bk.capture(corr_x, [f"blocks.{l}.hook_resid_pre" for l in range(L)]
+                     + [f"blocks.{l}.attn.hook_pattern" for l in range(L)])
+    b = delta.shape[0]
+    for l in range(L):
+        snd = [s for s in graph.senders if graph.upstream(s, f"L{l}H0.q")]
+        idx = [s_idx[s] for s in snd]
+        S = len(idx)
+        d = delta[:, :, idx].permute(2, 0, 1, 3).reshape(S * b, delta.shape[1], -1)  # [S*b, pos, d]
+        start = cap[f"blocks.{l}.hook_resid_pre"].repeat(S, 1, 1)
+        a_k = cap[f"blocks.{l}.attn.hook_pattern"]  # [b, head, q, k]
+        ga = g[f"blocks.{l}.attn.hook_pattern@0"]  # linearised after the softmax at the corrupted run
+        for kind in "qk":
+            store = {}
+
+            def add(act, hook, _d=d):
+                return act + _d[:, :, None].to(act.dtype)
+
+            def keep(act, hook, _s=store):
+                _s["a"] = act
+            with bk.hooks(fwd_hooks=[(f"blocks.{l}.hook_{kind}_input", add), (f"blocks.{l}.attn.hook_pattern", keep)]):
+                bk.run_from(start, l, l + 1)
+            a_new = store["a"].reshape(S, b, *a_k.shape[1:])
+            est = torch.nan_to_num((a_new - a_k[None]) * ga[None]).sum((3, 4)).float()  # [S, b, head]
+            for h in range(H):
+                m[:, idx, r_idx[f"L{l}H{h}.{kind}"]] = est[:, :, h].T
 
 
 def _position_mask(prompts, positions, seq: int) -> torch.Tensor:
