@@ -13,7 +13,9 @@ The whole public API (each name documented where it is defined)::
     tvlens.emergence(run_or_name) -> EmergenceResult              # TD and accuracy across checkpoints
     tvlens.run_patching(model, prompts, vectors, mode=...) -> PatchingResult  # conditional decoding
     tvlens.activation_patching(model, clean, corrupted, metric, site, by) -> SweepResult
-    tvlens.head_attribution(model, prompts, method="cie"|"ablation"|"patch"|"atp"|"dla") -> HeadScores
+    tvlens.head_attribution(model, prompts, method="cie"|"ablation"|"patch"|"atp"|"dla"|"eap-ig") -> HeadScores
+    tvlens.edge_attribution(model, prompts, method="eap-ig"|"eap"|"path-patch") -> EdgeScores  # .plot(): graph
+    tvlens.path_patching(model, prompts, edges) / tvlens.faithfulness(model, prompts, edge_scores) -> Faithfulness
     tvlens.function_vector(model, prompts, scores, k=10) -> FunctionVectors  # a TaskVectors for run_patching
     family.sample(n, shots, seed, tokenizer=model.tokenizer, scoring=...)  # text: pos, bitwise_text, lexical
     tvlens.text_accuracy(model, prompts, scoring=...) -> AccuracyResult  # first token or greedy whole answer
@@ -33,6 +35,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tvlens never downloads (see mode
 from tvlens import tasks, views  # noqa: E402
 from tvlens.accuracy import AccuracyResult, icl_accuracy  # noqa: E402
 from tvlens.attribution import FunctionVectors, HeadScores, function_vector, head_attribution  # noqa: E402
+from tvlens.circuits import EdgeScores, Faithfulness, edge_attribution, faithfulness, path_patching  # noqa: E402
 from tvlens.encoding import (  # noqa: E402
     DecodabilityResult,
     EmergenceResult,
@@ -75,6 +78,11 @@ __all__ = [
     "HeadScores",
     "function_vector",
     "head_attribution",
+    "EdgeScores",
+    "Faithfulness",
+    "edge_attribution",
+    "faithfulness",
+    "path_patching",
     "PatchingResult",
     "SweepResult",
     "activation_patching",
