@@ -9,7 +9,8 @@ tokens, one position corrupted; ``--quick`` skips it). MLP nodes: EAP-IG's MLP s
 sweep (``activation_patching(site="mlp_out", by=("layer",))``).
 
 Edges (default model only, ``--no-edges`` skips): EAP and EAP-IG over all edges against exact path patching
-(``tvlens.circuits.path_patching``), Spearman overall and per receiver kind; then the faithfulness curve of the
+(``tvlens.circuits.path_patching``), with and without AtP*'s QK fix on edges into queries and keys, Spearman
+overall and per receiver kind; then the faithfulness curve of the
 EAP-IG circuit (top-k edges, everything else patched to corrupted) against 20 random circuits per size, and
 the number of edges the circuit needs to recover 80% of the clean - corrupted gap.
 
@@ -71,11 +72,16 @@ def nodes(which: str, repeat: int) -> None:
     head_attribution(model, clean, method="atp", atp_site="z", **kw)  # warm-up
     t_exact, exact = timed(lambda: head_attribution(model, clean, method="patch", **kw), max(1, repeat // 2))
     print(f"[circuits] {which:18s} exact head sweep ({exact.scores.numel()} heads, {len(clean)} prompts): "
-          f"{t_exact:7.3f}s", flush=True)
+          f"{t_exact:7.3f}s  (clean {exact.notes['clean_metric']:.3f}, corrupted {exact.notes['corrupted_metric']:.3f}, "
+          f"largest |head effect| {float(exact.scores.abs().max()):.3f})", flush=True)
     for name, v in NODE_METHODS.items():
         t, est = timed(lambda: head_attribution(model, clean, **kw, **v), repeat)
+        extra = ""
+        if v.get("grad_drop"):  # GradDrop estimates magnitudes: also against |exact|
+            extra = f"  (vs |exact|: Spearman {rho(est.scores, exact.scores.abs()):.3f}, " \
+                    f"top-5 {top_overlap(est.scores, exact.scores.abs())}/5)"
         print(f"[circuits] {which:18s} {name:22s} {t:7.3f}s  speed-up {t_exact / t:5.1f}x  Spearman "
-              f"{rho(est.scores, exact.scores):6.3f}  top-5 {top_overlap(est.scores, exact.scores)}/5", flush=True)
+              f"{rho(est.scores, exact.scores):6.3f}  top-5 {top_overlap(est.scores, exact.scores)}/5{extra}", flush=True)
     if which != "gpt2-small-shaped":
         mlp_vs_exact(model, clean)
 
@@ -111,7 +117,9 @@ def edges(repeat: int) -> None:
           f"(clean {pp.notes['clean_metric']:.3f}, corrupted {pp.notes['corrupted_metric']:.3f})", flush=True)
     kinds = pp.receiver_kinds()
     best = None
-    for name, v in {"EAP": dict(method="eap"), "EAP-IG m=5": dict(method="eap-ig", ig_steps=5),
+    for name, v in {"EAP": dict(method="eap"), "EAP + QK fix": dict(method="eap", qk_fix=True),
+                    "EAP-IG m=5, no QK fix": dict(method="eap-ig", ig_steps=5, qk_fix=False),
+                    "EAP-IG m=5 (default)": dict(method="eap-ig", ig_steps=5),
                     "EAP-IG m=10": dict(method="eap-ig", ig_steps=10)}.items():
         t, est = timed(lambda: edge_attribution(model, p, **kw, **v), repeat)
         per = []
@@ -119,14 +127,14 @@ def edges(repeat: int) -> None:
             idx = [i for i, x in enumerate(kinds) if x == k]
             if len(idx) > 2:
                 per.append(f"{k} {rho(est.scores[idx], pp.scores[idx]):.3f} (n={len(idx)})")
-        print(f"[circuits] default edges {name:12s} {t:6.2f}s  speed-up {t_pp / t:5.1f}x  Spearman all "
+        print(f"[circuits] default edges {name:22s} {t:6.2f}s  speed-up {t_pp / t:5.1f}x  Spearman all "
               f"{rho(est.scores, pp.scores):.3f}; by receiver: {', '.join(per)}", flush=True)
-        if name == "EAP-IG m=5":
+        if name == "EAP-IG m=5 (default)":
             best = est
     f = faithfulness(model, p, best, n_random=20, seed=SEED, metric="logprob")
     rows = ", ".join(f"k={k}: {r:.2f} (random {q:.2f})" for k, r, q in
                      zip(f.ks, f.recovered.tolist(), f.random.mean(1).tolist()))
-    print(f"[circuits] default faithfulness (EAP-IG m=5 top-k, corrupted outside): {rows}", flush=True)
+    print(f"[circuits] default faithfulness (EAP-IG default top-k, corrupted outside): {rows}", flush=True)
     print(f"[circuits] default: the EAP-IG circuit needs k={f.edges_for(0.8)} of {f.n_edges} edges for 80% "
           f"(full graph {f.notes['full_graph_recovered']:.3f}, empty {f.notes['empty_graph_recovered']:.3f})", flush=True)
     fp = faithfulness(model, p, pp, n_random=0, seed=SEED, metric="logprob")
