@@ -1,8 +1,10 @@
 """Circuits: speed and faithfulness of the fast estimates against the exact sweeps, side by side, one run.
 
 Heads (nodes): on the three shipped models (``default`` = codes, ``categories``, ``bitwise``), 8 fresh prompts per
-task (seed 2027, not used in any test), corrupted = in-context labels shuffled, metric: the answer's
-log-probability. The reference is the exact clean -> corrupted head sweep (``head_attribution(method="patch")``,
+task (seed 2027, not used in any test), corrupted = in-context labels shuffled (``shuffle``; on ``categories`` this
+leaves the task visible and no head's patch moves the metric), and corrupted = the examples of a prompt of another
+task, query kept (``swap``, ``tvlens.circuits.swap_contexts``); metric: the answer's log-probability. The
+reference is the exact clean -> corrupted head sweep (``head_attribution(method="patch")``,
 the batched engine of ``tvlens.sweeps``); each estimate is timed (best of ``--repeat``) and compared by Spearman
 over the heads and top-5 overlap. The same on a random GPT-2-small-shaped model (144 heads, 4 x 16 random
 tokens, one position corrupted; ``--quick`` skips it). MLP nodes: EAP-IG's MLP scores against the exact MLP
@@ -57,17 +59,25 @@ def rho(a, b) -> float:
     return float(spearmanr(a.flatten().numpy(), b.flatten().numpy()).statistic)
 
 
-def case(which: str):
+def case(which: str, corruption: str = "shuffle"):
     if which == "gpt2-small-shaped":
         from bench_attribution import gpt2_small_shaped_case
 
         return gpt2_small_shaped_case()
     model = tvlens.load_model(which)
-    return model, tvlens.model_info(model).task_family().sample(8, shots=4, seed=SEED), None
+    p = tvlens.model_info(model).task_family().sample(8, shots=4, seed=SEED)
+    if corruption == "swap":
+        from tvlens.circuits import swap_contexts
+
+        clean, corrupted = swap_contexts(p, seed=SEED)
+        return model, clean, corrupted
+    return model, p, None
 
 
-def nodes(which: str, repeat: int) -> None:
-    model, clean, corrupted = case(which)
+def nodes(which: str, repeat: int, corruption: str = "shuffle") -> None:
+    model, clean, corrupted = case(which, corruption)
+    if which != "gpt2-small-shaped":
+        which = f"{which} ({corruption})"
     kw = dict(corrupted=corrupted, metric="logprob", progress=False, seed=SEED)
     head_attribution(model, clean, method="atp", atp_site="z", **kw)  # warm-up
     t_exact, exact = timed(lambda: head_attribution(model, clean, method="patch", **kw), max(1, repeat // 2))
@@ -82,15 +92,15 @@ def nodes(which: str, repeat: int) -> None:
                     f"top-5 {top_overlap(est.scores, exact.scores.abs())}/5)"
         print(f"[circuits] {which:18s} {name:22s} {t:7.3f}s  speed-up {t_exact / t:5.1f}x  Spearman "
               f"{rho(est.scores, exact.scores):6.3f}  top-5 {top_overlap(est.scores, exact.scores)}/5{extra}", flush=True)
-    if which != "gpt2-small-shaped":
-        mlp_vs_exact(model, clean)
+    if not which.startswith("gpt2"):
+        mlp_vs_exact(model, clean, corrupted)
 
 
-def mlp_vs_exact(model, p) -> None:
+def mlp_vs_exact(model, p, c=None) -> None:
     from tvlens.attribution import _answer_pos, _trim, shuffle_labels
     from tvlens.sweeps import activation_patching
 
-    c = shuffle_labels(p, SEED)
+    c = shuffle_labels(p, SEED) if c is None else c
     P, C = _trim(p), _trim(c)
     ans = P.answers
 
@@ -147,11 +157,15 @@ def main() -> None:
     ap.add_argument("--no-edges", action="store_true")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--corruption", choices=["shuffle", "swap", "both"], default="both",
+                    help="shuffled in-context labels, the examples of another task's prompt (swap), or both")
+    ap.add_argument("--no-nodes", action="store_true")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    for which in ("default", "categories", "bitwise"):
-        nodes(which, a.repeat)
-    if not a.quick:
+    for corruption in (["shuffle", "swap"] if a.corruption == "both" else [a.corruption]) if not a.no_nodes else []:
+        for which in ("default", "categories", "bitwise"):
+            nodes(which, a.repeat, corruption)
+    if not a.quick and not a.no_nodes:
         nodes("gpt2-small-shaped", max(1, a.repeat // 2))
     if not a.no_edges:
         edges(a.repeat)

@@ -100,6 +100,36 @@ def _prepare(model, prompts, corrupted, metric, method: str, seed: int, gradient
     return bk, _trim(prompts).to(dev), _trim(corrupted).to(dev), fn, name
 
 
+def swap_contexts(prompts, seed: int = 0):
+    """Corrupted counterparts that change the task: each prompt's in-context examples replaced by those of a
+    prompt of another task with the same layout (same query position and example span), the query kept.
+    Returns ``(clean, corrupted)``: the prompts that found a partner, and their corrupted versions (same
+    shape and query positions). Where shuffled labels leave the task visible (``categories``), this does not."""
+    if prompts.is_continuous or prompts.tokens is None or not prompts.vocab or ";" not in prompts.vocab:
+        raise ConfigError("prompts: swap_contexts needs token prompts whose examples end with ';'")
+    end = prompts.vocab.index(";")
+    toks, q = prompts.tokens.cpu(), prompts.query_pos.cpu()
+    starts = []
+    for i in range(len(prompts)):
+        e = (toks[i, : int(q[i])] == end).nonzero().flatten()
+        starts.append(int(e[-1]) + 1 if len(e) else 0)
+    g = torch.Generator().manual_seed(seed)
+    keep, partner = [], []
+    for i in range(len(prompts)):
+        cands = [j for j in range(len(prompts)) if int(prompts.labels[j]) != int(prompts.labels[i])
+                 and starts[j] == starts[i] and int(q[j]) == int(q[i]) and starts[i] > 0]
+        if cands:
+            keep.append(i)
+            partner.append(cands[int(torch.randint(len(cands), (1,), generator=g))])
+    if not keep:
+        raise ConfigError("prompts: no two prompts of different tasks share a layout; sample more prompts per task")
+    clean = prompts.subset(keep)
+    t = clean.tokens.clone()
+    for r, (i, j) in enumerate(zip(keep, partner)):
+        t[r, : starts[i]] = prompts.tokens[j, : starts[i]]
+    return clean, replace(clean, tokens=t)
+
+
 def _reads(P) -> torch.Tensor:
     from tvlens.attribution import _answer_pos
 
@@ -777,6 +807,13 @@ class Faithfulness:
         return (f"Faithfulness({self.method}, {self.ablation}-ablated, {self.n_edges} edges; 80% recovered at "
                 f"k={k80}; clean {self.clean_metric:.3f}, corrupted {self.corrupted_metric:.3f})")
 
+    def _repr_html_(self) -> str:
+        from tvlens.views.page import figure_fragment, result_html
+
+        return result_html(f"<div><b>Faithfulness</b> <code>{html.escape(repr(self))}</code>"
+                           + self.to_dataframe().to_html(index=False, float_format=lambda v: f"{v:.3f}") + "</div>",
+                           [figure_fragment(self.plot())])
+
     def plot(self):
         import plotly.graph_objects as go
 
@@ -944,4 +981,4 @@ def faithfulness(model, prompts, scores: EdgeScores, ks=None, corrupted=None, me
 
 
 __all__ = ["DEFAULT_IG_STEPS", "EdgeScores", "Faithfulness", "Graph", "circuit_metric", "edge_attribution",
-           "faithfulness", "graph_of", "node_attribution", "path_patching"]
+           "faithfulness", "graph_of", "node_attribution", "path_patching", "swap_contexts"]
