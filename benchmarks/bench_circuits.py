@@ -147,8 +147,16 @@ def edges(repeat: int) -> None:
     print(f"[circuits] default faithfulness (EAP-IG default top-k, corrupted outside): {rows}", flush=True)
     print(f"[circuits] default: the EAP-IG circuit needs k={f.edges_for(0.8)} of {f.n_edges} edges for 80% "
           f"(full graph {f.notes['full_graph_recovered']:.3f}, empty {f.notes['empty_graph_recovered']:.3f})", flush=True)
+    k80 = f.edges_for(0.8)
+    if k80:  # refine between the last size below 80% and the first above, every 4 edges
+        lo = max(k for k in f.ks if k < k80)
+        fine = faithfulness(model, p, best, ks=list(range(lo, k80 + 1, 4)), n_random=0, seed=SEED, metric="logprob")
+        print(f"[circuits] default: refined, k={fine.edges_for(0.8)} edges recover "
+              f"{float(fine.recovered[fine.ks.index(fine.edges_for(0.8))]):.3f} (k={lo}..{k80} every 4: "
+              f"{', '.join(f'{r:.2f}' for r in fine.recovered.tolist())})", flush=True)
     fp = faithfulness(model, p, pp, n_random=0, seed=SEED, metric="logprob")
-    print(f"[circuits] default: the path-patching circuit needs k={fp.edges_for(0.8)} edges for 80%", flush=True)
+    print(f"[circuits] default: the exact path-patching ranking needs k={fp.edges_for(0.8)} edges for 80% "
+          f"(curve: {', '.join(f'k={k}: {r:.2f}' for k, r in zip(fp.ks, fp.recovered.tolist()))})", flush=True)
 
 
 def main() -> None:
