@@ -238,14 +238,7 @@ def test_eap_equals_transformerlens_4_edge_attribution(tmp_path):
         ap.EdgeAttributionConfig(granularity="edge")
     except NotImplementedError:
         pytest.skip("this TransformerLens (< 4) has no edge-granularity attribution_patch")
-    from transformer_lens.model_bridge import TransformerBridge
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=16, vocab_size=40)).eval()
-    hf.save_pretrained(tmp_path / "m")
-    model = TransformerBridge.boot_transformers(str(tmp_path / "m"), device="cpu")
-    model.eval()
+    model = _tiny_bridge(tmp_path)
     p, c = _random_promptset(model, n=2, seq=6, corrupt_at=(1, 3))
     ours = edge_attribution(model, p, method="eap", qk_fix=False, corrupted=c, metric="logprob", progress=False)
     rows = torch.arange(1)
@@ -279,3 +272,39 @@ def test_eap_equals_transformerlens_4_edge_attribution(tmp_path):
     assert set(tl) == set(ours.edges)
     ref = torch.tensor([tl[e] for e in ours.edges])
     assert ref.abs().max() > 0 and (ours.scores - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+def _tiny_bridge(tmp_path):
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=16, vocab_size=40)).eval()
+    hf.save_pretrained(tmp_path / "m")
+    model = TransformerBridge.boot_transformers(str(tmp_path / "m"), device="cpu")
+    model.eval()
+    return model
+
+
+def test_eap_nodes_equal_transformerlens_attribution_patch_on_a_bridge(tmp_path):
+    """On a TransformerBridge (the model class of both TransformerLens lines), EAP-IG with one step equals
+    TransformerLens' own node attribution_patch (heads and MLPs, summed over positions): the backend seam's
+    hooks, backward hooks and run-from-residual give TL's numbers."""
+    ap = pytest.importorskip("transformer_lens.tools.analysis.attribution_patching")
+    model = _tiny_bridge(tmp_path)
+    p, c = _random_promptset(model, n=3, seq=6, corrupt_at=(1, 3))
+    ours = head_attribution(model, p, method="eap-ig", ig_steps=1, corrupted=c, metric="logprob", per_task=False,
+                            progress=False)
+    heads, mlp = torch.zeros(2, 2), torch.zeros(2)
+    for i in range(len(p)):
+        def metric_fn(logits, a=int(p.answers[i, 0])):
+            return logits[0, -1].log_softmax(-1)[a]
+        res = ap.attribution_patch(model, p.tokens[i:i + 1], c.tokens[i:i + 1], metric_fn)
+        for node, v in res.node_scores.items():
+            if node.kind == "attn_head_out":
+                heads[node.layer, node.head] += v / len(p)
+            elif node.kind == "mlp_out":
+                mlp[node.layer] += v / len(p)
+    assert heads.abs().max() > 0
+    assert (ours.scores - heads).abs().max() <= 1e-4 * heads.abs().max()
+    assert (torch.tensor(ours.notes["mlp"]) - mlp).abs().max() <= 1e-4 * mlp.abs().max()
