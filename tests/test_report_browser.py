@@ -165,7 +165,7 @@ def test_report_renders_offline_in_chromium(report_file, tmp_path):
     for p in state["plots"]:
         assert p["traces"] > 0 and p["drawn"] > 0 and p["w"] > 100 and p["h"] > 100, p
     comps = [c["component"] for c in state["cv"]]
-    assert comps.count("AttentionHeads") == 2 and comps.count("AttentionPattern") == 2
+    assert comps.count("AttentionHeads") == 2 and comps.count("AttentionPattern") == 2 + 2  # + 2 circuit graphs
     assert comps.count("ColoredTokensMulti") == 1 and comps.count("ColoredTokens") == 1
     for c in state["cv"]:
         if c["component"].startswith("Attention"):
@@ -185,3 +185,86 @@ def test_report_renders_offline_in_chromium(report_file, tmp_path):
     assert after_click == "L1H2" and label.startswith("Attention pattern of L1H2")
     assert shot.stat().st_size > 10_000
     page.reset_notebook_libraries()
+
+
+def _open_offline(html_path, fn):
+    """Open ``html_path`` in headless Chromium with every non-local request blocked; ``fn(page)`` -> result."""
+    from playwright.sync_api import sync_playwright
+
+    blocked, errors = [], []
+    with sync_playwright() as pw:
+        ctx = pw.chromium.launch_persistent_context(tempfile.mkdtemp(prefix="tvlens-chromium-"),
+                                                    executable_path=chromium_path(), headless=True, args=CHROMIUM_ARGS,
+                                                    viewport={"width": 1280, "height": 900})
+        try:
+            def route(r):
+                if r.request.url.startswith(("file:", "data:", "blob:")):
+                    r.continue_()
+                else:
+                    blocked.append(r.request.url)
+                    r.abort()
+
+            ctx.route("**/*", route)
+            pg = ctx.new_page()
+            pg.on("console", lambda m: errors.append(f"console.{m.type}: {m.text}") if m.type == "error" else None)
+            pg.on("pageerror", lambda e: errors.append(f"page error: {e}"))
+            pg.goto(Path(html_path).as_uri())
+            out = fn(pg)
+        finally:
+            ctx.close()
+    return out, blocked, errors
+
+
+def test_circuit_graph_in_chromium(tmp_path):
+    """The circuit graph draws offline, its slider changes the number of drawn edges, a click on a head node
+    shows that head's attention, and hostile token and task strings stay text."""
+    from tvlens.circuits import edge_attribution
+    from tvlens.models import load_model
+    from tvlens.views.circuit_graph import circuit_graph_view
+
+    m = load_model("default")
+    from tvlens.models import model_info
+
+    p = model_info(m).task_family().sample(1, shots=4, seed=3)
+    scores = edge_attribution(m, p, method="eap", ci=True, progress=False)
+    evil = xss_prompts(p)
+    pg_ = page.Page("circuit graph")
+    pg_.add(circuit_graph_view(scores, m, evil, prompt=0, k=10), "graph")
+    pg_.add(circuit_graph_view(scores, m, evil, prompt=0, k=5), "a second graph: one library copy")
+    path = pg_.save(tmp_path / "graph.html")
+    text = path.read_text()
+    assert text.count('data-tvlens-lib="circuitsvis"') == 1 and "unpkg" not in text.split("</head>")[1]
+
+    def drive(pg):
+        pg.wait_for_function("() => [...document.querySelectorAll('.tvlens-graph-attn')].every(d => d.children.length)",
+                             timeout=60_000)
+        root = pg.locator(".tvlens-circuit-graph").first
+        before = int(root.get_attribute("data-drawn-edges"))
+        paths = root.locator("path.tvlens-edge").count()
+        slider = root.locator("input.tvlens-k")
+        slider.fill("40")
+        pg.wait_for_timeout(200)
+        after = int(root.get_attribute("data-drawn-edges"))
+        hover = root.locator("path.tvlens-edge title").first.text_content()
+        first_shown = root.get_attribute("data-shown")
+        target = "L2H1" if first_shown != "L2H1" else "L3H0"
+        root.locator(f'g.tvlens-node[data-node="{target}"]').click()
+        pg.wait_for_timeout(300)
+        shown = root.get_attribute("data-shown")
+        canvas = pg.evaluate("""el => { const c = el.querySelector('.tvlens-graph-attn canvas');
+            return !!c && c.width > 0; }""", root.element_handle())
+        label = root.locator(".tvlens-graph-attn-label").inner_text()
+        pg.screenshot(path=str(Path(os.environ.get("TVLENS_SCREENSHOT_GRAPH", tmp_path / "graph.png"))), full_page=True)
+        return dict(before=before, paths=paths, after=after, hover=hover, target=target, shown=shown, canvas=canvas,
+                    label=label, xss=pg.evaluate("() => window.__xss === undefined ? null : window.__xss"),
+                    injected=pg.evaluate("() => document.querySelectorAll('img[onerror], svg[onload], .tvlens-note b').length"),
+                    body=pg.evaluate("() => document.body.innerText"))
+
+    st, blocked, errors = _open_offline(path, drive)
+    assert not blocked and not errors, (blocked, errors)
+    assert st["before"] == st["paths"] == 10 and st["after"] == 40
+    assert "\u2192" in st["hover"] and "[" in st["hover"]  # score and its interval
+    assert st["shown"] == st["target"] and st["canvas"] and st["label"].startswith(f"Attention pattern of {st['target']}")
+    assert st["xss"] is None and st["injected"] == 0
+    task = evil.task_names[int(evil.labels[0])]
+    assert "<script>" in task and task in st["body"]  # the hostile task name is shown as text

@@ -16,7 +16,9 @@ The whole public API (each name documented where it is defined)::
     tvlens.emergence(run_or_name) -> EmergenceResult              # TD and accuracy across checkpoints
     tvlens.run_patching(model, prompts, vectors, mode=...) -> PatchingResult  # conditional decoding
     tvlens.activation_patching(model, clean, corrupted, metric, site, by) -> SweepResult
-    tvlens.head_attribution(model, prompts, method="cie"|"ablation"|"patch"|"atp"|"dla") -> HeadScores
+    tvlens.head_attribution(model, prompts, method="cie"|"ablation"|"patch"|"atp"|"dla"|"eap-ig") -> HeadScores
+    tvlens.edge_attribution(model, prompts, method="eap-ig"|"eap"|"path-patch") -> EdgeScores  # .plot(): graph
+    tvlens.path_patching(model, prompts, edges) / tvlens.faithfulness(model, prompts, edge_scores) -> Faithfulness
     tvlens.function_vector(model, prompts, scores, k=10) -> FunctionVectors  # a TaskVectors for run_patching
     family.sample(n, shots, seed, tokenizer=model.tokenizer, scoring=...)  # text: pos, bitwise_text, lexical
     tvlens.text_accuracy(model, prompts, scoring=...) -> AccuracyResult  # first token or greedy whole answer
@@ -58,6 +60,8 @@ _LAZY: dict[str, str] = {
     "PromptSet": "tvlens.prompts",
     "SweepResult": "tvlens.sweeps", "activation_patching": "tvlens.sweeps",
     "TrainConfig": "tvlens.train", "read_log": "tvlens.train", "train": "tvlens.train",
+    "EdgeScores": "tvlens.circuits", "Faithfulness": "tvlens.circuits", "edge_attribution": "tvlens.circuits",
+    "faithfulness": "tvlens.circuits", "path_patching": "tvlens.circuits",
 }
 _SUBMODULES = ("tasks", "views", "validate", "tokenizer")
 
@@ -96,6 +100,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
     from tvlens import tasks, validate, views  # noqa: F401
     from tvlens.accuracy import AccuracyResult, icl_accuracy  # noqa: F401
     from tvlens.attribution import FunctionVectors, HeadScores, function_vector, head_attribution  # noqa: F401
+    from tvlens.circuits import EdgeScores, Faithfulness, edge_attribution, faithfulness, path_patching  # noqa: F401
     from tvlens.encoding import (  # noqa: F401
         DecodabilityResult,
         EmergenceResult,
@@ -125,6 +130,11 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
 __version__ = "0.1.0"
 
 __all__ = [
+    "EdgeScores",
+    "Faithfulness",
+    "edge_attribution",
+    "faithfulness",
+    "path_patching",
     "views",
     "validate",
     "FinetuneResult",

@@ -56,7 +56,7 @@ from tvlens.encoding import TaskVectors
 from tvlens.errors import ConfigError
 from tvlens.io import load_tensors_with_sidecar, save_tensors_with_sidecar
 
-METHODS = ("cie", "ablation", "patch", "atp", "dla")
+METHODS = ("cie", "ablation", "patch", "atp", "dla", "eap-ig")
 
 
 @dataclass
@@ -348,7 +348,8 @@ def _z_at_query(model, tokens, query_pos, layers) -> tuple[torch.Tensor, torch.T
 
 
 # --------------------------------------------------------------------------- head_attribution
-DEFAULT_METRIC = {"cie": "prob", "ablation": "logprob", "patch": "logprob", "atp": "logprob", "dla": "logit"}
+DEFAULT_METRIC = {"cie": "prob", "ablation": "logprob", "patch": "logprob", "atp": "logprob", "dla": "logit",
+                  "eap-ig": "logprob"}
 
 
 def head_attribution(
@@ -366,6 +367,8 @@ def head_attribution(
     seed: int = 0,
     batch_size: int | None = 256,
     progress: bool = True,
+    ig_steps: int | None = None,
+    grad_drop: bool = False,
 ) -> HeadScores:
     """Score every attention head (layer x head) by ``method``; see the module docstring.
 
@@ -380,6 +383,9 @@ def head_attribution(
     - ``atp_site``: ``"qkv"`` (values, queries and keys; ``qk_fix`` selects the AtP* fix), ``"z"`` (the
       head's output), or one of ``"q"``, ``"k"``, ``"v"`` alone (estimates of patching only that input).
     - ``layers``: the blocks to score (others are nan); ``batch_size``: sequences per forward pass.
+    - ``"eap-ig"``: integrated gradients at each head's output (``tvlens.circuits``), ``ig_steps`` steps
+      (default ``tvlens.circuits.DEFAULT_IG_STEPS``); ``notes["mlp"]`` holds the MLPs' scores ``[layer]``.
+      ``grad_drop=True`` with ``"atp"``: AtP* GradDrop at ``hook_z`` (``tvlens.circuits.node_attribution``).
     """
     layers = _check_common(model, prompts, method, layers, batch_size)
     batch_size = batch_size or len(prompts)  # None: all prompts in one batch
@@ -400,6 +406,11 @@ def head_attribution(
     from tvlens.validate import check_model_prompts, check_seed
 
     seed = check_seed(seed, where="head_attribution")
+    if method == "eap-ig" or grad_drop:
+        from tvlens.circuits import head_scores
+
+        return head_scores(model, prompts, method, metric, corrupted, per_task, layers, seed, batch_size, progress,
+                           ig_steps, grad_drop)
     if method in ("cie", "patch", "atp"):
         if corrupted is None:
             corrupted = shuffle_labels(prompts, seed)

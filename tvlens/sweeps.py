@@ -48,6 +48,12 @@ SITES: dict[str, tuple[str, str]] = {
     "k": ("attn.hook_k", "head"),
     "v": ("attn.hook_v", "head"),
     "pattern": ("attn.hook_pattern", "pattern"),
+    # a head's own residual input (split q/k/v input) and the MLP's input: the receivers of path patching
+    # (tvlens.circuits turns the backend's use_split_qkv_input / use_hook_mlp_in on around the call)
+    "q_input": ("hook_q_input", "head"),
+    "k_input": ("hook_k_input", "head"),
+    "v_input": ("hook_v_input", "head"),
+    "mlp_in": ("hook_mlp_in", "vector"),
 }
 # which index axes each kind of site can be swept over (after "layer")
 BY = {
@@ -478,7 +484,7 @@ def _expand_source(src: torch.Tensor, resid: torch.Tensor, site: str, bk, device
     if kind == "vector":
         tail: tuple[int, ...] = (cfg.d_model,)
     elif kind == "head":
-        tail = (_site_heads(cfg, site), cfg.d_head)
+        tail = (_site_heads(cfg, site), cfg.d_model if site.endswith("_input") else cfg.d_head)
     else:
         tail = (cfg.n_heads, seq, seq)
     full = (B, seq, *tail) if kind != "pattern" else (B, *tail)

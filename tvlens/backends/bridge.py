@@ -196,6 +196,18 @@ class BridgeBackend(CommonBackend):
         self.model.set_use_attn_result(on)
         return old
 
+    def set_use_split_qkv_input(self, on: bool) -> bool:
+        old = bool(getattr(self.model.cfg, "use_split_qkv_input", False))
+        if old != bool(on):
+            self.model.set_use_split_qkv_input(bool(on))
+        return old
+
+    def set_use_hook_mlp_in(self, on: bool) -> bool:
+        old = bool(getattr(self.model.cfg, "use_hook_mlp_in", False))
+        if old != bool(on):
+            self.model.set_use_hook_mlp_in(bool(on))
+        return old
+
     def supports_prefix_kv(self) -> bool:
         return False
 

@@ -106,6 +106,18 @@ class HookedBackend(CommonBackend):
         self.model.set_use_attn_result(on)
         return old
 
+    def set_use_split_qkv_input(self, on: bool) -> bool:
+        old = bool(self.model.cfg.use_split_qkv_input)
+        if old != bool(on):
+            self.model.set_use_split_qkv_input(bool(on))
+        return old
+
+    def set_use_hook_mlp_in(self, on: bool) -> bool:
+        old = bool(self.model.cfg.use_hook_mlp_in)
+        if old != bool(on):
+            self.model.set_use_hook_mlp_in(bool(on))
+        return old
+
     def supports_prefix_kv(self) -> bool:
         return supports_prefix_kv(self.model)
 

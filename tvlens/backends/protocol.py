@@ -99,6 +99,13 @@ class Backend(Protocol):
     def set_use_attn_result(self, on: bool) -> bool:
         """Turn per-head ``attn.hook_result`` on or off; returns the previous setting."""
 
+    def set_use_split_qkv_input(self, on: bool) -> bool:
+        """Turn the per-head residual inputs ``attn.hook_q_input/k_input/v_input`` ``[b, pos, head, d_model]``
+        on or off (edges into a head's query, key or value); returns the previous setting."""
+
+    def set_use_hook_mlp_in(self, on: bool) -> bool:
+        """Turn ``blocks.{l}.hook_mlp_in`` (the MLP's residual input) on or off; returns the previous setting."""
+
     def supports_prefix_kv(self) -> bool: ...
 
     def prefix_kv_cache(self, keys: dict[int, torch.Tensor], values: dict[int, torch.Tensor], batch: int) -> Any: ...

@@ -5,12 +5,14 @@
   results' ``.plot()`` return these;
 - :mod:`tvlens.views.circuits`: CircuitsVis views from the bundled JavaScript (attention patterns on
   a prompt's tokens, coloured tokens, the interactive circuit view);
+- :mod:`tvlens.views.circuit_graph`: the interactive circuit graph of an ``EdgeScores`` (inline SVG);
 - :mod:`tvlens.views.page`: fragments and self-contained pages (each library inlined once);
 - :mod:`tvlens.views.report`: the HTML report of ``tvlens report`` and ``tvlens demo``.
 """
 
 from __future__ import annotations
 
+from tvlens.views.circuit_graph import circuit_graph_view
 from tvlens.views.circuits import (
     attention_heads_view,
     attention_patterns,
@@ -46,6 +48,7 @@ __all__ = [
     "attention_heads_view",
     "attention_patterns",
     "build_report",
+    "circuit_graph_view",
     "circuit_view",
     "colored_tokens_view",
     "emergence_figure",

@@ -326,6 +326,7 @@ def _build_report(
         page.add(circuits.attention_heads_view(m, prompts, scores, prompt=prompt, k=top_k),
                  f"Attention of the top {top_k} heads on prompt {prompt}")
         page.add(circuits.circuit_view(scores, m, prompts, prompt=prompt, k=max(top_k, 8)), "Circuit view")
+        _add_circuit_graphs(page, results, m, prompts, prompt, notes)
     else:
         page.add(circuits.attention_heads_view(m, prompts, None, prompt=prompt), f"Attention of every head on prompt {prompt}")
     if sweep is not None:
@@ -375,6 +376,32 @@ def _best_patch(patch) -> str:
     fci, cci = getattr(patch, "flip_rate_ci", None), getattr(patch, "control_ci", None)
     return (f"best layer {b}: flip rate {float(patch.flip_rate[li]):.3f}{_ci(fci, li)}, own-task control "
             f"{float(patch.control[li]):.3f}{_ci(cci, li)}")
+
+
+def _add_circuit_graphs(page, results, m, prompts, prompt, notes, per_task: int = 2) -> None:
+    """EAP-IG edge graphs on a few prompts: edges read at the examples' answers (where the task is written)
+    and at the query (where it is read)."""
+    from tvlens.circuits import edge_attribution
+    from tvlens.views.circuit_graph import circuit_graph_view
+
+    keep = torch.cat([(prompts.labels == t).nonzero().flatten()[:per_task] for t in range(prompts.n_tasks)])
+    if prompt not in keep.tolist():
+        keep = torch.cat([torch.tensor([prompt]), keep])
+    sub = prompts.subset(keep)
+    try:
+        graphs = {at: edge_attribution(m, sub, method="eap-ig", positions=at, ci=True, progress=False)
+                  for at in ("answers", "query")}
+    except ConfigError as e:
+        notes.append(f"circuit graphs left out: {e}")
+        return
+    results["edge_scores"] = graphs
+    for at, what in (("answers", "at the examples' answers: which heads write the task"),
+                     ("query", "at the query: which heads read it")):
+        page.add(circuit_graph_view(graphs[at], m, sub, prompt=0, k=20),
+                 f"Circuit graph {what}",
+                 f"EAP-IG edge scores ({graphs[at].notes['ig_steps']} steps, in-context labels shuffled as the corrupted "
+                 f"run, {len(sub)} prompts), counting only where the receiver reads at {at} positions. "
+                 "Slide to show more edges; click a head for its attention on the first prompt.")
 
 
 def summarize(name, fam, acc, dec, patch, scores=None, em=None, sweep=None, top_k: int = 5,
