@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 import tvlens
 from tvlens import tasks
+from tvlens.backends import has_hooked_transformer
 from tvlens.errors import ConfigError, UnknownNameError
 from tvlens.prompts import PromptSet
 from tvlens.tokenizer import word_tokenizer
@@ -28,11 +28,20 @@ WORDS = [f"w{i}" for i in range(10)] + ["->", ";"]
 @pytest.fixture(scope="module")
 def user_model():
     """A plain HookedTransformer, as a researcher builds it: no tvlens metadata, its own tokenizer."""
-    cfg = HookedTransformerConfig(n_layers=2, d_model=32, n_heads=4, d_head=8, n_ctx=16, d_vocab=len(WORDS),
-                                  act_fn="gelu", normalization_type="LN", seed=0, default_prepend_bos=False)
+    fields = dict(n_layers=2, d_model=32, n_heads=4, d_head=8, n_ctx=16, d_vocab=len(WORDS), act_fn="gelu",
+                  normalization_type="LN", seed=0, default_prepend_bos=False)
+    if not has_hooked_transformer():  # TransformerLens 4: a researcher's own model is a boot_native bridge
+        from transformer_lens.config import TransformerBridgeConfig
+        from transformer_lens.model_bridge import TransformerBridge
+
+        model = TransformerBridge.boot_native(TransformerBridgeConfig(**fields)).eval()
+        model.tokenizer = word_tokenizer(WORDS)  # as is: TL's BOS set-up would rewrite a word-level tokenizer
+        return model
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # TL 3.x: HookedTransformer is deprecated for 4.x
-        model = HookedTransformer(cfg)
+        model = HookedTransformer(HookedTransformerConfig(**fields))
     model.set_tokenizer(word_tokenizer(WORDS), default_padding_side="right")
     return model
 
