@@ -1,0 +1,98 @@
+"""The basis-aware estimator (sparse_regression) against numpy references and known answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tvlens import tasks
+from tvlens.errors import ConfigError
+from tvlens.tasks.sparse_regression import basis_aware_baseline, basis_aware_predictions, basis_fits
+
+
+def _numpy_arrays(p):
+    inp = p.inputs.double().numpy()
+    D = inp.shape[-1] - 1
+    return inp[:, 0:-2:2, :D], inp[:, 1:-2:2, D], inp[:, -2, :D], p.answers[:, 0].double().numpy()
+
+
+@pytest.mark.parametrize("D,r,shots", [(8, 2, 5), (16, 4, 9), (4, 1, 3), (8, 2, 1)])
+def test_best_fit_matches_a_brute_force_numpy_reference(D, r, shots):
+    p = tasks.get("sparse_regression", D=D, r=r, n_bases=4).sample(6, shots=shots, seed=3)
+    X, y, xq, ans = _numpy_arrays(p)
+    pred, rss = basis_fits(p)
+    best = basis_aware_predictions(p)
+    for i in range(len(p)):
+        ref_pred, ref_rss = [], []
+        for b in range(4):
+            cols = list(range(b * r, (b + 1) * r))
+            w, *_ = np.linalg.lstsq(X[i][:, cols], y[i], rcond=None)  # minimum norm when underdetermined
+            ref_pred.append(xq[i, cols] @ w)
+            ref_rss.append(float(((X[i][:, cols] @ w - y[i]) ** 2).sum()))
+        np.testing.assert_allclose(pred[i].numpy(), ref_pred, rtol=1e-6, atol=1e-8)
+        np.testing.assert_allclose(rss[i].numpy(), ref_rss, rtol=1e-6, atol=1e-8)
+        if shots > r:  # residuals differ: the best-fitting basis is the argmin
+            assert float(best[i]) == pytest.approx(ref_pred[int(np.argmin(ref_rss))], rel=1e-6, abs=1e-8)
+    err = basis_aware_baseline(p)
+    assert torch.allclose(err.double(), (best - torch.as_tensor(ans)) ** 2, rtol=1e-5, atol=1e-7)
+
+
+def test_bayes_matches_a_numpy_posterior_mean():
+    fam = tasks.get("sparse_regression", D=8, r=2, n_bases=4, noise_std=0.1)
+    p = fam.sample(3, shots=4, seed=5)
+    X, y, xq, _ = _numpy_arrays(p)
+    got = basis_aware_predictions(p, method="bayes").numpy()
+    s2 = 0.01
+    for i in range(len(p)):
+        logml, means = [], []
+        for b in range(4):
+            Xb = X[i][:, 2 * b : 2 * b + 2]
+            C = Xb @ Xb.T + s2 * np.eye(len(y[i]))
+            logml.append(-0.5 * y[i] @ np.linalg.solve(C, y[i]) - 0.5 * np.linalg.slogdet(C)[1])
+            means.append(xq[i, 2 * b : 2 * b + 2] @ np.linalg.solve(Xb.T @ Xb + s2 * np.eye(2), Xb.T @ y[i]))
+        post = np.exp(np.array(logml) - max(logml))
+        post /= post.sum()
+        assert got[i] == pytest.approx(float(post @ np.array(means)), rel=1e-6, abs=1e-9)
+
+
+def test_known_answer_without_noise_the_basis_aware_estimator_is_exact_and_dense_is_not():
+    fam = tasks.get("sparse_regression", D=16, r=4, n_bases=4, noise_std=0.0)
+    p = fam.sample(20, shots=7, seed=0)  # 7 examples: r=4 < 7 < D=16
+    assert float(basis_aware_baseline(p).max()) < 1e-8  # only the true basis fits exactly
+    pred, rss = basis_fits(p)
+    assert torch.equal(rss.argmin(1), p.labels)
+    assert float(tasks.least_squares_baseline(p).mean()) > 0.1  # dense least squares is underdetermined
+    # the restricted fit on the true basis recovers w exactly: its prediction is the answer
+    assert torch.allclose(pred[torch.arange(len(p)), p.labels], p.answers[:, 0].double(), atol=1e-6)
+    assert float(basis_aware_baseline(p, method="bayes").max()) < 1e-4
+
+
+def test_no_examples_predicts_zero_and_ties_pick_the_lowest_basis():
+    fam = tasks.get("sparse_regression", D=4, r=1, n_bases=4, noise_std=0.0)
+    p0 = fam.sample(2, shots=0, seed=0)
+    assert torch.equal(basis_aware_predictions(p0), torch.zeros(len(p0), dtype=torch.float64))
+    p1 = fam.sample(2, shots=1, seed=0)  # one example: every rank-1 basis fits it exactly
+    pred, _ = basis_fits(p1)
+    assert torch.allclose(basis_aware_predictions(p1), pred[:, 0])
+
+
+def test_accuracy_reports_the_basis_aware_baseline():
+    import tvlens
+    from tvlens.models import build_model
+
+    fam = tasks.get("sparse_regression_small")
+    model = build_model(fam, n_layers=1, d_model=16, n_heads=2, shots=5)
+    p = fam.sample(4, shots=5, seed=0)
+    acc = tvlens.icl_accuracy(model, p)
+    assert torch.allclose(acc.basis_baseline, basis_aware_baseline(p))
+    assert "basis_aware_mse" in acc.to_dataframe()
+
+
+def test_bad_baseline_input():
+    with pytest.raises(ConfigError, match="method must be"):
+        basis_aware_predictions(tasks.get("sparse_regression_small").sample(1, shots=3, seed=0), method="lasso")
+    with pytest.raises(ConfigError, match="continuous"):
+        basis_fits(tasks.get("shift").sample(1, shots=2, seed=0))
+    with pytest.raises(ConfigError, match="PromptSet"):
+        basis_fits("prompts")
