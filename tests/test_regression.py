@@ -96,3 +96,76 @@ def test_bad_baseline_input():
         basis_fits(tasks.get("shift").sample(1, shots=2, seed=0))
     with pytest.raises(ConfigError, match="PromptSet"):
         basis_fits("prompts")
+
+
+# --------------------------------------------------------------------------- regression_patching (Fig. 7)
+def _small_model_and_prompts(shots=5):
+    from tvlens.models import build_model
+
+    fam = tasks.get("sparse_regression", D=8, r=2, n_bases=4)
+    model = build_model(fam, n_layers=2, d_model=32, n_heads=4, shots=shots, seed=1)
+    return model, fam.sample(5, shots=shots, seed=0), fam.sample(5, shots=shots, seed=1)
+
+
+def test_regression_patching_matches_a_hook_reference():
+    import tvlens
+
+    model, p, p_vec = _small_model_and_prompts()
+    vecs = tvlens.extract(model, p_vec, progress=False).task_vectors()
+    res = tvlens.regression_patching(model, p, vecs, layers=[1], mode="replace")
+    fits, _ = basis_fits(p)
+    q = p.query_pos
+    for a, name in enumerate(p.task_names):
+        v = vecs.get(name, 1)
+
+        def hook(act, hook, v=v):
+            act = act.clone()
+            act[torch.arange(len(q)), q] = v
+            return act
+
+        with torch.no_grad():
+            out = model.run_with_hooks(p.inputs, fwd_hooks=[("blocks.1.hook_resid_pre", hook)])
+        pred = out[torch.arange(len(q)), q, 0].double()
+        for b in range(4):
+            m = p.labels == b
+            ref = float(((pred[m] - fits[m, a]) ** 2).mean())
+            assert float(res.mse_to_source[0, a, b]) == pytest.approx(ref, rel=1e-4, abs=1e-7)
+            ref_ans = float(((pred[m] - p.answers[m, 0].double()) ** 2).mean())
+            assert float(res.mse_answer[0, a, b]) == pytest.approx(ref_ans, rel=1e-4, abs=1e-7)
+    df = res.to_dataframe()
+    assert len(df) == 16 and {"toward_source", "mse_to_source"} <= set(df.columns)
+    assert res.plot().data and "Regression task-vector patching" in res._repr_html_()
+    assert res.best_layer() == 1
+
+
+def test_regression_patching_without_intervention_moves_nothing():
+    import tvlens
+
+    model, p, p_vec = _small_model_and_prompts()
+    vecs = tvlens.extract(model, p_vec, progress=False).task_vectors()
+    res = tvlens.regression_patching(model, p, vecs, layers=[0, 1], mode="add", scale=0.0)
+    assert torch.allclose(res.mse_to_source, res.base_to_source.expand(2, 4, 4), atol=1e-6)
+    off = ~torch.eye(4, dtype=torch.bool)
+    assert torch.allclose(res.toward_source[:, off], torch.zeros(2, 12, dtype=torch.float64), atol=1e-5)
+    assert bool(torch.diagonal(res.toward_source, dim1=1, dim2=2).isnan().all())
+    assert torch.allclose(res.cross_toward_source, torch.zeros(2, dtype=torch.float64), atol=1e-5)
+    assert torch.allclose(res.control, torch.zeros(2, dtype=torch.float64), atol=1e-5)
+    # the unpatched model's distance to its own basis's solution is the diagonal of base_to_source
+    assert torch.allclose(torch.diagonal(res.base_to_source), res.base_to_own)
+
+
+def test_bad_regression_patching_input():
+    import tvlens
+
+    model, p, p_vec = _small_model_and_prompts()
+    vecs = tvlens.extract(model, p_vec, progress=False).task_vectors()
+    with pytest.raises(ConfigError, match="mode must be"):
+        tvlens.regression_patching(model, p, vecs, mode="mix")
+    with pytest.raises(ConfigError, match="scale must be a finite"):
+        tvlens.regression_patching(model, p, vecs, scale=float("nan"))
+    with pytest.raises(ConfigError, match="final residual stream"):
+        tvlens.regression_patching(model, p, vecs, layers=[2])
+    with pytest.raises(ConfigError, match="TaskVectors"):
+        tvlens.regression_patching(model, p, {"basis0": torch.zeros(32)})
+    with pytest.raises(ConfigError, match="batch_size"):
+        tvlens.regression_patching(model, p, vecs, batch_size=0)

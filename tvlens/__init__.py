@@ -57,6 +57,7 @@ from tvlens.models import (  # noqa: E402
 )
 from tvlens.patching import PatchingResult, run_patching  # noqa: E402
 from tvlens.prompts import PromptSet  # noqa: E402
+from tvlens.regression import RegressionPatchingResult, regression_patching  # noqa: E402
 from tvlens.sweeps import SweepResult, activation_patching  # noqa: E402
 from tvlens.train import TrainConfig, read_log, train  # noqa: E402
 
@@ -79,6 +80,8 @@ __all__ = [
     "SweepResult",
     "activation_patching",
     "run_patching",
+    "RegressionPatchingResult",
+    "regression_patching",
     "DecodabilityResult",
     "EmergenceResult",
     "TaskEncodings",
