@@ -169,3 +169,28 @@ def test_bad_regression_patching_input():
         tvlens.regression_patching(model, p, {"basis0": torch.zeros(32)})
     with pytest.raises(ConfigError, match="batch_size"):
         tvlens.regression_patching(model, p, vecs, batch_size=0)
+
+
+# --------------------------------------------------------------------------- TrainConfig knobs for the study
+def test_train_config_betas_and_constant_schedule():
+    import json
+    from pathlib import Path
+
+    from tvlens.train import TrainConfig, _lr_lambda, train
+
+    cfg = TrainConfig(family={"name": "sparse_regression", "D": 4, "r": 1, "n_bases": 4}, shots=3, steps=3,
+                      batch_size=8, n_layers=1, d_model=16, n_heads=2, eval_every=3, eval_n_per_task=4, warmup=1,
+                      adam_betas=[0.9, 0.9999], lr_schedule="constant")
+    assert cfg.adam_betas == (0.9, 0.9999)
+    f = _lr_lambda(cfg)
+    assert f(0) == pytest.approx(0.5) and f(1) == 1.0 and f(2) == 1.0
+    assert TrainConfig().adam_betas == (0.9, 0.98) and TrainConfig().lr_schedule == "cosine"  # unchanged defaults
+    _, hist = train(cfg, progress=False)
+    assert hist[-1]["basis_aware_mse"] < hist[-1]["least_squares_mse"]  # 3 shots in D=4: only basis-aware is determined
+    paper = TrainConfig(**json.loads((Path(__file__).parent.parent / "configs/sparse_regression_paper.json").read_text()))
+    assert paper.adam_betas == (0.9, 0.9999) and paper.family["D"] == 16 and paper.shots == 19
+    for bad in ([0.9], [0.9, 1.0], ["a", 0.9], [0.9, float("nan")]):
+        with pytest.raises(ConfigError, match="adam_betas"):
+            TrainConfig(adam_betas=bad)
+    with pytest.raises(ConfigError, match="lr_schedule"):
+        TrainConfig(lr_schedule="linear")
