@@ -132,6 +132,16 @@ def test_regression_patching_matches_a_hook_reference():
             assert float(res.mse_to_source[0, a, b]) == pytest.approx(ref, rel=1e-4, abs=1e-7)
             ref_ans = float(((pred[m] - p.answers[m, 0].double()) ** 2).mean())
             assert float(res.mse_answer[0, a, b]) == pytest.approx(ref_ans, rel=1e-4, abs=1e-7)
+    # the floor: toward_source of predicting 0 everywhere, from its definition
+    for a in range(4):
+        for b in range(4):
+            m = p.labels == b
+            if a == b:
+                assert bool(res.zero_floor[a, b].isnan())
+                continue
+            gap = res.base_to_source[a, b] - res.base_to_own[b]
+            ref = (res.base_to_source[a, b] - float((fits[m, a] ** 2).mean())) / gap
+            assert float(res.zero_floor[a, b]) == pytest.approx(float(ref), rel=1e-6)
     df = res.to_dataframe()
     assert len(df) == 16 and {"toward_source", "mse_to_source"} <= set(df.columns)
     assert res.plot().data and "Regression task-vector patching" in res._repr_html_()

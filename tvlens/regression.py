@@ -13,6 +13,9 @@ prompt's basis were a would make. For each layer and (a, b):
 - ``toward_source[l, a, b] = (base_to_source - mse_to_source) / (base_to_source - base_to_own)``:
   the fraction of the gap between "as far from a's solution as the unpatched model" (0) and "as
   close to a's solution as the unpatched model is to its own" (1) that the patch closes;
+- ``zero_floor[a, b]``: the ``toward_source`` a patch gets by collapsing every prediction to 0 (a
+  patch that destroys the computation also moves predictions "toward" a's solution: read
+  ``toward_source`` against this floor and against ``control``);
 - ``control[l]``: for a == b (own basis's vector), ``mse_answer / base_answer - 1``, the relative
   change of the query MSE that patching a prompt's own basis vector causes (0 = harmless).
 """
@@ -50,6 +53,7 @@ class RegressionPatchingResult:
     base_to_own: Float[torch.Tensor, "target"]
     base_answer: Float[torch.Tensor, "target"]
     counts: torch.Tensor
+    zero_to_source: torch.Tensor | None = None  # [source, target]: mean squared size of a's solution
     shots: int = 0
     notes: dict = field(default_factory=dict)
 
@@ -60,6 +64,15 @@ class RegressionPatchingResult:
         out = (self.base_to_source[None] - self.mse_to_source) / gap[None]
         eye = torch.eye(len(self.task_names), dtype=torch.bool)
         return out.masked_fill(eye[None], float("nan"))
+
+    @property
+    def zero_floor(self) -> Float[torch.Tensor, "source target"]:
+        """``toward_source`` of the constant prediction 0; NaN on the diagonal."""
+        if self.zero_to_source is None:
+            return torch.full_like(self.base_to_source, float("nan"))
+        gap = self.base_to_source - self.base_to_own[None, :]
+        out = (self.base_to_source - self.zero_to_source) / gap
+        return out.masked_fill(torch.eye(len(self.task_names), dtype=torch.bool), float("nan"))
 
     def _offdiag_mean(self, grid: torch.Tensor) -> torch.Tensor:
         T = len(self.task_names)
@@ -93,6 +106,7 @@ class RegressionPatchingResult:
             "layer": self.layers,
             "toward_source": self.cross_toward_source.tolist(),
             "own_basis_control": self.control.tolist(),
+            "zero_floor": [float(self._offdiag_mean(self.zero_floor[None])[0])] * len(self.layers),
             "cross_mse_to_source": self._offdiag_mean(self.mse_to_source).tolist(),
             "unpatched_cross_mse_to_source": [float(self.base_to_source[~torch.eye(len(self.task_names),
                                                                                    dtype=torch.bool)].mean())]
@@ -202,6 +216,7 @@ def regression_patching(
     to_src, to_own, to_ans = (torch.zeros(L, T, T, dtype=torch.float64) for _ in range(3))
     b_src, b_own, b_ans = torch.zeros(T, T, dtype=torch.float64), torch.zeros(T, dtype=torch.float64), \
         torch.zeros(T, dtype=torch.float64)
+    z_src = torch.zeros(T, T, dtype=torch.float64)
     vecs = torch.stack([torch.stack([vectors.get(t, layer) for t in names]) for layer in layers]).to(device)  # [L, T, d]
     hooks = sorted({resid_hook_name(layer) for layer in layers})
     bs = batch_size or len(prompts)
@@ -220,6 +235,7 @@ def regression_patching(
         b_ans.index_add_(0, lab, (base - ans) ** 2)
         for a in range(T):
             b_src[a].index_add_(0, lab, (base - fits[:, a]) ** 2)
+            z_src[a].index_add_(0, lab, fits[:, a] ** 2)
         for li, layer in enumerate(layers):
             own = vecs[li][sub.labels] if mode == "swap" else None
             for a in range(T):
@@ -242,7 +258,7 @@ def regression_patching(
         mse_to_source=to_src / cnt * nan_absent, mse_to_own=to_own / cnt * nan_absent,
         mse_answer=to_ans / cnt * nan_absent, base_to_source=b_src / cnt * nan_absent,
         base_to_own=b_own / cnt * nan_absent, base_answer=b_ans / cnt * nan_absent,
-        counts=counts.long(), shots=prompts.shots, notes=notes,
+        counts=counts.long(), zero_to_source=z_src / cnt * nan_absent, shots=prompts.shots, notes=notes,
     )
 
 
