@@ -204,3 +204,18 @@ def test_train_config_betas_and_constant_schedule():
             TrainConfig(adam_betas=bad)
     with pytest.raises(ConfigError, match="lr_schedule"):
         TrainConfig(lr_schedule="linear")
+
+
+def test_a_run_written_before_the_new_fields_still_resumes(tmp_path):
+    import json
+
+    from tvlens.train import TrainConfig, train
+
+    cfg = TrainConfig(family={"name": "sparse_regression", "D": 4, "r": 1, "n_bases": 4}, shots=3, steps=4,
+                      batch_size=8, n_layers=1, d_model=16, n_heads=2, eval_every=2, eval_n_per_task=2)
+    train(cfg, tmp_path, progress=False, stop_after=2)
+    saved = json.loads((tmp_path / "train_config.json").read_text())
+    del saved["adam_betas"], saved["lr_schedule"]  # as an older tvlens wrote it
+    (tmp_path / "train_config.json").write_text(json.dumps(saved))
+    _, hist = train(cfg, tmp_path, progress=False)
+    assert hist[-1]["step"] == 4

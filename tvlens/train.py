@@ -215,6 +215,8 @@ def train(
         resume_path = out / "resume"
         if resume and resume_path.with_suffix(".json").exists():
             saved = json.loads(cfg_path.read_text()) if cfg_path.exists() else None
+            if saved is not None:  # runs written before adam_betas/lr_schedule existed used their defaults
+                saved = {"adam_betas": [0.9, 0.98], "lr_schedule": "cosine", **saved}
             if saved is not None and saved != json.loads(json.dumps(asdict(cfg))):
                 raise CheckpointError(
                     f"{out} holds a run with another configuration ({saved}); use a new out_dir or resume=False"
