@@ -2,7 +2,8 @@
 of the basis on the query representation, per layer, next to kNN TD, on fresh prompts.
 
 Run: ``PYTHONPATH=. .venv/bin/python benchmarks/regression/probe.py RUN_DIR [--steps 0 6655] [--seeds 0 1 2]``
-(5-fold CV accuracy, 200 prompts per basis per seed; chance 0.25). Also probes the prompts' raw
+(``--at answers``: the mean over the examples' y tokens). 5-fold CV accuracy, 200 prompts per basis per seed;
+chance 0.25. Also probes the prompts' raw
 sufficient statistic g = sum_k x_k y_k (what a model that inferred the basis would need) as a ceiling.
 """
 
@@ -32,6 +33,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, nargs="*", default=None, help="default: first and last checkpoint")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--n", type=int, default=200)
+    ap.add_argument("--at", default="query", choices=["query", "answers"],
+                    help="read the query position, or the mean over the examples' answer (y) tokens")
     args = ap.parse_args()
     torch.set_num_threads(1)
     ckpts = dict(list_checkpoints(_resolve_folder(args.run)))
@@ -44,7 +47,7 @@ def main() -> None:
         probes, tds, raw = [], [], []
         for s in args.seeds:
             p = fam.sample(args.n, shots=S, seed=31000 + s)
-            enc = tvlens.extract(model, p, progress=False)
+            enc = tvlens.extract(model, p, progress=False, at=args.at)
             y = p.labels.numpy()
             probes.append([probe_acc(enc.at(L).numpy(), y, s) for L in enc.layers])
             tds.append(tvlens.task_decodability(enc).td.numpy())
@@ -52,7 +55,7 @@ def main() -> None:
             g = (X * Y[..., None]).sum(1).numpy()
             raw.append(probe_acc(np.concatenate([g, np.abs(g)], 1), y, s))
         pr, td = np.array(probes), np.array(tds)
-        print(f"== {args.run} step {step} ({S} shots, {args.n}/basis, seeds {args.seeds}); mean ± sd over seeds")
+        print(f"== {args.run} step {step}, read at {args.at} ({S} shots, {args.n}/basis, seeds {args.seeds}); mean ± sd over seeds")
         for i in range(pr.shape[1]):
             print(f"  layer {i}: linear probe {pr[:, i].mean():.3f} ± {pr[:, i].std():.3f}   kNN TD "
                   f"{td[:, i].mean():.3f} ± {td[:, i].std():.3f}")
