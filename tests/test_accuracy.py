@@ -36,7 +36,7 @@ def test_accuracy_result_table_and_regression_mse():
     out = model(p.inputs)[torch.arange(len(p)), p.query_pos, 0]
     assert torch.allclose(acc.per_prompt, (out - p.answers[:, 0]) ** 2, atol=1e-5)
     df = acc.to_dataframe()
-    assert list(df.columns) == ["task", "n", "mse", "mse_lo", "mse_hi", "least_squares_mse"]
+    assert list(df.columns) == ["task", "n", "mse", "mse_lo", "mse_hi", "least_squares_mse", "basis_aware_mse"]
     assert acc.plot().data
 
 

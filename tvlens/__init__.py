@@ -58,6 +58,7 @@ _LAZY: dict[str, str] = {
     "save_checkpoint": "tvlens.models", "shipped_models": "tvlens.models",
     "PatchingResult": "tvlens.patching", "run_patching": "tvlens.patching",
     "PromptSet": "tvlens.prompts",
+    "RegressionPatchingResult": "tvlens.regression", "regression_patching": "tvlens.regression",
     "SweepResult": "tvlens.sweeps", "activation_patching": "tvlens.sweeps",
     "TrainConfig": "tvlens.train", "read_log": "tvlens.train", "train": "tvlens.train",
     "EdgeScores": "tvlens.circuits", "Faithfulness": "tvlens.circuits", "edge_attribution": "tvlens.circuits",
@@ -124,6 +125,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
     )
     from tvlens.patching import PatchingResult, run_patching  # noqa: F401
     from tvlens.prompts import PromptSet  # noqa: F401
+    from tvlens.regression import RegressionPatchingResult, regression_patching  # noqa: F401
     from tvlens.sweeps import SweepResult, activation_patching  # noqa: F401
     from tvlens.train import TrainConfig, read_log, train  # noqa: F401
 
@@ -152,6 +154,8 @@ __all__ = [
     "SweepResult",
     "activation_patching",
     "run_patching",
+    "RegressionPatchingResult",
+    "regression_patching",
     "DecodabilityResult",
     "EmergenceResult",
     "TaskEncodings",

@@ -3,7 +3,8 @@
 Token families: exact match of the whole answer (every answer token is the argmax given the correct
 previous ones: the same verdict as greedy generation of the whole answer), plus the answer's
 log-probability. Continuous families: squared error of the prediction at the query, per task, next
-to dense least squares fit on the same prompt's examples.
+to dense least squares fit on the same prompt's examples and, for ``sparse_regression`` prompts, to the
+basis-aware estimator (best-fitting basis, then least squares restricted to it).
 
 Text prompts (``pos``, ``bitwise_text``, ``lexical``) are scored as they were sampled
 (``prompts.params["scoring"]``): ``"first_token"`` scores the answer's first token (teacher forcing),
@@ -73,6 +74,7 @@ class AccuracyResult:
     labels: torch.Tensor
     logprob: torch.Tensor | None = None  # answer log-probability per prompt (token families)
     baseline: torch.Tensor | None = None  # least-squares squared error per prompt (regression)
+    basis_baseline: torch.Tensor | None = None  # basis-aware estimator's squared error (sparse_regression)
     shots: int = 0
     notes: dict = field(default_factory=dict)
     # bootstrap CIs over prompts, stratified by task (``with_ci``; filled on first use with the defaults)
@@ -136,6 +138,8 @@ class AccuracyResult:
                 row["answer_logprob"] = float(self.logprob[m].mean()) if bool(m.any()) else float("nan")
             if self.baseline is not None:
                 row["least_squares_mse"] = float(self.baseline[m].mean()) if bool(m.any()) else float("nan")
+            if self.basis_baseline is not None:
+                row["basis_aware_mse"] = float(self.basis_baseline[m].mean()) if bool(m.any()) else float("nan")
             rows.append(row)
         return pd.DataFrame(rows)
 
@@ -234,11 +238,13 @@ def teacher_forced_accuracy(model, prompts: PromptSet, batch_size: int | None = 
             logprobs.append(lp.float().cpu())
     if was_training:
         model.train()
-    baseline = None
+    baseline = basis_baseline = None
     if prompts.is_continuous:
-        from tvlens.tasks.sparse_regression import least_squares_baseline
+        from tvlens.tasks.sparse_regression import basis_aware_baseline, least_squares_baseline
 
         baseline = least_squares_baseline(prompts.to("cpu"))
+        if all(k in prompts.params for k in ("D", "r", "n_bases")):
+            basis_baseline = basis_aware_baseline(prompts.to("cpu"))
     return AccuracyResult(
         task_names=list(prompts.task_names),
         metric="mse" if prompts.is_continuous else "accuracy",
@@ -246,6 +252,7 @@ def teacher_forced_accuracy(model, prompts: PromptSet, batch_size: int | None = 
         labels=prompts.labels.cpu(),
         logprob=torch.cat(logprobs) if logprobs else None,
         baseline=baseline,
+        basis_baseline=basis_baseline,
         shots=prompts.shots,
         notes={"scoring": "first_token"} if "answer_tokens" in prompts.extra else {},
     )

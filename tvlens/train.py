@@ -66,6 +66,9 @@ class TrainConfig:
     eval_n_per_task: int = 64
     n_checkpoints: int = 12
     checkpoint_every: int | None = None  # extra checkpoints every N steps (to resolve a transition)
+    # --- regression study (issue 14): optimizer and schedule knobs; defaults keep earlier runs' behaviour
+    adam_betas: tuple[float, float] = (0.9, 0.98)  # the paper's sparse regression used (0.9, 0.9999)
+    lr_schedule: str = "cosine"  # "cosine" (to 10% of the peak) or "constant" after the warmup
 
     def __post_init__(self) -> None:
         w = "TrainConfig"
@@ -89,6 +92,7 @@ class TrainConfig:
         self.grad_clip = check_float(self.grad_clip, "grad_clip", minimum=0.0, where=w, allow_none=True)
         if self.d_model % self.n_heads:
             raise ConfigError(f"TrainConfig: n_heads={self.n_heads} must divide d_model={self.d_model}")
+        self._check_regression_study_fields()
         self.build_family()  # an unknown family or parameter is refused here, before any work
 
     @classmethod
@@ -101,6 +105,17 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"{where}: unknown TrainConfig field(s) {unknown}; known: {known}")
         return cls(**d)
+
+    def _check_regression_study_fields(self) -> None:
+        betas = self.adam_betas
+        if (not isinstance(betas, (list, tuple)) or len(betas) != 2
+                or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0.0 <= b < 1.0 for b in betas)):
+            raise ConfigError(
+                f"TrainConfig.adam_betas must be two numbers in [0, 1) (e.g. [0.9, 0.9999]), got {betas!r}"
+            )
+        self.adam_betas = (float(betas[0]), float(betas[1]))
+        if self.lr_schedule not in ("cosine", "constant"):
+            raise ConfigError(f"TrainConfig.lr_schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}")
 
     def build_family(self) -> _tasks.TaskFamily:
         return _tasks.from_config(self.family)
@@ -118,6 +133,8 @@ def _lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
     def f(step: int) -> float:
         if step < cfg.warmup:
             return (step + 1) / (cfg.warmup + 1)
+        if cfg.lr_schedule == "constant":
+            return 1.0
         t = (step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1)
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
 
@@ -297,7 +314,7 @@ def train(
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr,
-        betas=(0.9, 0.98),
+        betas=cfg.adam_betas,
     )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
     eval_set = family.sample(cfg.eval_n_per_task, shots=cfg.shots, seed=EVAL_SEED + cfg.seed)
@@ -371,6 +388,8 @@ def train(
         rec["mean"] = acc.mean
         if acc.baseline is not None:
             rec["least_squares_mse"] = float(acc.baseline.mean())
+        if acc.basis_baseline is not None:
+            rec["basis_aware_mse"] = float(acc.basis_baseline.mean())
         if callback is not None:
             extra = callback(step, model, rec)
             if extra:

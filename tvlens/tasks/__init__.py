@@ -22,7 +22,13 @@ from tvlens.tasks.lookup import Lookup
 from tvlens.tasks.pos import Pos
 from tvlens.tasks.position import Position
 from tvlens.tasks.shift import Shift
-from tvlens.tasks.sparse_regression import SparseRegression, least_squares_baseline
+from tvlens.tasks.sparse_regression import (
+    SparseRegression,
+    basis_aware_baseline,
+    basis_aware_predictions,
+    basis_fits,
+    least_squares_baseline,
+)
 from tvlens.tasks.text import DEFAULT_TEMPLATE, TextPrompt, TextTaskFamily, tokenize_prompts
 
 _REGISTRY: dict[str, tuple[Callable[..., TaskFamily], dict[str, Any], str]] = {
@@ -165,6 +171,9 @@ __all__ = [
     "Shift",
     "SparseRegression",
     "least_squares_baseline",
+    "basis_aware_baseline",
+    "basis_aware_predictions",
+    "basis_fits",
     "Pos",
     "BitwiseText",
     "Lexical",

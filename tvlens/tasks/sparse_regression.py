@@ -103,3 +103,98 @@ def least_squares_baseline(prompts: PromptSet, ridge: float = 0.0) -> torch.Tens
         w = torch.linalg.pinv(X) @ y.unsqueeze(-1)
         pred = (xq.unsqueeze(1) @ w).flatten()
     return ((pred - prompts.answers[:, 0].double()) ** 2).float()
+
+
+def _regression_arrays(prompts: PromptSet, what: str):
+    """Context examples ``X [n, k, D]``, ``y [n, k]``, query ``xq [n, D]`` and answers (float64) of
+    a ``sparse_regression`` PromptSet, and its family parameters ``(D, r, n_bases, noise_std)``."""
+    if not isinstance(prompts, PromptSet):
+        raise ConfigError(f"{what}: prompts must be a PromptSet, got {type(prompts).__name__}")
+    if prompts.inputs is None:
+        raise ConfigError(f"{what} needs a continuous (regression) PromptSet, got {prompts.family!r} token prompts")
+    p = prompts.params
+    missing = [k for k in ("D", "r", "n_bases") if k not in p]
+    if missing:
+        raise ConfigError(
+            f"{what} needs sparse_regression prompts (their params name D, r and n_bases); "
+            f"{prompts.family!r} prompts lack {missing}: sample them from tvlens.tasks.get('sparse_regression')"
+        )
+    D, r, nb = int(p["D"]), int(p["r"]), int(p["n_bases"])
+    if prompts.inputs.shape[-1] != D + 1:
+        raise ConfigError(f"{what}: prompts say D={D} but their vectors have {prompts.inputs.shape[-1]} entries "
+                          f"(expected D+1={D + 1})")
+    inp = prompts.inputs.detach().cpu().double()
+    X, y, xq = inp[:, 0:-2:2, :D], inp[:, 1:-2:2, D], inp[:, -2, :D]
+    return X, y, xq, prompts.answers[:, 0].detach().cpu().double(), (D, r, nb, float(p.get("noise_std", 0.0)))
+
+
+def basis_fits(prompts: PromptSet) -> tuple[torch.Tensor, torch.Tensor]:
+    """Least squares restricted to each basis, fit on each prompt's context examples.
+
+    Returns ``(pred, rss)``, both ``[n_prompts, n_bases]`` float64: ``pred[i, b]`` is the query
+    prediction of least squares on basis b's r coordinates (the minimum-norm solution when there are
+    fewer examples than r; 0 with no examples), ``rss[i, b]`` its residual sum of squares on the
+    examples. ``pred[i, a]`` on a basis-b prompt is "basis A's restricted least-squares solution"
+    that Fig. 7's patching is scored against.
+    """
+    X, y, xq, _, (D, r, nb, _) = _regression_arrays(prompts, "basis_fits")
+    n, k = X.shape[0], X.shape[1]
+    pred = torch.zeros(n, nb, dtype=torch.float64)
+    rss = torch.zeros(n, nb, dtype=torch.float64)
+    if k == 0:
+        return pred, rss
+    for b in range(nb):
+        sl = slice(b * r, (b + 1) * r)
+        Xb = X[..., sl]
+        w = torch.linalg.pinv(Xb) @ y.unsqueeze(-1)  # [n, r, 1]
+        pred[:, b] = (xq[:, None, sl] @ w).flatten()
+        rss[:, b] = ((Xb @ w).squeeze(-1) - y).pow(2).sum(-1)
+    return pred, rss
+
+
+def basis_aware_predictions(prompts: PromptSet, method: str = "best_fit") -> torch.Tensor:
+    """Query predictions (float64, ``[n_prompts]``) of an estimator that knows the family's bases.
+
+    - ``"best_fit"``: the basis whose restricted least squares leaves the smallest residual on the
+      examples, then that fit's prediction. Bases whose residuals agree within 1e-9 (relative; e.g.
+      all fit exactly when there are at most r examples) are tied and the lowest index wins.
+    - ``"bayes"``: the posterior mean under the family's own prior (uniform basis, w ~ N(0, I_r) on
+      it, Gaussian noise of ``noise_std``, floored at 1e-3): the lowest expected squared error any
+      estimator can reach on these prompts.
+    """
+    if method not in ("best_fit", "bayes"):
+        raise ConfigError(f"basis_aware_predictions: method must be 'best_fit' or 'bayes', got {method!r}")
+    X, y, xq, _, (D, r, nb, noise) = _regression_arrays(prompts, "basis_aware_predictions")
+    n, k = X.shape[0], X.shape[1]
+    if k == 0:
+        return torch.zeros(n, dtype=torch.float64)
+    if method == "best_fit":
+        pred, rss = basis_fits(prompts)
+        tol = 1e-9 * (1.0 + rss.max(1, keepdim=True).values)
+        tied = rss <= rss.min(1, keepdim=True).values + tol
+        pick = tied.double().argmax(1)  # the first (lowest-index) tied basis
+        return pred[torch.arange(n), pick]
+    s2 = max(noise, 1e-3) ** 2
+    logml = torch.zeros(n, nb, dtype=torch.float64)
+    mean = torch.zeros(n, nb, dtype=torch.float64)
+    eye_k = torch.eye(k, dtype=torch.float64)
+    eye_r = torch.eye(r, dtype=torch.float64)
+    for b in range(nb):
+        sl = slice(b * r, (b + 1) * r)
+        Xb = X[..., sl]
+        cov = Xb @ Xb.transpose(1, 2) + s2 * eye_k  # marginal covariance of y under basis b
+        chol = torch.linalg.cholesky(cov)
+        alpha = torch.cholesky_solve(y.unsqueeze(-1), chol)
+        logml[:, b] = -0.5 * (y.unsqueeze(1) @ alpha).flatten() - torch.log(torch.diagonal(chol, dim1=1, dim2=2)).sum(-1)
+        w = torch.linalg.solve(Xb.transpose(1, 2) @ Xb + s2 * eye_r, Xb.transpose(1, 2) @ y.unsqueeze(-1))
+        mean[:, b] = (xq[:, None, sl] @ w).flatten()
+    post = torch.softmax(logml, dim=1)
+    return (post * mean).sum(1)
+
+
+def basis_aware_baseline(prompts: PromptSet, method: str = "best_fit") -> torch.Tensor:
+    """Per-prompt squared error at the query of ``basis_aware_predictions`` (float32), the companion of
+    ``least_squares_baseline`` (dense): a model that infers the basis approaches this one."""
+    pred = basis_aware_predictions(prompts, method=method)
+    _, _, _, ans, _ = _regression_arrays(prompts, "basis_aware_baseline")
+    return ((pred - ans) ** 2).float()

@@ -75,6 +75,8 @@ def accuracy_figure(acc) -> Any:
     fig = go.Figure(go.Bar(x=[label(t) for t in df["task"]], y=df[acc.metric], name="model", error_y=err))
     if "least_squares_mse" in df:
         fig.add_bar(x=[label(t) for t in df["task"]], y=df["least_squares_mse"], name="least squares")
+    if "basis_aware_mse" in df:
+        fig.add_bar(x=[label(t) for t in df["task"]], y=df["basis_aware_mse"], name="basis-aware least squares")
     scoring = (getattr(acc, "notes", None) or {}).get("scoring")
     how = f", {label(str(scoring).replace('_', ' '))} scoring" if scoring else ""
     bars = f"; bars: {_ci_pct(acc)} over prompts" if err is not None else ""
