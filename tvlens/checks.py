@@ -208,9 +208,9 @@ def check_writable_parent(path: Path, name: str = "path", *, where: str = "") ->
     while not anc.exists() and anc != anc.parent:
         anc = anc.parent
     if not anc.is_dir():
-        raise ConfigError(f"{_pre(where)}{name} {str(path)!r} cannot be created: {anc} is a file, not a folder")
+        raise ConfigError(f"{_pre(where)}{name} {str(path)!r} cannot be written (nor created): {anc} is a file, not a folder")
     if not os.access(anc, os.W_OK):
-        raise ConfigError(f"{_pre(where)}{name} {str(path)!r} cannot be created: {anc} is not writable")
+        raise ConfigError(f"{_pre(where)}{name} {str(path)!r} cannot be written (nor created): {anc} is not writable")
     return p
 
 

@@ -199,7 +199,16 @@ class BridgeBackend(CommonBackend):
     def set_use_split_qkv_input(self, on: bool) -> bool:
         old = bool(getattr(self.model.cfg, "use_split_qkv_input", False))
         if old != bool(on):
-            self.model.set_use_split_qkv_input(bool(on))
+            try:
+                self.model.set_use_split_qkv_input(bool(on))
+            except NotImplementedError as e:
+                from tvlens.errors import UnsupportedModelError
+
+                raise UnsupportedModelError(
+                    "this bridge's attention has no hook before its q/k/v projections (TransformerLens: "
+                    f"{str(e).splitlines()[0][:200]}), so edges into q, k and v cannot be patched: use a "
+                    "HookedTransformer (TL 3.x) or a bridge booted from Hugging Face (boot_transformers), or "
+                    "node methods (head_attribution)") from e
         return old
 
     def set_use_hook_mlp_in(self, on: bool) -> bool:
