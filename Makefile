@@ -1,22 +1,38 @@
 # The README's two commands: `make demo` (the main job) and `make test` (the test suite).
-# Both create the virtualenv when it is missing: torch first (a local CPU build here; an unpinned
-# torch would pull GBs of CUDA packages), then tvlens with the pinned versions of constraints.txt.
+# Both create their virtualenvs when missing: torch first (a local CPU build here; an unpinned torch
+# would pull GBs of CUDA packages), then tvlens with pinned versions. Two TransformerLens lines:
+#   .venv      TransformerLens 3.9 (HookedTransformer and TransformerBridge), constraints-tl3.txt
+#   .venv-tl4  TransformerLens 4.3 (TransformerBridge only),                    constraints-tl4.txt
+# `make test` runs the whole suite under both; `make demo` runs on the 3.9 line (`make demo-tl4`: 4.3).
 VENV ?= .venv
+VENV4 ?= .venv-tl4
 PY := $(VENV)/bin/python
+PY4 := $(VENV4)/bin/python
 STAMP := $(VENV)/.tvlens-installed
+STAMP4 := $(VENV4)/.tvlens-installed
 
-.PHONY: demo test venv bench lint browser
+.PHONY: demo demo-tl4 test test-tl3 test-tl4 venv venv-tl4 bench lint browser
 
 venv: $(STAMP)
+venv-tl4: $(STAMP4)
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints-tl3.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
+	$(PY) -m pip install --quiet -c constraints-tl3.txt -e ".[dev]"
 	touch $(STAMP)
+
+$(STAMP4): pyproject.toml constraints-tl4.txt
+	test -x $(PY4) || python3 -m venv $(VENV4)
+	$(PY4) -m pip install --quiet torch==2.13.0
+	$(PY4) -m pip install --quiet -c constraints-tl4.txt -e ".[dev]"
+	touch $(STAMP4)
 
 demo: $(STAMP)
 	$(VENV)/bin/tvlens demo
+
+demo-tl4: $(STAMP4)
+	$(VENV4)/bin/tvlens demo
 
 # The browser test (tests/test_report_browser.py) drives Debian's headless chromium through playwright,
 # which never downloads a browser; install chromium where it is missing (CI runs as root).
@@ -24,11 +40,19 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
 	  { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium; }
 
-test: $(STAMP) browser
+test-tl3: $(STAMP) browser
+	@echo "== TransformerLens 3.9 line ($(VENV))"
 	$(PY) -m pytest
 
-bench: $(STAMP)
+test-tl4: $(STAMP4) browser
+	@echo "== TransformerLens 4.3 line ($(VENV4))"
+	$(PY4) -m pytest
+
+test: test-tl3 test-tl4
+
+bench: $(STAMP) $(STAMP4)
 	$(PY) benchmarks/run_all.py
+	$(PY4) benchmarks/bench_bridge.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check tvlens tests benchmarks

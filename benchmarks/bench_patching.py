@@ -17,17 +17,16 @@ import time
 
 import torch
 import transformer_lens.patching as tlp
-from transformer_lens import HookedTransformerConfig
 
 import tvlens
-from tvlens.models import _hooked_transformer
+from tvlens.backends.loading import build
 from tvlens.sweeps import activation_patching
 
 
 def gpt2_small_shaped():
-    cfg = HookedTransformerConfig(n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, n_ctx=1024,
-                                  d_vocab=50257, act_fn="gelu_new", normalization_type="LN", seed=0)
-    return _hooked_transformer(cfg).eval()
+    cfg = dict(n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, n_ctx=1024,
+               d_vocab=50257, act_fn="gelu_new", normalization_type="LN", seed=0)
+    return build(cfg, False).eval()  # a HookedTransformer on TL 3.x, a boot_native bridge on 4.x
 
 
 def inputs(which):
@@ -48,7 +47,8 @@ def inputs(which):
 
 def run(which: str) -> None:
     model, clean, corrupted = inputs(which)
-    t1, t2 = int(clean[0, -1]) % model.cfg.d_vocab_out, (int(clean[0, -1]) + 1) % model.cfg.d_vocab_out
+    v = tvlens.backends.get_backend(model).d_vocab_out
+    t1, t2 = int(clean[0, -1]) % v, (int(clean[0, -1]) + 1) % v
 
     def metric(logits):
         return logits[:, -1, t1] - logits[:, -1, t2]

@@ -5,12 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from scipy.stats import spearmanr
-from transformer_lens import HookedTransformerConfig
 
 import tvlens
 from tvlens.attribution import FunctionVectors, HeadScores, function_vector, head_attribution, shuffle_labels
+from tvlens.backends.loading import build
 from tvlens.errors import ConfigError
-from tvlens.models import _hooked_transformer
 from tvlens.sweeps import activation_patching
 
 
@@ -118,9 +117,9 @@ def test_dla_matches_transformer_lens_and_adds_up_to_the_logit(codes):
 def _linear_model():
     """One attention-only layer without layer norms: the logits are linear in each head's output,
     in its values and in its attention pattern, so first-order estimates must be exact there."""
-    cfg = HookedTransformerConfig(n_layers=1, d_model=16, n_heads=4, d_head=4, n_ctx=20, d_vocab=12, attn_only=True,
+    cfg = dict(n_layers=1, d_model=16, n_heads=4, d_head=4, n_ctx=20, d_vocab=12, attn_only=True,
                                   normalization_type=None, act_fn="relu", seed=3)
-    model = _hooked_transformer(cfg).eval()
+    model = build(cfg, False).eval()
     for prm in model.parameters():
         prm.data *= 3.0  # sharper attention: linearising through the softmax then errs
     return model

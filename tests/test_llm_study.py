@@ -227,10 +227,12 @@ def res_eval(res):
 
 
 def test_lora_finetuning_on_the_text_model_is_low_rank(gpt2):
-    before = {k: v.clone() for k, v in gpt2.state_dict().items()}
+    from tvlens.backends.loading import tl_state  # HookedTransformer-format names on either class
+
+    before = {k: v.clone() for k, v in tl_state(gpt2).items()}
     res = tvlens.finetune(gpt2, "lexical", layers="last:1", steps=15, lr=1e-2, lora_rank=2, batch_size=10,
                           n_eval_per_task=6, k=3, progress=False)
-    after = res.model.state_dict()
+    after = tl_state(res.model)
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == {f"blocks.1.{n}" for n in ("attn.W_Q", "attn.W_K", "attn.W_V", "attn.W_O", "mlp.W_in",
                                                   "mlp.W_out")}

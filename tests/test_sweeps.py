@@ -5,18 +5,23 @@ from __future__ import annotations
 import pytest
 import torch
 import transformer_lens.patching as tlp
-from transformer_lens import HookedTransformerConfig
 
+from tvlens.backends import has_hooked_transformer
+from tvlens.backends.loading import build
 from tvlens.errors import ConfigError
-from tvlens.models import _hooked_transformer
-from tvlens.sweeps import activation_patching
+
+# skip_prefix continues a HookedTransformer's key/value cache; a TransformerBridge ignores past_kv_cache, so
+# on TransformerLens 4 (no HookedTransformer) skip_prefix=True is refused: test_skip_prefix_refused_on_a_bridge
+from tvlens.sweeps import activation_patching  # noqa: E402
+
+needs_hooked = pytest.mark.skipif(not has_hooked_transformer(), reason="skip_prefix needs a HookedTransformer (TL 3.x)")
 
 
 @pytest.fixture(scope="module")
 def setup():
-    cfg = HookedTransformerConfig(n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_ctx=16, d_vocab=40,
+    cfg = dict(n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_ctx=16, d_vocab=40,
                                   act_fn="gelu", normalization_type="LN", seed=0)
-    model = _hooked_transformer(cfg)
+    model = build(cfg, False)
     g = torch.Generator().manual_seed(1)
     clean = torch.randint(0, 40, (3, 7), generator=g)
     corrupted = clean.clone()
@@ -95,13 +100,13 @@ def test_sweep_on_the_shipped_bitwise_model():
     ref = tlp.get_act_patch_resid_pre(model, corrupted, cache, tl_metric)
     ours = activation_patching(model, clean, corrupted, metric, read_positions=q, batch_size=64, progress=False)
     assert (ours.values - ref).abs().max() <= 1e-4
-    # the same sweep with the unchanged prefix skipped (per-prompt read positions)
-    skip = activation_patching(model, clean, corrupted, metric, read_positions=q, batch_size=64, progress=False,
-                               skip_prefix=True)
-    full = activation_patching(model, clean, corrupted, metric, read_positions=q, batch_size=64, progress=False,
-                               skip_prefix=False)
-    assert skip.notes["skip_prefix"] and (skip.values - ref).abs().max() <= 1e-4
-    assert (skip.values - full.values).abs().max() <= 1e-4
+    if has_hooked_transformer():  # the same sweep with the unchanged prefix skipped (per-prompt read positions)
+        skip = activation_patching(model, clean, corrupted, metric, read_positions=q, batch_size=64, progress=False,
+                                   skip_prefix=True)
+        full = activation_patching(model, clean, corrupted, metric, read_positions=q, batch_size=64, progress=False,
+                                   skip_prefix=False)
+        assert skip.notes["skip_prefix"] and (skip.values - ref).abs().max() <= 1e-4
+        assert (skip.values - full.values).abs().max() <= 1e-4
 
 
 def test_bad_sweep_input(setup):
@@ -138,6 +143,7 @@ PREFIX_CASES = [
 ]
 
 
+@needs_hooked
 @pytest.mark.parametrize("site,by,tl_fn", PREFIX_CASES, ids=[f"{c[0]}-{'-'.join(c[1])}" for c in PREFIX_CASES])
 def test_skip_prefix_equals_full_run_and_transformer_lens(setup, site, by, tl_fn):
     model, clean, corrupted, clean_cache, metric, tl_metric = setup
@@ -154,11 +160,12 @@ def test_skip_prefix_equals_full_run_and_transformer_lens(setup, site, by, tl_fn
         assert (skip.values - ref).abs().max() <= 1e-4
 
 
+@needs_hooked
 def test_skip_prefix_on_a_rotary_model():
-    cfg = HookedTransformerConfig(n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_ctx=16, d_vocab=40,
+    cfg = dict(n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_ctx=16, d_vocab=40,
                                   act_fn="gelu", normalization_type="LN", positional_embedding_type="rotary",
                                   rotary_dim=8, seed=3)
-    model = _hooked_transformer(cfg)
+    model = build(cfg, False)
     g = torch.Generator().manual_seed(2)
     clean = torch.randint(0, 40, (2, 8), generator=g)
     corrupted = torch.randint(0, 40, (2, 8), generator=g)
@@ -175,6 +182,7 @@ def test_skip_prefix_on_a_rotary_model():
         assert skip.notes["skip_prefix"] and (skip.values - ref).abs().max() <= 1e-4
 
 
+@needs_hooked
 def test_skip_prefix_reading_before_the_patched_position(setup):
     # the metric reads position 3: patches at positions > 3 still run from position 3 on, exactly
     model, clean, corrupted, clean_cache, _, _ = setup
@@ -189,6 +197,7 @@ def test_skip_prefix_reading_before_the_patched_position(setup):
     assert skip.values[:, 4:].abs().max() == pytest.approx(abs(skip.corrupted_metric), abs=1e-4)
 
 
+@needs_hooked
 def test_skip_prefix_with_patch_positions_and_source(setup):
     # one position per prompt (what head attribution sweeps), with a mean activation patched in
     model, clean, corrupted, clean_cache, metric, _ = setup
@@ -212,3 +221,18 @@ def test_skip_prefix_true_when_it_cannot_be_done(setup):
     with pytest.raises(ConfigError, match="single positions"):
         activation_patching(model, clean, corrupted, metric, site="pattern", by=("layer", "head", "dest"),
                             read_positions=[-1], skip_prefix=True, progress=False)
+
+
+def test_skip_prefix_refused_on_a_bridge():
+    """A bridge cannot continue a key/value cache exactly: skip_prefix=True is a clear error, None runs."""
+    from tvlens.backends.loading import build
+
+    model = build(dict(n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_ctx=16, d_vocab=40, act_fn="gelu",
+                       normalization_type="LN", seed=0), False, backend="bridge")
+    x = torch.randint(0, 40, (2, 6), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ConfigError, match="skip_prefix=True cannot skip"):
+        activation_patching(model, x, x.flip(0), lambda lg: lg[:, -1, 0], site="resid_pre", by=("layer", "pos"),
+                            read_positions=[-1], progress=False, skip_prefix=True)
+    res = activation_patching(model, x, x.flip(0), lambda lg: lg[:, -1, 0], site="resid_pre", by=("layer", "pos"),
+                              read_positions=[-1], progress=False)
+    assert torch.isfinite(res.values).all()

@@ -111,3 +111,122 @@ def test_cli_train_from_a_config_file(tmp_path):
         from pathlib import Path
 
         TrainConfig(**json.loads((Path(__file__).parent.parent / f).read_text()))  # valid configs
+
+
+# --------------------------------------------------------------------------- issue 12: never lose a file
+def _snapshot(folder):
+    import hashlib
+
+    return {str(f.relative_to(folder)): hashlib.sha256(f.read_bytes()).hexdigest()
+            for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+def test_training_into_a_copied_shipped_run_refuses_and_restart_keeps_user_files(tmp_path):
+    import shutil
+
+    from tvlens.errors import OverwriteError
+    from tvlens.models import CHECKPOINT_DIR
+
+    run = shutil.copytree(CHECKPOINT_DIR / "codes", tmp_path / "run")
+    (run / "step_by_step_notes.md").write_text("my notes")
+    (run / "step_000100.txt").write_text("not a tvlens name")
+    before = _snapshot(run)
+    n_ckpt = len(list(run.glob("step_*.safetensors")))
+    assert n_ckpt >= 30
+    with pytest.raises(OverwriteError, match="overwrite=True"):
+        train(TrainConfig(**TINY), run, progress=False)
+    assert _snapshot(run) == before  # nothing deleted, nothing overwritten
+    from tvlens.cli import main
+
+    args = ["train", "--family", "shift", "--out", str(run), "--steps", "4", "--batch-size", "6", "--n-layers", "1",
+            "--d-model", "16", "--n-heads", "2", "--eval-every", "2", "--eval-n-per-task", "2", "--no-progress"]
+    assert main(args) == 2
+    assert _snapshot(run) == before
+    # --restart: tvlens' own file names go, the user's files stay
+    assert main(args + ["--restart"]) == 0
+    assert (run / "step_by_step_notes.md").read_text() == "my notes"
+    assert (run / "step_000100.txt").read_text() == "not a tvlens name"
+    assert [s for s, _ in tvlens.list_checkpoints(run)] == checkpoint_steps(4, 12)
+    assert [r["step"] for r in read_log(run)] == [0, 2, 4]
+
+
+def test_a_folder_of_user_files_is_refused_then_kept(tmp_path):
+    from tvlens.errors import OverwriteError
+
+    (tmp_path / "notes.md").write_text("x")
+    with pytest.raises(OverwriteError):
+        train(TrainConfig(**TINY), tmp_path, progress=False)
+    train(TrainConfig(**{**TINY, "steps": 5}), tmp_path, progress=False, overwrite=True)
+    assert (tmp_path / "notes.md").read_text() == "x"
+    assert tvlens.model_info(tvlens.load_model(tmp_path)).step == 5
+
+
+def test_a_finished_run_extends_with_more_steps(tmp_path, capsys):
+    from tvlens.cli import main
+
+    train(TrainConfig(**{**TINY, "steps": 10}), tmp_path / "api", progress=False)
+    model, hist = train(TrainConfig(**{**TINY, "steps": 15}), tmp_path / "api", progress=False)
+    assert [r["step"] for r in read_log(tmp_path / "api")] == [0, 5, 10, 15]
+    assert [r["step"] for r in hist] == [15]
+    assert tvlens.model_info(tvlens.load_model(tmp_path / "api")).step == 15
+    assert json.loads((tmp_path / "api" / "train_config.json").read_text())["steps"] == 15
+    with pytest.raises(CheckpointError, match="already trained to step 15"):
+        train(TrainConfig(**{**TINY, "steps": 12}), tmp_path / "api", progress=False)
+    # the CLI: more --steps extends; another configuration names --restart
+    args = ["train", "--family", "shift", "--out", str(tmp_path / "cli"), "--batch-size", "6", "--n-layers", "1",
+            "--d-model", "16", "--n-heads", "2", "--eval-every", "2", "--eval-n-per-task", "2", "--no-progress"]
+    assert main(args + ["--steps", "4"]) == 0
+    assert main(args + ["--steps", "6"]) == 0
+    assert [r["step"] for r in read_log(tmp_path / "cli")] == [0, 2, 4, 6]
+    capsys.readouterr()
+    assert main(args + ["--steps", "6"]) == 0  # nothing to do: says how to extend
+    assert "already trained to step 6; give --steps N" in capsys.readouterr().err
+    assert main(args + ["--steps", "8", "--lr", "0.01"]) == 2
+    err = capsys.readouterr().err
+    assert "--restart" in err and "--steps" in err and "overwrite=True" not in err
+
+
+def test_nan_grad_clip_is_refused_and_a_nan_loss_saves_nothing(tmp_path, monkeypatch):
+    import sys
+
+    tr = sys.modules["tvlens.train"]  # (tvlens.train is also the function)
+
+    with pytest.raises(ConfigError, match="grad_clip"):
+        train(TrainConfig(**{**TINY, "grad_clip": float("nan")}), tmp_path / "a", progress=False)
+    assert not (tmp_path / "a").exists()
+    real = tr.answer_loss
+    calls = []
+
+    def poisoned(model, batch):
+        calls.append(1)
+        loss = real(model, batch)
+        return loss * float("nan") if len(calls) == 7 else loss
+
+    monkeypatch.setattr(tr, "answer_loss", poisoned)
+    from tvlens.errors import TrainingError
+
+    with pytest.raises(TrainingError, match="loss is nan at step 6"):
+        train(TrainConfig(**TINY), tmp_path / "b", progress=False)
+    for f in (tmp_path / "b").glob("step_*.safetensors"):
+        m = tvlens.load_checkpoint(f)
+        assert all(torch.isfinite(p).all() for p in m.parameters())
+    assert json.loads((tmp_path / "b" / "resume.json").read_text())["step"] == 5
+
+
+def test_a_log_line_cut_by_a_kill_is_dropped_on_resume(tmp_path):
+    train(TrainConfig(**TINY), tmp_path, progress=False, stop_after=5)
+    with open(tmp_path / "log.jsonl", "a") as f:
+        f.write('{"step": 7, "lo')
+    train(TrainConfig(**TINY), tmp_path, progress=False)
+    assert [r["step"] for r in read_log(tmp_path)] == [0, 5, 10, 15, 20, 24]
+
+
+def test_training_memory_is_estimated_before_work(tmp_path, monkeypatch):
+    from tvlens.errors import ResourceError
+
+    monkeypatch.setenv("TVLENS_MEMORY_LIMIT", "3GB")
+    with pytest.raises(ResourceError, match="lower shots .now 100."):
+        train(TrainConfig(family="codes", shots=100), tmp_path / "big", progress=False)
+    assert not (tmp_path / "big").exists()
+    with pytest.raises(ResourceError, match="n_per_task"):
+        tvlens.tasks.get("codes").sample(10**7)

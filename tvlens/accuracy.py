@@ -56,9 +56,10 @@ def refuse_greedy(prompts: PromptSet, what: str) -> None:
 
 
 def batches(n: int, batch_size: int | None, desc: str = "", progress: bool = False):
-    from tvlens.validate import check_batch_size
+    from tvlens.checks import check_batch_size  # batch_size: a positive int, or None for all (never 0)
 
-    bs = check_batch_size(batch_size, where=desc) or max(n, 1)  # None: all prompts in one batch
+    batch_size = check_batch_size(batch_size, where=desc)
+    bs = max(n, 1) if batch_size is None else batch_size
     starts = range(0, n, bs)
     return tqdm(starts, desc=desc, disable=not progress or len(starts) <= 1, leave=False), bs
 
@@ -152,10 +153,11 @@ def logits_at_answers(model, x: torch.Tensor, query_pos: torch.Tensor, n_answer:
                       start_at_layer: int | None = None) -> torch.Tensor:
     """Run ``model`` on ``x`` (inputs, or the residual stream entering ``start_at_layer``) and unembed
     only the answer positions: ``[b, n_answer, d_vocab_out]``."""
-    resid = model(x, start_at_layer=start_at_layer, stop_at_layer=model.cfg.n_layers)
-    from tvlens.models import unembed
+    from tvlens.backends import get_backend
 
-    return unembed(model, model.ln_final(at_answer_positions(resid, query_pos, n_answer)))
+    bk = get_backend(model)
+    resid = bk.final_resid(x) if start_at_layer is None else bk.run_from(x, start_at_layer)
+    return bk.unembed(at_answer_positions(resid, query_pos, n_answer))
 
 
 def icl_accuracy(model, prompts: PromptSet, batch_size: int | None = 256, progress: bool = False) -> AccuracyResult:
@@ -182,7 +184,9 @@ def teacher_forced_accuracy(model, prompts: PromptSet, batch_size: int | None = 
     check_prompts_fit(model, prompts)
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
+    from tvlens.backends import get_backend
+
+    device = get_backend(model).input_device
     per_prompt, logprobs = [], []
     n_ans = prompts.n_answer
     it, bs = batches(len(prompts), batch_size, "icl_accuracy", progress)

@@ -42,6 +42,7 @@ that ``run_patching(..., mode="add")`` takes.
 
 from __future__ import annotations
 
+import functools
 import html
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,7 @@ from pathlib import Path
 import torch
 from jaxtyping import Float
 
+from tvlens.backends import get_backend
 from tvlens.encoding import TaskVectors
 from tvlens.errors import ConfigError
 from tvlens.io import load_tensors_with_sidecar, save_tensors_with_sidecar
@@ -148,7 +150,7 @@ class HeadScores:
         return head_scores_figure(self, per_task=per_task)
 
     # ------------------------------------------------------------------ persistence
-    def save(self, path: str | Path) -> Path:
+    def save(self, path: str | Path, overwrite: bool = False) -> Path:
         """``path.safetensors`` + ``path.json`` (atomic writes)."""
         tensors = {"scores": self.scores}
         if self.per_task is not None:
@@ -157,7 +159,7 @@ class HeadScores:
             tensors["per_position"] = self.per_position
         meta = {"kind": "HeadScores", "method": self.method, "metric": self.metric, "task_names": self.task_names,
                 "prompts": self.prompts, "notes": self.notes}
-        return save_tensors_with_sidecar(path, tensors, meta)
+        return save_tensors_with_sidecar(path, tensors, meta, overwrite=overwrite)
 
     @classmethod
     def load(cls, path: str | Path) -> "HeadScores":
@@ -252,7 +254,7 @@ def _check_common(model, prompts, method: str, layers, batch_size):
     if prompts.is_continuous:
         raise ConfigError("head_attribution scores answer tokens: these prompts are continuous (regression), "
                           "which it does not support yet")
-    n = model.cfg.n_layers
+    n = get_backend(model).n_layers
     layers = int_list(layers, "layers", 0, n - 1, "head_attribution", " (block indices)")
     check_batch_size(batch_size, where="head_attribution")
     return list(range(n)) if layers is None else layers
@@ -293,10 +295,11 @@ def _z_at_query(model, tokens, query_pos, layers) -> tuple[torch.Tensor, torch.T
     rows = torch.arange(tokens.shape[0], device=tokens.device)
     store: dict[int, torch.Tensor] = {}
 
-    def save(act, hook):
-        store[int(hook.name.split(".")[1])] = act[rows, query_pos].detach()
+    def save(act, hook, _layer):
+        store[_layer] = act[rows.to(act.device), query_pos.to(act.device)].detach().to(tokens.device)
 
-    logits = model.run_with_hooks(tokens, fwd_hooks=[(f"blocks.{L}.attn.hook_z", save) for L in layers])
+    logits = get_backend(model).run_with_hooks(
+        tokens, fwd_hooks=[(f"blocks.{L}.attn.hook_z", functools.partial(save, _layer=L)) for L in layers])
     return torch.stack([store[L] for L in layers], 1), logits
 
 
@@ -361,7 +364,7 @@ def head_attribution(
             if (corrupted.tokens is None or corrupted.tokens.shape != prompts.tokens.shape
                     or not torch.equal(corrupted.query_pos.cpu(), prompts.query_pos.cpu())):
                 raise ConfigError("corrupted prompts must have the same token shape and query positions as prompts")
-
+    device = get_backend(model).input_device
     device = next(model.parameters()).device
     P = _trim(prompts).to(device)
     C = _trim(corrupted).to(device) if corrupted is not None else None
@@ -385,10 +388,11 @@ def head_attribution(
         vals, pos_vals, base = _dla(model, P, layers, batch_size, progress)
         per_position = pos_vals.mean(0)
         notes["answer_logit"] = base
-    full = torch.full((len(prompts), model.cfg.n_layers, model.cfg.n_heads), float("nan"))
+    bk = get_backend(model)
+    full = torch.full((len(prompts), bk.n_layers, bk.n_heads), float("nan"))
     full[:, layers] = vals.float().cpu()
     if per_position is not None:
-        pp = torch.full((per_position.shape[0], model.cfg.n_layers, model.cfg.n_heads), float("nan"))
+        pp = torch.full((per_position.shape[0], bk.n_layers, bk.n_heads), float("nan"))
         pp[:, layers] = per_position.float().cpu()
         per_position = pp
     by_task, scores = _per_task(full, labels, list(prompts.task_names))
@@ -447,11 +451,12 @@ def _ablation(model, P, layers, fn, ablation, positions, batch_size, progress):
         for sl in _chunks(n, batch_size):
             store: dict[int, torch.Tensor] = {}
 
-            def save(act, hook, _store=store):
-                _store[int(hook.name.split(".")[1])] = act.sum(0)
+            def save(act, hook, _layer, _store=store):
+                _store[_layer] = act.sum(0).to(P.tokens.device)
 
-            model.run_with_hooks(P.tokens[sl], stop_at_layer=max(layers) + 1,
-                                 fwd_hooks=[(f"blocks.{L}.attn.hook_z", save) for L in layers])
+            get_backend(model).run_with_hooks(
+                P.tokens[sl], stop_at_layer=max(layers) + 1,
+                fwd_hooks=[(f"blocks.{L}.attn.hook_z", functools.partial(save, _layer=L)) for L in layers])
             s = torch.stack([store[L] for L in layers])  # [layer, pos, head, d_head]
             total = s if total is None else total + s
         mean = total / n
@@ -481,7 +486,11 @@ def _patch_sweep(model, P, C, layers, fn, batch_size, progress):
 
 def _attn_scale(model, layer: int) -> float:
     cfg = model.cfg
-    s = float(cfg.attn_scale) if cfg.use_attn_scale else 1.0
+    s = float(getattr(cfg, "attn_scale", -1.0) or -1.0)
+    if s <= 0:  # a bridge's config leaves it at -1 (the architecture's default, 1/sqrt(d_head))
+        s = float(cfg.d_head) ** 0.5
+    if not getattr(cfg, "use_attn_scale", True):
+        s = 1.0
     if getattr(cfg, "scale_attn_by_inverse_layer_idx", False):
         s *= layer + 1
     return s
@@ -493,15 +502,15 @@ def _atp(model, P, C, layers, fn, site, qk_fix, batch_size, progress):
 
     parts = {"qkv": ["q", "k", "v"], "z": []}.get(site, [site])
     kinds = ["z"] + parts
+    bk = get_backend(model)
     if parts:
-        kv = getattr(model.cfg, "n_key_value_heads", None)
-        if kv is not None and kv != model.cfg.n_heads:
+        kv = bk.n_key_value_heads
+        if kv is not None and kv != bk.n_heads:
             raise ConfigError(f"atp_site={site!r} needs one key/value head per query head; use atp_site='z'")
-        if qk_fix and model.cfg.positional_embedding_type == "rotary":
+        if qk_fix and bk.positional_embedding_type == "rotary":
             raise ConfigError("qk_fix recomputes softmax(q k^T) from hook_q/hook_k, which come before the rotary "
                               "embedding in this model; use qk_fix=False or atp_site='z'")
     top = max(layers) + 1
-    n_layers = model.cfg.n_layers
     vals, pos_vals, bases = [], [], []
     it = tqdm(_chunks(len(P), batch_size), desc="atp", disable=not progress, leave=False)
     for sl in it:
@@ -509,14 +518,16 @@ def _atp(model, P, C, layers, fn, site, qk_fix, batch_size, progress):
         with torch.no_grad():
             clean: dict[str, torch.Tensor] = {}
 
-            def save_clean(act, hook, _s=clean):
-                _s[hook.name] = act.detach()
+            def save_clean(act, hook, _name, _s=clean):
+                _s[_name] = act.detach()
 
-            model.run_with_hooks(P.tokens[sl], stop_at_layer=top, fwd_hooks=[(n, save_clean) for n in names])
+            bk.run_with_hooks(P.tokens[sl], stop_at_layer=top,
+                              fwd_hooks=[(n, functools.partial(save_clean, _name=n)) for n in names])
         corr: dict[str, torch.Tensor] = {}
 
-        def save(act, hook, _s=corr):
-            _s[hook.name] = act
+        def save(act, hook, _name, _s=corr):
+            _s[_name] = act
+            return act  # returned, so the tensor saved is the one downstream (a bridge hands hooks a view)
 
         def leaf(act, hook):  # the graph starts here even when the weights are frozen
             return act.detach().requires_grad_(True)
@@ -524,17 +535,15 @@ def _atp(model, P, C, layers, fn, site, qk_fix, batch_size, progress):
         extra = []
         fix = qk_fix and ("q" in parts or "k" in parts)
         if fix:
-            extra = [f"blocks.{L}.attn.hook_{k}" for L in layers for k in ("pattern", "attn_scores", "q", "k")
+            extra = [f"blocks.{L}.attn.hook_{k}" for L in layers for k in ("pattern", "q", "k")
                      if f"blocks.{L}.attn.hook_{k}" not in names]
-        hooks = [("blocks.0.hook_resid_pre", leaf)] + [(n, save) for n in names + extra]
+        hooks = [("blocks.0.hook_resid_pre", leaf)] + [(n, functools.partial(save, _name=n)) for n in names + extra]
         with torch.enable_grad():
-            resid = model.run_with_hooks(C.tokens[sl], stop_at_layer=n_layers, fwd_hooks=hooks)
+            resid = bk.run_with_hooks(C.tokens[sl], stop_at_layer=bk.n_layers, fwd_hooks=hooks)
             from tvlens.accuracy import at_answer_positions
 
             x = at_answer_positions(resid, P.query_pos[sl], P.n_answer)
-            from tvlens.models import unembed
-
-            sel = unembed(model, model.ln_final(x) if hasattr(model, "ln_final") else x)
+            sel = bk.unembed(x)
             m = fn(sel, P.answers[sl])
             if not torch.is_tensor(m) or not m.requires_grad:
                 raise ConfigError("the metric is not differentiable (its value has no gradient): method='atp' needs "
@@ -542,6 +551,12 @@ def _atp(model, P, C, layers, fn, site, qk_fix, batch_size, progress):
             grad_names = names + [n for n in extra if n.endswith("pattern")]
             grads = dict(zip(grad_names, torch.autograd.grad(m.sum(), [corr[n] for n in grad_names],
                                                              allow_unused=True)))
+            lost = [n for n in names if n.endswith("hook_z") and grads[n] is None]
+            if lost:
+                from tvlens.errors import TvlensError
+
+                raise TvlensError(f"atp: no gradient reaches {lost[:2]} on this {bk.kind} model, so its scores "
+                                  "would be zeros; this is a bug in the backend, please report it")
         bases.append(m.detach().float().cpu())
         with torch.no_grad():
             per_layer, per_pos = [], []
@@ -576,13 +591,15 @@ def _qk_fix_terms(model, L, clean, corr, grads, parts) -> torch.Tensor:
     respect to the pattern."""
     pre = f"blocks.{L}.attn.hook_"
     q, k = corr[pre + "q"].detach(), corr[pre + "k"].detach()
-    scores = corr[pre + "attn_scores"].detach()  # [b, head, q, k], masked
     pattern = corr[pre + "pattern"].detach()
     g = _g(grads[pre + "pattern"], pattern)
     scale = _attn_scale(model, L)
-    recon = torch.einsum("bqhd,bkhd->bhqk", q, k) / scale
-    finite = torch.isfinite(scores)
-    if finite.any() and not torch.allclose(recon[finite], scores[finite], atol=1e-4, rtol=1e-3):
+    # the causal scores from hook_q/hook_k themselves (hook_attn_scores is not the same thing on every
+    # backend: -inf or -3.4e38 masks, and TransformerLens 4's native bridge fires it after the softmax)
+    n_q, n_k = q.shape[1], k.shape[1]
+    causal = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).triu(n_k - n_q + 1)
+    scores = (torch.einsum("bqhd,bkhd->bhqk", q, k) / scale).masked_fill(causal, float("-inf"))
+    if not torch.allclose(torch.softmax(scores, -1), pattern, atol=1e-4, rtol=1e-3):
         raise ConfigError(f"block {L}'s attention scores are not q.k/scale of hook_q and hook_k (a positional "
                           "scheme or soft cap inside the attention): use qk_fix=False or atp_site='z'")
     out = 0
@@ -602,47 +619,50 @@ def _dla(model, P, layers, batch_size, progress):
     """Direct logit attribution at the query position, from ``hook_z`` and the values there."""
     from tqdm.auto import tqdm
 
-    cfg = model.cfg
-    norm = cfg.normalization_type
+    bk = get_backend(model)
+    norm = getattr(model.cfg, "normalization_type", None)
     vals, pos_vals, logits_out = [], [], []
-    W_O = model.W_O[layers]  # [layer, head, d_head, d_model]
+    W_O = bk.W_O[layers]  # [layer, head, d_head, d_model]
+    a_heads = bk.n_heads
     it = tqdm(_chunks(len(P), batch_size), desc="dla", disable=not progress, leave=False)
     for sl in it:
         toks, q = P.tokens[sl], P.query_pos[sl]
         rows = torch.arange(toks.shape[0], device=toks.device)
         store: dict[str, torch.Tensor] = {}
 
-        def at_q(act, hook, _s=store):
-            _s[hook.name] = act[rows, q]
+        def at_q(act, hook, _name, _s=store):
+            _s[_name] = act[rows.to(act.device), q.to(act.device)].to(toks.device)
 
-        def pat_row(act, hook, _s=store):  # [b, head, q, k] -> the query's row
-            _s[hook.name] = act[rows, :, q]
+        def pat_row(act, hook, _name, _s=store):  # [b, head, q, k] -> the query's row
+            _s[_name] = act[rows.to(act.device), :, q.to(act.device)].to(toks.device)
 
-        def keep(act, hook, _s=store):
-            _s[hook.name] = act
+        def keep(act, hook, _name, _s=store):
+            _s[_name] = act.to(toks.device)
 
         hooks = []
         for L in layers:
-            hooks += [(f"blocks.{L}.attn.hook_z", at_q), (f"blocks.{L}.attn.hook_pattern", pat_row),
-                      (f"blocks.{L}.attn.hook_v", keep)]
+            hooks += [(n, functools.partial(f, _name=n)) for n, f in ((f"blocks.{L}.attn.hook_z", at_q),
+                      (f"blocks.{L}.attn.hook_pattern", pat_row), (f"blocks.{L}.attn.hook_v", keep))]
         if norm is not None:
-            hooks.append(("ln_final.hook_scale", at_q))
-        logits = model.run_with_hooks(toks, fwd_hooks=hooks)
+            hooks.append(("ln_final.hook_scale", functools.partial(at_q, _name="ln_final.hook_scale")))
+        logits = bk.run_with_hooks(toks, fwd_hooks=hooks)
         ans = P.answers[sl][:, 0]
-        logits_out.append(logits[rows, q, ans].float().cpu())
-        d = model.W_U[:, ans].T  # [b, d_model]
+        logits_out.append(logits[rows.to(logits.device), q.to(logits.device), ans.to(logits.device)].float().cpu())
+        d = bk.W_U[:, ans.to(bk.W_U.device)].T.to(toks.device)  # [b, d_model]
         if norm in ("LN", "RMS"):
-            d = d * model.ln_final.w
+            d = d * bk.ln_final_weight.to(d.device)
         if norm in ("LN", "LNPre"):
             d = d - d.mean(-1, keepdim=True)  # the layer norm centres its input
         scale = store["ln_final.hook_scale"].reshape(-1) if norm is not None else torch.ones(len(ans), device=d.device)
-        wd = torch.einsum("lhem,bm->blhe", W_O, d) / scale[:, None, None, None]  # [b, layer, head, d_head]
+        wd = torch.einsum("lhem,bm->blhe", W_O.to(d.device), d) / scale[:, None, None, None]  # [b, layer, head, d_head]
         z = torch.stack([store[f"blocks.{L}.attn.hook_z"] for L in layers], 1)  # [b, layer, head, d_head]
         vals.append((z * wd).sum(-1).float().cpu())
         # by source position: z = sum_s pattern[q, s] v_s
         per_pos = []
         for li, L in enumerate(layers):
-            v = store[f"blocks.{L}.attn.hook_v"]  # [b, pos, head, d_head]
+            v = store[f"blocks.{L}.attn.hook_v"]  # [b, pos, head, d_head] ([.., kv_head, ..] with grouped queries)
+            if v.shape[2] != a_heads:
+                v = v.repeat_interleave(a_heads // v.shape[2], dim=2)  # query head h reads key/value head h // group
             a = store[f"blocks.{L}.attn.hook_pattern"]  # [b, head, pos]
             per_pos.append(torch.einsum("bhs,bshe,bhe->bsh", a, v, wd[:, li]))
         pos_vals.append(torch.stack(per_pos, 2).float().cpu())  # [b, pos, layer, head]
@@ -704,7 +724,8 @@ def function_vector(model, prompts, scores: HeadScores | None = None, k: int = 1
     from tvlens.accuracy import check_prompts_fit
     from tvlens.encoding import model_fingerprint
 
-    nL, nH = model.cfg.n_layers, model.cfg.n_heads
+    bk = get_backend(model)
+    nL, nH = bk.n_layers, bk.n_heads
     if (scores is None) == (heads is None):
         raise ConfigError("give either scores (a HeadScores, whose top-k heads are used) or heads, not both")
     if scores is not None:
@@ -727,13 +748,14 @@ def function_vector(model, prompts, scores: HeadScores | None = None, k: int = 1
     batch_size = check_batch_size(batch_size, where="function_vector") or len(prompts)
     if prompts.is_continuous:
         raise ConfigError("function_vector reads token prompts; these prompts are continuous")
-    device = next(model.parameters()).device
+    device = bk.input_device
     P = _trim(prompts).to(device)
     layers = sorted({L for L, _ in heads})
     zq = torch.cat([_z_at_query(model, P.tokens[sl], P.query_pos[sl], layers)[0]
                     for sl in _chunks(len(P), batch_size)])  # [n, layer, head, d_head]
     T = P.n_tasks
-    out = torch.zeros(T, model.cfg.d_model, device=device)
+    out = torch.zeros(T, bk.d_model, device=device)
+    W_O = bk.W_O
     counts = torch.bincount(P.labels, minlength=T).cpu()
     for t in range(T):
         m = P.labels == t
@@ -741,10 +763,10 @@ def function_vector(model, prompts, scores: HeadScores | None = None, k: int = 1
             continue
         mz = zq[m].mean(0)
         for L, h in heads:
-            out[t] += mz[layers.index(L), h] @ model.W_O[L, h]
+            out[t] += mz[layers.index(L), h] @ W_O[L, h].to(device)
     return FunctionVectors(vectors=out[None].expand(nL, T, -1).clone().cpu(), layers=list(range(nL)),
                            task_names=list(prompts.task_names), counts=counts, fingerprint=model_fingerprint(model),
-                           d_model=int(model.cfg.d_model), family=prompts.family, heads=heads)
+                           d_model=bk.d_model, family=prompts.family, heads=heads)
 
 
 __all__ = ["FunctionVectors", "HeadScores", "METHODS", "function_vector", "head_attribution", "shuffle_labels"]

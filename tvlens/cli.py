@@ -22,28 +22,88 @@ def _parse_value(v: str) -> Any:
 
 
 def _family_params(items: list[str]) -> dict[str, Any]:
+    from tvlens.errors import ConfigError
+
     out = {}
     for it in items:
-        if "=" not in it:
-            raise SystemExit(f"tvlens: --param expects KEY=VALUE (e.g. n_bits=5), got {it!r}")
-        k, v = it.split("=", 1)
-        out[k] = _parse_value(v)
+        k, sep, v = it.partition("=")
+        if not sep or not k.strip():
+            raise ConfigError(f"--param expects KEY=VALUE (e.g. --param n_bits=5), got {it!r}")
+        if k in out:
+            raise ConfigError(f"--param {k} is given twice ({out[k]!r} and {v!r}); give each parameter once")
+        out[k.strip()] = _parse_value(v)
     return out
 
 
+def _int_type(minimum: int, what: str):
+    def parse(v: str) -> int:
+        try:
+            n = int(v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {v!r}") from None
+        if n < minimum:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {n}")
+        return n
+
+    parse.__name__ = what
+    return parse
+
+
+def _finite_float(v: str) -> float:
+    import math
+
+    try:
+        x = float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {v!r}") from None
+    if not math.isfinite(x):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {v!r}")
+    return x
+
+
+POSITIVE = _int_type(1, "an integer >= 1")
+SEED = _int_type(0, "a non-negative integer seed")
+
+
+def _read_config(path: str) -> dict[str, Any]:
+    from pathlib import Path
+
+    from tvlens.errors import ConfigError
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError(f"--config {path!r}: no such file" + (" (it is a folder)" if p.is_dir() else ""))
+    try:
+        d = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--config {path!r} is not valid JSON ({e}); it must be an object of TrainConfig fields") from e
+    if not isinstance(d, dict):
+        raise ConfigError(f"--config {path!r} holds a JSON {type(d).__name__}; it must be an object of TrainConfig fields")
+    return d
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    import re
+
+    from tvlens.errors import ConfigError
     from tvlens.train import TrainConfig, train
 
     kw: dict[str, Any] = {}
     if args.config:
-        kw.update(json.loads(open(args.config).read()))
+        kw.update(_read_config(args.config))
     kw.update({f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None})
     if args.family:
         kw["family"] = {"name": args.family, **_family_params(args.param)}
+    elif args.param:
+        raise ConfigError("--param needs --family NAME (the family whose parameter it sets)")
     elif "family" not in kw:
-        raise SystemExit("tvlens train: give --family NAME or --config FILE")
-    cfg = TrainConfig(**kw)
-    torch.set_num_threads(args.threads) if args.threads else None
+        raise ConfigError("tvlens train: give --family NAME or --config FILE")
+    try:
+        cfg = TrainConfig.from_dict(kw, where=f"--config {args.config!r}" if args.config else "tvlens train")
+    except ConfigError as e:  # name the flag, not the dataclass field
+        raise ConfigError(re.sub(r"TrainConfig: (\w+)", lambda m: "--" + m.group(1).replace("_", "-"), str(e))) from e
+    if args.threads:
+        torch.set_num_threads(args.threads)
     callback = None
     if getattr(args, "track_encoding", False):
         from tvlens.encoding import encoding_callback
@@ -51,9 +111,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         callback = encoding_callback(cfg)
     t0 = time.perf_counter()
     model, history = train(
-        cfg, args.out, resume=not args.restart, progress=not args.no_progress, command=args.command_line, callback=callback
+        cfg, args.out, resume=not args.restart, overwrite=args.restart, progress=not args.no_progress,
+        command=args.command_line, callback=callback, _cli=True,
     )
     last = history[-1] if history else {}
+    if not history:
+        step = getattr(getattr(model, "tvlens_info", None), "step", None)
+        print(f"tvlens train: {args.out} is already trained to step {step}; give --steps N (more than {step}) "
+              "to extend it", file=sys.stderr)
     print(json.dumps({"out": args.out, "seconds": round(time.perf_counter() - t0, 1), "final": last}, indent=1))
     return 0
 
@@ -85,7 +150,9 @@ def _threads(n: int):
     The shipped models are tiny: more threads barely help, and on a shared machine spinning threads
     made ``tvlens demo`` 3-4x slower (68 s with 2 threads against 19 s with 1, same load)."""
     if n < 1:
-        raise SystemExit(f"tvlens: --threads must be >= 1, got {n}")
+        from tvlens.errors import ConfigError
+
+        raise ConfigError(f"--threads must be an integer >= 1, got {n}")
     old = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
@@ -101,7 +168,22 @@ def _threads(n: int):
         torch.set_num_threads(old)
 
 
+def _check_out_folder(out: str, flag: str = "--out") -> None:
+    """A report folder that cannot be written is refused before any work (not after the analyses)."""
+    from pathlib import Path
+
+    from tvlens.checks import check_out_path, check_writable_parent
+    from tvlens.errors import ConfigError
+
+    p = check_out_path(out, flag)
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"{flag} {out!r} is a file, not a folder; give a folder for the report")
+    check_writable_parent(Path(p) / "report.html", flag)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
+    if not args.no_report:
+        _check_out_folder(args.out)
     with _threads(args.threads):
         return _demo(args)
 
@@ -117,8 +199,10 @@ def _demo(args: argparse.Namespace) -> int:
         raise SystemExit(f"tvlens demo: model {args.model!r} records no task family; use a tvlens model")
     prompts = family.sample(args.n_per_task, shots=args.shots, seed=args.seed)
     acc = tvlens.icl_accuracy(model, prompts)
-    print(f"model {args.model!r} ({info.source}, step {info.step}): {model.cfg.n_layers} layers, "
-          f"d_model {model.cfg.d_model}, family {family!r}")
+    from tvlens.backends import get_backend
+
+    print(f"model {args.model!r} ({info.source}, step {info.step}): {get_backend(model).n_layers} layers, "
+          f"d_model {get_backend(model).d_model}, family {family!r}")
     print(f"{len(prompts)} fresh prompts ({args.shots}-shot, seed {args.seed}); e.g.\n  {prompts.render(0)}")
     print(acc.to_dataframe().to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print(f"mean {acc.metric} (non-null tasks): {acc.mean:.3f}")
@@ -163,6 +247,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from tvlens.views.report import write_report
 
     t0 = time.perf_counter()
+    _check_out_folder(args.out)
     with _threads(args.threads):
         path, rep = write_report(args.out, args.model, args.family, n_per_task=args.n_per_task, shots=args.shots,
                                  seed=args.seed, patching_per_task=args.patching_per_task, head_method=args.head_method,
@@ -181,28 +266,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="the main job on the shipped default model")
     d.add_argument("--model", default="default")
-    d.add_argument("--n-per-task", type=int, default=100)
+    d.add_argument("--n-per-task", type=POSITIVE, default=100)
     d.add_argument("--shots", type=int, default=4)
-    d.add_argument("--seed", type=int, default=12345)
+    d.add_argument("--seed", type=SEED, default=12345)
     d.add_argument("--out", default="out", help="folder of the HTML report (default: out)")
     d.add_argument("--head-method", default="dla", help="head attribution method for the report (default: dla)")
     d.add_argument("--no-report", action="store_true", help="only accuracy and TD; no patching, heads or report")
-    d.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: the models are tiny)")
+    d.add_argument("--threads", type=POSITIVE, default=1, help="CPU threads (default 1: the models are tiny)")
     d.set_defaults(func=cmd_demo)
 
     r = sub.add_parser("report", help="one self-contained HTML file with every view of a model on a task family")
     r.add_argument("--model", default="default", help="a shipped model name, a run folder or a checkpoint")
     r.add_argument("--family", default=None, help="task family (default: the one the model records)")
     r.add_argument("--out", default="out", help="folder to write the report into (default: out)")
-    r.add_argument("--n-per-task", type=int, default=30)
+    r.add_argument("--n-per-task", type=POSITIVE, default=30)
     r.add_argument("--shots", type=int, default=4)
-    r.add_argument("--seed", type=int, default=12345)
+    r.add_argument("--seed", type=SEED, default=12345)
     r.add_argument("--patching-per-task", type=int, default=None, help="prompts per task for run_patching (default: all)")
     r.add_argument("--head-method", default="dla")
     r.add_argument("--prompt", type=int, default=0, help="the prompt whose attention the head views show")
     r.add_argument("--no-tsne", action="store_true")
     r.add_argument("--no-emergence", action="store_true", help="skip the views across training checkpoints")
-    r.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: the models are tiny)")
+    r.add_argument("--threads", type=POSITIVE, default=1, help="CPU threads (default 1: the models are tiny)")
     r.set_defaults(func=cmd_report)
 
     t = sub.add_parser("train", help="train a small hooked transformer on a task family")
@@ -215,10 +300,13 @@ def build_parser() -> argparse.ArgumentParser:
         if f.name == "family":
             continue
         typ = type(defaults[f.name]) if defaults[f.name] is not None else int
+        typ = _finite_float if typ is float else SEED if f.name == "seed" else typ
         t.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=typ, default=None,
                        help=f"default {defaults[f.name]}")
-    t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    t.add_argument("--restart", action="store_true", help="ignore an existing resume state in --out")
+    t.add_argument("--threads", type=POSITIVE, default=None, help="torch CPU threads")
+    t.add_argument("--restart", action="store_true",
+                   help="start afresh in a --out that holds a run or other files: removes only tvlens' own files "
+                        "there (step_*, log.jsonl, train_config.json, resume.*); other files are kept")
     t.add_argument("--no-progress", action="store_true")
     t.add_argument("--track-encoding", action="store_true", help="log task decodability per layer at each eval")
     t.set_defaults(func=cmd_train)

@@ -12,7 +12,7 @@ Definitions (Han et al. 2025; DESIGN.md):
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import html
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +23,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 
 from tvlens.accuracy import batches, check_prompts_fit
+from tvlens.backends import get_backend, resid_name
 from tvlens.errors import ConfigError, TvlensError
 from tvlens.io import load_tensors_with_sidecar, save_tensors_with_sidecar
 from tvlens.prompts import PromptSet
@@ -30,12 +31,10 @@ from tvlens.prompts import PromptSet
 
 # --------------------------------------------------------------------------- layers and hooks
 def n_resid_layers(model) -> int:
-    return int(model.cfg.n_layers) + 1
+    return get_backend(model).n_layers + 1
 
 
-def resid_hook_name(layer: int) -> str:
-    """The hook whose output is the residual stream at ``layer`` (0 = embedding)."""
-    return "blocks.0.hook_resid_pre" if layer == 0 else f"blocks.{layer - 1}.hook_resid_post"
+resid_hook_name = resid_name  # the hook whose output is the residual stream at ``layer`` (0 = embedding)
 
 
 def check_layers(model, layers: Sequence[int] | int | None) -> list[int]:
@@ -62,13 +61,10 @@ def check_layers(model, layers: Sequence[int] | int | None) -> list[int]:
 
 
 def model_fingerprint(model) -> str:
-    """A short hash of the model's shape and a sample of its weights: which residual space vectors live in."""
-    h = hashlib.sha256()
-    h.update(repr((model.cfg.d_model, model.cfg.n_layers, model.cfg.d_vocab)).encode())
-    for name, p in list(model.named_parameters())[:4]:
-        h.update(name.encode())
-        h.update(p.detach().flatten()[:4096].float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
+    """A short hash of the model's shape and a sample of its weights in canonical form: which residual
+    space vectors live in (the same for a HookedTransformer and a raw TransformerBridge holding the same
+    weights; different for a processed copy, e.g. a bridge in compatibility mode)."""
+    return get_backend(model).fingerprint()
 
 
 # --------------------------------------------------------------------------- extraction
@@ -129,31 +125,34 @@ def extract(
     check_at(at)
     if at != "query":
         representation_mask(prompts, at)  # refuse prompts without examples before any work
+    bk = get_backend(model)
     names = {resid_hook_name(layer): i for i, layer in enumerate(layers)}
-    device = next(model.parameters()).device
-    out = torch.full((len(prompts), len(layers), model.cfg.d_model), float("nan"), dtype=torch.float32)
+    device = bk.input_device
+    out = torch.full((len(prompts), len(layers), bk.d_model), float("nan"), dtype=torch.float32)
     # layer l is the input of block l: run blocks 0..l-1 only (layer 0 is read by a hook at the start of
     # block 0, so that block runs; and never the unembedding)
-    stop = min(max(max(layers), 1), model.cfg.n_layers)
+    stop = min(max(max(layers), 1), bk.n_layers)
     it, bs = batches(len(prompts), batch_size, "extract", progress)
     for s in it:
         sub = prompts.subset(slice(s, s + bs)).to(device)
         rows = torch.arange(len(sub), device=device)
         q = sub.query_pos
 
+        # hooks close over their layer's column (a bridge's hook.name is its own spelling)
         if at == "query":
-            def keep(act, hook, _rows=rows, _q=q, _s=s):
-                out[_s : _s + len(_rows), names[hook.name]] = act[_rows, _q].float().cpu()
+            def keep(act, hook, _rows=rows, _q=q, _s=s, _col=0):
+                out[_s : _s + len(_rows), _col] = act[_rows.to(act.device), _q.to(act.device)].float().cpu()
         else:
             w = representation_mask(sub, at).float()
             w = w / w.sum(1, keepdim=True)
 
-            def keep(act, hook, _w=w, _s=s):
-                out[_s : _s + len(_w), names[hook.name]] = torch.einsum("bp,bpd->bd", _w, act[:, : _w.shape[1]].float()).cpu()
+            def keep(act, hook, _w=w, _s=s, _col=0):
+                out[_s : _s + len(_w), _col] = torch.einsum("bp,bpd->bd", _w.to(act.device),
+                                                             act[:, : _w.shape[1]].float()).cpu()
 
-        fwd_hooks = [(n, keep) for n in names]
+        fwd_hooks = [(n, functools.partial(keep, _col=col)) for n, col in names.items()]
         x = sub.model_input[:, : int(q.max()) + 1]
-        model.run_with_hooks(x, fwd_hooks=fwd_hooks, stop_at_layer=stop)
+        bk.run_with_hooks(x, fwd_hooks=fwd_hooks, stop_at_layer=stop)
     if bool(out.isnan().any()):  # a hook that never fired (or a model that produced NaN): never return garbage
         raise TvlensError(f"extract: no residual was read (or it is NaN) at some of layers {layers}; "
                           "the model's forward pass did not run the hooks these layers need")
@@ -163,7 +162,7 @@ def extract(
         labels=prompts.labels.cpu().clone(),
         task_names=list(prompts.task_names),
         fingerprint=model_fingerprint(model),
-        d_model=int(model.cfg.d_model),
+        d_model=bk.d_model,
         family=prompts.family,
         read_at=at,
     )
@@ -281,18 +280,19 @@ class TaskVectors:
 
         check_vectors(self, model, where="TaskVectors.check_model")
 
-    def save(self, path: str | Path) -> Path:
+    def save(self, path: str | Path, overwrite: bool = False) -> Path:
         tensors = {"vectors": self.vectors}
         if self.counts is not None:
             tensors["counts"] = self.counts
         meta = {"kind": type(self).__name__, "layers": self.layers, "task_names": self.task_names,
                 "fingerprint": self.fingerprint, "d_model": self.d_model, "family": self.family, "read_at": self.read_at,
                 **self._extra_meta()}
-        return save_tensors_with_sidecar(path, tensors, meta)
+        return save_tensors_with_sidecar(path, tensors, meta, overwrite=overwrite)
 
     @classmethod
     def load(cls, path: str | Path) -> "TaskVectors":
         t, m = load_tensors_with_sidecar(path, expect_kind=cls.__name__)
+        _check_vectors_artifact(t, m, f"{cls.__name__}.load({str(path)!r})")
         return cls(vectors=t["vectors"], counts=t.get("counts"), layers=list(m["layers"]),
                    task_names=list(m["task_names"]), fingerprint=m["fingerprint"], d_model=int(m["d_model"]),
                    family=m.get("family", ""), read_at=m.get("read_at", "query"), **cls._extra_from_meta(m))
@@ -304,6 +304,29 @@ class TaskVectors:
     @classmethod
     def _extra_from_meta(cls, meta: dict[str, Any]) -> dict[str, Any]:
         return {}
+
+
+def _check_vectors_artifact(t: dict[str, torch.Tensor], m: dict[str, Any], where: str) -> None:
+    """A TaskVectors file whose sidecar labels do not fit its stored rows is refused, never mislabelled."""
+    from tvlens.errors import CheckpointError
+    from tvlens.io import require_keys
+
+    require_keys(m, {"layers": list, "task_names": list, "fingerprint": str, "d_model": int}, where)
+    if "vectors" not in t or t["vectors"].ndim != 3:
+        raise CheckpointError(f"{where}: the weights file holds no [layer, task, d_model] 'vectors' tensor")
+    n_l, n_t, d = t["vectors"].shape
+    layers, names = m["layers"], m["task_names"]
+    if any(isinstance(x, bool) or not isinstance(x, int) for x in layers) or len(set(layers)) != len(layers):
+        raise CheckpointError(f"{where}: sidecar 'layers' must be distinct integers, got {layers}")
+    if any(not isinstance(x, str) for x in names) or len(set(names)) != len(names):
+        raise CheckpointError(f"{where}: sidecar 'task_names' must be distinct strings, got {names}")
+    if (len(layers), len(names), m["d_model"]) != (n_l, n_t, d):
+        raise CheckpointError(
+            f"{where}: the sidecar describes {len(layers)} layers x {len(names)} tasks x d_model {m['d_model']} "
+            f"but the stored vectors are {n_l} x {n_t} x {d}; the sidecar was edited or belongs to another file"
+        )
+    if "counts" in t and tuple(t["counts"].shape) not in ((n_t,), (n_l, n_t)):
+        raise CheckpointError(f"{where}: stored counts {tuple(t['counts'].shape)} do not fit {n_t} tasks")
 
 
 # --------------------------------------------------------------------------- decodability
@@ -423,11 +446,11 @@ class DecodabilityResult:
 
         return td_by_layer_figure(self)
 
-    def save(self, path: str | Path) -> Path:
+    def save(self, path: str | Path, overwrite: bool = False) -> Path:
         meta = {"kind": "DecodabilityResult", "layers": self.layers, "task_names": self.task_names, "k": self.k,
                 "metric": self.metric, "n_prompts": self.n_prompts}
         return save_tensors_with_sidecar(path, {"td": self.td, "per_task": self.per_task,
-                                                "confusion": self.confusion}, meta)
+                                                "confusion": self.confusion}, meta, overwrite=overwrite)
 
     @classmethod
     def load(cls, path: str | Path) -> "DecodabilityResult":

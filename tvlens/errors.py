@@ -11,6 +11,10 @@ class ConfigError(TvlensError, ValueError):
     """An argument or parameter that cannot work (impossible family parameters, bad shapes...)."""
 
 
+class ArgumentTypeError(ConfigError, TypeError):
+    """An argument of the wrong type (a string seed, a float step count, a string where a list is meant)."""
+
+
 class UnknownNameError(TvlensError, KeyError):
     """An unknown task family, task or model name. The message lists the known ones."""
 
@@ -24,3 +28,27 @@ class CheckpointError(TvlensError, ValueError):
 
 class OfflineWeightsError(TvlensError, FileNotFoundError):
     """Pretrained weights requested while offline and not on disk."""
+
+
+class ResourceError(TvlensError, MemoryError):
+    """Work that would need more memory than is available; the message says what to lower."""
+
+
+class OverwriteError(TvlensError, FileExistsError):
+    """A path that already holds something tvlens did not write in this run; the message names the flag
+    (``overwrite=True``, ``--restart``) that allows replacing tvlens' own files there."""
+
+
+class TrainingError(TvlensError, RuntimeError):
+    """Training that cannot go on (a non-finite loss); nothing of that step is saved."""
+
+
+class UnsupportedModelError(TvlensError, TypeError):
+    """A model object tvlens cannot drive, or an architecture TransformerLens' bridge does not support."""
+
+
+class HookError(TvlensError, KeyError):
+    """A hook the model's backend cannot fire. The message names the hook and the backend."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""

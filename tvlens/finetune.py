@@ -40,7 +40,9 @@ EVAL_SEED = 2_000_003
 def resolve_blocks(model, layers: Any) -> list[int]:
     """Block indices from ``layers``: indices (``[0, 1]``, ``range(2)``), ``"first_half"``,
     ``"last_half"``, ``"first:k"`` or ``"last:k"``."""
-    n = int(model.cfg.n_layers)
+    from tvlens.backends import get_backend
+
+    n = get_backend(model).n_layers
     if isinstance(layers, str):
         m = re.fullmatch(r"(first|last)(?:_half|:(\d+))", layers)
         if not m:
@@ -105,10 +107,18 @@ class LowRankDelta(nn.Module):
 
 
 def _lora_targets(block: nn.Module) -> list[tuple[nn.Module, str]]:
-    out = []
-    for mod in block.modules():
+    """A block's attention and MLP matrices: HookedTransformer's ``W_Q .. W_out``, or (a bridge block,
+    Hugging Face modules) every 2-D ``weight`` outside its norms, each parameter once."""
+    out, seen = [], set()
+    split = hasattr(getattr(block, "attn", None), "q")  # a bridge computes q, k, v from split copies...
+    for path, mod in block.named_modules():
+        if split and any(part == "qkv" for part in path.split(".")):  # ...so its joint matrix is not used
+            continue
         for name, p in list(mod.named_parameters(recurse=False)):
-            if p.ndim >= 2 and re.fullmatch(r"_?W_(Q|K|V|O|in|out|gate)", name):
+            hooked = re.fullmatch(r"_?W_(Q|K|V|O|in|out|gate)", name)
+            hf = name == "weight" and "norm" not in type(mod).__name__.lower() and not isinstance(mod, nn.Embedding)
+            if p.ndim >= 2 and (hooked or hf) and id(p) not in seen:
+                seen.add(id(p))
                 out.append((mod, name))
     return out
 
@@ -256,7 +266,9 @@ def _finetune(
     eval_set = prompts_for(model, fam, n_eval_per_task, shots, EVAL_SEED + seed, tokenizer=tok, scoring=scoring)
     if not is_text:
         batch_for_step(fam, cfg, 0)  # fails early if the family cannot be sampled for training
-    device = next(model.parameters()).device
+    from tvlens.backends import get_backend
+
+    device = get_backend(model).input_device
     eval_set = eval_set.to(device)
 
     acc0, td0 = _evaluate(model, eval_set, k, scoring, eval_batch_size)

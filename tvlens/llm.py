@@ -32,6 +32,7 @@ from tvlens.accuracy import (
     logits_at_answers,
     teacher_forced_accuracy,
 )
+from tvlens.backends import get_backend
 from tvlens.errors import ConfigError
 from tvlens.prompts import PromptSet
 from tvlens.tasks.text import SCORINGS, TextTaskFamily, tokenizer_of
@@ -111,12 +112,13 @@ def greedy_generate(
         max_new_tokens = int(lens.max()) if lens is not None else prompts.n_answer
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    if int(prompts.query_pos.max()) + max_new_tokens > model.cfg.n_ctx:
+    bk = get_backend(model)
+    if int(prompts.query_pos.max()) + max_new_tokens > bk.n_ctx:
         raise ConfigError(
             f"generating {max_new_tokens} tokens after position {int(prompts.query_pos.max())} exceeds the model's "
-            f"context ({model.cfg.n_ctx})"
+            f"context ({bk.n_ctx})"
         )
-    device = next(model.parameters()).device
+    device = bk.input_device
     out = torch.empty(len(prompts), max_new_tokens, dtype=torch.long)
     it, bs = batches(len(prompts), batch_size, "greedy_generate", progress)
     for s in it:
@@ -177,18 +179,17 @@ def _greedy_accuracy(model, prompts: PromptSet, batch_size: int | None, progress
     correct = ((gen == full) | ~valid).all(-1).float()
     # the whole answer's log-probability (teacher forcing), for reference
     logprobs = []
-    device = next(model.parameters()).device
+    bk = get_backend(model)
+    device = bk.input_device
     it, bs = batches(len(prompts), batch_size, "answer logprob", False)
     A = full.shape[1]
     for s in it:
         sub = prompts.subset(slice(s, s + bs)).to(device)
         last = int((sub.query_pos + sub.extra["answer_len"]).max())  # each answer ends inside the prompt
-        resid = model(sub.tokens[:, :last], stop_at_layer=model.cfg.n_layers)  # type: ignore[index]
+        resid = bk.final_resid(sub.tokens[:, :last])  # type: ignore[index]
         pos = (sub.query_pos[:, None] + torch.arange(A, device=device)[None]).clamp(max=last - 1)
-        picked = resid.gather(1, pos[..., None].expand(-1, -1, resid.shape[-1]))
-        from tvlens.models import unembed
-
-        sel = unembed(model, model.ln_final(picked)).float()
+        picked = resid.gather(1, pos.to(resid.device)[..., None].expand(-1, -1, resid.shape[-1]))
+        sel = bk.unembed(picked).float().to(device)
         ans = sub.extra["answer_tokens"]
         ok = ans >= 0
         lp = sel.log_softmax(-1).gather(-1, ans.clamp_min(0)[..., None])[..., 0]

@@ -1,7 +1,7 @@
-"""Models: synthetic HookedTransformer configurations, checkpoints and ``load_model``.
+"""Models: synthetic model configurations, checkpoints and ``load_model``.
 
-This is the only module that touches TransformerLens model classes; every other module talks to a
-model through hook names and ``run_with_hooks`` / ``run_with_cache``.
+Model classes live behind the seam in ``tvlens.backends`` (HookedTransformer on TransformerLens 3.x,
+TransformerBridge on 3.9+ and 4.x); this module decides *what* to build or load, never *how*.
 """
 
 from __future__ import annotations
@@ -10,20 +10,17 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing at run time may reach the network
 
-import math
 import re
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import torch
-from jaxtyping import Float
-from torch import nn
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from tvlens import tasks as _tasks
+from tvlens.backends import get_backend
+from tvlens.backends import loading as _loading
+from tvlens.backends.loading import LinearEmbed
 from tvlens.errors import CheckpointError, ConfigError, OfflineWeightsError, UnknownNameError
 from tvlens.io import load_tensors_with_sidecar, read_sidecar, save_tensors_with_sidecar
 
@@ -49,57 +46,6 @@ _CFG_FIELDS = (
 )
 
 
-def _hooked_transformer(cfg: HookedTransformerConfig, cls: type[HookedTransformer] = HookedTransformer):
-    # TransformerLens 3.x warns that HookedTransformer is deprecated in favour of 4.x's
-    # TransformerBridge. We pin <4 on purpose (DESIGN.md) and keep the move to 4.x in this module,
-    # so the warning only adds noise to every notebook cell.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*HookedTransformer.*deprecated.*", category=DeprecationWarning)
-        return cls(cfg)
-
-
-class LinearEmbed(nn.Module):
-    """Read-in of continuous inputs into the residual stream: ``x @ W_E + b_E``.
-
-    ``W_E`` is ``[d_in, d_model]``, the same layout as a token embedding's ``[d_vocab, d_model]``.
-    """
-
-    def __init__(self, d_in: int, d_model: int) -> None:
-        super().__init__()
-        self.W_E = nn.Parameter(torch.randn(d_in, d_model) / math.sqrt(d_in))
-        self.b_E = nn.Parameter(torch.zeros(d_model))
-
-    def forward(self, x: Float[torch.Tensor, "batch pos d_in"]) -> Float[torch.Tensor, "batch pos d_model"]:
-        return x @ self.W_E + self.b_E
-
-
-class HookedRegressionTransformer(HookedTransformer):
-    """A HookedTransformer on continuous inputs ``[batch, pos, d_in]`` with a scalar read-out.
-
-    Everything after the read-in is TransformerLens' own (same hook names, ``start_at_layer`` and
-    ``stop_at_layer``); the read-out is the unembedding with ``d_vocab_out = 1``.
-    """
-
-    def __init__(self, cfg: HookedTransformerConfig) -> None:
-        super().__init__(cfg)
-        self.embed = LinearEmbed(cfg.d_vocab, cfg.d_model)  # d_vocab holds d_in
-
-    def input_to_embed(self, input, prepend_bos=None, padding_side=None, attention_mask=None, past_kv_cache=None):
-        if not (torch.is_tensor(input) and input.is_floating_point() and input.ndim == 3):
-            raise ConfigError(
-                "a regression model takes float inputs of shape [batch, pos, d_in]; "
-                f"got {type(input).__name__} {getattr(input, 'shape', '')} {getattr(input, 'dtype', '')}"
-            )
-        if input.shape[-1] != self.cfg.d_vocab:
-            raise ConfigError(f"input dimension {input.shape[-1]} does not fit this model (d_in={self.cfg.d_vocab})")
-        embed = self.hook_embed(self.embed(input.to(self.W_E.device)))
-        pos_index = torch.zeros(input.shape[:2], dtype=torch.long, device=embed.device)
-        residual, shortformer = self.get_residual(
-            embed, 0, False, None, pos_index, return_shortformer_pos_embed=True
-        )
-        return residual, pos_index, shortformer, None
-
-
 @dataclass
 class ModelInfo:
     """What tvlens knows about a model: where it came from and what it was trained on."""
@@ -115,13 +61,13 @@ class ModelInfo:
         return None if self.family is None else _tasks.from_config(self.family)
 
 
-def model_info(model: HookedTransformer) -> ModelInfo:
+def model_info(model) -> ModelInfo:
     info = getattr(model, "tvlens_info", None)
-    return info if info is not None else ModelInfo(source=str(model.cfg.model_name))
+    return info if info is not None else ModelInfo(source=str(getattr(model.cfg, "model_name", type(model).__name__)))
 
 
-def is_continuous(model: HookedTransformer) -> bool:
-    return isinstance(model, HookedRegressionTransformer)
+def is_continuous(model) -> bool:
+    return get_backend(model).continuous
 
 
 # Named synthetic model configurations: "small" is what the shipped models use (CPU-sized);
@@ -150,10 +96,14 @@ def build_model(
     act_fn: str = "gelu",
     seed: int = 0,
     attn_only: bool = False,
-) -> HookedTransformer:
+    backend: str = "auto",
+):
     """A fresh (randomly initialised, seeded) model shaped for a task family.
 
-    ``build_model(family, **model_config("paper"))`` builds a named configuration.
+    ``build_model(family, **model_config("paper"))`` builds a named configuration. ``backend``:
+    ``"hooked"`` (a HookedTransformer, TransformerLens 3.x), ``"bridge"`` (a ``boot_native``
+    TransformerBridge) or ``"auto"`` (HookedTransformer where this TransformerLens has it). The same seed
+    gives different initial weights on the two classes (each uses its own seeded initialisation).
     """
     fam = _tasks.get(family) if isinstance(family, str) else family
     for name, v, lo in (("n_layers", n_layers, 1), ("d_model", d_model, 1), ("n_heads", n_heads, 1)):
@@ -161,10 +111,15 @@ def build_model(
             raise ConfigError(f"build_model: {name} must be an integer >= {lo}, got {v!r}")
     if d_model % n_heads:
         raise ConfigError(f"build_model: n_heads={n_heads} must divide d_model={d_model}")
+    from tvlens.checks import check_optional_int, check_seed
+
+    seed = check_seed(seed, where="build_model")
+    d_mlp = check_optional_int(d_mlp, "d_mlp", minimum=1, where="build_model")
+    n_ctx = check_optional_int(n_ctx, "n_ctx", minimum=1, where="build_model")
     if n_ctx is None:
         n_ctx = fam.seq_len(shots)
     d_vocab = fam.d_in if fam.continuous else fam.d_vocab
-    cfg = HookedTransformerConfig(
+    cfg = dict(
         n_layers=n_layers,
         d_model=d_model,
         n_heads=n_heads,
@@ -175,16 +130,11 @@ def build_model(
         d_vocab_out=1 if fam.continuous else d_vocab,
         act_fn=act_fn,
         normalization_type="LN",
+        positional_embedding_type="standard",
         attn_only=attn_only,
         seed=seed,
-        default_prepend_bos=False,
-        model_name=f"tvlens-{fam.name}",
     )
-    model = _hooked_transformer(cfg, HookedRegressionTransformer if fam.continuous else HookedTransformer)
-    if fam.continuous:  # LinearEmbed was created after TransformerLens' seeded init: seed it too
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            model.embed.W_E.copy_(torch.randn(model.embed.W_E.shape, generator=g) / math.sqrt(d_vocab))
+    model = _loading.build(cfg, fam.continuous, backend, model_name=f"tvlens-{fam.name}")
     model.tvlens_info = ModelInfo(source="build_model", family=fam.config(), step=0, continuous=fam.continuous)
     if isinstance(fam, _tasks.TokenTaskFamily):  # model.to_tokens / to_str_tokens over the family's words
         from tvlens.tokenizer import attach_tokenizer
@@ -195,12 +145,18 @@ def build_model(
 
 
 # --------------------------------------------------------------------------- checkpoints
-def _cfg_dict(model: HookedTransformer) -> dict[str, Any]:
-    return {k: getattr(model.cfg, k) for k in _CFG_FIELDS}
+def _cfg_dict(model) -> dict[str, Any]:
+    cfg = model.cfg
+    out = {k: getattr(cfg, k, None) for k in _CFG_FIELDS}
+    bk = get_backend(model)
+    out["d_vocab_out"] = out["d_vocab_out"] or bk.d_vocab_out
+    out["positional_embedding_type"] = out["positional_embedding_type"] or "standard"
+    out["attn_only"] = bool(out["attn_only"])
+    return out
 
 
 def save_checkpoint(
-    model: HookedTransformer,
+    model,
     path: str | Path,
     *,
     step: int | None = None,
@@ -209,8 +165,10 @@ def save_checkpoint(
     command: str | None = None,
     dtype: torch.dtype = torch.float16,
     extra: dict[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> Path:
-    """Write ``path.safetensors`` (weights, half precision by default) and ``path.json``."""
+    """Write ``path.safetensors`` (weights, half precision by default) and ``path.json``; an existing
+    checkpoint at ``path`` is refused unless ``overwrite=True``."""
     info = model_info(model)
     meta = {
         "kind": "tvlens-model",
@@ -224,46 +182,70 @@ def save_checkpoint(
         "dtype": str(dtype).replace("torch.", ""),
         **(extra or {}),
     }
-    sd = {k: v.detach().to(dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
-    return save_tensors_with_sidecar(path, sd, meta)
+    sd = {k: v.detach().to(dtype) if v.is_floating_point() else v for k, v in _loading.tl_state(model).items()}
+    return save_tensors_with_sidecar(path, sd, meta, overwrite=overwrite)
 
 
-def _model_from_meta(meta: dict[str, Any], where: str) -> HookedTransformer:
+def _model_from_meta(meta: dict[str, Any], where: str, tensors: dict[str, torch.Tensor], backend: str = "auto"):
+    cfg_d = meta.get("model_config") if isinstance(meta, dict) else None
+    if not isinstance(cfg_d, dict) or any(k not in cfg_d for k in ("n_layers", "d_model", "n_heads", "d_vocab")):
+        raise CheckpointError(f"{where}: sidecar has no usable model_config")
+    cont = bool(meta.get("continuous"))
+    kind = _loading.resolve_backend(backend)
     try:
-        cfg_d = meta["model_config"]
-        cfg = HookedTransformerConfig(**{**cfg_d, "default_prepend_bos": False})
-    except (KeyError, TypeError, ValueError) as e:
+        skeleton = _loading.build(cfg_d, cont, "hooked") if kind == "hooked" else None
+    except (TypeError, ValueError, AssertionError) as e:
         raise CheckpointError(f"{where}: sidecar has no usable model_config ({e})") from e
-    cls = HookedRegressionTransformer if meta.get("continuous") else HookedTransformer
-    return _hooked_transformer(cfg, cls)
+    if skeleton is not None:
+        expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+        got = {k: tuple(v.shape) for k, v in tensors.items()}
+        if expected != got:
+            missing = sorted(set(expected) - set(got))[:5]
+            unexpected = sorted(set(got) - set(expected))[:5]
+            shapes = [f"{k}: {got[k]} vs {expected[k]}" for k in expected if k in got and got[k] != expected[k]][:5]
+            raise CheckpointError(
+                f"{where}.safetensors does not match the model its sidecar describes: missing {missing}, "
+                f"unexpected {unexpected}, shape mismatches {shapes}"
+            )
+        skeleton.load_state_dict(tensors)
+        return skeleton
+    try:
+        return _loading.from_tl_state(tensors, cfg_d, cont, kind)
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{where}.safetensors does not match the model its sidecar describes ({e})") from e
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> HookedTransformer:
-    """Load one tvlens checkpoint (``<stem>.safetensors`` + ``<stem>.json``), weights as float32."""
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", backend: str = "auto", verify: bool = True):
+    """Load one tvlens checkpoint (``<stem>.safetensors`` + ``<stem>.json``), weights as float32, as a
+    HookedTransformer or a TransformerBridge (``backend``, see :func:`build_model`).
+
+    The weights must match the sidecar's ``weights_sha256`` (or the hash and fields the file's header
+    records); ``verify=False`` skips that check, for a pair you trust."""
     stem = Path(path)
     if stem.suffix in (".safetensors", ".json"):
         stem = stem.with_suffix("")
     if not stem.with_suffix(".safetensors").exists() and not stem.with_suffix(".json").exists():
         raise CheckpointError(f"no checkpoint at {stem} (expected {stem}.safetensors and {stem}.json)")
-    tensors, meta = load_tensors_with_sidecar(stem, expect_kind="tvlens-model")
-    model = _model_from_meta(meta, str(stem))
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in tensors.items()}
-    if expected != got:
-        missing = sorted(set(expected) - set(got))[:5]
-        unexpected = sorted(set(got) - set(expected))[:5]
-        shapes = [f"{k}: {got[k]} vs {expected[k]}" for k in expected if k in got and got[k] != expected[k]][:5]
-        raise CheckpointError(
-            f"{stem}.safetensors does not match the model its sidecar describes: missing {missing}, "
-            f"unexpected {unexpected}, shape mismatches {shapes}"
-        )
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in tensors.items()})
-    model.to(device, print_details=False)
+    if not stem.with_suffix(".safetensors").exists():
+        raise CheckpointError(f"checkpoint {stem} is incomplete: {stem.name}.json has no {stem.name}.safetensors")
+    tensors, meta = load_tensors_with_sidecar(stem, expect_kind="tvlens-model", verify_hash=verify)
+    step = meta.get("step")
+    if step is not None and (isinstance(step, bool) or not isinstance(step, int)):
+        raise CheckpointError(f"{stem}.json: field 'step' must be an integer or null, got {step!r}")
+    m = _STEP_RE.search(stem.name + ".safetensors")
+    if verify and m and step is not None and int(m.group(1)) != step:
+        raise CheckpointError(f"{stem}.json records step {step} but the file is named for step {int(m.group(1))}")
+    tensors = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
+    model = _model_from_meta(meta, str(stem), tensors, backend)
+    if get_backend(model).kind == "hooked":
+        model.to(device, print_details=False)
+    else:
+        model.to(device)
     model.eval()
     model.tvlens_info = ModelInfo(
         source=str(stem),
         family=meta.get("family"),
-        step=meta.get("step"),
+        step=step,
         metrics=meta.get("metrics"),
         command=meta.get("command"),
         continuous=bool(meta.get("continuous")),
@@ -275,28 +257,44 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Hoo
 
 
 _STEP_RE = re.compile(r"step_(\d+)\.safetensors$")
+_STEM_RE = re.compile(r"step_(\d+)\.(safetensors|json)$")
 
 
-def list_checkpoints(folder: str | Path) -> list[tuple[int, Path]]:
+def list_checkpoints(folder: str | Path, strict: bool = True) -> list[tuple[int, Path]]:
     """``(step, stem)`` of every checkpoint in a run folder, or of a shipped model by name or alias
-    (``"bitwise"``, ``"default"``), by step. An existing folder wins over a shipped name."""
+    (``"bitwise"``, ``"default"``), by step. An existing folder wins over a shipped name.
+
+    A checkpoint with only one of its two files (``.safetensors``, ``.json``) is an error with
+    ``strict`` (the default), and left out without."""
     if not Path(folder).is_dir() and (CHECKPOINT_DIR / ALIASES.get(str(folder), str(folder))).is_dir():
         folder = CHECKPOINT_DIR / ALIASES.get(str(folder), str(folder))
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"no checkpoint folder at {folder} (nor a shipped model: {sorted(ALIASES) + shipped_models()})")
-    out = []
+    parts: dict[int, dict[str, Path]] = {}
     for f in folder.iterdir():
-        m = _STEP_RE.search(f.name)
-        if m:
-            out.append((int(m.group(1)), f.with_suffix("")))
-    return sorted(out)
+        m = _STEM_RE.search(f.name)
+        if m and f.name == m.group(0):
+            parts.setdefault(int(m.group(1)), {})[m.group(2)] = f
+    out, broken = [], []
+    for step, files in sorted(parts.items()):
+        if len(files) == 2:
+            out.append((step, files["safetensors"].with_suffix("")))
+        else:
+            have = next(iter(files.values()))
+            broken.append(f"{have.name} without {have.with_suffix('.json' if have.suffix == '.safetensors' else '.safetensors').name}")
+    if broken and strict:
+        raise CheckpointError(
+            f"{folder} holds incomplete checkpoints: {', '.join(broken)}; restore the missing files, or load a "
+            f"complete step explicitly (step=N; complete steps: {[s for s, _ in out]})"
+        )
+    return out
 
 
 def shipped_models() -> list[str]:
     if not CHECKPOINT_DIR.is_dir():
         return []
-    return sorted(d.name for d in CHECKPOINT_DIR.iterdir() if d.is_dir() and list_checkpoints(d))
+    return sorted(d.name for d in CHECKPOINT_DIR.iterdir() if d.is_dir() and list_checkpoints(d, strict=False))
 
 
 def checkpoint_steps(name_or_path: str | Path) -> list[int]:
@@ -319,92 +317,121 @@ def _resolve_folder(name_or_path: str | Path) -> Path:
 def load_model(
     name_or_path: str | Path,
     step: int | None = None,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = "cpu",
+    backend: str = "auto",
     **pretrained_kwargs: Any,
-) -> HookedTransformer:
+):
     """Load a model by name or path, never touching the network.
 
     - a shipped tvlens model by name (``"default"``, ``"shift"``, ``"categories"``, ``"bitwise"``),
       its last checkpoint unless ``step`` names one;
     - a tvlens run folder (as written by ``tvlens train``) or one checkpoint (``.../step_000100``);
-    - a TransformerLens pretrained model name (e.g. ``"gpt2"``) whose weights are in the local
-      Hugging Face cache, or a local Hugging Face model folder (``config.json`` + weights).
+    - a local Hugging Face model folder (``config.json`` + weights), or a model name whose weights are in
+      the local Hugging Face cache (``"gpt2"``).
+
+    ``backend``: ``"hooked"`` (HookedTransformer, TransformerLens 3.x), ``"bridge"`` (TransformerBridge) or
+    ``"auto"`` (HookedTransformer where it exists, else the bridge). For a Hugging Face model on the
+    bridge, ``device_map=``, ``n_devices=``, ``max_memory=`` and ``offload_folder=`` pass through to
+    TransformerLens (accelerate), and ``compatibility_mode=True`` calls ``enable_compatibility_mode()``
+    (HookedTransformer-equivalent weight processing); by default a bridge holds Hugging Face's raw weights.
     """
+    kind = _loading.resolve_backend(backend)
     s = str(name_or_path)
     name = ALIASES.get(s, s)
     folder = CHECKPOINT_DIR / name
-    if folder.is_dir() and list_checkpoints(folder):
-        return _load_from_folder(folder, step, device)
+    if folder.is_dir() and list_checkpoints(folder, strict=False):
+        return _load_from_folder(folder, step, device, kind)
     p = Path(s).expanduser()
     if p.is_dir() and (p / "config.json").exists():
-        return _load_pretrained(str(p), device, local_folder=True, **pretrained_kwargs)
+        return _load_pretrained(str(p), device, kind, local_folder=True, **pretrained_kwargs)
     if p.is_dir():
-        if not list_checkpoints(p):
+        if not list_checkpoints(p, strict=False):
             raise CheckpointError(f"{p} holds no tvlens checkpoint (step_*.safetensors) and no config.json")
-        return _load_from_folder(p, step, device)
+        return _load_from_folder(p, step, device, kind)
     if p.with_suffix(".safetensors").exists() or (p.suffix == ".safetensors" and p.exists()):
-        return load_checkpoint(p, device)
-    if "/" in s or s.startswith((".", "~")) or s.endswith((".safetensors", ".json")):
+        return load_checkpoint(p, device, kind)
+    if "/" in s and not _looks_like_hub_id(s) or s.startswith((".", "~")) or s.endswith((".safetensors", ".json")):
         raise CheckpointError(f"no model at path {s!r}: the path does not exist")
-    from transformer_lens.loading_from_pretrained import OFFICIAL_MODEL_NAMES, make_model_alias_map
+    from tvlens.backends.hooked import pretrained_names
 
-    aliases = make_model_alias_map()
-    if s.lower() in aliases or s in OFFICIAL_MODEL_NAMES:
-        return _load_pretrained(s, device, local_folder=False, **pretrained_kwargs)
+    official, aliases = pretrained_names()
+    if kind == "bridge" and _in_hf_cache(s) or s.lower() in aliases or s in official:
+        return _load_pretrained(s, device, kind, local_folder=False, **pretrained_kwargs)
     raise UnknownNameError(
         f"unknown model {s!r}. Shipped tvlens models: {sorted(set(ALIASES) | set(shipped_models()))}; "
-        "or give a tvlens checkpoint folder, a local Hugging Face model folder, or a TransformerLens "
-        "pretrained name (e.g. 'gpt2', 'pythia-70m')"
+        "or give a tvlens checkpoint folder, a local Hugging Face model folder, or a pretrained name "
+        "whose weights are in the local Hugging Face cache (e.g. 'gpt2')"
     )
 
 
-def _load_from_folder(folder: Path, step: int | None, device) -> HookedTransformer:
-    ckpts = list_checkpoints(folder)
+def _in_hf_cache(name: str) -> bool:
+    """Whether a Hugging Face model id has its config in the local cache (never asks the hub)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except Exception:  # an id the hub library refuses is not in the cache either
+        return False
+
+
+def _looks_like_hub_id(s: str) -> bool:
+    return s.count("/") == 1 and not s.startswith(("/", ".", "~")) and not Path(s).parent.exists()
+
+
+def _load_from_folder(folder: Path, step: int | None, device, backend: str = "auto"):
     if step is None:
-        return load_checkpoint(ckpts[-1][1], device)
+        ckpts = list_checkpoints(folder)
+        if not ckpts:
+            raise CheckpointError(f"{folder} holds no complete tvlens checkpoint (step_*.safetensors + .json)")
+        _check_run_finished(folder, ckpts[-1][0])
+        return load_checkpoint(ckpts[-1][1], device, backend)
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise ConfigError(f"load_model: step must be an integer (a checkpoint step) or None, got {step!r}")
+    ckpts = list_checkpoints(folder, strict=False)
     for s, stem in ckpts:
         if s == step:
-            return load_checkpoint(stem, device)
-    raise CheckpointError(f"{folder} has no checkpoint at step {step}; steps: {[s for s, _ in ckpts]}")
+            return load_checkpoint(stem, device, backend)
+    raise CheckpointError(f"{folder} has no checkpoint at step {step} (with both files); steps: {[s for s, _ in ckpts]}")
 
 
-def _load_pretrained(name: str, device, local_folder: bool, **kwargs: Any) -> HookedTransformer:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _check_run_finished(folder: Path, last: int) -> None:
+    """A finished run (its resume state at the configured last step) must have its last checkpoint."""
+    import json
 
     try:
-        if local_folder:
-            folder = Path(name)
-            has_weights = any(folder.glob("*.safetensors")) or any(folder.glob("pytorch_model*.bin"))
-            if not has_weights:
-                raise OfflineWeightsError(
-                    f"{folder} has a config.json but no weights (model.safetensors or pytorch_model.bin)"
-                )
-            hf_model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
-            try:
-                tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-            except (OSError, ValueError, TypeError):
-                tokenizer = None
-            # TransformerLens 3.x builds the config from a local folder (get_pretrained_model_config
-            # accepts a path) but from_pretrained first maps the name to an official one and rejects
-            # paths. Let paths through that one lookup, for this call only.
-            import transformer_lens.loading_from_pretrained as loading
+        steps = json.loads((folder / "train_config.json").read_text())["steps"]
+        done = read_sidecar(folder / "resume")["step"]
+    except Exception:  # not a tvlens run folder with a resume state: nothing to compare
+        return
+    if isinstance(steps, int) and done == steps and last < steps:
+        raise CheckpointError(
+            f"{folder}: the run finished at step {steps} but its last checkpoint on disk is step {last} "
+            f"(step_{steps:06d}.safetensors/.json are missing); restore them, or load step={last} explicitly"
+        )
 
-            official = loading.get_official_model_name
-            with warnings.catch_warnings(), mock.patch.object(
-                loading, "get_official_model_name", lambda n: n if Path(n).exists() else official(n)
-            ):
-                warnings.filterwarnings("ignore", category=DeprecationWarning)  # see _hooked_transformer
-                model = HookedTransformer.from_pretrained(
-                    str(folder), hf_model=hf_model, tokenizer=tokenizer, device=device, **kwargs
-                )
-        else:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", category=DeprecationWarning)
-                model = HookedTransformer.from_pretrained(name, device=device, **kwargs)
-    except OfflineWeightsError:
+
+def _load_pretrained(name: str, device, backend: str, local_folder: bool, **kwargs: Any):
+    if local_folder:
+        folder = Path(name)
+        has_weights = any(folder.glob("*.safetensors")) or any(folder.glob("pytorch_model*.bin"))
+        if not has_weights:
+            if any(k in kwargs for k in ("device_map", "n_devices", "max_memory")):
+                raise OfflineWeightsError(
+                    f"device_map: {folder} has a config.json but no weights on disk, so there is nothing to "
+                    "place on devices; put model.safetensors (or pytorch_model.bin) there first")
+            raise OfflineWeightsError(
+                f"{folder} has a config.json but no weights (model.safetensors or pytorch_model.bin)"
+            )
+    try:
+        model = _loading.load_pretrained(name, backend, device, local_folder=local_folder, **kwargs)
+    except (OfflineWeightsError, ConfigError):
         raise
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, AttributeError) as e:
         msg = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+        if isinstance(e, AttributeError):
+            raise ConfigError(f"TransformerLens could not read the config of {name!r} ({msg}); with "
+                              "backend='hooked' (TransformerLens 3.x) configs saved by newer transformers may "
+                              "lack fields it needs: try backend='bridge'") from e
         raise OfflineWeightsError(
             f"could not load pretrained model {name!r} offline ({msg}). tvlens never downloads: put the "
             "weights in the Hugging Face cache (HF_HOME) on a machine with access, or pass a local "
@@ -415,54 +442,30 @@ def _load_pretrained(name: str, device, local_folder: bool, **kwargs: Any) -> Ho
     return model
 
 
-def supports_prefix_kv(model) -> bool:
-    """Whether ``prefix_kv_cache`` continues ``model`` exactly: a HookedTransformer with causal attention
-    whose cached keys/values are the ``hook_k``/``hook_v`` activations and whose position information
-    is in the residual stream (learned positions) or applied after the cache (rotary, with the offset)."""
-    cfg = getattr(model, "cfg", None)
-    return (
-        isinstance(model, HookedTransformer)
-        and cfg is not None
-        and cfg.attention_dir == "causal"
-        and cfg.positional_embedding_type in ("standard", "rotary")
-        and getattr(cfg, "clip_qkv", None) is None  # clamped after hook_k
-        and cfg.original_architecture not in ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
-        and not getattr(cfg, "use_logn_attn", False)
-        and not getattr(cfg, "use_dynamic_ntk_rope", False)
-        and getattr(cfg, "n_devices", 1) == 1
-    )
+def __getattr__(name: str):  # the HookedTransformer-only helpers live behind the seam
+    if name == "HookedRegressionTransformer":
+        from tvlens.backends.hooked import regression_class
+
+        return regression_class()
+    if name in ("supports_prefix_kv", "prefix_kv_cache"):
+        from tvlens.backends import hooked
+
+        return getattr(hooked, name)
+    raise AttributeError(f"module 'tvlens.models' has no attribute {name!r}")
 
 
 def unembed(model, x: torch.Tensor) -> torch.Tensor:
-    """``model.unembed(x)`` without TransformerLens 3.x's per-call copy of the whole unembedding matrix
-    (its ``Unembed.forward`` runs ``F.linear(x, W_U.T.contiguous(), b_U)``: 154 MB copied per call for
-    GPT-2's 768 x 50257, which dominated sweeps that unembed a few positions many times). The hooks
-    ``unembed.hook_in`` / ``hook_out`` still run; results equal TL's up to float rounding."""
-    from transformer_lens.components import Unembed
+    """The unembedding of ``x`` (no final norm), through the model's backend."""
+    bk = get_backend(model)
+    if bk.kind == "hooked":
+        from tvlens.backends.hooked import fast_unembed
 
-    u = model.unembed
-    if type(u) is not Unembed:  # e.g. the regression read-out: its own forward
-        return u(x)
-    return u.hook_out(torch.matmul(u.hook_in(x), u.W_U) + u.b_U)
-
-
-def prefix_kv_cache(model, keys: dict[int, torch.Tensor], values: dict[int, torch.Tensor], batch: int):
-    """A frozen TransformerLens KV cache holding ``keys[l]``/``values[l]`` (``hook_k``/``hook_v``
-    activations ``[batch, prefix, kv_heads, d_head]``) for layers ``l``; other layers are empty. Passed
-    with ``start_at_layer`` to ``model(...)``, the run continues those prefix positions."""
-    from transformer_lens import TransformerLensKeyValueCache, TransformerLensKeyValueCacheEntry
-
-    device = next(model.parameters()).device
-    cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, batch)
-    for layer, k in keys.items():
-        cache.entries[layer] = TransformerLensKeyValueCacheEntry(past_keys=k, past_values=values[layer])
-    cache.freeze()
-    return cache
+        return fast_unembed(model, x)
+    return model.unembed(x)
 
 
 __all__ = [
     "unembed",
-    "HookedRegressionTransformer",
     "LinearEmbed",
     "ModelInfo",
     "MODEL_CONFIGS",

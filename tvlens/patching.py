@@ -19,6 +19,7 @@ the same verdict as greedy generation), and the patched runs start at the patche
 
 from __future__ import annotations
 
+import functools
 import html
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -28,6 +29,7 @@ from jaxtyping import Float
 from tqdm.auto import tqdm
 
 from tvlens.accuracy import answer_scores, at_answer_positions, check_prompts_fit, logits_at_answers, refuse_greedy
+from tvlens.backends import get_backend
 from tvlens.encoding import TaskVectors, check_at, check_layers, representation_mask, resid_hook_name
 from tvlens.errors import ConfigError
 from tvlens.prompts import PromptSet
@@ -237,15 +239,15 @@ def run_patching(
     if mode not in ("replace", "add", "swap"):
         raise ConfigError(f"mode must be 'replace', 'add' or 'swap', got {mode!r}")
     if layers is None:
-        layers = [layer for layer in vectors.layers if layer < model.cfg.n_layers]
+        layers = [layer for layer in vectors.layers if layer < get_backend(model).n_layers]
     layers = check_layers(model, layers)
     missing = [L for L in layers if L not in vectors.layers]
     if missing:
         raise ConfigError(f"no task vectors at layers {missing}; the vectors hold layers {vectors.layers}")
-    if max(layers) >= model.cfg.n_layers:
+    if max(layers) >= get_backend(model).n_layers:
         raise ConfigError(
             f"layer {max(layers)} is the final residual stream: nothing runs after it to patch; use layers "
-            f"0..{model.cfg.n_layers - 1}"
+            f"0..{get_backend(model).n_layers - 1}"
         )
     have = vector_tasks(vectors)  # tasks whose vector was averaged over at least one prompt
     src_names = [vectors.task_names[t] if not isinstance(t, str) and 0 <= t < len(vectors.task_names) else t
@@ -270,7 +272,7 @@ def run_patching(
         if s not in prompts.task_names:
             raise ConfigError(f"source task {s!r} has no rule in these prompts' family ({prompts.task_names})")
 
-    device = next(model.parameters()).device
+    device = get_backend(model).input_device
     T, n_ans = prompts.n_tasks, prompts.n_answer
     L, S = len(layers), len(src_names)
     labels = prompts.labels.cpu()
@@ -362,10 +364,10 @@ def _prefix(model, x, names):
     """Logits and the residual stream entering every patched layer, from one forward pass."""
     store: dict[str, torch.Tensor] = {}
 
-    def save(act, hook):
-        store[hook.name] = act
+    def save(act, hook, _name):
+        store[_name] = act
 
-    logits = model.run_with_hooks(x, fwd_hooks=[(n, save) for n in names])
+    logits = get_backend(model).run_with_hooks(x, fwd_hooks=[(n, functools.partial(save, _name=n)) for n in names])
     return logits, store
 
 
@@ -399,7 +401,7 @@ def _run_patching_regression(model, prompts, vectors, layers, mode, scale, src_n
     from tvlens.validate import vector_tasks
 
     have = vector_tasks(vectors)
-    device = next(model.parameters()).device
+    device = get_backend(model).input_device
     T = prompts.n_tasks
     L, S = len(layers), len(src_names)
     mse = torch.zeros(L, S, T)

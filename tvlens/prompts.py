@@ -403,7 +403,7 @@ class PromptSet:
     # ------------------------------------------------------------------ persistence
     _TENSORS = ("labels", "query_pos", "answers", "targets", "train_mask", "tokens", "inputs", "task_answers")
 
-    def save(self, path: str | Path) -> Path:
+    def save(self, path: str | Path, overwrite: bool = False) -> Path:
         """Save as ``path.safetensors`` + ``path.json`` (atomic writes)."""
         from tvlens.io import save_tensors_with_sidecar
 
@@ -417,7 +417,7 @@ class PromptSet:
             "shots": self.shots,
             "vocab": self.vocab,
         }
-        return save_tensors_with_sidecar(path, tensors, meta)
+        return save_tensors_with_sidecar(path, tensors, meta, overwrite=overwrite)
 
     @classmethod
     def load(cls, path: str | Path) -> "PromptSet":

@@ -31,8 +31,8 @@ import torch
 from jaxtyping import Float, Int
 from tqdm.auto import tqdm
 
+from tvlens.backends import get_backend
 from tvlens.errors import ConfigError
-from tvlens.models import prefix_kv_cache, supports_prefix_kv, unembed
 
 # site -> (hook name inside block l, kind)
 SITES: dict[str, tuple[str, str]] = {
@@ -212,7 +212,7 @@ def activation_patching(
     check_model_inputs(corrupted, model, "corrupted", "activation_patching")
     if clean is not None:
         check_model_inputs(clean, model, "clean", "activation_patching")
-    layers = int_list(layers, "layers", 0, model.cfg.n_layers - 1, "activation_patching", " (block indices)")
+    layers = int_list(layers, "layers", 0, get_backend(model).n_layers - 1, "activation_patching", " (block indices)")
     batch_size = check_batch_size(batch_size, where="activation_patching") or int(corrupted.shape[0])
     if isinstance(read_positions, str) or (read_positions is not None and not torch.is_tensor(read_positions)
                                            and not all(isinstance(r, numbers.Integral) and not isinstance(r, bool)
@@ -232,7 +232,8 @@ def activation_patching(
             f"clean and corrupted inputs must have the same shape, got {tuple(clean.shape)} and "
             f"{tuple(corrupted.shape)}: pad or trim them to one length"
         )
-    n_layers = model.cfg.n_layers
+    bk = get_backend(model)
+    n_layers = bk.n_layers
     layers = list(range(n_layers)) if layers is None else list(layers)
     bad = [L for L in layers if not 0 <= L < n_layers]
     if bad:
@@ -263,36 +264,33 @@ def activation_patching(
     if batch_size < B:
         raise ConfigError(f"batch_size={batch_size} cannot fit one patch of {B} prompts; use batch_size >= {B}")
     single_pos = kind != "pattern" and ("pos" in by or patch_positions is not None)
-    can_skip = single_pos and read_positions is not None and supports_prefix_kv(model)
+    can_skip = single_pos and read_positions is not None and bk.supports_prefix_kv()
     if skip_prefix and not can_skip:
         why = ("the sweep does not patch single positions (by 'pos' or patch_positions)" if not single_pos else
                "read_positions is None (the metric reads every position)" if read_positions is None else
                f"the model ({type(model).__name__}, positional_embedding_type "
-               f"{model.cfg.positional_embedding_type!r}) cannot be continued exactly from a key/value cache")
+               f"{bk.positional_embedding_type!r}) cannot be continued exactly from a key/value cache")
         raise ConfigError(f"skip_prefix=True cannot skip the unchanged prefix: {why}; use skip_prefix=None")
     use_skip = can_skip and skip_prefix is True
-    device = next(model.parameters()).device
+    device = bk.input_device
     corrupted = corrupted.to(device)
     clean = clean.to(device) if clean is not None else None
     pp = patch_positions.to(device) if patch_positions is not None else None
     use_result = site == "result"
-    old_result = model.cfg.use_attn_result
-    if use_result:
-        model.set_use_attn_result(True)
+    old_result = bk.set_use_attn_result(True) if use_result else None
     try:
         names = {_hook_name(site, L) for L in layers}
         starts = {f"blocks.{L}.hook_resid_pre" for L in layers}
         kv_names = set()
         if use_skip:  # the corrupted run's keys/values of every block a patched run goes through
             kv_names = {f"blocks.{i}.attn.hook_{x}" for i in range(min(layers), n_layers) for x in "kv"}
-        corrupt_logits, corrupt_cache = model.run_with_cache(corrupted,
-                                                             names_filter=lambda n: n in starts or n in kv_names)
+        corrupt_logits, corrupt_cache = _run_caching(bk, corrupted, starts | kv_names)
 
         def score(logits_full):
             return _per_prompt(metric, _select(logits_full, read_positions), B)
 
         if source is None:
-            clean_logits, clean_cache = model.run_with_cache(clean, names_filter=lambda n: n in names)
+            clean_logits, clean_cache = _run_caching(bk, clean, names)
             clean_m = float(score(clean_logits).mean())
             del clean_logits
         else:
@@ -300,7 +298,7 @@ def activation_patching(
         corrupt_pp = score(corrupt_logits).float().cpu()
         corrupt_m = float(corrupt_pp.mean())
         del corrupt_logits
-        n_heads = model.cfg.n_heads
+        n_heads = _site_heads(bk, site)
         idx_all = _indices(kind, by, seq, n_heads)
         rest = by[1:]
         out = torch.zeros(len(layers), len(idx_all))
@@ -323,7 +321,7 @@ def activation_patching(
             if not pending:
                 return
             sel = torch.cat([x for *_, x in pending])
-            logits = unembed(model, model.ln_final(sel) if hasattr(model, "ln_final") else sel)
+            logits = bk.unembed(sel)
             r0 = 0
             for c0, c1, k, _ in pending:
                 # the metric sees the B prompts in their order, once per stacked patch
@@ -341,7 +339,7 @@ def activation_patching(
             if source is None:
                 clean_act = clean_cache[_hook_name(site, L)]
             else:
-                clean_act = _expand_source(source[L], corrupt_cache[f"blocks.{L}.hook_resid_pre"], site, model, device)
+                clean_act = _expand_source(source[L], corrupt_cache[f"blocks.{L}.hook_resid_pre"], site, bk, device)
             for c0, c1, o in plan:
                 # positions o.. are computed; the metric reads only positions >= o, patches are at >= o
                 chunk = [((i[0] - o,) + i[1:]) if "pos" in by else i for i in idx_all[c0:c1]]
@@ -360,10 +358,10 @@ def activation_patching(
                 if o:
                     def rep(x):
                         return x[:, :o].repeat(k, *([1] * (x.ndim - 1)))
-                    kv = prefix_kv_cache(model, {i: rep(corrupt_cache[f"blocks.{i}.attn.hook_k"]) for i in range(L, n_layers)},
-                                         {i: rep(corrupt_cache[f"blocks.{i}.attn.hook_v"]) for i in range(L, n_layers)}, k * B)
-                with model.hooks(fwd_hooks=[(_hook_name(site, L), hook)]):
-                    resid = model(resid_in, start_at_layer=L, stop_at_layer=n_layers, past_kv_cache=kv)
+                    kv = bk.prefix_kv_cache({i: rep(corrupt_cache[f"blocks.{i}.attn.hook_k"]) for i in range(L, n_layers)},
+                                            {i: rep(corrupt_cache[f"blocks.{i}.attn.hook_v"]) for i in range(L, n_layers)}, k * B)
+                with bk.hooks(fwd_hooks=[(_hook_name(site, L), hook)]):
+                    resid = bk.run_from(resid_in, L, past_kv=kv)
                 n_calls += 1
                 # keep only the read positions' final residual; unembed many calls at once (reading the
                 # unembedding matrix once per flush, not once per call: it dominates small calls)
@@ -376,7 +374,7 @@ def activation_patching(
         bar.close()
     finally:
         if use_result:
-            model.set_use_attn_result(old_result)
+            bk.set_use_attn_result(old_result)
     shape = [len(layers)] + [seq if a in ("pos", "dest") else n_heads for a in rest]
     return SweepResult(values=out.reshape(shape), axes=by, site=site, clean_metric=clean_m,
                        corrupted_metric=corrupt_m,
@@ -413,15 +411,34 @@ def _plan_chunks(first: list[int], min_read: int, per_chunk: int) -> list[tuple[
             for c0 in range(g0, g1, per_chunk)]
 
 
-def _expand_source(src: torch.Tensor, resid: torch.Tensor, site: str, model, device) -> torch.Tensor:
+def _site_heads(bk, site: str) -> int:
+    """Heads on a site's head axis: key/value heads for ``k``/``v`` under grouped-query attention."""
+    kv = bk.n_key_value_heads
+    return int(kv) if site in ("k", "v") and kv else bk.n_heads
+
+
+def _run_caching(bk, x: torch.Tensor, names) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Logits and the activations at canonical hook ``names``, from one forward pass."""
+    store: dict[str, torch.Tensor] = {}
+
+    def make(n):
+        def keep(act, hook):
+            store[n] = act
+        return keep
+
+    logits = bk.run_with_hooks(x, fwd_hooks=[(n, make(n)) for n in names])
+    return logits, store
+
+
+def _expand_source(src: torch.Tensor, resid: torch.Tensor, site: str, bk, device) -> torch.Tensor:
     """A source activation, checked against the site's activation shape (broadcast over the batch)."""
     B, seq = resid.shape[:2]
-    cfg = model.cfg
+    cfg = bk
     kind = SITES[site][1]
     if kind == "vector":
         tail: tuple[int, ...] = (cfg.d_model,)
     elif kind == "head":
-        tail = (cfg.n_heads, cfg.d_head)
+        tail = (_site_heads(cfg, site), cfg.d_head)
     else:
         tail = (cfg.n_heads, seq, seq)
     full = (B, seq, *tail) if kind != "pattern" else (B, *tail)

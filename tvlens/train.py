@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,7 +27,19 @@ from tqdm.auto import tqdm
 
 from tvlens import tasks as _tasks
 from tvlens.accuracy import icl_accuracy
-from tvlens.errors import CheckpointError, ConfigError
+from tvlens.backends import get_backend
+from tvlens.checks import (
+    check_batch_size,
+    check_float,
+    check_int,
+    check_memory,
+    check_optional_int,
+    check_out_path,
+    check_seed,
+    check_writable_parent,
+    transformer_batch_bytes,
+)
+from tvlens.errors import CheckpointError, ConfigError, OverwriteError, TrainingError
 from tvlens.io import atomic_write_bytes, load_tensors_with_sidecar, save_tensors_with_sidecar
 from tvlens.models import build_model, save_checkpoint
 from tvlens.prompts import PromptSet
@@ -55,16 +68,39 @@ class TrainConfig:
     checkpoint_every: int | None = None  # extra checkpoints every N steps (to resolve a transition)
 
     def __post_init__(self) -> None:
+        w = "TrainConfig"
         if isinstance(self.family, str):
             self.family = {"name": self.family}
-        for name in ("steps", "batch_size", "eval_every", "eval_n_per_task", "n_checkpoints"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ConfigError(f"TrainConfig.{name} must be an integer >= 1, got {v!r}")
-        if self.checkpoint_every is not None and (not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 1):
-            raise ConfigError(f"TrainConfig.checkpoint_every must be None or an integer >= 1, got {self.checkpoint_every!r}")
-        if self.warmup < 0 or not self.lr > 0:
-            raise ConfigError(f"TrainConfig: need warmup >= 0 and lr > 0, got warmup={self.warmup}, lr={self.lr}")
+        if not isinstance(self.family, dict) or not isinstance(self.family.get("name"), str):
+            raise ConfigError(
+                f"TrainConfig.family must be a family name or a dict with a 'name' (e.g. {{'name': 'codes'}}), "
+                f"got {self.family!r}"
+            )
+        self.batch_size = check_batch_size(self.batch_size, where=w, allow_none=False)
+        for name, lo in (("steps", 1), ("eval_every", 1), ("eval_n_per_task", 1),
+                         ("n_checkpoints", 1), ("shots", 0), ("warmup", 0), ("n_layers", 1), ("d_model", 1),
+                         ("n_heads", 1)):
+            setattr(self, name, check_int(getattr(self, name), name, minimum=lo, where=w))
+        self.d_mlp = check_optional_int(self.d_mlp, "d_mlp", minimum=1, where=w)
+        self.checkpoint_every = check_optional_int(self.checkpoint_every, "checkpoint_every", minimum=1, where=w)
+        self.seed = check_seed(self.seed, where=w)
+        self.lr = check_float(self.lr, "lr", minimum=0.0, strict=True, where=w)
+        self.weight_decay = check_float(self.weight_decay, "weight_decay", minimum=0.0, where=w)
+        self.grad_clip = check_float(self.grad_clip, "grad_clip", minimum=0.0, where=w, allow_none=True)
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"TrainConfig: n_heads={self.n_heads} must divide d_model={self.d_model}")
+        self.build_family()  # an unknown family or parameter is refused here, before any work
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = "TrainConfig") -> "TrainConfig":
+        """A TrainConfig from a dict (a JSON config file); unknown keys are an error listing the known ones."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"{where} must be a JSON object of TrainConfig fields, got a {type(d).__name__}")
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(d) - set(known))
+        if unknown:
+            raise ConfigError(f"{where}: unknown TrainConfig field(s) {unknown}; known: {known}")
+        return cls(**d)
 
     def build_family(self) -> _tasks.TaskFamily:
         return _tasks.from_config(self.family)
@@ -74,7 +110,7 @@ def checkpoint_steps(steps: int, n: int) -> list[int]:
     """Log-spaced checkpoint steps: 0, then ~n steps geometrically up to ``steps`` (included)."""
     if steps < 1:
         return [0]
-    pts = np.unique(np.round(np.logspace(0, math.log10(steps), max(n - 1, 1))).astype(int))
+    pts = np.unique(np.round(np.logspace(0, math.log10(steps), min(max(n - 1, 1), steps))).astype(int))
     return sorted({0, *pts.tolist(), steps})
 
 
@@ -95,7 +131,7 @@ def batch_for_step(family: _tasks.TaskFamily, cfg: TrainConfig, step: int) -> Pr
 
 def answer_loss(model, prompts: PromptSet) -> torch.Tensor:
     """Mean loss over the trained (answer) positions: cross-entropy, or MSE for regression."""
-    out = model(prompts.model_input, return_type="logits")
+    out = get_backend(model).logits(prompts.model_input)
     m = prompts.train_mask
     if prompts.is_continuous:
         return ((out[..., 0][m] - prompts.targets[m]) ** 2).mean()
@@ -120,7 +156,7 @@ def _save_resume(path: Path, model, opt, sched, step: int, cfg: TrainConfig) -> 
         },
         "scheduler": sched.state_dict(),
     }
-    save_tensors_with_sidecar(path, tensors, meta)
+    save_tensors_with_sidecar(path, tensors, meta, overwrite=True)  # the run's own resume state
 
 
 def _load_resume(path: Path, model, opt, sched) -> int:
@@ -136,11 +172,58 @@ def _load_resume(path: Path, model, opt, sched) -> int:
     return int(meta["step"])
 
 
-def _truncate_log(log_path: Path, step: int) -> None:
+# The files a tvlens run writes in its folder; ``overwrite=True`` removes these names and nothing else.
+RUN_FILE_RE = re.compile(
+    r"^(step_\d{6,}\.(safetensors|json)|log\.jsonl|train_config\.json|resume\.(safetensors|json))$"
+    r"|^\.(step_\d{6,}\.(safetensors|json)|log\.jsonl|train_config\.json|resume\.(safetensors|json))\..*\.tmp$"
+)
+
+
+def run_files(out: Path) -> list[Path]:
+    """tvlens' own files in a run folder (checkpoints, log, config, resume state, temp files of a killed write)."""
+    return sorted(f for f in out.iterdir() if f.is_file() and RUN_FILE_RE.match(f.name))
+
+
+def _read_log_lines(log_path: Path, upto: int | None = None) -> list[str]:
+    """The log's records (as JSON lines) up to step ``upto``; a line cut by a kill is dropped."""
     if not log_path.exists():
-        return
-    keep = [ln for ln in log_path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-    atomic_write_bytes(log_path, ("\n".join(keep) + ("\n" if keep else "")).encode())
+        return []
+    keep = []
+    for ln in log_path.read_text().splitlines():
+        if not ln.strip():
+            continue
+        try:
+            rec = json.loads(ln)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and (upto is None or rec.get("step", 0) <= upto):
+            keep.append(ln)
+    return keep
+
+
+def _field_defaults() -> dict[str, Any]:
+    out = {}
+    for f in fields(TrainConfig):
+        if f.default is not MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not MISSING:  # type: ignore[misc]
+            out[f.name] = f.default_factory()  # type: ignore[misc]
+    return json.loads(json.dumps(out))
+
+
+def estimate_train_memory(cfg: TrainConfig, family: _tasks.TaskFamily) -> tuple[float, float, int]:
+    """Estimated peak bytes of one training step and of one evaluation batch, and the sequence length."""
+    seq = family.seq_len(cfg.shots)
+    per_task = max(1, math.ceil(cfg.batch_size / family.n_tasks))
+    batch = per_task * family.n_tasks
+    d_mlp = cfg.d_mlp if cfg.d_mlp is not None else 4 * cfg.d_model
+    d_out = 1 if family.continuous else family.d_vocab
+    d_in = family.d_in if family.continuous else family.d_vocab
+    shape = dict(n_layers=cfg.n_layers, d_model=cfg.d_model, n_heads=cfg.n_heads, d_mlp=d_mlp, d_vocab_out=d_out)
+    n_params = cfg.n_layers * (4 * cfg.d_model**2 + 2 * cfg.d_model * d_mlp) + cfg.d_model * (d_in + d_out + seq)
+    train_b = transformer_batch_bytes(batch, seq, backward=True, **shape) + 16 * n_params
+    eval_b = transformer_batch_bytes(min(512, cfg.eval_n_per_task * family.n_tasks), seq, backward=False, **shape)
+    return train_b, eval_b, seq
 
 
 def train(
@@ -148,22 +231,56 @@ def train(
     out_dir: str | Path | None = None,
     *,
     resume: bool = True,
+    overwrite: bool = False,
     progress: bool = True,
     callback: Callable[[int, Any, dict], dict | None] | None = None,
     stop_after: int | None = None,
     command: str | None = None,
+    _cli: bool = False,
     **overrides: Any,
 ):
     """Train a model on ``config.family``; returns ``(model, history)``.
 
     With ``out_dir``, writes ``log.jsonl``, ``step_XXXXXX.{safetensors,json}`` checkpoints and a
-    ``resume.*`` state; with ``resume=True`` an existing resume state there is continued.
+    ``resume.*`` state (all atomically). An ``out_dir`` holding a resume state of the same
+    configuration is continued (``resume=True``); a larger ``steps`` extends a finished or interrupted
+    run from where it stopped (the learning-rate schedule then follows the new ``steps``). A folder
+    that holds anything else is refused unless ``overwrite=True`` (CLI: ``--restart``), which starts
+    afresh and removes only tvlens' own file names there (``step_*``, ``log.jsonl``,
+    ``train_config.json``, ``resume.*``): other files are never touched.
     ``stop_after`` ends the run early after that step (as a kill would), for tests and budgets.
     """
+    flag = (lambda api, cli: cli if _cli else api)  # noqa: E731
+    if config is not None and not isinstance(config, TrainConfig):
+        raise ConfigError(f"train: config must be a TrainConfig (or None, with fields as keywords), got {type(config).__name__}")
+    known = [f.name for f in fields(TrainConfig)]
+    unknown = sorted(set(overrides) - set(known))
+    if unknown:
+        raise ConfigError(f"train: unknown argument(s) {unknown}; TrainConfig fields: {known}")
     cfg = config if config is not None else TrainConfig(**overrides)
     if config is not None and overrides:
         cfg = TrainConfig(**{**asdict(config), **overrides})
+    if stop_after is not None:
+        stop_after = check_int(stop_after, "stop_after", minimum=1, where="train")
+    if callback is not None and not callable(callback):
+        raise ConfigError(f"train: callback must be callable(step, model, record), got {type(callback).__name__}")
+    out = check_out_path(out_dir, flag("out_dir", "--out"), where="train") if out_dir is not None else None
+    if out is not None and out.exists() and not out.is_dir():
+        raise ConfigError(f"train: {flag('out_dir', '--out')} {str(out)!r} is a file, not a folder; give a folder for the run")
+    if out is not None:
+        check_writable_parent(out / "log.jsonl", flag("out_dir", "--out"), where="train")
+        from tvlens.models import CHECKPOINT_DIR
+
+        if out.resolve() == CHECKPOINT_DIR.resolve() or CHECKPOINT_DIR.resolve() in out.resolve().parents:
+            raise ConfigError(f"train: {flag('out_dir', '--out')} {str(out)!r} is inside tvlens' shipped checkpoints "
+                              f"({CHECKPOINT_DIR}); train into a folder of your own")
     family = cfg.build_family()
+    train_b, eval_b, seq = estimate_train_memory(cfg, family)
+    check_memory(train_b, f"training (batches of {cfg.batch_size} prompts of {seq} tokens, {cfg.n_layers} layers)",
+                 f"{flag('shots', '--shots')} (now {cfg.shots}), {flag('batch_size', '--batch-size')} (now {cfg.batch_size}), "
+                 f"or the model size", where="train")
+    check_memory(eval_b, f"evaluation ({cfg.eval_n_per_task} prompts per task of {seq} tokens)",
+                 f"{flag('eval_n_per_task', '--eval-n-per-task')} or {flag('shots', '--shots')}", where="train")
     torch.manual_seed(cfg.seed)
     model = build_model(
         family,
@@ -189,27 +306,61 @@ def train(
         ckpt_steps |= set(range(0, cfg.steps + 1, cfg.checkpoint_every))
     command = command or f"tvlens.train({cfg!r})"
 
-    out = Path(out_dir) if out_dir is not None else None
+    out_name = flag("out_dir", "--out")
     log_path = out / "log.jsonl" if out else None
+    log_lines: list[str] = []
     start = 0
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
         cfg_path = out / "train_config.json"
         resume_path = out / "resume"
-        if resume and resume_path.with_suffix(".json").exists():
-            saved = json.loads(cfg_path.read_text()) if cfg_path.exists() else None
-            if saved is not None and saved != json.loads(json.dumps(asdict(cfg))):
+        entries = sorted(out.iterdir()) if out.is_dir() else []
+        cfg_now = json.loads(json.dumps(asdict(cfg)))
+        if resume and resume_path.with_suffix(".json").exists() and not overwrite:
+            try:
+                saved = json.loads(cfg_path.read_text()) if cfg_path.exists() else None
+            except json.JSONDecodeError:
+                saved = "unreadable"
+            if not isinstance(saved, dict):
                 raise CheckpointError(
-                    f"{out} holds a run with another configuration ({saved}); use a new out_dir or resume=False"
+                    f"train: {out} holds a resume state but its train_config.json is missing or unreadable; "
+                    f"use a new {out_name}, or {flag('overwrite=True', '--restart')} to start afresh there"
+                )
+            saved = {**_field_defaults(), **saved}  # a run written before a field existed has its default
+            diff = sorted(k for k in set(saved) | set(cfg_now) if k != "steps" and saved.get(k) != cfg_now.get(k))
+            if diff:
+                shown = ", ".join(f"{k}: {saved.get(k)!r} there, {cfg_now.get(k)!r} now" for k in diff[:5])
+                raise CheckpointError(
+                    f"train: {out} holds a run with another configuration ({shown}); only "
+                    f"{flag('steps', '--steps')} may change to extend it. Use a new {out_name}, or "
+                    f"{flag('overwrite=True', '--restart')} to replace that run's files (other files are kept)"
                 )
             start = _load_resume(resume_path, model, opt, sched)
-            _truncate_log(log_path, start)  # type: ignore[arg-type]
+            if start > cfg.steps:
+                raise CheckpointError(
+                    f"train: {out} is already trained to step {start}, beyond {flag('steps', '--steps')}={cfg.steps}; "
+                    f"give {flag('steps', '--steps')} >= {start} to extend it, or load its checkpoints with tvlens.load_model"
+                )
+            log_lines = _read_log_lines(log_path, start)  # type: ignore[arg-type]
+            atomic_write_bytes(log_path, ("\n".join(log_lines) + ("\n" if log_lines else "")).encode())  # type: ignore[arg-type]
+            if saved.get("steps") != cfg.steps:
+                atomic_write_bytes(cfg_path, json.dumps(cfg_now, indent=1).encode())
         else:
-            for f in out.glob("step_*"):
-                f.unlink()
-            if log_path.exists():  # type: ignore[union-attr]
-                log_path.unlink()  # type: ignore[union-attr]
-            atomic_write_bytes(cfg_path, json.dumps(asdict(cfg), indent=1).encode())
+            if entries and not overwrite:
+                ours = [f for f in entries if f.is_file() and RUN_FILE_RE.match(f.name)]
+                shown = ", ".join(f.name for f in entries[:4]) + (", ..." if len(entries) > 4 else "")
+                what = ("a tvlens run without a resume state" if ours and not resume_path.with_suffix(".json").exists()
+                        else "a tvlens run" if ours else "files that are not a tvlens run")
+                raise OverwriteError(
+                    f"train: {out_name} {str(out)!r} already holds {len(entries)} entries ({shown}): {what}. "
+                    f"tvlens does not overwrite a folder it did not write in this run: choose a new or empty "
+                    f"{out_name}, or pass {flag('overwrite=True', '--restart')} to replace tvlens' own files there "
+                    "(step_*, log.jsonl, train_config.json, resume.*; any other file is kept)"
+                )
+            if overwrite:
+                for f in run_files(out):
+                    f.unlink()
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(cfg_path, json.dumps(cfg_now, indent=1).encode())
 
     history: list[dict] = []
 
@@ -229,15 +380,16 @@ def train(
 
     def record(rec: dict) -> None:
         history.append(rec)
-        if log_path is not None:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+        if log_path is not None:  # rewritten whole and atomically: a kill never leaves half a line
+            log_lines.append(json.dumps(rec))
+            atomic_write_bytes(log_path, ("\n".join(log_lines) + "\n").encode())
 
     def checkpoint(step: int, rec: dict) -> None:
         if out is None:
             return
         metrics = {k: rec[k] for k in ("loss", "metric", "per_task", "mean") if k in rec}
-        save_checkpoint(model, out / f"step_{step:06d}", step=step, metrics=metrics, family=cfg.family, command=command)
+        save_checkpoint(model, out / f"step_{step:06d}", step=step, metrics=metrics, family=cfg.family, command=command,
+                        overwrite=True)  # this run's own file (a resumed run rewrites the same step)
 
     if start == 0:
         rec = evaluate(0, None)
@@ -254,13 +406,21 @@ def train(
         batch = batch_for_step(family, cfg, step)
         loss = answer_loss(model, batch)
         opt.zero_grad(set_to_none=True)
+        lv = float(loss.detach())
+        if not math.isfinite(lv):
+            raise TrainingError(
+                f"train: the loss is {lv} at step {step}; nothing of this step was saved (the last good state is "
+                f"in {out or 'memory'}). Lower {flag('lr', '--lr')} (now {cfg.lr}) or set {flag('grad_clip', '--grad-clip')}"
+            )
         loss.backward()
         if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            if not torch.isfinite(norm):
+                raise TrainingError(f"train: the gradient norm is {float(norm)} at step {step}; nothing of this step "
+                                    f"was saved. Lower {flag('lr', '--lr')} (now {cfg.lr})")
         opt.step()
         sched.step()
         done = step + 1
-        lv = float(loss.detach())
         running = lv if running is None else 0.95 * running + 0.05 * lv
         is_eval = done % cfg.eval_every == 0 or done == cfg.steps
         if is_eval or done in ckpt_steps:
@@ -294,4 +454,4 @@ def read_log(out_dir: str | Path) -> list[dict]:
     p = Path(out_dir) / "log.jsonl"
     if not p.exists():
         raise CheckpointError(f"no training log at {p}")
-    return [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()]
+    return [json.loads(ln) for ln in _read_log_lines(p)]

@@ -8,9 +8,10 @@
 from __future__ import annotations
 
 import builtins
+import inspect
 from typing import Any, Callable
 
-from tvlens.errors import UnknownNameError
+from tvlens.errors import ConfigError, UnknownNameError
 from tvlens.tasks.base import RuleFamily, TaskFamily, TokenTaskFamily
 from tvlens.tasks.bitwise import Bitwise
 from tvlens.tasks.bitwise_text import BitwiseText
@@ -63,8 +64,6 @@ def register(name: str, factory: Callable[..., TaskFamily] | None = None, descri
             return f
 
         return deco
-    from tvlens.errors import ConfigError
-
     if not isinstance(name, str) or not name.strip() or name != name.strip():
         raise ConfigError(f"register: name must be a non-empty string without surrounding spaces, got {name!r}")
     if not callable(factory):
@@ -99,6 +98,8 @@ def get(name: str, **params: Any) -> TaskFamily:
     """Build the family registered as ``name``, overriding its default parameters with ``params``."""
     if isinstance(name, TaskFamily):
         return name
+    if not isinstance(name, str):
+        raise ConfigError(f"a task family name must be a string (tvlens.tasks.list()), got {name!r} ({type(name).__name__})")
     module = params.pop("_module", None)  # recorded by config(): where a user's family was registered
     if name not in _REGISTRY:
         hint = ""
@@ -110,13 +111,27 @@ def get(name: str, **params: Any) -> TaskFamily:
                     "import (the CLI: tvlens --import mymodule ...)")
         raise UnknownNameError(f"unknown task family {name!r}; known families: {sorted(_REGISTRY)}{hint}")
     factory, defaults, _ = _REGISTRY[name]
+    _check_params(name, factory, params)
     fam = factory(**{**defaults, **params})
     if not isinstance(fam, TaskFamily):
-        from tvlens.errors import ConfigError
-
         raise ConfigError(f"the factory registered as {name!r} returned {type(fam).__name__}, not a TaskFamily")
     fam.name = name
     return fam
+
+
+def _check_params(name: str, factory: Callable[..., TaskFamily], params: dict[str, Any]) -> None:
+    """Unknown family parameters are an error naming them and the known ones (not a TypeError)."""
+    try:
+        sig = inspect.signature(factory)
+    except (TypeError, ValueError):  # pragma: no cover - builtins
+        return
+    ps = sig.parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in ps):
+        return
+    known = [p.name for p in ps if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = sorted(k for k in params if k not in known)
+    if unknown:
+        raise ConfigError(f"task family {name!r}: unknown parameter(s) {unknown}; its parameters: {known}")
 
 
 def list() -> builtins.list[str]:  # noqa: A001 - the issue's API name
@@ -130,6 +145,8 @@ def describe() -> dict[str, str]:
 
 def from_config(config: dict[str, Any]) -> TaskFamily:
     """Rebuild a family from ``family.config()`` (as stored in checkpoints)."""
+    if not isinstance(config, dict) or not isinstance(config.get("name"), str):
+        raise ConfigError(f"a family config is a dict with a 'name' (e.g. {{'name': 'codes'}}), got {config!r}")
     config = dict(config)
     return get(config.pop("name"), **config)
 

@@ -8,6 +8,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from tvlens.checks import check_memory, check_names, check_seed
 from tvlens.errors import ConfigError, UnknownNameError
 from tvlens.prompts import PromptSet
 
@@ -81,8 +82,7 @@ class TaskFamily(ABC):
     def _task_ids(self, tasks: Sequence[str | int] | None) -> list[int]:
         if tasks is None:
             return list(range(self.n_tasks))
-        if isinstance(tasks, (str, int, np.integer)):  # tasks="color" is one task, not its letters
-            tasks = [tasks]
+        tasks = check_names(tasks, "tasks", where=f"{self.name}.sample", allow_index=True)  # "color" is one task
         out = []
         for t in tasks:
             if isinstance(t, str):
@@ -106,13 +106,22 @@ class TaskFamily(ABC):
     ) -> PromptSet:
         """Draw ``n_per_task`` prompts of each task (task-major order) with ``shots`` examples each."""
         labels, shots, rng = self._sampling_plan(n_per_task, shots, seed, tasks)
+        if len(labels) > 20_000:
+            self._check_sample_memory(labels, shots)
         return self._sample(labels, shots, rng)
+
+    def _check_sample_memory(self, labels: np.ndarray, shots: int) -> None:
+        """Refuse, before building it, a PromptSet that cannot fit in memory (estimated from one prompt)."""
+        one = self._sample(labels[:1], shots, np.random.default_rng(0))
+        per_prompt = sum(v.element_size() * v.nelement() for v in vars(one).values() if torch.is_tensor(v))
+        check_memory(4 * per_prompt * len(labels), f"sampling {len(labels)} prompts ({shots}-shot)",
+                     "n_per_task (or shots, or the tasks sampled); sample in several smaller draws", where=self.name)
 
     def _sampling_plan(self, n_per_task, shots, seed, tasks) -> tuple[np.ndarray, int, np.random.Generator]:
         """Checked arguments of ``sample``: each prompt's task (task-major order), the shots, the generator."""
         n_per_task = check_int("n_per_task", n_per_task, 1, self.name)
         shots = check_int("shots", shots, 0, self.name)
-        seed = check_int("seed", seed, 0, self.name)
+        seed = check_seed(seed, where=f"{self.name}.sample", maximum=None)
         if shots > self.max_shots():
             raise ConfigError(
                 f"{self.name}: shots={shots} is more than this family can fill with distinct examples "

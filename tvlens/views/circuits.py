@@ -41,7 +41,10 @@ def prompt_tokens(prompts, prompt: int = 0, spaced: bool = False, model: Any = N
 
 
 def _model_shape(model) -> tuple[int, int]:
-    return int(model.cfg.n_layers), int(model.cfg.n_heads)
+    from tvlens.backends import get_backend
+
+    bk = get_backend(model)
+    return bk.n_layers, bk.n_heads
 
 
 def normalize_heads(heads: Any, n_layers: int, n_heads: int, k: int = 6, argument: str = "heads") -> list[tuple[int, int]]:
@@ -77,13 +80,18 @@ def attention_patterns(model, prompts, prompt: int = 0) -> Float[torch.Tensor, "
     names = {f"blocks.{L}.attn.hook_pattern" for L in range(n_layers)}
     store: dict[str, torch.Tensor] = {}
 
-    def keep(act, hook):
-        store[hook.name] = act[0].float().cpu()
+    def make(n):
+        def keep(act, hook):
+            store[n] = act[0].float().cpu()
+        return keep
 
-    x = prompts.subset([i]).to(next(model.parameters()).device).model_input
-    if prompts.seq_len > model.cfg.n_ctx:
-        raise ConfigError(f"the prompt is {prompts.seq_len} positions long but the model's context is {model.cfg.n_ctx}")
-    model.run_with_hooks(x, fwd_hooks=[(n, keep) for n in names])
+    from tvlens.backends import get_backend
+
+    bk = get_backend(model)
+    x = prompts.subset([i]).to(bk.input_device).model_input
+    if prompts.seq_len > bk.n_ctx:
+        raise ConfigError(f"the prompt is {prompts.seq_len} positions long but the model's context is {bk.n_ctx}")
+    bk.run_with_hooks(x, fwd_hooks=[(n, make(n)) for n in names])
     return torch.stack([store[f"blocks.{L}.attn.hook_pattern"] for L in range(n_layers)])
 
 

@@ -1,0 +1,614 @@
+"""Fuzz: bad and hostile inputs across the API and the CLI (issue 12).
+
+Every case must end in a tvlens error (a ``TvlensError``) whose message names the bad argument (or
+flag), never a torch/numpy/TransformerLens traceback, a silent wrong number or a lost file: each case
+runs in a folder holding a user's file and tvlens artifacts, snapshotted (names, sizes, hashes) before
+the bad call and compared after it, with no temp file left behind.
+
+A case is ``(id, setup, names)``: ``setup(env)`` prepares files in ``env.tmp`` and returns the bad
+call (a thunk); ``names`` are strings one of which the message must contain. Cases of analyses that
+another part of issue 12 fixes are marked ``xfail(strict=False)`` where they still fail here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import tvlens
+from tvlens.errors import CheckpointError, OverwriteError, TvlensError
+from tvlens.models import CHECKPOINT_DIR, build_model, load_checkpoint, save_checkpoint
+from tvlens.train import TrainConfig, train
+
+TINY = dict(family={"name": "shift"}, steps=6, batch_size=6, n_layers=1, d_model=16, n_heads=2,
+            eval_every=3, eval_n_per_task=2, n_checkpoints=3, warmup=1, seed=5)
+PART_B = pytest.mark.xfail(strict=False, reason="issue 12 part B")
+
+
+# --------------------------------------------------------------------------- helpers
+def snapshot(folder: Path) -> dict[str, tuple[int, str]]:
+    out = {}
+    for f in sorted(folder.rglob("*")):
+        if f.is_file():
+            out[str(f.relative_to(folder))] = (f.stat().st_size, hashlib.sha256(f.read_bytes()).hexdigest())
+    return out
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fuzz_shared")
+    train(TrainConfig(**TINY), root / "run", progress=False)
+    model = tvlens.load_model("bitwise")
+    fam = tvlens.tasks.get("bitwise")
+    prompts = fam.sample(3, shots=2, seed=0)
+    enc = tvlens.extract(model, prompts, layers=[1, 2], progress=False)
+    tv = enc.task_vectors()
+    tv.save(root / "vectors")
+    small = build_model("shift", n_layers=1, d_model=16, n_heads=2, seed=1)
+    save_checkpoint(small, root / "ckpt" / "step_000001", step=1)
+    save_checkpoint(build_model("shift", n_layers=1, d_model=16, n_heads=2, seed=2), root / "ckpt" / "step_000002", step=2)
+    return SimpleNamespace(root=root, model=model, fam=fam, prompts=prompts, enc=enc, tv=tv)
+
+
+@pytest.fixture
+def env(shared, tmp_path):
+    (tmp_path / "my_notes.md").write_text("a user's file: never to be touched\n")
+
+    def copy(name: str) -> Path:
+        src = shared.root / name
+        if src.is_dir():
+            return Path(shutil.copytree(src, tmp_path / name))
+        for suf in (".safetensors", ".json"):
+            shutil.copy(src.with_suffix(suf), tmp_path / (name + suf))
+        return tmp_path / name
+
+    def edit_json(path: Path, fn) -> None:
+        meta = json.loads(path.read_text())
+        path.write_text(json.dumps(fn(meta)))
+
+    return SimpleNamespace(tmp=tmp_path, copy=copy, edit_json=edit_json, **vars(shared))
+
+
+def _run_case(env, setup, names, monkeypatch=None):
+    thunk = setup(env)
+    before = snapshot(env.tmp)
+    with pytest.raises(TvlensError) as info:
+        thunk()
+    msg = str(info.value)
+    assert any(n in msg for n in names), f"message names none of {names}: {msg}"
+    assert snapshot(env.tmp) == before, "files changed on a refused call"
+    assert not [p for p in env.tmp.rglob("*.tmp")], "a temp file was left behind"
+    return info.value
+
+
+def _cfg(**kw):
+    return lambda env: (lambda: TrainConfig(**{**TINY, **kw}))
+
+
+def _train(**kw):
+    return lambda env: (lambda: train(TrainConfig(**TINY), env.tmp / "new_run", progress=False, **kw))
+
+
+def _sample(*args, **kw):
+    return lambda env: (lambda: env.fam.sample(*args, **kw))
+
+
+def _tamper_vectors(fn):
+    def setup(env):
+        p = env.copy("vectors")
+        env.edit_json(p.with_suffix(".json"), fn)
+        return lambda: tvlens.TaskVectors.load(p)
+    return setup
+
+
+def _rev(key):
+    def f(m):
+        m[key] = m[key][::-1]
+        return m
+    return f
+
+
+def _cut(key):
+    def f(m):
+        m[key] = m[key][:-1]
+        return m
+    return f
+
+
+def _drop(key):
+    def f(m):
+        m.pop(key)
+        return m
+    return f
+
+
+def _truncate(path: Path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+# --------------------------------------------------------------------------- API cases
+def _copied_shipped_run(env):
+    run = Path(shutil.copytree(CHECKPOINT_DIR / "bitwise", env.tmp / "copied_run"))
+    (run / "step_by_step_notes.md").write_text("my notes")
+    return lambda: train(TrainConfig(**TINY), run, progress=False)
+
+
+def _only_user_files(env):
+    (env.tmp / "results").mkdir()
+    (env.tmp / "results" / "table.csv").write_text("a,b\n1,2\n")
+    return lambda: train(TrainConfig(**TINY), env.tmp / "results", progress=False)
+
+
+def _other_config(env):
+    run = env.copy("run")
+    return lambda: train(TrainConfig(**{**TINY, "lr": 0.5}), run, progress=False)
+
+
+def _fewer_steps(env):
+    run = env.copy("run")
+    return lambda: train(TrainConfig(**{**TINY, "steps": 3}), run, progress=False)
+
+
+def _resume_no_config(env):
+    run = env.copy("run")
+    (run / "train_config.json").write_text("[1, 2")
+    return lambda: train(TrainConfig(**TINY), run, progress=False)
+
+
+def _out_is_file(env):
+    return lambda: train(TrainConfig(**TINY), env.tmp / "my_notes.md", progress=False)
+
+
+def _train_memory(env):
+    import os
+
+    os.environ["TVLENS_MEMORY_LIMIT"] = "2GB"
+    return lambda: train(TrainConfig(family="codes", shots=100), env.tmp / "big", progress=False)
+
+
+def _sample_memory(env):
+    return lambda: tvlens.tasks.get("codes").sample(10**7)
+
+
+def _vectors_save_existing(env):
+    p = env.copy("vectors")
+    return lambda: env.tv.save(p)
+
+
+def _vectors_save_folder(env):
+    return lambda: env.tv.save(env.tmp)
+
+
+def _vectors_save_empty(env):
+    return lambda: env.tv.save("")
+
+
+def _vectors_save_none(env):
+    return lambda: env.tv.save(None)
+
+
+def _vectors_sidecar_list(env):
+    p = env.copy("vectors")
+    p.with_suffix(".json").write_text("[1, 2, 3]")
+    return lambda: tvlens.TaskVectors.load(p)
+
+
+def _vectors_sidecar_bad_json(env):
+    p = env.copy("vectors")
+    _truncate(p.with_suffix(".json"))
+    return lambda: tvlens.TaskVectors.load(p)
+
+
+def _vectors_truncated_weights(env):
+    p = env.copy("vectors")
+    _truncate(p.with_suffix(".safetensors"))
+    return lambda: tvlens.TaskVectors.load(p)
+
+
+def _vectors_weights_garbage(env):
+    p = env.copy("vectors")
+    p.with_suffix(".safetensors").write_bytes(b"\x00" * 100)
+    return lambda: tvlens.TaskVectors.load(p)
+
+
+def _vectors_missing_weights(env):
+    p = env.copy("vectors")
+    p.with_suffix(".safetensors").unlink()
+    return lambda: tvlens.TaskVectors.load(p)
+
+
+def _vectors_no_sha_other_labels(env):
+    p = env.copy("vectors")
+    env.edit_json(p.with_suffix(".json"), lambda m: {**_drop("weights_sha256")(m), "task_names": m["task_names"][::-1]})
+    return lambda: tvlens.TaskVectors.load(p)
+
+
+def _vectors_wrong_kind(env):
+    p = env.copy("vectors")
+    return lambda: tvlens.PromptSet.load(p)
+
+
+def _ckpt_other_step_no_sha(env):
+    d = env.copy("ckpt")
+    shutil.copy(d / "step_000002.safetensors", d / "step_000001.safetensors")
+    env.edit_json(d / "step_000001.json", _drop("weights_sha256"))
+    return lambda: load_checkpoint(d / "step_000001")
+
+
+def _ckpt_other_step_with_sha(env):
+    d = env.copy("ckpt")
+    shutil.copy(d / "step_000002.safetensors", d / "step_000001.safetensors")
+    return lambda: load_checkpoint(d / "step_000001")
+
+
+def _ckpt_step_edited(env):
+    d = env.copy("ckpt")
+    env.edit_json(d / "step_000001.json", lambda m: {**m, "step": 2})
+    return lambda: load_checkpoint(d / "step_000001")
+
+
+def _ckpt_legacy_no_sha(env):
+    d = Path(shutil.copytree(CHECKPOINT_DIR / "bitwise", env.tmp / "shipped"))
+    shutil.copy(d / "step_003000.safetensors", d / "step_000005.safetensors")  # another step's weights
+    env.edit_json(d / "step_000005.json", _drop("weights_sha256"))
+    return lambda: load_checkpoint(d / "step_000005")
+
+
+def _ckpt_config_not_object(env):
+    d = env.copy("ckpt")
+    env.edit_json(d / "step_000001.json", lambda m: {**m, "model_config": [1, 2]})
+    return lambda: load_checkpoint(d / "step_000001", verify=False)
+
+
+def _ckpt_truncated(env):
+    d = env.copy("ckpt")
+    _truncate(d / "step_000002.safetensors", 0.7)
+    return lambda: load_checkpoint(d / "step_000002")
+
+
+def _run_last_weights_missing(env):
+    d = env.copy("ckpt")
+    (d / "step_000002.safetensors").unlink()
+    return lambda: tvlens.load_model(d)
+
+
+def _run_last_pair_missing(env):
+    d = env.copy("run")
+    last = max(int(p.stem[5:]) for p in d.glob("step_*.json"))
+    for suf in (".json", ".safetensors"):
+        (d / f"step_{last:06d}{suf}").unlink()
+    return lambda: tvlens.load_model(d)
+
+
+def _save_ckpt_existing(env):
+    d = env.copy("ckpt")
+    return lambda: save_checkpoint(env.model, d / "step_000001", step=1)
+
+
+def _load_step_string(env):
+    d = env.copy("ckpt")
+    return lambda: tvlens.load_model(d, step="1")
+
+
+API_CASES = [
+    # TrainConfig: every bad value refused before any work
+    ("grad_clip=nan", _cfg(grad_clip=float("nan")), ["grad_clip"]),
+    ("grad_clip=inf", _cfg(grad_clip=float("inf")), ["grad_clip"]),
+    ("grad_clip<0", _cfg(grad_clip=-1.0), ["grad_clip"]),
+    ("lr=nan", _cfg(lr=float("nan")), ["lr"]),
+    ("lr=inf", _cfg(lr=float("inf")), ["lr"]),
+    ("lr<0", _cfg(lr=-1e-3), ["lr"]),
+    ("lr=0", _cfg(lr=0), ["lr"]),
+    ("lr=str", _cfg(lr="1e-3"), ["lr"]),
+    ("steps=0", _cfg(steps=0), ["steps"]),
+    ("steps<0", _cfg(steps=-5), ["steps"]),
+    ("steps=float", _cfg(steps=2.5), ["steps"]),
+    ("steps=str", _cfg(steps="10"), ["steps"]),
+    ("batch_size=0", _cfg(batch_size=0), ["batch_size"]),
+    ("batch_size<0", _cfg(batch_size=-1), ["batch_size"]),
+    ("batch_size=bool", _cfg(batch_size=True), ["batch_size"]),
+    ("seed=str", _cfg(seed="1"), ["seed"]),
+    ("seed<0", _cfg(seed=-1), ["seed"]),
+    ("seed=bool", _cfg(seed=True), ["seed"]),
+    ("seed=float", _cfg(seed=1.5), ["seed"]),
+    ("seed=huge", _cfg(seed=2**64), ["seed"]),
+    ("weight_decay=nan", _cfg(weight_decay=float("nan")), ["weight_decay"]),
+    ("warmup<0", _cfg(warmup=-1), ["warmup"]),
+    ("shots<0", _cfg(shots=-1), ["shots"]),
+    ("n_heads does not divide", _cfg(n_heads=3), ["n_heads"]),
+    ("d_mlp=0", _cfg(d_mlp=0), ["d_mlp"]),
+    ("checkpoint_every=0", _cfg(checkpoint_every=0), ["checkpoint_every"]),
+    ("eval_every=0", _cfg(eval_every=0), ["eval_every"]),
+    ("family=int", _cfg(family=42), ["family"]),
+    ("family unknown", _cfg(family={"name": "nope"}), ["nope"]),
+    ("family param unknown", lambda env: (lambda: train(TrainConfig(**{**TINY, "family": {"name": "shift", "foo": 1}}),
+                                                        None, progress=False)), ["foo"]),
+    ("train unknown keyword", _train(learning_rate=1e-3), ["learning_rate"]),
+    ("train config=str", lambda env: (lambda: train("codes", env.tmp / "r", progress=False)), ["config"]),
+    ("train stop_after=0", _train(stop_after=0), ["stop_after"]),
+    ("train out_dir=''", lambda env: (lambda: train(TrainConfig(**TINY), "", progress=False)), ["out_dir"]),
+    ("train out_dir is a file", _out_is_file, ["out_dir"]),
+    ("train into a copied shipped run", _copied_shipped_run, ["overwrite=True"]),
+    ("train into a folder of user files", _only_user_files, ["overwrite=True"]),
+    ("train resume, another config", _other_config, ["lr"]),
+    ("train resume, fewer steps than done", _fewer_steps, ["steps"]),
+    ("train resume, unreadable train_config", _resume_no_config, ["train_config.json"]),
+    ("train memory (codes, 100 shots)", _train_memory, ["shots"]),
+    # task families and sampling
+    ("sample 10^7 per task", _sample_memory, ["n_per_task"]),
+    ("sample seed=str", _sample(2, seed="1"), ["seed"]),
+    ("sample seed<0", _sample(2, seed=-1), ["seed"]),
+    ("sample seed=bool", _sample(2, seed=True), ["seed"]),
+    ("sample seed=float", _sample(2, seed=0.5), ["seed"]),
+    ("sample n_per_task=0", _sample(0), ["n_per_task"]),
+    ("sample n_per_task=float", _sample(2.0), ["n_per_task"]),
+    ("sample n_per_task=str", _sample("2"), ["n_per_task"]),
+    ("sample shots<0", _sample(2, shots=-1), ["shots"]),
+    ("sample tasks unknown", _sample(2, tasks=["nope"]), ["nope"]),
+    ("sample tasks=[]", _sample(2, tasks=[]), ["tasks"]),
+    ("sample tasks=[float]", _sample(2, tasks=[1.5]), ["tasks"]),
+    ("sample tasks twice", _sample(2, tasks=["and", "and"]), ["tasks"]),
+    ("sample tasks=int out of range", _sample(2, tasks=[99]), ["task index 99"]),
+    ("sample tasks=dict", _sample(2, tasks={"and": 1}), ["tasks"]),
+    ("family name=int", lambda env: (lambda: tvlens.tasks.get(123)), ["123"]),
+    ("family param unknown (get)", lambda env: (lambda: tvlens.tasks.get("codes", foo=1)), ["foo"]),
+    ("family param wrong type", lambda env: (lambda: tvlens.tasks.get("codes", n_codes="eight")), ["n_codes"]),
+    ("family config=list", lambda env: (lambda: tvlens.tasks.from_config(["codes"])), ["config"]),
+    # artifacts: TaskVectors
+    ("vectors task_names reversed", _tamper_vectors(_rev("task_names")), ["task_names"]),
+    ("vectors task_names cut", _tamper_vectors(_cut("task_names")), ["task_names"]),
+    ("vectors layers permuted", _tamper_vectors(_rev("layers")), ["layers"]),
+    ("vectors layers shorter", _tamper_vectors(_cut("layers")), ["layers"]),
+    ("vectors sidecar key missing", _tamper_vectors(_drop("task_names")), ["task_names"]),
+    ("vectors d_model edited", _tamper_vectors(lambda m: {**m, "d_model": 7}), ["d_model"]),
+    ("vectors no sha, labels reversed", _vectors_no_sha_other_labels, ["task_names"]),
+    ("vectors sidecar is a list", _vectors_sidecar_list, ["list"]),
+    ("vectors sidecar truncated JSON", _vectors_sidecar_bad_json, ["not valid JSON"]),
+    ("vectors weights truncated", _vectors_truncated_weights, ["truncated"]),
+    ("vectors weights garbage", _vectors_weights_garbage, ["truncated"]),
+    ("vectors weights missing", _vectors_missing_weights, ["missing weights file"]),
+    ("vectors loaded as a PromptSet", _vectors_wrong_kind, ["PromptSet"]),
+    ("vectors save over existing", _vectors_save_existing, ["overwrite=True"]),
+    ("vectors save to a folder", _vectors_save_folder, ["folder"]),
+    ("vectors save to ''", _vectors_save_empty, ["path"]),
+    ("vectors save to None", _vectors_save_none, ["path"]),
+    # artifacts: checkpoints and run folders
+    ("checkpoint: other step's weights, sha removed", _ckpt_other_step_no_sha, ["step"]),
+    ("checkpoint: other step's weights, sha kept", _ckpt_other_step_with_sha, ["does not match its sidecar"]),
+    ("checkpoint: step edited in sidecar", _ckpt_step_edited, ["step"]),
+    ("checkpoint: shipped, sha removed, weights swapped", _ckpt_legacy_no_sha, ["weights_sha256"]),
+    ("checkpoint: model_config not an object", _ckpt_config_not_object, ["model_config"]),
+    ("checkpoint: truncated weights", _ckpt_truncated, ["truncated"]),
+    ("run folder: last .safetensors missing", _run_last_weights_missing, ["step_000002"]),
+    ("run folder: finished run, last checkpoint gone", _run_last_pair_missing, ["missing"]),
+    ("save_checkpoint over existing", _save_ckpt_existing, ["overwrite=True"]),
+    ("load_model step=str", _load_step_string, ["step"]),
+    ("vectors save under a file", lambda env: (lambda: env.tv.save(env.tmp / "my_notes.md" / "vectors")), ["is a file"]),
+    ("train out_dir under a file", lambda env: (lambda: train(TrainConfig(**TINY), env.tmp / "my_notes.md" / "run",
+                                                              progress=False)), ["out_dir"]),
+    ("train into the shipped checkpoints", lambda env: (lambda: train(TrainConfig(**TINY), CHECKPOINT_DIR / "codes",
+                                                                      progress=False, overwrite=True)), ["shipped"]),
+    ("train callback not callable", _train(callback=3), ["callback"]),
+    ("build_model seed=str", lambda env: (lambda: build_model("shift", seed="0")), ["seed"]),
+    ("build_model seed<0", lambda env: (lambda: build_model("shift", seed=-3)), ["seed"]),
+    ("build_model family unknown", lambda env: (lambda: build_model("nope")), ["nope"]),
+]
+
+
+@pytest.mark.parametrize("case_id,setup,names", API_CASES, ids=[c[0] for c in API_CASES])
+def test_api_bad_input(env, case_id, setup, names, monkeypatch):
+    monkeypatch.delenv("TVLENS_MEMORY_LIMIT", raising=False)
+    try:
+        _run_case(env, setup, names)
+    finally:
+        import os
+
+        os.environ.pop("TVLENS_MEMORY_LIMIT", None)
+
+
+# --------------------------------------------------------------------------- analyses (issue 12 part B)
+def _xcase(fn):
+    return lambda env: (lambda: fn(env))
+
+
+ANALYSIS_CASES = [
+    ("extract layers='2'", _xcase(lambda e: tvlens.extract(e.model, e.prompts, layers="2", progress=False)), ["layers"]),
+    ("extract batch_size=0", _xcase(lambda e: tvlens.extract(e.model, e.prompts, batch_size=0, progress=False)),
+     ["batch_size"]),
+    ("extract batch_size<0", _xcase(lambda e: tvlens.extract(e.model, e.prompts, batch_size=-1, progress=False)),
+     ["batch_size"]),
+    ("icl_accuracy batch_size=0", _xcase(lambda e: tvlens.icl_accuracy(e.model, e.prompts, batch_size=0)), ["batch_size"]),
+    ("TD k=0", _xcase(lambda e: tvlens.task_decodability(e.enc, k=0)), ["k"]),
+    ("TD layers='2'", _xcase(lambda e: tvlens.task_decodability(e.enc, layers="2", k=2)), ["layers"]),
+    ("run_patching batch_size<0", _xcase(lambda e: tvlens.run_patching(e.model, e.prompts, e.tv, batch_size=-1,
+                                                                        progress=False)), ["batch_size"]),
+    ("run_patching scale=nan", _xcase(lambda e: tvlens.run_patching(e.model, e.prompts, e.tv, scale=float("nan"),
+                                                                     progress=False)), ["scale"]),
+    ("run_patching layers='2'", _xcase(lambda e: tvlens.run_patching(e.model, e.prompts, e.tv, layers="2",
+                                                                      progress=False)), ["layers"]),
+    ("TaskVectors.get unknown task", _xcase(lambda e: e.tv.get("nope", 1)), ["nope"]),
+    ("TD seed=str", _xcase(lambda e: tvlens.task_decodability(e.enc, k=2, seed="1")), ["seed"]),
+    ("TD tie_break unknown", _xcase(lambda e: tvlens.task_decodability(e.enc, k=2, tie_break="coin")), ["tie_break"]),
+    ("TD metric unknown", _xcase(lambda e: tvlens.task_decodability(e.enc, k=2, metric="manhattan")), ["metric"]),
+    ("extract prompts=tensor", _xcase(lambda e: tvlens.extract(e.model, e.prompts.tokens, progress=False)), ["prompts"]),
+    ("icl_accuracy prompts=list", _xcase(lambda e: tvlens.icl_accuracy(e.model, [[1, 2, 3]])), ["prompts"]),
+    ("extract at unknown", _xcase(lambda e: tvlens.extract(e.model, e.prompts, at="middle", progress=False)), ["at"]),
+    ("run_patching mode unknown", _xcase(lambda e: tvlens.run_patching(e.model, e.prompts, e.tv, mode="swap2",
+                                                                        progress=False)), ["mode"]),
+    ("head_attribution batch_size=0", _xcase(lambda e: tvlens.head_attribution(e.model, e.prompts, method="dla",
+                                                                                batch_size=0)), ["batch_size"]),
+    ("head_attribution method unknown", _xcase(lambda e: tvlens.head_attribution(e.model, e.prompts, method="nope")),
+     ["method"]),
+]
+
+
+def _analysis_params():
+    out = []
+    for case_id, setup, names in ANALYSIS_CASES:
+        marks = [PART_B] if case_id in _STILL_FAILING else []
+        out.append(pytest.param(case_id, setup, names, id=case_id, marks=marks))
+    return out
+
+
+# the analysis cases that still fail on this branch (their fixes are issue 12 part B): none since the merge of
+# the valid branch. A single string where names are expected is one name there (sources="and" is ["and"],
+# by="layer" is ("layer",)): a correct result, tested in tests/test_validate.py, so not a case here.
+_STILL_FAILING: set[str] = set()
+
+
+@pytest.mark.parametrize("case_id,setup,names", _analysis_params())
+def test_analysis_bad_input(env, case_id, setup, names):
+    _run_case(env, setup, names)
+
+
+# --------------------------------------------------------------------------- CLI cases
+def _cli(env, capsys, argv):
+    from tvlens.cli import main
+
+    before = snapshot(env.tmp)
+    try:
+        rc = main(argv)
+    except SystemExit as e:  # argparse: usage + error, exit 2
+        rc = e.code
+    err = capsys.readouterr().err
+    assert snapshot(env.tmp) == before, "files changed on a refused command"
+    assert not [p for p in env.tmp.rglob("*.tmp")]
+    return rc, err
+
+
+def _train_argv(env, *extra, out=None):
+    out = env.tmp / "cli_run" if out is None else out
+    return ["train", "--family", "shift", "--out", str(out), "--steps", "4", "--batch-size", "6",
+            "--n-layers", "1", "--d-model", "16", "--n-heads", "2", "--eval-every", "2", "--eval-n-per-task", "2",
+            "--no-progress", *extra]
+
+
+def _write(env, name, text):
+    p = env.tmp / name
+    p.write_text(text)
+    return str(p)
+
+
+CLI_CASES = [
+    ("--param without =", lambda env: _train_argv(env, "--param", "n_letters"), ["--param"]),
+    ("--param unknown key", lambda env: _train_argv(env, "--param", "bogus=3"), ["bogus"]),
+    ("--param twice", lambda env: _train_argv(env, "--param", "n_letters=5", "--param", "n_letters=6"), ["n_letters"]),
+    ("--param bad value", lambda env: _train_argv(env, "--param", "n_letters=abc"), ["n_letters"]),
+    ("--param without --family", lambda env: ["train", "--config", _write(env, "c.json", json.dumps(TINY)), "--out",
+                                              str(env.tmp / "r"), "--param", "n_letters=5"], ["--param"]),
+    ("--config missing", lambda env: ["train", "--config", str(env.tmp / "nope.json"), "--out", str(env.tmp / "r")],
+     ["--config"]),
+    ("--config malformed", lambda env: ["train", "--config", _write(env, "c.json", "{\"steps\": 3,"), "--out",
+                                        str(env.tmp / "r")], ["--config"]),
+    ("--config a list", lambda env: ["train", "--config", _write(env, "c.json", "[1, 2]"), "--out", str(env.tmp / "r")],
+     ["--config"]),
+    ("--config unknown key", lambda env: ["train", "--config", _write(env, "c.json", json.dumps({**TINY, "learning": 1})),
+                                          "--out", str(env.tmp / "r")], ["learning"]),
+    ("--config bad value", lambda env: ["train", "--config", _write(env, "c.json", json.dumps({**TINY, "lr": -1})),
+                                        "--out", str(env.tmp / "r")], ["--lr"]),
+    ("--config a folder", lambda env: ["train", "--config", str(env.tmp), "--out", str(env.tmp / "r")], ["--config"]),
+    ("--out ''", lambda env: _train_argv(env, out=""), ["--out"]),
+    ("--out a file", lambda env: _train_argv(env, out=env.tmp / "my_notes.md"), ["--out"]),
+    ("--out a copied shipped run", lambda env: _train_argv(
+        env, out=shutil.copytree(CHECKPOINT_DIR / "categories", env.tmp / "copied")), ["--restart"]),
+    ("--out with another config", lambda env: _train_argv(env, "--lr", "0.5", out=env.copy("run")), ["--restart"]),
+    ("--threads 0", lambda env: _train_argv(env, "--threads", "0"), ["--threads"]),
+    ("--threads -2", lambda env: _train_argv(env, "--threads", "-2"), ["--threads"]),
+    ("--threads abc", lambda env: _train_argv(env, "--threads", "abc"), ["--threads"]),
+    ("--seed -1", lambda env: _train_argv(env, "--seed", "-1"), ["--seed"]),
+    ("--seed abc", lambda env: _train_argv(env, "--seed", "abc"), ["--seed"]),
+    ("--seed 1.5", lambda env: _train_argv(env, "--seed", "1.5"), ["--seed"]),
+    ("--lr nan", lambda env: _train_argv(env, "--lr", "nan"), ["--lr"]),
+    ("--lr -1", lambda env: _train_argv(env, "--lr", "-1"), ["--lr"]),
+    ("--grad-clip nan", lambda env: _train_argv(env, "--grad-clip", "nan"), ["--grad-clip"]),
+    ("--steps 0", lambda env: _train_argv(env, "--steps", "0"), ["--steps"]),
+    ("--batch-size 0", lambda env: _train_argv(env, "--batch-size", "0"), ["--batch-size"]),
+    ("--shots -1", lambda env: _train_argv(env, "--shots", "-1"), ["--shots"]),
+    ("--family unknown", lambda env: ["train", "--family", "nope", "--out", str(env.tmp / "r")], ["nope"]),
+    ("demo --seed -1", lambda env: ["demo", "--seed", "-1", "--no-report"], ["--seed"]),
+    ("demo --threads 0", lambda env: ["demo", "--threads", "0", "--no-report"], ["--threads"]),
+    ("demo --n-per-task 0", lambda env: ["demo", "--n-per-task", "0", "--no-report"], ["--n-per-task"]),
+    ("report --seed x", lambda env: ["report", "--seed", "x"], ["--seed"]),
+    ("demo --out a file", lambda env: ["demo", "--out", str(env.tmp / "my_notes.md")], ["--out"]),
+    ("demo --out ''", lambda env: ["demo", "--out", ""], ["--out"]),
+    ("report --out under a file", lambda env: ["report", "--out", str(env.tmp / "my_notes.md" / "r")], ["--out"]),
+    ("demo --n-per-task 10^7", lambda env: ["demo", "--n-per-task", str(10**7), "--no-report"], ["n_per_task"]),
+]
+
+
+@pytest.mark.parametrize("case_id,argv,names", CLI_CASES, ids=[c[0] for c in CLI_CASES])
+def test_cli_bad_input(env, capsys, case_id, argv, names):
+    rc, err = _cli(env, capsys, argv(env))
+    assert rc == 2, err
+    assert "Traceback" not in err
+    assert any(n in err for n in names), f"stderr names none of {names}: {err}"
+
+
+def test_cli_memory_guard_names_shots(env, capsys, monkeypatch):
+    monkeypatch.setenv("TVLENS_MEMORY_LIMIT", "4GB")
+    rc, err = _cli(env, capsys, ["train", "--family", "codes", "--shots", "100", "--out", str(env.tmp / "big")])
+    assert rc == 2 and "--shots" in err and "memory" in err
+    assert not (env.tmp / "big").exists()
+
+
+# --------------------------------------------------------------------------- correct results
+def test_a_single_task_name_is_one_task_not_its_letters(shared):
+    p = shared.fam.sample(2, shots=2, seed=0, tasks="xor")
+    assert p.labels.tolist() == [shared.fam.task_names.index("xor")] * 2
+
+
+def test_vectors_round_trip_and_overwrite_on_request(env):
+    p = env.copy("vectors")
+    back = tvlens.TaskVectors.load(p)
+    assert back.task_names == env.tv.task_names and back.layers == env.tv.layers
+    assert torch.equal(back.vectors, env.tv.vectors)
+    env.tv.save(p, overwrite=True)
+    assert torch.equal(tvlens.TaskVectors.load(p).vectors, env.tv.vectors)
+
+
+def test_shipped_checkpoints_still_verify():
+    # the shipped sidecars record the sha256 of their (unchanged) weights
+    for name in ("codes", "categories", "bitwise"):
+        steps = tvlens.checkpoint_steps(name)
+        m = load_checkpoint(CHECKPOINT_DIR / name / f"step_{steps[-1]:06d}")
+        assert tvlens.model_info(m).step == steps[-1]
+
+
+def test_a_checkpoint_without_sha_but_with_its_header_loads(env):
+    d = env.copy("ckpt")
+    env.edit_json(d / "step_000001.json", _drop("weights_sha256"))
+    assert tvlens.model_info(load_checkpoint(d / "step_000001")).step == 1
+
+
+def test_run_folder_with_a_broken_checkpoint_loads_other_steps_explicitly(env):
+    d = env.copy("ckpt")
+    (d / "step_000002.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="incomplete"):
+        tvlens.list_checkpoints(d)
+    assert [s for s, _ in tvlens.list_checkpoints(d, strict=False)] == [1]
+    assert tvlens.model_info(tvlens.load_model(d, step=1)).step == 1
+
+
+def test_overwrite_error_is_a_file_exists_error(env):
+    p = env.copy("vectors")
+    with pytest.raises(FileExistsError):
+        env.tv.save(p)
+    assert issubclass(OverwriteError, TvlensError)
+
+
+def test_a_huge_n_checkpoints_costs_nothing():
+    from tvlens.train import checkpoint_steps
+
+    assert checkpoint_steps(10, 10**9) == checkpoint_steps(10, 11)  # no billion-point logspace
+
+
+def test_distinct_cases():
+    ids = [c[0] for c in API_CASES + ANALYSIS_CASES + CLI_CASES]
+    assert len(ids) == len(set(ids)) and len(ids) >= 60

@@ -1,0 +1,70 @@
+"""What both backends share: capturing activations by canonical name, the fingerprint."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable
+
+import torch
+
+from tvlens.backends.protocol import layer_of
+
+
+class CommonBackend:
+    """Shared implementation; subclasses set the model-specific parts."""
+
+    model: object
+    kind: str
+
+    def capture(self, x: torch.Tensor, names: Iterable[str], stop_at_layer: int | None = None,
+                select: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        names = list(dict.fromkeys(names))
+        store: dict[str, torch.Tensor] = {}
+
+        def make(n: str):
+            def keep(act, hook):
+                store[n] = select(n, act) if select is not None else act
+            return keep
+
+        if stop_at_layer is None:  # run only as far as the deepest hook needs
+            deepest = max((layer_of(n) if layer_of(n) is not None else self.n_layers for n in names), default=0)
+            stop_at_layer = deepest + 1 if deepest < self.n_layers else None
+        self.run_with_hooks(x, fwd_hooks=[(n, make(n)) for n in names], stop_at_layer=stop_at_layer)
+        missing = [n for n in names if n not in store]
+        if missing:
+            from tvlens.errors import HookError
+
+            raise HookError(f"hooks {missing} did not fire on this {self.kind} model's forward pass")
+        return store
+
+    def final_resid(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run_from(self.embed_input(x), 0)
+
+    def fingerprint(self) -> str:
+        """A short hash of the model's shape and a sample of its weights in canonical form: which
+        residual space vectors live in. The same weights held as a HookedTransformer and as a raw
+        TransformerBridge give the same fingerprint; a processed copy (folded LayerNorm, centred weights,
+        a bridge in compatibility mode) gives another."""
+        h = hashlib.sha256()
+        h.update(repr((self.d_model, self.n_layers, self.d_vocab)).encode())
+        if getattr(self.model, "_weights_processed", False):  # a bridge after enable_compatibility_mode()
+            h.update(b"processed")
+        for t in self._fingerprint_tensors():
+            h.update(t.detach().flatten()[:4096].float().cpu().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def block_device(self, layer: int) -> torch.device:
+        for p in self.model.blocks[layer].parameters():
+            return p.device
+        return self.input_device
+
+
+def hook_error(name: str, kind: str, known: Iterable[str]):
+    from tvlens.errors import HookError
+
+    near = sorted(k for k in known if k.split(".")[-1] == name.split(".")[-1])[:4]
+    return HookError(f"this {kind} model cannot fire hook {name!r}" + (f" (it has e.g. {near})" if near else "")
+                     + "; use a canonical TransformerLens hook name such as 'blocks.0.hook_resid_pre'")
+
+
+__all__ = ["CommonBackend", "hook_error"]

@@ -1,0 +1,207 @@
+"""The TransformerBridge side of the seam (TransformerLens 3.9+ and 4.x).
+
+What differs from a HookedTransformer, and how this module hides it (measured, see
+``shared/notes/transformerlens-bridge.md``):
+
+- inside a hook, ``hook.name`` is the bridge's own spelling (``blocks.0.hook_in``); tvlens hooks never
+  read it, and ``hook_name`` checks that the canonical alias exists;
+- ``stop_at_layer=n_layers`` returns logits, not the final residual: :meth:`final_resid` reads it with
+  a hook on the last block's ``hook_resid_post``;
+- ``start_at_layer`` is missing (3.9) or still runs the early blocks (4.x), and ``past_kv_cache`` is
+  ignored: :meth:`run_from` calls the bridge's blocks directly, with the keyword arguments the
+  Hugging Face model passes them (attention mask, positions, rotary tables) recorded once per input
+  shape on a hook-free forward pass, so only blocks ``start..`` run and their hooks fire as usual.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from tvlens.backends._common import CommonBackend, hook_error
+
+
+def bridge_classes() -> tuple[type, ...]:
+    try:
+        from transformer_lens.model_bridge import TransformerBridge
+    except ImportError:  # pragma: no cover - every supported TransformerLens has it
+        return ()
+    return (TransformerBridge,)
+
+
+def _is_cache(v: Any) -> bool:
+    return type(v).__name__.endswith("Cache") and not torch.is_tensor(v)
+
+
+class BridgeBackend(CommonBackend):
+    kind = "bridge"
+
+    def __init__(self, model) -> None:
+        self.model = model
+        cfg = model.cfg
+        self.n_layers = int(cfg.n_layers)
+        self.n_heads = int(cfg.n_heads)
+        self.d_model = int(cfg.d_model)
+        self.d_head = int(cfg.d_head)
+        self.d_vocab = int(cfg.d_vocab)
+        self.d_vocab_out = int(getattr(cfg, "d_vocab_out", None) or cfg.d_vocab)
+        self.n_ctx = int(cfg.n_ctx)
+        self.positional_embedding_type = str(getattr(cfg, "positional_embedding_type", "standard") or "standard")
+        self.n_key_value_heads = getattr(cfg, "n_key_value_heads", None)
+        from tvlens.backends.loading import read_in_of
+
+        self._read_in = read_in_of(model)
+        self.continuous = self._read_in is not None
+        self.softcap = float(getattr(cfg, "output_logits_soft_cap", 0.0) or 0.0)
+        self._block_calls: dict[tuple, list[tuple[tuple, dict]]] = {}
+
+    @property
+    def mode(self) -> str:
+        """``"compat"`` after ``enable_compatibility_mode()``, else ``"raw"`` (Hugging Face's own weights)."""
+        return "compat" if getattr(self.model, "compatibility_mode", False) else "raw"
+
+    # hooks
+    def hook_name(self, canonical: str) -> str:
+        if canonical not in self.model.hook_dict:
+            raise hook_error(canonical, f"TransformerBridge ({self.mode} mode)", self.model.hook_dict)
+        return canonical
+
+    def hooks(self, fwd_hooks: Sequence = (), bwd_hooks: Sequence = ()):
+        for n, _ in list(fwd_hooks) + list(bwd_hooks):
+            self.hook_name(n)
+        return self.model.hooks(fwd_hooks=list(fwd_hooks), bwd_hooks=list(bwd_hooks))
+
+    def _input(self, x):
+        return x  # a continuous model's read-in runs inside the native model's forward (loading.build_native_bridge)
+
+    def logits(self, x):
+        return self.model(self._input(x))
+
+    def run_with_hooks(self, x, fwd_hooks: Sequence = (), stop_at_layer: int | None = None):
+        for n, _ in fwd_hooks:
+            self.hook_name(n)
+        if stop_at_layer is not None and stop_at_layer >= self.n_layers:  # the bridge would return logits
+            out: dict[str, torch.Tensor] = {}
+
+            def keep(act, hook):
+                out["r"] = act
+            hooks = list(fwd_hooks) + [(f"blocks.{self.n_layers - 1}.hook_resid_post", keep)]
+            with self.model.hooks(fwd_hooks=hooks):
+                self.model(self._input(x))
+            return out["r"]
+        with self.model.hooks(fwd_hooks=list(fwd_hooks)):
+            return self.model(self._input(x), stop_at_layer=stop_at_layer)
+
+    # running parts
+    def embed_input(self, x):
+        return self.model(self._input(x), stop_at_layer=0)
+
+    def _calls(self, resid: torch.Tensor) -> list[tuple[tuple, dict]]:
+        """Each block's call arguments for inputs of ``resid``'s batch and length, recorded once on a
+        forward pass with every hook detached (so a caller's hooks never see it)."""
+        key = (tuple(resid.shape[:2]), str(resid.device), resid.dtype)
+        if key not in self._block_calls:
+            calls: list[Any] = [None] * self.n_layers
+            handles = []
+            for i, block in enumerate(self.model.blocks):
+                def pre(mod, args, kwargs, _i=i):
+                    calls[_i] = (tuple(None if _is_cache(a) else a for a in args[1:]),
+                                 {k: (None if _is_cache(v) else v) for k, v in kwargs.items()})
+                handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
+            saved = [(hp, dict(hp._forward_hooks), dict(hp._backward_hooks)) for hp in self.model.hook_dict.values()]
+            try:
+                for hp, _, _ in saved:
+                    hp._forward_hooks.clear()
+                    hp._backward_hooks.clear()
+                dummy = (torch.zeros(*resid.shape[:2], self.d_vocab, dtype=resid.dtype, device=self.input_device)
+                         if self.continuous else torch.zeros(resid.shape[:2], dtype=torch.long, device=self.input_device))
+                with torch.no_grad():
+                    self.model(self._input(dummy))
+            finally:
+                for hp, f, b in saved:
+                    hp._forward_hooks.update(f)
+                    hp._backward_hooks.update(b)
+                for h in handles:
+                    h.remove()
+            for c in calls:
+                if c is not None and "use_cache" in c[1]:
+                    c[1]["use_cache"] = False
+            if len(self._block_calls) > 16:
+                self._block_calls.clear()
+            self._block_calls[key] = calls
+        return self._block_calls[key]
+
+    def run_from(self, resid, start: int, stop: int | None = None, past_kv=None):
+        if past_kv is not None:
+            from tvlens.errors import ConfigError
+
+            raise ConfigError("a TransformerBridge cannot continue from a prefix key/value cache (TransformerLens "
+                              "ignores past_kv_cache on a bridge): use skip_prefix=None")
+        stop = self.n_layers if stop is None else stop
+        calls = self._calls(resid)
+        h = resid
+        for i in range(start, stop):
+            args, kwargs = calls[i]
+            out = self.model.blocks[i](h, *args, **kwargs)
+            h = out[0] if isinstance(out, tuple) else out
+        return h
+
+    def ln_final(self, resid):
+        ln = getattr(self.model, "ln_final", None)
+        return ln(resid) if ln is not None else resid
+
+    def unembed(self, resid):
+        logits = self.model.unembed(self.ln_final(resid))
+        if self.softcap > 0:
+            logits = self.softcap * torch.tanh(logits / self.softcap)
+        return logits
+
+    # weights and placement
+    @property
+    def W_O(self):
+        return self.model.W_O
+
+    @property
+    def W_U(self):
+        return self.model.W_U
+
+    @property
+    def ln_final_weight(self):
+        ln = getattr(self.model, "ln_final", None)
+        w = getattr(getattr(ln, "original_component", None), "weight", None)
+        if w is not None and "Gemma" in type(ln.original_component).__name__:
+            w = 1.0 + w  # Gemma's RMSNorm scales by (1 + weight)
+        return w
+
+    @property
+    def input_device(self) -> torch.device:
+        for p in self.model.parameters():
+            if p.device.type != "meta":
+                return p.device
+        return torch.device("cpu")
+
+    @property
+    def tokenizer(self):
+        return getattr(self.model, "tokenizer", None)
+
+    def _fingerprint_tensors(self):
+        m = self.model
+        return [m.W_E, m.W_Q[0], m.W_O[0], m.W_U]
+
+    def set_use_attn_result(self, on: bool) -> bool:
+        old = bool(getattr(self.model.cfg, "use_attn_result", False))
+        self.model.set_use_attn_result(on)
+        return old
+
+    def supports_prefix_kv(self) -> bool:
+        return False
+
+    def prefix_kv_cache(self, keys, values, batch: int):
+        from tvlens.errors import ConfigError
+
+        raise ConfigError("a TransformerBridge cannot continue from a prefix key/value cache")
+
+
+__all__ = ["BridgeBackend", "bridge_classes"]
