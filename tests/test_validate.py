@@ -150,7 +150,7 @@ def test_best_layer_is_one_where_the_patch_does_something(shipped):
     layer, why = res.best_layer_choice()
     assert layer == res.best_layer() == int(torch.argmax(res.flip_rate)) != 0
     assert "floor" in why and "control" in why
-    assert f"best layer {layer}" in repr(res)
+    assert f"best layer {layer}" in repr(res) and res.notes["best_layer"] == {"layer": layer, "rule": why}
     noop = run_patching(model, prompts, vecs, layers=[0, 1], mode="add", scale=0.0, progress=False)
     assert noop.best_layer() is None and "changes nothing" in noop.best_layer_choice()[1]
     assert "best layer: none" in repr(noop) and noop.plot().data
