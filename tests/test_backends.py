@@ -215,3 +215,48 @@ def test_a_processed_copy_has_another_fingerprint(pair):
         warnings.simplefilter("ignore")
         comp.enable_compatibility_mode(disable_warnings=True)
     assert get_backend(comp).fingerprint() != raw
+
+
+def test_cpu_and_disk_offloaded_bridge_gives_the_same_numbers(tmp_path_factory, prompts):
+    """An accelerate device map that leaves block 1 on disk: activations move to the block they enter;
+    extraction and an exact head sweep equal the undivided model's."""
+    folder = _hf_folder(tmp_path_factory, "gpt2")
+    dm = {"transformer.wte": "cpu", "transformer.wpe": "cpu", "transformer.drop": "cpu", "transformer.h.0": "cpu",
+          "transformer.h.1": "disk", "transformer.ln_f": "cpu", "lm_head": "cpu"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        whole = tvlens.load_model(folder, backend="bridge")
+        split = tvlens.load_model(folder, backend="bridge", device_map=dm,
+                                  offload_folder=str(tmp_path_factory.mktemp("offload")))
+    assert split.original_model.hf_device_map["transformer.h.1"] == "disk"
+    a, b = tvlens.extract(whole, prompts, progress=False), tvlens.extract(split, prompts, progress=False)
+    assert torch.equal(a.acts, b.acts) and a.fingerprint == b.fingerprint
+    sa = tvlens.head_attribution(whole, prompts, method="patch", progress=False)
+    sb = tvlens.head_attribution(split, prompts, method="patch", progress=False)
+    assert (sa.scores - sb.scores).abs().max() <= 1e-5 and sa.scores.abs().max() > 0
+
+
+def test_emergence_over_local_hugging_face_checkpoints(tmp_path_factory):
+    """``emergence`` over pretrained checkpoints given as local folders (OLMo-style step checkpoints)."""
+    fam = tvlens.tasks.get("codes")
+    folders = []
+    for scale in (0.0, 1.0):
+        f = _hf_folder(tmp_path_factory, "gpt2")
+        from transformers import AutoModelForCausalLM
+
+        hf = AutoModelForCausalLM.from_pretrained(f)
+        with torch.no_grad():
+            for p in hf.parameters():
+                p.mul_(scale) if p.ndim > 1 and scale == 0.0 else None
+        hf.save_pretrained(f)
+        folders.append(f)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        em = tvlens.emergence([(0, folders[0]), (100, folders[1])], family=fam, n_per_task=12, shots=2, k=3,
+                              progress=False)
+        direct = tvlens.task_decodability(tvlens.load_model(folders[1]), fam.sample(12, shots=2, seed=12345), k=3)
+    assert em.steps == [0, 100] and em.td.shape == (2, 3)
+    assert torch.equal(em.td[1], direct.td)
+    assert float(em.td[0].max()) <= 1 / fam.n_tasks + 1e-6  # zero weights: every prompt looks the same
+    with pytest.raises(ConfigError, match="checkpoints: expected"):
+        tvlens.emergence([("a", folders[0])], family=fam)

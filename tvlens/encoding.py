@@ -606,7 +606,11 @@ def emergence(
     """TD per layer and per-task ICL metric at every checkpoint of a run.
 
     ``checkpoints``: a shipped model name or a run folder (as written by ``tvlens train``), or a
-    list of ``(step, model)`` pairs. The same fresh prompts are used at every step.
+    list of ``(step, model)`` pairs where ``model`` is a loaded model, a local Hugging Face checkpoint
+    folder, or ``"name@revision"`` of a revision already in the local Hugging Face cache (pretrained
+    checkpoints, e.g. OLMo's ``step1000-tokens4B``; loaded one at a time, as a TransformerBridge where
+    TransformerLens has no HookedTransformer). The same fresh prompts are used at every step; a text
+    family is tokenized with the first checkpoint's tokenizer.
     """
     from tqdm.auto import tqdm
 
@@ -622,7 +626,13 @@ def emergence(
             pairs = [(s, p) for s, p in pairs if s in set(steps)]
         items = [(s, (lambda p=p: load_checkpoint(p))) for s, p in pairs]
     else:
-        items = [(s, (lambda m=m: m)) for s, m in checkpoints]
+        items = []
+        for item in checkpoints:
+            if not (isinstance(item, (tuple, list)) and len(item) == 2) or isinstance(item[0], bool) \
+                    or not isinstance(item[0], (int, np.integer)):
+                raise ConfigError(f"checkpoints: expected (step, model or folder) pairs with integer steps, got {item!r}")
+            s, m = item
+            items.append((s, (lambda m=m: _load_checkpoint_item(m))))
     if not items:
         raise ConfigError("emergence needs at least one checkpoint")
     prompts = None
@@ -635,7 +645,12 @@ def emergence(
                 fam = model_info(model).task_family()
                 if fam is None:
                     raise ConfigError("the checkpoints record no task family: pass family=")
-            prompts = fam.sample(n_per_task, shots=shots, seed=seed)
+            from tvlens.tasks.text import TextTaskFamily
+
+            if isinstance(fam, TextTaskFamily):
+                prompts = fam.sample(n_per_task, shots=shots, seed=seed, tokenizer=getattr(model, "tokenizer", None))
+            else:
+                prompts = fam.sample(n_per_task, shots=shots, seed=seed)
         acc = icl_accuracy(model, prompts)
         dec = task_decodability(model, prompts, k=k)
         step_list.append(int(s))
@@ -650,6 +665,19 @@ def emergence(
         mean_metric=per_task[:, non_null].mean(1), layers=dec.layers, td=torch.stack(rows_td),
         td_per_task=torch.stack(rows_tdt), k=k, n_per_task=n_per_task,
     )
+
+
+def _load_checkpoint_item(m):
+    """A model from an ``emergence`` checkpoint item: a model, a local folder, or ``"name@revision"``."""
+    if not isinstance(m, (str, Path)):
+        return m
+    from tvlens.models import load_model
+
+    s = str(m)
+    if "@" in s and not Path(s).exists():
+        name, rev = s.rsplit("@", 1)
+        return load_model(name, backend="bridge", revision=rev)
+    return load_model(s)
 
 
 def encoding_callback(config, n_per_task: int = 50, k: int = 10, seed: int = 424242):

@@ -26,6 +26,15 @@ def get_backend(model: Any) -> Backend:
         bk = HookedBackend(model)
     elif bridge_classes() and isinstance(model, bridge_classes()):
         bk = BridgeBackend(model)
+    elif type(model).__name__ == "RemoteBridge":
+        from tvlens.errors import UnsupportedModelError
+
+        raise UnsupportedModelError(
+            "model: a RemoteBridge (vLLM / Inspect engine) is not supported by this tvlens yet: its hooks are "
+            "capture and affine-intervention specs sent to the engine, and tvlens' backends run Python hooks and "
+            "blocks in-process. Boot the same weights with TransformerBridge.boot_transformers(folder) (or "
+            "tvlens.load_model(folder, backend='bridge', device_map='auto') across GPUs)"
+        )
     else:
         from tvlens.errors import UnsupportedModelError
 

@@ -188,7 +188,8 @@ class BridgeBackend(CommonBackend):
 
     def _fingerprint_tensors(self):
         m = self.model
-        return [m.W_E, m.W_Q[0], m.W_O[0], m.W_U]
+        attn = m.blocks[0].attn  # block 0 alone: later blocks may be offloaded (meta tensors until they run)
+        return [m.W_E, attn.W_Q, attn.W_O, m.W_U]
 
     def set_use_attn_result(self, on: bool) -> bool:
         old = bool(getattr(self.model.cfg, "use_attn_result", False))

@@ -99,7 +99,7 @@ class HookedBackend(CommonBackend):
 
     def _fingerprint_tensors(self):
         m = self.model
-        return [m.W_E, m.W_Q[0], m.W_O[0], m.W_U]
+        return [m.W_E, m.blocks[0].attn.W_Q, m.blocks[0].attn.W_O, m.W_U]
 
     def set_use_attn_result(self, on: bool) -> bool:
         old = bool(self.model.cfg.use_attn_result)
