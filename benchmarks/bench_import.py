@@ -6,8 +6,10 @@ Each line runs a fresh interpreter (``python -X importtime``) and reports the cu
 statement's modules, best of ``--repeat`` runs. ``import tvlens`` imports nothing heavy: the public names are
 loaded on first use (``tvlens/__init__.py``'s module-level ``__getattr__``), so sampling prompts costs torch
 (~1.4 s here) and loading a model costs TransformerLens + transformers (several seconds more).
-Measured on the shared 2-core development machine (2026-12-01, best of 3, under load): ``import tvlens``
-4.8 s on main before (10.2 s in issue 12), 0.04 s after; what torch and TransformerLens cost comes when used.
+Measured on the shared 2-core development machine (2026-12-01, ``-X importtime`` cumulative, under load):
+``import tvlens`` 10.2 s in issue 12, 3.8-6.4 s on main before the backends merge, 2.25 s on main after it
+(torch still eager), 0.006-0.011 s with the lazy package; torch (~1.4-2.5 s) comes with the first PromptSet
+or family, TransformerLens with the first model.
 """
 
 from __future__ import annotations

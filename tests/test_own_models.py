@@ -27,21 +27,22 @@ WORDS = [f"w{i}" for i in range(10)] + ["->", ";"]
 
 @pytest.fixture(scope="module")
 def user_model():
-    """A plain HookedTransformer, as a researcher builds it: no tvlens metadata, its own tokenizer."""
-    fields = dict(n_layers=2, d_model=32, n_heads=4, d_head=8, n_ctx=16, d_vocab=len(WORDS), act_fn="gelu",
-                  normalization_type="LN", seed=0, default_prepend_bos=False)
-    if not has_hooked_transformer():  # TransformerLens 4: a researcher's own model is a boot_native bridge
-        from transformer_lens.config import TransformerBridgeConfig
-        from transformer_lens.model_bridge import TransformerBridge
+    """A plain model as a researcher builds it, no tvlens metadata, with its own tokenizer: a HookedTransformer
+    (TransformerLens 3.x), or on 4.x (no HookedTransformer) a TransformerBridge booted from a config."""
+    kw = dict(n_layers=2, d_model=32, n_heads=4, d_head=8, n_ctx=16, d_vocab=len(WORDS), act_fn="gelu",
+              normalization_type="LN", seed=0)
+    if not has_hooked_transformer():
+        from tvlens.backends.loading import build_native_bridge
 
-        model = TransformerBridge.boot_native(TransformerBridgeConfig(**fields)).eval()
-        model.tokenizer = word_tokenizer(WORDS)  # as is: TL's BOS set-up would rewrite a word-level tokenizer
-        return model
+        model = build_native_bridge({**kw, "d_mlp": 128, "d_vocab_out": len(WORDS), "attn_only": False,
+                                     "positional_embedding_type": "standard"}, continuous=False)
+        model.tokenizer = word_tokenizer(WORDS)
+        return model.eval()
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # TL 3.x: HookedTransformer is deprecated for 4.x
-        model = HookedTransformer(HookedTransformerConfig(**fields))
+        model = HookedTransformer(HookedTransformerConfig(**kw, default_prepend_bos=False))
     model.set_tokenizer(word_tokenizer(WORDS), default_padding_side="right")
     return model
 

@@ -57,9 +57,10 @@ def refuse_greedy(prompts: PromptSet, what: str) -> None:
 
 
 def batches(n: int, batch_size: int | None, desc: str = "", progress: bool = False):
-    from tvlens.validate import check_batch_size
+    from tvlens.checks import check_batch_size  # batch_size: a positive int, or None for all (never 0)
 
-    bs = check_batch_size(batch_size, where=desc) or max(n, 1)  # None: all prompts in one batch
+    batch_size = check_batch_size(batch_size, where=desc)
+    bs = max(n, 1) if batch_size is None else batch_size
     starts = range(0, n, bs)
     return tqdm(starts, desc=desc, disable=not progress or len(starts) <= 1, leave=False), bs
 

@@ -389,13 +389,20 @@ def run_patching(
     for si, sname in enumerate(src_names):
         same = (ta[:, prompts.task_names.index(sname)] == prompts.answers.cpu()).all(-1).float()
         agree[si].index_add_(0, labels, same)
-    return PatchingResult(
+    return _with_choice(PatchingResult(
         layers=layers, source_names=src_names, target_names=list(prompts.task_names), mode=mode, read_at=read_at,
         scale=float(scale), follows_source=follows_src / counts, follows_own=follows_own / counts,
         delta_logprob_source=dlp / counts, baseline_own=base_own / counts, metric="accuracy", shots=prompts.shots,
         rule_agreement=agree / counts, per_prompt_source=pp_src, per_prompt_own=pp_own, labels=labels.clone(),
         baseline_source=base_src / counts, notes=_notes(prompts, src_names),
-    )
+    ))
+
+
+def _with_choice(res: PatchingResult) -> PatchingResult:
+    """Record in the result how its best layer is chosen (``best_layer_choice`` with the defaults)."""
+    layer, rule = res.best_layer_choice()
+    res.notes["best_layer"] = {"layer": layer, "rule": rule}
+    return res
 
 
 def _own(vectors: TaskVectors, task: str, layer: int, have: list[str]) -> torch.Tensor:
@@ -488,10 +495,10 @@ def _run_patching_regression(model, prompts, vectors, layers, mode, scale, src_n
                 pp_mse[li, si, b0 : b0 + len(lab)] = ((pred - sub.answers[:, 0]) ** 2).cpu()
     grid = mse / counts
     nanv = torch.full_like(grid, float("nan"))
-    return PatchingResult(layers=layers, source_names=src_names, target_names=list(prompts.task_names), mode=mode,
-                          scale=float(scale), follows_source=nanv, follows_own=nanv, delta_logprob_source=grid,
-                          baseline_own=base / counts, metric="mse", shots=prompts.shots, per_prompt_source=pp_mse,
-                          labels=labels.clone(), notes=_notes(prompts, src_names))
+    return _with_choice(PatchingResult(
+        layers=layers, source_names=src_names, target_names=list(prompts.task_names), mode=mode, scale=float(scale),
+        follows_source=nanv, follows_own=nanv, delta_logprob_source=grid, baseline_own=base / counts, metric="mse",
+        shots=prompts.shots, per_prompt_source=pp_mse, labels=labels.clone(), notes=_notes(prompts, src_names)))
 
 
 __all__ = ["PatchingResult", "run_patching"]

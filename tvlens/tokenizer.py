@@ -49,11 +49,16 @@ def word_tokenizer(vocab: Sequence[str], pad_token: str | None = None) -> Any:
 def attach_tokenizer(model, vocab: Sequence[str] | None) -> None:
     """Give ``model`` (a HookedTransformer over ``vocab``) ``model.tokenizer``; nothing when ``vocab`` is
     None (continuous families) or does not match the model's vocabulary size."""
-    cfg = getattr(model, "cfg", None)
-    if vocab is None or cfg is None or len(vocab) != int(cfg.d_vocab):
+    if vocab is None:
+        return
+    from tvlens.backends import get_backend
+
+    if len(vocab) != int(get_backend(model).d_vocab):
         return
     model.tokenizer = word_tokenizer(vocab)
-    cfg.tokenizer_prepends_bos = False  # TransformerLens' to_tokens asks; the word tokenizer adds nothing
+    cfg = getattr(model, "cfg", None)
+    if cfg is not None:
+        cfg.tokenizer_prepends_bos = False  # TransformerLens' to_tokens asks; the word tokenizer adds nothing
 
 
 def family_vocab(family_config: dict | None) -> list[str] | None:

@@ -70,15 +70,10 @@ def _given(x: Any) -> str:
 # --------------------------------------------------------------------------- scalar arguments
 def check_batch_size(batch_size: Any, argument: str = "batch_size", where: str = "") -> int | None:
     """``batch_size`` means the same everywhere: a positive integer (prompts per forward pass), or None for
-    all prompts in one batch. 0, negative numbers, floats and strings are refused."""
-    if batch_size is None:
-        return None
-    if not _is_int(batch_size) or int(batch_size) < 1:
-        raise ConfigError(
-            f"{_where(where)}{argument} must be a positive integer (prompts per forward pass) or None (all in one "
-            f"batch); got {_given(batch_size)}"
-        )
-    return int(batch_size)
+    all prompts in one batch; 0, negatives, floats and strings are refused (``tvlens.checks.check_batch_size``)."""
+    from tvlens.checks import check_batch_size as _check
+
+    return _check(batch_size, argument, where)
 
 
 def check_finite_number(value: Any, argument: str, where: str = "") -> float:
@@ -265,54 +260,52 @@ def _family_of(config: dict[str, Any]):
     return _FAMILIES[key]
 
 
-def check_model(model: Any, argument: str = "model", where: str = "") -> None:
-    """A loaded TransformerLens model (``model.cfg``), not a name or a path."""
+def check_model(model: Any, argument: str = "model", where: str = ""):
+    """A loaded TransformerLens model, not a name or a path: returns its backend (``tvlens.backends``)."""
     import os
 
     if isinstance(model, (str, os.PathLike)):
         raise ConfigError(f"{_where(where)}{argument} must be a loaded model, got the name {str(model)!r}: "
                           f"load it first, model = tvlens.load_model({str(model)!r})")
 
-    get_backend(model)  # UnsupportedModelError (a ConfigError) naming the classes tvlens drives
+    return get_backend(model)  # UnsupportedModelError names what it takes
 
 
 def check_seed(seed: Any, argument: str = "seed", where: str = "") -> int:
-    """A seed: a non-negative integer (numpy and torch generators take nothing else)."""
-    if not _is_int(seed) or int(seed) < 0:
-        raise ConfigError(f"{_where(where)}{argument} must be a non-negative integer, got {_given(seed)}")
-    return int(seed)
+    """A seed: a non-negative integer (``tvlens.checks.check_seed``)."""
+    from tvlens.checks import check_seed as _check
+
+    return _check(seed, argument, where=where)
 
 
 def check_model_prompts(model, prompts, where: str = "") -> None:
     """Everything that must hold before ``prompts`` are fed to ``model``: a non-empty PromptSet of the
     model's kind (tokens or continuous), integer ids inside its vocabulary (or inputs of its width,
     finite), sequences within its context, and the model's task family when it records one."""
-    check_model(model, "model", where)
+    bk = check_model(model, "model", where)
     check_prompt_set(prompts, "prompts", where)
     if len(prompts) == 0:
         raise ConfigError(f"{_where(where)}the PromptSet is empty: sample at least one prompt")
-    from tvlens.models import is_continuous
-
-    if is_continuous(model) != prompts.is_continuous:
-        kind = "continuous (regression)" if is_continuous(model) else "token"
+    if bk.continuous != prompts.is_continuous:
+        kind = "continuous (regression)" if bk.continuous else "token"
         raise ConfigError(
             f"{_where(where)}prompts of family {prompts.family!r} are "
             f"{'continuous' if prompts.is_continuous else 'tokens'} but the model is a {kind} model"
         )
     if prompts.is_continuous:
-        if prompts.inputs.shape[-1] != get_backend(model).d_vocab:
+        if prompts.inputs.shape[-1] != bk.d_vocab:
             raise ConfigError(
                 f"{_where(where)}prompts have input dimension {prompts.inputs.shape[-1]} but the model reads "
-                f"{get_backend(model).d_vocab}"
+                f"{bk.d_vocab}"
             )
         check_finite(prompts.inputs, "PromptSet.inputs", where)
     else:
-        check_token_ids(prompts.tokens, int(get_backend(model).d_vocab), "PromptSet.tokens", where)
+        check_token_ids(prompts.tokens, int(bk.d_vocab), "PromptSet.tokens", where)
     check_prompts_shape(prompts)
-    if prompts.seq_len > get_backend(model).n_ctx:
+    if prompts.seq_len > bk.n_ctx:
         raise ConfigError(
             f"{_where(where)}prompts are {prompts.seq_len} positions long but the model's context is "
-            f"{get_backend(model).n_ctx} (n_ctx): use fewer shots, or shorter sequences"
+            f"{bk.n_ctx} (n_ctx): use fewer shots, or shorter sequences"
         )
     check_family(model, prompts, where)
 
@@ -320,21 +313,20 @@ def check_model_prompts(model, prompts, where: str = "") -> None:
 def check_model_inputs(x: Any, model, argument: str, where: str = "") -> None:
     """Raw model inputs (``activation_patching``'s clean/corrupted): ``[batch, seq]`` token ids inside the
     vocabulary, or ``[batch, seq, d_in]`` finite floats for a regression model; within ``n_ctx``."""
-    from tvlens.models import is_continuous
-
+    bk = check_model(model, "model", where)
     if not torch.is_tensor(x):
         raise ConfigError(f"{_where(where)}{argument} must be a tensor of model inputs, got {_given(x)}"
                           + ("; convert it with torch.tensor(...)" if isinstance(x, (list, tuple, np.ndarray)) else ""))
-    if is_continuous(model):
-        if not x.is_floating_point() or x.ndim != 3 or x.shape[-1] != get_backend(model).d_vocab:
-            raise ConfigError(f"{_where(where)}{argument} must be float inputs [batch, seq, {get_backend(model).d_vocab}] for "
+    if bk.continuous:
+        if not x.is_floating_point() or x.ndim != 3 or x.shape[-1] != bk.d_vocab:
+            raise ConfigError(f"{_where(where)}{argument} must be float inputs [batch, seq, {bk.d_vocab}] for "
                               f"this regression model, got {_given(x)}")
         check_finite(x, argument, where)
     else:
-        check_token_ids(x, int(get_backend(model).d_vocab), argument, where)
-    if x.shape[1] > get_backend(model).n_ctx:
+        check_token_ids(x, int(bk.d_vocab), argument, where)
+    if x.shape[1] > bk.n_ctx:
         raise ConfigError(f"{_where(where)}{argument} is {x.shape[1]} positions long but the model's context is "
-                          f"{get_backend(model).n_ctx} (n_ctx)")
+                          f"{bk.n_ctx} (n_ctx)")
 
 
 # --------------------------------------------------------------------------- encodings and task vectors
@@ -368,7 +360,7 @@ def check_vectors(vectors, model, prompts=None, where: str = ""):
         raise ConfigError(f"{_where(where)}vectors must be tvlens TaskVectors (extract(model, prompts).task_vectors(), "
                           f"or function_vector(...)), got {_given(vectors)}")
     v = vectors.vectors
-    d = int(get_backend(model).d_model)
+    d = int(check_model(model, "model", where).d_model)
     if not torch.is_tensor(v) or not v.is_floating_point():
         raise ConfigError(f"{_where(where)}vectors.vectors must be a float tensor, got {_given(v)}")
     if vectors.d_model and int(vectors.d_model) != d:

@@ -70,8 +70,6 @@ def register(name: str, factory: Callable[..., TaskFamily] | None = None, descri
             return f
 
         return deco
-    from tvlens.errors import ConfigError
-
     if not isinstance(name, str) or not name.strip() or name != name.strip():
         raise ConfigError(f"register: name must be a non-empty string without surrounding spaces, got {name!r}")
     if not callable(factory):
