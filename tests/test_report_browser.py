@@ -45,6 +45,15 @@ def chromium_path() -> str:
     pytest.fail("headless Chromium is needed: install Debian's package (apt-get install -y chromium; `make test` does)")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _hostile_task_names_on_purpose():
+    """The XSS prompts rename a task to a hostile string: no longer the model's family, deliberately."""
+    from tvlens.validate import unchecked
+
+    with unchecked("family"):
+        yield
+
+
 def xss_prompts(prompts):
     """The same prompts with three vocabulary entries (tokens of prompt 0) replaced by markup."""
     vocab = list(prompts.vocab)
