@@ -233,7 +233,8 @@ def _open_offline(html_path, fn):
 
 
 def _tiny_hf_gpt2(folder):
-    """A random 4-layer, 4-head GPT-2 (the default model's shape) over the codes vocabulary, saved and booted as a TransformerBridge (offline)."""
+    """A random 4-layer, 4-head GPT-2 (the default model's shape) over the codes vocabulary, saved and booted
+    as a TransformerBridge (offline)."""
     import tokenizers
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
