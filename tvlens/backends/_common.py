@@ -16,6 +16,17 @@ class CommonBackend:
     model: object
     kind: str
 
+    def _read_shape(self, model) -> None:
+        """The model and its shape, read once from its config (the same fields on both classes)."""
+        self.model = model
+        cfg = model.cfg
+        self.n_layers, self.n_heads = int(cfg.n_layers), int(cfg.n_heads)
+        self.d_model, self.d_head, self.n_ctx = int(cfg.d_model), int(cfg.d_head), int(cfg.n_ctx)
+        self.d_vocab = int(cfg.d_vocab)
+        self.d_vocab_out = int(getattr(cfg, "d_vocab_out", None) or cfg.d_vocab)  # a bridge's config may lack it
+        self.positional_embedding_type = str(getattr(cfg, "positional_embedding_type", None) or "standard")
+        self.n_key_value_heads = getattr(cfg, "n_key_value_heads", None)
+
     def capture(self, x: torch.Tensor, names: Iterable[str], stop_at_layer: int | None = None,
                 select: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         names = list(dict.fromkeys(names))

@@ -39,22 +39,12 @@ class BridgeBackend(CommonBackend):
     kind = "bridge"
 
     def __init__(self, model) -> None:
-        self.model = model
-        cfg = model.cfg
-        self.n_layers = int(cfg.n_layers)
-        self.n_heads = int(cfg.n_heads)
-        self.d_model = int(cfg.d_model)
-        self.d_head = int(cfg.d_head)
-        self.d_vocab = int(cfg.d_vocab)
-        self.d_vocab_out = int(getattr(cfg, "d_vocab_out", None) or cfg.d_vocab)
-        self.n_ctx = int(cfg.n_ctx)
-        self.positional_embedding_type = str(getattr(cfg, "positional_embedding_type", "standard") or "standard")
-        self.n_key_value_heads = getattr(cfg, "n_key_value_heads", None)
+        self._read_shape(model)
         from tvlens.backends.loading import read_in_of
 
         self._read_in = read_in_of(model)
         self.continuous = self._read_in is not None
-        self.softcap = float(getattr(cfg, "output_logits_soft_cap", 0.0) or 0.0)
+        self.softcap = float(getattr(model.cfg, "output_logits_soft_cap", 0.0) or 0.0)
         self._block_calls: dict[tuple, list[tuple[tuple, dict]]] = {}
 
     @property

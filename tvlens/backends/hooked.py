@@ -25,17 +25,7 @@ class HookedBackend(CommonBackend):
     kind = "hooked"
 
     def __init__(self, model) -> None:
-        self.model = model
-        cfg = model.cfg
-        self.n_layers = int(cfg.n_layers)
-        self.n_heads = int(cfg.n_heads)
-        self.d_model = int(cfg.d_model)
-        self.d_head = int(cfg.d_head)
-        self.d_vocab = int(cfg.d_vocab)
-        self.d_vocab_out = int(cfg.d_vocab_out)
-        self.n_ctx = int(cfg.n_ctx)
-        self.positional_embedding_type = str(cfg.positional_embedding_type)
-        self.n_key_value_heads = getattr(cfg, "n_key_value_heads", None)
+        self._read_shape(model)
         self.continuous = bool(getattr(model, "tvlens_continuous", False))
 
     # hooks
