@@ -160,8 +160,10 @@ def _build_report(
     ``precomputed``: results already computed on the same prompts (``family.sample(n_per_task,
     shots, seed)``), by name: ``accuracy``, ``encodings``, ``decodability`` (``tvlens demo`` passes them).
     """
-    import tvlens
-    from tvlens.encoding import extract, task_decodability
+    from tvlens.accuracy import icl_accuracy
+    from tvlens.encoding import emergence, extract, task_decodability
+    from tvlens.patching import run_patching
+    from tvlens.sweeps import activation_patching
 
     t_all = time.perf_counter()
     timings: dict[str, float] = {}
@@ -195,7 +197,7 @@ def _build_report(
     unknown = set(pre) - {"accuracy", "encodings", "decodability"}
     if unknown:
         raise ConfigError(f"precomputed: unknown keys {sorted(unknown)}; give accuracy, encodings or decodability")
-    acc = pre["accuracy"] if "accuracy" in pre else tvlens.icl_accuracy(m, prompts)
+    acc = pre["accuracy"] if "accuracy" in pre else icl_accuracy(m, prompts)
     enc = pre["encodings"] if "encodings" in pre else extract(m, prompts, progress=progress)
     dec = pre["decodability"] if "decodability" in pre else task_decodability(enc, k=k)
     if len(enc) != len(prompts) or len(acc.per_prompt) != len(prompts):
@@ -214,13 +216,13 @@ def _build_report(
     if patching_per_task is not None and patching_per_task < n_per_task:
         keep = torch.cat([(prompts.labels == t).nonzero().flatten()[:patching_per_task] for t in range(prompts.n_tasks)])
         psub = prompts.subset(keep)
-    patch = tvlens.run_patching(m, psub, enc.task_vectors(), mode=patching_mode, progress=progress)
+    patch = run_patching(m, psub, enc.task_vectors(), mode=patching_mode, progress=progress)
     results["patching"] = patch
     patch_ans = None
     if patch.metric != "mse" and prompts.shots >= 1 and prompts.train_mask is not None:
         # the same test where a model may keep its task instead: the examples' answer tokens (replace)
         vec_ans = extract(m, psub, progress=progress, at="answers").task_vectors()
-        patch_ans = tvlens.run_patching(m, psub, vec_ans, mode="replace", progress=progress)
+        patch_ans = run_patching(m, psub, vec_ans, mode="replace", progress=progress)
         results["patching_answers"] = patch_ans
     tick("run_patching", t0)
 
@@ -253,7 +255,7 @@ def _build_report(
         def logit_diff(logits):
             return logits[rows, 0, ans_a] - logits[rows, 0, ans_b]
 
-        sweep = tvlens.activation_patching(m, clean, corrupted, logit_diff, site="resid_pre", by=("layer", "pos"),
+        sweep = activation_patching(m, clean, corrupted, logit_diff, site="resid_pre", by=("layer", "pos"),
                                            read_positions=read, progress=progress, ci=0.95)
         results["position_sweep"] = sweep
         results["position_sweep_pairs"] = pairs
@@ -272,7 +274,7 @@ def _build_report(
             if emergence_steps is not None and len(steps) > emergence_steps:
                 idx = sorted({round(i * (len(steps) - 1) / (emergence_steps - 1)) for i in range(emergence_steps)})
                 steps = [steps[i] for i in idx]
-            em = tvlens.emergence(src, fam, n_per_task=max(emergence_per_task, k + 1), shots=shots, seed=seed + 1, k=k,
+            em = emergence(src, fam, n_per_task=max(emergence_per_task, k + 1), shots=shots, seed=seed + 1, k=k,
                                   steps=steps, progress=progress)
         else:
             notes.append("the model has no training checkpoints here: the emergence views are left out")
