@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from tvlens.backends import get_backend
-from tvlens.checks import _given, int_list  # noqa: F401 - int_list: also importable here
+from tvlens.checks import _given, as_items, int_list  # noqa: F401 - int_list: also importable here
 from tvlens.checks import _plain_int as _is_int
 from tvlens.errors import ConfigError
 
@@ -94,16 +94,8 @@ def name_list(value: Any, argument: str, known: Sequence[str] | None = None, whe
     (``tasks="color"`` is ``["color"]``, never the letters c, o, l, o, r); unknown names are refused."""
     if value is None:
         return None
-    if isinstance(value, str) or _is_int(value):
-        value = [value]
-    elif torch.is_tensor(value) or isinstance(value, np.ndarray):
-        value = value.tolist()
-    try:
-        items = list(value)
-    except TypeError:
-        raise ConfigError(f"{_where(where)}{argument} must be a name or a list of names, got {_given(value)}") from None
-    if not items:
-        raise ConfigError(f"{_where(where)}{argument} is empty: name at least one")
+    items = as_items([value] if isinstance(value, str) or _is_int(value) else value, argument,
+                     "a name or a list of names", where)
     for it in items:
         if not isinstance(it, str) and not _is_int(it):
             raise ConfigError(f"{_where(where)}{argument} must hold names (str) or indices (int), got {_given(it)}")

@@ -161,7 +161,8 @@ def _build_report(
     shots, seed)``), by name: ``accuracy``, ``encodings``, ``decodability`` (``tvlens demo`` passes them).
     """
     from tvlens.accuracy import icl_accuracy
-    from tvlens.encoding import emergence, extract, task_decodability
+    from tvlens.encoding import emergence as run_emergence
+    from tvlens.encoding import extract, task_decodability
     from tvlens.patching import run_patching
     from tvlens.sweeps import activation_patching
 
@@ -229,18 +230,12 @@ def _build_report(
     t0 = time.perf_counter()
     scores = head_scores
     if scores is None:
-        attribution = getattr(tvlens, "head_attribution", None)
-        if attribution is None:
-            try:
-                from tvlens.attribution import head_attribution as attribution
-            except ImportError:
-                attribution = None
-        if attribution is not None and prompts.is_continuous:
+        from tvlens.attribution import head_attribution
+
+        if prompts.is_continuous:
             notes.append("head attribution scores answer tokens and these prompts are continuous: head views left out")
-        elif attribution is not None:
-            scores = attribution(m, prompts, method=head_method, progress=progress)
         else:
-            notes.append("head attribution is not available in this tvlens version: head views left out")
+            scores = head_attribution(m, prompts, method=head_method, progress=progress)
     if scores is not None:
         results["head_scores"] = scores
     tick("head_attribution", t0)
@@ -256,7 +251,7 @@ def _build_report(
             return logits[rows, 0, ans_a] - logits[rows, 0, ans_b]
 
         sweep = activation_patching(m, clean, corrupted, logit_diff, site="resid_pre", by=("layer", "pos"),
-                                           read_positions=read, progress=progress, ci=0.95)
+                                    read_positions=read, progress=progress, ci=0.95)
         results["position_sweep"] = sweep
         results["position_sweep_pairs"] = pairs
     else:
@@ -274,8 +269,8 @@ def _build_report(
             if emergence_steps is not None and len(steps) > emergence_steps:
                 idx = sorted({round(i * (len(steps) - 1) / (emergence_steps - 1)) for i in range(emergence_steps)})
                 steps = [steps[i] for i in idx]
-            em = emergence(src, fam, n_per_task=max(emergence_per_task, k + 1), shots=shots, seed=seed + 1, k=k,
-                                  steps=steps, progress=progress)
+            em = run_emergence(src, fam, n_per_task=max(emergence_per_task, k + 1), shots=shots, seed=seed + 1, k=k,
+                               steps=steps, progress=progress)
         else:
             notes.append("the model has no training checkpoints here: the emergence views are left out")
     elif emergence not in (False, None):
