@@ -118,3 +118,27 @@ def test_a_stage_committed_and_restored_elsewhere_continues_to_the_same_weights(
     _same(full, resumed)
     strip = lambda recs: [{k: v for k, v in r.items() if k != "train_seconds"} for r in recs]
     assert strip(read_log(fresh)) == strip(read_log(tmp_path / "full"))
+
+
+def test_linear_schedule_decays_to_a_tenth_after_the_warmup():
+    from tvlens.train import _lr_lambda
+
+    f = _lr_lambda(TrainConfig(**{**TINY, "steps": 13, "warmup": 3}))
+    assert f(0) == pytest.approx(0.25) and f(3) == pytest.approx(1.0)
+    assert f(8) == pytest.approx(0.55) and f(13) == pytest.approx(0.1) and f(50) == pytest.approx(0.1)
+
+
+def test_cli_takes_a_curriculum_as_json(tmp_path, capsys):
+    from tvlens.cli import main
+
+    rc = main(["train", "--family", "sparse_regression", "--param", "D=4", "--param", "r=1", "--out", str(tmp_path),
+               "--shots", "3", "--steps", "4", "--batch-size", "8", "--n-layers", "1", "--d-model", "16",
+               "--n-heads", "2", "--eval-every", "2", "--eval-n-per-task", "2", "--no-progress",
+               "--curriculum", '{"dims": {"start": 2, "inc": 1, "every": 2}}'])
+    assert rc == 0
+    assert json.loads((tmp_path / "train_config.json").read_text())["curriculum"]["dims"] == {"start": 2, "inc": 1,
+                                                                                               "every": 2}
+    assert [r["curriculum"]["dims"] for r in read_log(tmp_path)] == [2, 2, 3]  # the last batch before each eval
+    capsys.readouterr()
+    assert main(["train", "--family", "shift", "--out", str(tmp_path / "x"), "--curriculum", '{"dims": 3}']) == 2
+    assert "curriculum" in capsys.readouterr().err and not (tmp_path / "x").exists()
