@@ -22,20 +22,10 @@ def path_patching(model, prompts, edges=None, corrupted=None, metric=None, seed:
     per receiver kind (q, k, v, MLP) and layer, all senders stacked along the batch."""
     from tqdm.auto import tqdm
 
-    from tvlens.sweeps import activation_patching
-
     bk, P, C, fn, metric_name = _prepare(model, prompts, corrupted, metric, "path-patch", seed, gradient=False)
     graph = graph_of(model)
-    if edges is None:
-        edges = graph.edges
-    else:
-        edges = [tuple(e[:2]) for e in edges]
-        if not edges:
-            raise ConfigError("edges: expected a non-empty list of (sender, receiver) pairs, got none")
-        for s, r in edges:
-            graph.check_edge(s, r)
-    senders = graph.senders
-    s_idx = {s: i for i, s in enumerate(senders)}
+    edges = _wanted_edges(graph, edges)
+    s_idx = {s: i for i, s in enumerate(graph.senders)}
     B = len(P)
     reads = prompt_answer_positions(P)
     answers = P.answers
@@ -51,50 +41,79 @@ def path_patching(model, prompts, edges=None, corrupted=None, metric=None, seed:
         clean_m = float(fn(bk.unembed(_gather(bk.final_resid(P.tokens), reads)), answers).float().mean())
         out = torch.full((B, len(edges)), float("nan"))
         e_pos = {e: i for i, e in enumerate(edges)}
-        # group the wanted edges by (receiver kind, layer)
-        groups: dict[tuple[str, int], set[str]] = {}
-        for s, r in edges:
-            k, l, _ = Graph.receiver_layer(r)
-            groups.setdefault((k, l), set()).add(s)
+        groups = _receiver_groups(edges)
         bar = tqdm(total=len(groups), desc="path patching", disable=not progress, leave=False)
-        for (k, l), sset in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-            snd = [s for s in senders if s in sset]
+        for (k, l), sset in groups:
+            snd = [s for s in graph.senders if s in sset]
             S = len(snd)
             d = delta[:, :, [s_idx[s] for s in snd]].permute(2, 0, 1, 3).reshape(S * B, *delta.shape[1:2], -1)
             if k == "logits":
                 res = fn(bk.unembed(_gather(final_k.repeat(S, 1, 1) + d, reads)), answers.repeat(S, 1)).float().cpu()
-                vals = (res.view(S, B) - corr_pp[None])
-                for j, s in enumerate(snd):
-                    out[:, e_pos[(s, "logits")]] = vals[j]
-                bar.update(1)
-                continue
-            base = corr_in[f"blocks.{l}.hook_q_input" if k != "mlp" else f"blocks.{l}.hook_mlp_in"]
-            if k != "mlp":
-                base = base[:, :, 0]  # every head's input is the same residual
-            src = base.repeat(S, 1, 1) + d  # [S*B, pos, d_model]
-            site = {"q": "q_input", "k": "k_input", "v": "v_input", "mlp": "mlp_in"}[k]
-
-            def metric_rep(logits, _S=S):
-                return fn(logits, answers.repeat(_S, 1))
-            r = activation_patching(model, None, C.tokens.repeat(S, 1), metric_rep, site=site,
-                                    by=("layer",) if k == "mlp" else ("layer", "head"), layers=[l],
-                                    read_positions=reads.repeat(S, 1), batch_size=max(batch_size, S * B),
-                                    progress=False, source={l: src if k == "mlp" else src[:, :, None]},
-                                    per_prompt=True)
-            pp = r.per_prompt.reshape(-1, S, B).float()  # [heads or 1, S, B]
-            vals = pp - corr_pp[None, None]
-            for j, s in enumerate(snd):
-                if k == "mlp":
-                    if (s, f"MLP{l}") in e_pos:
-                        out[:, e_pos[(s, f"MLP{l}")]] = vals[0, j]
-                else:
-                    for h in range(graph.n_heads):
-                        e = (s, f"L{l}H{h}.{k}")
-                        if e in e_pos:
-                            out[:, e_pos[e]] = vals[h, j]
+                vals = (res.view(S, B) - corr_pp[None])[None]
+            else:
+                base = corr_in[f"blocks.{l}.hook_q_input" if k != "mlp" else f"blocks.{l}.hook_mlp_in"]
+                if k != "mlp":
+                    base = base[:, :, 0]  # every head's input is the same residual
+                pp = _patch_receiver(model, C.tokens, fn, answers, reads, base.repeat(S, 1, 1) + d, k, l, S, batch_size)
+                vals = pp - corr_pp[None, None]
+            _store(out, e_pos, vals, snd, k, l, graph.n_heads)
             bar.update(1)
         bar.close()
     res = EdgeScores(scores=out.mean(0), edges=list(edges), method="path-patch", metric=metric_name,
                      n_layers=graph.n_layers, n_heads=graph.n_heads, per_prompt=out, prompts=describe(prompts),
                      notes={"seed": seed, "clean_metric": clean_m, "corrupted_metric": float(corr_pp.mean())})
     return res.with_ci(seed=seed) if ci else res
+
+
+def _wanted_edges(graph: Graph, edges) -> list:
+    """Every edge of the graph (None), or the given ``(sender, receiver)`` pairs, each checked."""
+    if edges is None:
+        return graph.edges
+    edges = [tuple(e[:2]) for e in edges]
+    if not edges:
+        raise ConfigError("edges: expected a non-empty list of (sender, receiver) pairs, got none")
+    for s, r in edges:
+        graph.check_edge(s, r)
+    return edges
+
+
+def _receiver_groups(edges) -> list[tuple[tuple[str, int], set[str]]]:
+    """The wanted edges' senders grouped by (receiver kind, layer), in layer order: one engine call each."""
+    groups: dict[tuple[str, int], set[str]] = {}
+    for s, r in edges:
+        k, l, _ = Graph.receiver_layer(r)
+        groups.setdefault((k, l), set()).add(s)
+    return sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0]))
+
+
+def _patch_receiver(model, corrupted_tokens, fn, answers, reads, src, k: str, l: int, S: int, batch_size: int):
+    """The metric per prompt ``[heads or 1, S, B]`` of the corrupted run with receiver kind ``k`` of layer ``l``
+    reading ``src`` (the corrupted input plus one sender's clean-minus-corrupted output, ``S`` senders stacked)."""
+    from tvlens.sweeps import activation_patching
+
+    B = len(answers)
+    site = {"q": "q_input", "k": "k_input", "v": "v_input", "mlp": "mlp_in"}[k]
+
+    def metric_rep(logits):
+        return fn(logits, answers.repeat(S, 1))
+    r = activation_patching(model, None, corrupted_tokens.repeat(S, 1), metric_rep, site=site,
+                            by=("layer",) if k == "mlp" else ("layer", "head"), layers=[l],
+                            read_positions=reads.repeat(S, 1), batch_size=max(batch_size, S * B),
+                            progress=False, source={l: src if k == "mlp" else src[:, :, None]},
+                            per_prompt=True)
+    return r.per_prompt.reshape(-1, S, B).float()
+
+
+def _store(out: torch.Tensor, e_pos: dict, vals: torch.Tensor, snd: list[str], k: str, l: int, n_heads: int) -> None:
+    """Write ``vals [heads or 1, S, B]`` into the columns of ``out [B, edges]`` of the edges that were asked for."""
+    for j, s in enumerate(snd):
+        if k == "logits":
+            out[:, e_pos[(s, "logits")]] = vals[0, j]
+        elif k == "mlp":
+            if (s, f"MLP{l}") in e_pos:
+                out[:, e_pos[(s, f"MLP{l}")]] = vals[0, j]
+        else:
+            for h in range(n_heads):
+                e = (s, f"L{l}H{h}.{k}")
+                if e in e_pos:
+                    out[:, e_pos[e]] = vals[h, j]
