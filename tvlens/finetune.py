@@ -245,19 +245,7 @@ def _finetune(
     """
     fam = family_of(family)
     blocks = resolve_blocks(model, layers)
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ConfigError(f"finetune: k (TD's nearest neighbours) must be an integer >= 1, got {k!r}")
-    for name, v, lo in (("steps", steps, 1), ("batch_size", batch_size, 1), ("n_eval_per_task", n_eval_per_task, k + 1)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-            raise ConfigError(f"finetune: {name} must be an integer >= {lo}, got {v!r}")
-    if not isinstance(lr, (int, float)) or not lr > 0:
-        raise ConfigError(f"finetune: lr must be > 0, got {lr!r}")
-    if lora_rank is not None and (isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 1):
-        raise ConfigError(f"finetune: lora_rank must be None (full finetuning) or an integer >= 1, got {lora_rank!r}")
-    if scoring is not None and scoring not in SCORINGS:
-        raise ConfigError(f"finetune: scoring must be one of {SCORINGS} (or None), got {scoring!r}")
-    if shots > fam.max_shots():
-        raise ConfigError(f"finetune: shots={shots} is more than family {fam.name!r} can fill (at most {fam.max_shots()})")
+    _check_finetune_args(fam, k, steps, batch_size, n_eval_per_task, lr, lora_rank, scoring, shots)
     is_text = isinstance(fam, TextTaskFamily)
     tok = text_tokenizer(model, tokenizer) if is_text else None
     cfg = TrainConfig(family=fam.config(), shots=shots, steps=steps, batch_size=batch_size, lr=float(lr),
@@ -278,50 +266,16 @@ def _finetune(
         p.requires_grad_(False)
     parametrized: list[tuple[nn.Module, str]] = []
     try:
-        if lora_rank is None:
-            params = [p for b in blocks for p in ft.blocks[b].parameters()]
-            for p in params:
-                p.requires_grad_(True)
-        else:
-            g = torch.Generator().manual_seed(seed)
-            params = []
-            for b in blocks:
-                for mod, name in _lora_targets(ft.blocks[b]):
-                    w = getattr(mod, name)
-                    delta = LowRankDelta(w.shape, name, lora_rank, float(lora_alpha or lora_rank), g, w.device, w.dtype)
-                    parametrize.register_parametrization(mod, name, delta)
-                    parametrized.append((mod, name))
-                    params += [delta.A, delta.B]
-            if not params:
-                raise ConfigError(f"finetune: no attention or MLP matrices found in blocks {blocks} for LoRA")
+        params = _trainable(ft, blocks, lora_rank, lora_alpha, seed, parametrized)
         n_trainable = sum(p.numel() for p in params)
-        opt = torch.optim.AdamW(
-            [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
-            lr=cfg.lr, betas=(0.9, 0.98),
-        )
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
-        losses: list[float] = []
-        ft.train()
-        per_task = max(1, math.ceil(batch_size / fam.n_tasks))
-        bar = tqdm(range(steps), desc=f"finetune {fam.name} blocks {blocks}", disable=not progress)
-        for step in bar:
+
+        def batch_at(step: int):
             if is_text:
-                batch = fam.sample(per_task, shots=shots, seed=cfg.seed * 7_919_993 + step + 1, tokenizer=tok,
-                                   scoring=scoring or "first_token")
-            else:
-                batch = batch_for_step(fam, cfg, step)
-            loss = answer_loss(ft, batch.to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
-            sched.step()
-            losses.append(float(loss.detach()))
-            if step % 10 == 0:
-                bar.set_postfix(loss=f"{losses[-1]:.4f}")
-        bar.close()
+                return fam.sample(max(1, math.ceil(batch_size / fam.n_tasks)), shots=shots,
+                                  seed=cfg.seed * 7_919_993 + step + 1, tokenizer=tok, scoring=scoring or "first_token")
+            return batch_for_step(fam, cfg, step)
+
+        losses = _train_steps(ft, params, cfg, batch_at, device, f"finetune {fam.name} blocks {blocks}", progress)
     finally:
         for mod, name in parametrized:  # merge W + delta into the weights
             parametrize.remove_parametrizations(mod, name, leave_parametrized=True)
@@ -333,6 +287,70 @@ def _finetune(
                           n_trainable=int(n_trainable), losses=losses, acc_before=acc0, acc_after=acc1,
                           td_before=td0, td_after=td1, model=ft,
                           notes={"shots": shots, "batch_size": batch_size, "seed": seed})
+
+
+def _check_finetune_args(fam, k, steps, batch_size, n_eval_per_task, lr, lora_rank, scoring, shots) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ConfigError(f"finetune: k (TD's nearest neighbours) must be an integer >= 1, got {k!r}")
+    for name, v, lo in (("steps", steps, 1), ("batch_size", batch_size, 1), ("n_eval_per_task", n_eval_per_task, k + 1)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise ConfigError(f"finetune: {name} must be an integer >= {lo}, got {v!r}")
+    if not isinstance(lr, (int, float)) or not lr > 0:
+        raise ConfigError(f"finetune: lr must be > 0, got {lr!r}")
+    if lora_rank is not None and (isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 1):
+        raise ConfigError(f"finetune: lora_rank must be None (full finetuning) or an integer >= 1, got {lora_rank!r}")
+    if scoring is not None and scoring not in SCORINGS:
+        raise ConfigError(f"finetune: scoring must be one of {SCORINGS} (or None), got {scoring!r}")
+    if shots > fam.max_shots():
+        raise ConfigError(f"finetune: shots={shots} is more than family {fam.name!r} can fill (at most {fam.max_shots()})")
+
+
+def _trainable(ft, blocks: list[int], lora_rank, lora_alpha, seed: int, parametrized: list) -> list[torch.Tensor]:
+    """The parameters to train: the blocks' own, or (LoRA) low-rank deltas registered on their attention and
+    MLP matrices (each registration appended to ``parametrized``, to be merged afterwards)."""
+    if lora_rank is None:
+        params = [p for b in blocks for p in ft.blocks[b].parameters()]
+        for p in params:
+            p.requires_grad_(True)
+        return params
+    g = torch.Generator().manual_seed(seed)
+    params = []
+    for b in blocks:
+        for mod, name in _lora_targets(ft.blocks[b]):
+            w = getattr(mod, name)
+            delta = LowRankDelta(w.shape, name, lora_rank, float(lora_alpha or lora_rank), g, w.device, w.dtype)
+            parametrize.register_parametrization(mod, name, delta)
+            parametrized.append((mod, name))
+            params += [delta.A, delta.B]
+    if not params:
+        raise ConfigError(f"finetune: no attention or MLP matrices found in blocks {blocks} for LoRA")
+    return params
+
+
+def _train_steps(ft, params, cfg: TrainConfig, batch_at, device, desc: str, progress: bool) -> list[float]:
+    """``cfg.steps`` AdamW steps of the answer loss on ``batch_at(step)``; the losses."""
+    opt = torch.optim.AdamW(
+        [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(0.9, 0.98),
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
+    losses: list[float] = []
+    ft.train()
+    bar = tqdm(range(cfg.steps), desc=desc, disable=not progress)
+    for step in bar:
+        loss = answer_loss(ft, batch_at(step).to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    bar.close()
+    return losses
 
 
 @functools.wraps(_finetune)
