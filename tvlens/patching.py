@@ -353,18 +353,19 @@ def _check_patching_args(model, prompts, vectors, layers, mode, scale, sources, 
     return vectors, scale, batch_size, read_at, layers, have, src_names
 
 
-def _patch_layers(model, vectors: TaskVectors, layers) -> list[int]:
+def _patch_layers(model, vectors: TaskVectors, layers, where: str = "") -> list[int]:
     """The layers to patch: those asked for (default: every layer of the vectors a block runs after)."""
+    pre = f"{where}: " if where else ""
     n_blocks = get_backend(model).n_layers
     if layers is None:
         layers = [layer for layer in vectors.layers if layer < n_blocks]
     layers = check_layers(model, layers)
     missing = [L for L in layers if L not in vectors.layers]
     if missing:
-        raise ConfigError(f"no task vectors at layers {missing}; the vectors hold layers {vectors.layers}")
+        raise ConfigError(f"{pre}no task vectors at layers {missing}; the vectors hold layers {vectors.layers}")
     if max(layers) >= n_blocks:
         raise ConfigError(
-            f"layer {max(layers)} is the final residual stream: nothing runs after it to patch; use layers "
+            f"{pre}layer {max(layers)} is the final residual stream: nothing runs after it to patch; use layers "
             f"0..{n_blocks - 1}"
         )
     return layers

@@ -32,9 +32,9 @@ from jaxtyping import Float
 
 from tvlens.accuracy import check_prompts_fit, logits_at_answers
 from tvlens.backends import get_backend
-from tvlens.encoding import TaskVectors, check_layers, resid_hook_name
+from tvlens.encoding import TaskVectors, resid_hook_name
 from tvlens.errors import ConfigError
-from tvlens.patching import _patch, _prefix
+from tvlens.patching import _patch, _patch_layers, _prefix
 from tvlens.prompts import PromptSet
 from tvlens.tasks.sparse_regression import basis_fits
 
@@ -225,16 +225,7 @@ def _check_regression_args(model, prompts, vectors, layers, mode, scale, batch_s
     if mode not in ("replace", "add", "swap"):
         raise ConfigError(f"regression_patching: mode must be 'replace', 'add' or 'swap', got {mode!r}")
     scale = _check_scale(scale)
-    n_blocks = get_backend(model).n_layers
-    if layers is None:
-        layers = [layer for layer in vectors.layers if layer < n_blocks]
-    layers = check_layers(model, layers)
-    missing = [L for L in layers if L not in vectors.layers]
-    if missing:
-        raise ConfigError(f"regression_patching: no task vectors at layers {missing}; they hold {vectors.layers}")
-    if max(layers) >= n_blocks:
-        raise ConfigError(f"regression_patching: layer {max(layers)} is the final residual stream, nothing runs "
-                          f"after it; use layers 0..{n_blocks - 1}")
+    layers = _patch_layers(model, vectors, layers, "regression_patching")
     names = list(prompts.task_names)
     lacking = [t for t in names if t not in vectors.task_names]
     if lacking:
