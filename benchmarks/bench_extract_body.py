@@ -60,8 +60,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    import tvlens
     from transformers import AutoModelForCausalLM
+
+    import tvlens
 
     if a.model in ("smollm2-shaped", "gpt2-small-shaped") or Path(a.model).exists():
         folder = folder_for(a.model)

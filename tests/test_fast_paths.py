@@ -106,22 +106,29 @@ def test_bridge_runs_hugging_face_sdpa_attention_only_when_no_attention_hook_can
     # a spy on the bridge's attention class that is no module hook (a module hook keeps the bridge's attention)
     monkeypatch.setattr(cls, "forward", lambda self, *a, **k: (entered.append(1), plain(self, *a, **k))[1])
     try:
-        fast = bk.final_resid(x)
+        bk.final_resid(x)
+        assert len(entered) == 2  # off unless an analysis asks for it (prefer_fast_attention)
+        entered.clear()
+        with bk.prefer_fast_attention():
+            fast = bk.final_resid(x)
         assert entered == []  # the bridge's eager re-implementation did not run
         pattern = []
-        with bk.hooks([("blocks.0.attn.hook_pattern", lambda a, hook: pattern.append(a.shape))]):
+        with bk.hooks([("blocks.0.attn.hook_pattern", lambda a, hook: pattern.append(a.shape))]), \
+                bk.prefer_fast_attention():
             slow = bk.final_resid(x)
         assert len(entered) == 2 and pattern  # an attention hook: the bridge's attention runs (both blocks)
         seen = []
         extra = [("blocks.0.hook_resid_post", lambda a, hook: seen.append(1))]
-        assert bk.run_with_hooks(x, extra, stop_at_layer=1) is not None and seen
+        with bk.prefer_fast_attention():
+            assert bk.run_with_hooks(x, extra, stop_at_layer=1) is not None and seen
         assert len(entered) == 2  # a residual hook alone keeps SDPA (the stopped block 1 did not run)
     finally:
         monkeypatch.undo()
     # a module hook on an attention bridge (e.g. one that passes it a key/value cache) keeps it too
     handle = model.blocks[1].attn.register_forward_pre_hook(lambda m, a, k: entered.append(2), with_kwargs=True)
     try:
-        bk.final_resid(x)
+        with bk.prefer_fast_attention():
+            bk.final_resid(x)
         assert entered[-1] == 2
     finally:
         handle.remove()

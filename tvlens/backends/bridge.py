@@ -76,10 +76,15 @@ class BridgeBackend(CommonBackend):
             self.hook_name(n)
         if stop_at_layer is not None and stop_at_layer >= self.n_layers:  # the bridge would return logits
             return self._run_blocks(x, fwd_hooks)
-        with self.model.hooks(fwd_hooks=list(fwd_hooks)), self.fast_attention(fwd_hooks):
+        with self.model.hooks(fwd_hooks=list(fwd_hooks)), self._attention(fwd_hooks):
             return self.model(self._input(x), stop_at_layer=stop_at_layer)
 
     # attention: the Hugging Face module with SDPA when no attention hook can fire
+    def _attention(self, fwd_hooks: Sequence = ()):
+        from contextlib import nullcontext
+
+        return self.fast_attention(fwd_hooks) if self._prefer_sdpa else nullcontext()
+
     def fast_attention(self, fwd_hooks: Sequence = ()):
         """A context in which each block's attention runs as the Hugging Face module itself with PyTorch's
         scaled-dot-product attention, instead of the bridge's step-by-step re-implementation (which
@@ -87,7 +92,8 @@ class BridgeBackend(CommonBackend):
         exact: a raw-mode bridge in eval mode whose attention bridges wrap the Hugging Face projections
         themselves (no copied weights: not GPT-2's split ``c_attn``), no logit soft-capping (SDPA has
         none), nothing offloaded, and no hook attached or requested inside any attention (``fwd_hooks``:
-        canonical names), no module hook on an attention bridge. Otherwise a no-op. Same numbers up to float rounding (tests/test_fast_paths.py)."""
+        canonical names), no module hook on an attention bridge. Otherwise a no-op. Same numbers up to
+        float rounding (tests/test_fast_paths.py)."""
         from contextlib import nullcontext
 
         plan = self._sdpa_plan()
@@ -120,7 +126,7 @@ class BridgeBackend(CommonBackend):
             raise StopAtLayerException(act)
 
         hooks = list(fwd_hooks) + [(f"blocks.{self.n_layers - 1}.hook_resid_post", stop)]
-        with self.model.hooks(fwd_hooks=hooks), self.fast_attention(fwd_hooks):
+        with self.model.hooks(fwd_hooks=hooks), self._attention(fwd_hooks):
             out = self.model(self._input(x))
         if not torch.is_tensor(out) or out.shape[-1] != self.d_model:  # pragma: no cover - a TL that swallows it
             from tvlens.errors import HookError
