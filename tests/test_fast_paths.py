@@ -301,5 +301,7 @@ def test_run_patching_says_why_no_patch_can_change_the_scored_token(text_folder)
     vec = tvlens.extract(model, p, progress=False).task_vectors([1])
     with pytest.raises(ConfigError, match="every task.*same scored token.*nothing to flip"):
         tvlens.run_patching(model, same, vec, layers=[1], progress=False)
-    res = tvlens.run_patching(model, p, vec, layers=[1], progress=False)  # distinct answers: runs
+    with Count(model) as c:
+        res = tvlens.run_patching(model, p, vec, layers=[1], progress=False)  # distinct answers: runs
     assert res.flip_rate.shape == (1,)
+    assert c.unembed_shapes and all(sh[:-1] == (len(p), 1) for sh in c.unembed_shapes)  # answer positions only
