@@ -30,10 +30,11 @@ import torch
 from jaxtyping import Float
 from tqdm.auto import tqdm
 
-from tvlens.accuracy import answer_scores, at_answer_positions, check_prompts_fit, logits_at_answers, refuse_greedy
+from tvlens.accuracy import answer_scores, check_prompts_fit, logits_at_answers, refuse_greedy
 from tvlens.backends import get_backend
-from tvlens.encoding import TaskVectors, check_at, check_layers, representation_mask, resid_hook_name
+from tvlens.encoding import TaskVectors, check_layers, check_vectors, resid_hook_name, vector_tasks
 from tvlens.errors import ConfigError
+from tvlens.positions import answer_token_positions, at_answer_positions, check_at, representation_mask
 from tvlens.prompts import PromptSet
 
 
@@ -239,8 +240,7 @@ class PatchingResult:
                        f"control {float(self.control[li]):.3f}{ci(self.control_ci)})")
 
     def _repr_html_(self) -> str:
-        from tvlens.views.page import figure_fragment, result_html
-        from tvlens.views.plots import patching_grids_figure
+        from tvlens.plotting import figure_fragment, patching_grids_figure, result_html
 
         return result_html(f"<div><b>Task-vector patching</b> ({html.escape(self.mode)}): {html.escape(repr(self))}"
                            + self.layer_profile().to_html(index=False, float_format=lambda v: f"{v:.3f}") + "</div>",
@@ -249,7 +249,7 @@ class PatchingResult:
     def plot(self, layer: int | None = None):
         """The source x target grid at ``layer`` (default: the best) and the per-layer profile:
         ``tvlens.views.patching_figure``; ``tvlens.views.patching_grids_figure`` draws every layer."""
-        from tvlens.views.plots import patching_figure
+        from tvlens.plotting import patching_figure
 
         return patching_figure(self, layer)
 
@@ -257,8 +257,7 @@ class PatchingResult:
 def _answers_for(prompts: PromptSet, source: int) -> torch.Tensor:
     """Tokens with the query's answer slots holding ``source``'s answer (teacher forcing)."""
     toks = prompts.tokens.clone()  # type: ignore[union-attr]
-    n_ans = prompts.n_answer
-    pos = prompts.query_pos[:, None] + 1 + torch.arange(n_ans, device=toks.device)[None]
+    pos = answer_token_positions(prompts).to(toks.device)
     toks.scatter_(1, pos, prompts.task_answers[:, source])  # type: ignore[index]
     return toks
 
@@ -282,7 +281,7 @@ def run_patching(
     usual. That is where the shipped default model keeps its task (its query position decodes the
     task, TD ~1, but patching it there changes nothing; see the README's patching section).
     """
-    from tvlens.validate import check_batch_size, check_finite_number, check_vectors, name_list, vector_tasks
+    from tvlens.validate import check_batch_size, check_finite_number, name_list
 
     check_prompts_fit(model, prompts, "run_patching")
     refuse_greedy(prompts, "run_patching")
@@ -325,6 +324,7 @@ def run_patching(
         return _run_patching_regression(model, prompts, vectors, layers, mode, scale, src_names, batch_size)
     if prompts.task_answers is None:
         raise ConfigError("these prompts record no per-task answers; sample them from a tvlens task family")
+    _refuse_nothing_to_flip(prompts)
     for s in src_names:
         if s not in prompts.task_names:
             raise ConfigError(f"source task {s!r} has no rule in these prompts' family ({prompts.task_names})")
@@ -398,6 +398,23 @@ def run_patching(
     ))
 
 
+def _refuse_nothing_to_flip(prompts: PromptSet) -> None:
+    """When every task gives every prompt the same scored answer, no patch can change which rule the
+    model follows at the scored token: say so before any work (it would report "the patch changes
+    nothing" with no reason)."""
+    ta = prompts.task_answers
+    if ta is None or ta.shape[1] < 2 or not bool((ta == ta[:, :1]).all()):
+        return
+    tok = prompts.answers.reshape(-1)[0].item()
+    raise ConfigError(
+        f"run_patching: for every prompt, every task of family {prompts.family!r} has the same scored token "
+        f"(id {tok}; scoring={prompts.params.get('scoring', 'first_token')!r}): there is nothing to flip, so "
+        "no patch could change which task the model follows. With a text family this happens when every answer "
+        "begins with the same token (e.g. ' ' before bitwise_text's digits on SmolLM2's and Gemma-3's "
+        "tokenizers): use a tokenizer or template whose answers' first tokens differ across tasks"
+    )
+
+
 def _with_choice(res: PatchingResult) -> PatchingResult:
     """Record in the result how its best layer is chosen (``best_layer_choice`` with the defaults)."""
     layer, rule = res.best_layer_choice()
@@ -465,8 +482,6 @@ def _patch(resid, q, vec, mode, scale, own=None):
 
 
 def _run_patching_regression(model, prompts, vectors, layers, mode, scale, src_names, batch_size):
-    from tvlens.validate import vector_tasks
-
     have = vector_tasks(vectors)
     device = get_backend(model).input_device
     T = prompts.n_tasks
