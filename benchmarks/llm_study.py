@@ -240,6 +240,118 @@ def print_r2(passes: dict, specs, shots, seed: int, log, model_label: str) -> No
         f"Gemma-2 2B {PAPER_R2['Gemma-2 2B']['pos']} / {PAPER_R2['Gemma-2 2B']['bitwise']}  (here: {model_label})")
 
 
+def cached(path: Path, compute):
+    if path.exists():
+        return torch.load(path, weights_only=False)
+    out = compute()
+    tmp = path.with_suffix(".tmp")
+    torch.save(out, tmp)
+    os.replace(tmp, path)
+    return out
+
+
+def fmt_layer(res, li: int) -> str:
+    fr, co = res.flip_rate_ci, res.control_ci
+    return (f"L{res.layers[li]}: flip {float(res.flip_rate[li]):.3f} [{float(fr[0, li]):.3f}, {float(fr[1, li]):.3f}], "
+            f"control {float(res.control[li]):.3f} [{float(co[0, li]):.3f}, {float(co[1, li]):.3f}]")
+
+
+def print_patch(model, label: str, vec_pass: dict, best: int, layers: list[int], n_targets: int, cache: Path,
+                log) -> None:
+    """Part 4 on ``pos`` (whose answers are one token on these tokenizers): the 4-shot task vectors of seed 0
+    patched at the query of fresh 4-shot prompts (seed 100) and of zero-shot prompts (seed 101)."""
+    fam = family("pos")
+    real = [t for t in fam.task_names if t != "null"]
+    vectors = encodings_of(vec_pass).task_vectors()
+    tok = model.tokenizer
+    targets = fam.sample(n_targets, shots=4, seed=100, tasks=real, tokenizer=tok, scoring="first_token")
+    layers = sorted(set(layers) | {best})
+    log(f"\n== 4. Conditional decoding on pos: vectors = task means of the {vec_pass['n']} seed-0 4-shot prompts; "
+        f"{len(targets)} fresh 4-shot target prompts (seed 100, {n_targets} per task), sources {real}")
+    for mode, lay in (("swap", layers), ("replace", sorted({best, max(best - 6, 1)}))):
+        path = cache / f"{label}__patch_{mode}__n{n_targets}__L{'-'.join(map(str, lay))}.pt"
+        t0 = time.perf_counter()
+        res = cached(path, lambda: tvlens.run_patching(model, targets, vectors, layers=lay, mode=mode, sources=real,
+                                                        progress=False))
+        res.with_ci()
+        b, why = res.best_layer_choice()
+        log(f"-- {mode} ({time.perf_counter() - t0:.0f} s): unpatched accuracy {res.unpatched_accuracy:.3f}, "
+            f"flip floor (unpatched rate of following the other rule) {res.flip_floor:.3f}")
+        for li in range(len(res.layers)):
+            log("   " + fmt_layer(res, li))
+        log(f"   best layer: {b} ({why})")
+    zero = fam.sample(n_targets, shots=0, seed=101, tasks=real, tokenizer=tok, scoring="first_token")
+    for mode in ("add", "replace"):
+        lay = sorted({best, max(best - 6, 1), max(best - 12, 1)})
+        path = cache / f"{label}__zeroshot_{mode}__n{n_targets}__L{'-'.join(map(str, lay))}.pt"
+        res = cached(path, lambda: tvlens.run_patching(model, zero, vectors, layers=lay, mode=mode, sources=real,
+                                                        progress=False))
+        res.with_ci()
+        per = ", ".join(f"L{L} {float(res.control[i]):.3f} [{float(res.control_ci[0, i]):.3f}, "
+                        f"{float(res.control_ci[1, i]):.3f}]" for i, L in enumerate(res.layers))
+        log(f"-- zero-shot + own task's vector ({mode}), accuracy: unpatched {res.unpatched_accuracy:.3f}; {per}")
+
+
+def print_heads(model, label: str, layers: list[int], n: int, cache: Path, log) -> None:
+    """Part 6 on ``pos`` (2-shot, ``n`` prompts per real task, seed 200): EAP-IG head scores over every head, the
+    exact sweep (each head's output patched from the corrupted run: in-context labels shuffled) on ``layers``,
+    their agreement there, and the function vector of the top 10 EAP-IG heads added to zero-shot prompts."""
+    from tvlens.stats import spearman_ci
+
+    fam = family("pos")
+    real = [t for t in fam.task_names if t != "null"]
+    tok = model.tokenizer
+    prompts = fam.sample(n, shots=2, seed=200, tasks=real, tokenizer=tok, scoring="first_token")
+    log(f"\n== 6. Heads on pos: {len(prompts)} 2-shot prompts (seed 200, {n} per task); corrupted = in-context labels "
+        "shuffled (seed 0); metric: log-probability of the answer")
+    t0 = time.perf_counter()
+    ig = cached(cache / f"{label}__heads_eapig__n{n}.pt",
+                lambda: tvlens.head_attribution(model, prompts, method="eap-ig", progress=False))
+    log(f"-- EAP-IG ({time.perf_counter() - t0:.0f} s): top heads " + ", ".join(f"L{L}H{h} {v:.3f}" for L, h, v in ig.top(8)))
+    t0 = time.perf_counter()
+    ex = cached(cache / f"{label}__heads_patch__n{n}__L{'-'.join(map(str, layers))}.pt",
+                lambda: tvlens.head_attribution(model, prompts, method="patch", layers=layers, progress=False))
+    log(f"-- exact sweep on layers {layers} ({time.perf_counter() - t0:.0f} s): top heads "
+        + ", ".join(f"L{L}H{h} {v:.3f}" for L, h, v in ex.top(6)))
+    a = ig.scores[layers].flatten().numpy()
+    b = ex.scores[layers].flatten().numpy()
+    iv = spearman_ci(a, b, seed=0)
+    log(f"   Spearman(EAP-IG, exact) over the {len(a)} heads of layers {layers}: {iv.fmt()}")
+    fv = tvlens.function_vector(model, prompts, ig, k=10)
+    zero = fam.sample(n, shots=0, seed=201, tasks=real, tokenizer=tok, scoring="first_token")
+    lay = [4, 8, 12, 16, 20]
+    res = cached(cache / f"{label}__fv_zeroshot__n{n}.pt",
+                 lambda: tvlens.run_patching(model, zero, fv, layers=lay, mode="add", sources=real, progress=False))
+    res.with_ci()
+    per = ", ".join(f"L{L} {float(res.control[i]):.3f} [{float(res.control_ci[0, i]):.3f}, "
+                    f"{float(res.control_ci[1, i]):.3f}]" for i, L in enumerate(res.layers))
+    log(f"-- function vector (top 10 EAP-IG heads {fv.heads}) added to zero-shot prompts (seed 201): accuracy "
+        f"unpatched {res.unpatched_accuracy:.3f}; with its own task's FV {per}")
+
+
+def print_finetune(model, steps: int, seeds: list[int], n_eval: int, log) -> None:
+    """Part 5 on ``pos`` (2-shot): the first vs the last third of the blocks, equal trainable parameters."""
+    L = len(model.blocks)
+    third = L // 3
+    log(f"\n== 5. Early vs late finetuning on pos (2-shot): blocks 0..{third - 1} vs {L - third}..{L - 1}, {steps} steps, "
+        f"batch 8, lr 1e-4 (AdamW, warmup {steps // 10}); {n_eval} held-out prompts per task; accuracy = exact match")
+    for seed in seeds:
+        for arm in (f"first:{third}", f"last:{third}"):
+            t0 = time.perf_counter()
+            r = tvlens.finetune(model, "pos", layers=arm, steps=steps, lr=1e-4, batch_size=8, shots=2,
+                                n_eval_per_task=n_eval, scoring="first_token", seed=seed, progress=False)
+            sm = r.summary()
+            _, a0 = accuracy_ci({"exact": r.acc_before.per_prompt.bool(), "labels": r.acc_before.labels,
+                                 "task_names": r.acc_before.task_names})
+            _, a1 = accuracy_ci({"exact": r.acc_after.per_prompt.bool(), "labels": r.acc_after.labels,
+                                 "task_names": r.acc_after.task_names})
+            b0, b1 = r.td_before, r.td_after
+            log(f"-- seed {seed} {arm} ({r.n_trainable} trainable parameters, {time.perf_counter() - t0:.0f} s): "
+                f"accuracy {a0.fmt()} -> {a1.fmt()}; TD (best layer) {b0.best_td:.3f} (L{b0.best_layer}) -> "
+                f"{b1.best_td:.3f} (L{b1.best_layer}); loss {r.losses[0]:.3f} -> {np.mean(r.losses[-5:]):.3f}")
+            del r, sm
+
+
 def randomize(model, seed: int) -> None:
     """The same architecture with random weights: every matrix redrawn N(0, 0.02), every 1-d parameter (norm
     gains) set to 1 (SmolLM2's initializer_range and RMSNorm init)."""
@@ -265,6 +377,13 @@ def main(argv=None) -> int:
     ap.add_argument("--shots", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--cache", default=os.environ.get("TVLENS_STUDY_CACHE", "llm_study_cache"))
+    ap.add_argument("--patch-layers", type=int, nargs="+", default=[6, 12, 16, 20, 24])
+    ap.add_argument("--patch-per-task", type=int, default=6)
+    ap.add_argument("--head-layers", type=int, nargs="+", default=[18, 19, 20, 21])
+    ap.add_argument("--head-per-task", type=int, default=3)
+    ap.add_argument("--ft-steps", type=int, default=30)
+    ap.add_argument("--ft-seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--ft-eval-per-task", type=int, default=12)
     ap.add_argument("--dry-run", action="store_true", help="print the forward count and stop")
     args = ap.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -305,6 +424,14 @@ def main(argv=None) -> int:
         print_td(passes, specs, args.seeds, log)
     if "r2" in parts:
         print_r2(passes, r2_specs, args.shots, args.seeds[0], log, label)
+    if "patch" in parts:
+        p0 = cached_pass(model, label, "pos", 4, args.seeds[0], args.n_per_task, cache, args.batch_size, log)
+        best = decodability(p0).best_layer
+        print_patch(model, label, p0, best, args.patch_layers, args.patch_per_task, cache, log)
+    if "heads" in parts:
+        print_heads(model, label, args.head_layers, args.head_per_task, cache, log)
+    if "finetune" in parts:
+        print_finetune(model, args.ft_steps, args.ft_seeds, args.ft_eval_per_task, log)
     log(f"\ntotal {time.perf_counter() - t0:.0f} s")
     return 0
 
