@@ -30,10 +30,11 @@ import torch
 from jaxtyping import Float
 from tqdm.auto import tqdm
 
-from tvlens.accuracy import answer_scores, at_answer_positions, check_prompts_fit, logits_at_answers, refuse_greedy
+from tvlens.accuracy import answer_scores, check_prompts_fit, logits_at_answers, refuse_greedy
 from tvlens.backends import get_backend
-from tvlens.encoding import TaskVectors, check_at, check_layers, representation_mask, resid_hook_name
+from tvlens.encoding import TaskVectors, check_layers, check_vectors, resid_hook_name, vector_tasks
 from tvlens.errors import ConfigError
+from tvlens.positions import answer_token_positions, at_answer_positions, check_at, representation_mask
 from tvlens.prompts import PromptSet
 
 
@@ -262,8 +263,7 @@ class PatchingResult:
                        f"{self.unpatched_accuracy:.3f})")
 
     def _repr_html_(self) -> str:
-        from tvlens.views.page import figure_fragment, result_html
-        from tvlens.views.plots import patching_grids_figure
+        from tvlens.plotting import figure_fragment, patching_grids_figure, result_html
 
         return result_html(f"<div><b>Task-vector patching</b> ({html.escape(self.mode)}): {html.escape(repr(self))}"
                            + self.layer_profile().to_html(index=False, float_format=lambda v: f"{v:.3f}") + "</div>",
@@ -272,7 +272,7 @@ class PatchingResult:
     def plot(self, layer: int | None = None):
         """The source x target grid at ``layer`` (default: the best) and the per-layer profile:
         ``tvlens.views.patching_figure``; ``tvlens.views.patching_grids_figure`` draws every layer."""
-        from tvlens.views.plots import patching_figure
+        from tvlens.plotting import patching_figure
 
         return patching_figure(self, layer)
 
@@ -280,8 +280,7 @@ class PatchingResult:
 def _answers_for(prompts: PromptSet, source: int) -> torch.Tensor:
     """Tokens with the query's answer slots holding ``source``'s answer (teacher forcing)."""
     toks = prompts.tokens.clone()  # type: ignore[union-attr]
-    n_ans = prompts.n_answer
-    pos = prompts.query_pos[:, None] + 1 + torch.arange(n_ans, device=toks.device)[None]
+    pos = answer_token_positions(prompts).to(toks.device)
     toks.scatter_(1, pos, prompts.task_answers[:, source])  # type: ignore[index]
     return toks
 
@@ -305,7 +304,7 @@ def run_patching(
     usual. That is where the shipped default model keeps its task (its query position decodes the
     task, TD ~1, but patching it there changes nothing; see the README's patching section).
     """
-    from tvlens.validate import check_batch_size, check_finite_number, check_vectors, name_list, vector_tasks
+    from tvlens.validate import check_batch_size, check_finite_number, name_list
 
     check_prompts_fit(model, prompts, "run_patching")
     refuse_greedy(prompts, "run_patching")
@@ -506,8 +505,6 @@ def _patch(resid, q, vec, mode, scale, own=None):
 
 
 def _run_patching_regression(model, prompts, vectors, layers, mode, scale, src_names, batch_size):
-    from tvlens.validate import vector_tasks
-
     have = vector_tasks(vectors)
     device = get_backend(model).input_device
     T = prompts.n_tasks

@@ -138,7 +138,7 @@ def regression_class() -> type:
     if _REGRESSION_CLS:
         return _REGRESSION_CLS[0]
     HookedTransformer, _ = _ht()
-    from tvlens.backends.loading import LinearEmbed
+    from tvlens.backends.embed import LinearEmbed
 
     class HookedRegressionTransformer(HookedTransformer):
         tvlens_continuous = True

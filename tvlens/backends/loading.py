@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
+from tvlens.backends.embed import LinearEmbed, read_in_of  # noqa: F401 - also importable from here
 from tvlens.errors import ConfigError, UnsupportedModelError
 
 BACKENDS = ("auto", "hooked", "bridge")
@@ -38,28 +38,6 @@ def resolve_backend(backend: str) -> str:
             "use backend='bridge' or 'auto', or install transformer-lens 3.9"
         )
     return backend
-
-
-class LinearEmbed(nn.Module):
-    """Read-in of continuous inputs into the residual stream: ``x @ W_E + b_E``.
-
-    ``W_E`` is ``[d_in, d_model]``, the same layout as a token embedding's ``[d_vocab, d_model]``.
-    """
-
-    def __init__(self, d_in: int, d_model: int) -> None:
-        super().__init__()
-        self.W_E = nn.Parameter(torch.randn(d_in, d_model) / math.sqrt(d_in))
-        self.b_E = nn.Parameter(torch.zeros(d_model))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (torch.is_tensor(x) and x.is_floating_point() and x.ndim == 3):
-            raise ConfigError(
-                "a regression model takes float inputs of shape [batch, pos, d_in]; "
-                f"got {type(x).__name__} {getattr(x, 'shape', '')} {getattr(x, 'dtype', '')}"
-            )
-        if x.shape[-1] != self.W_E.shape[0]:
-            raise ConfigError(f"input dimension {x.shape[-1]} does not fit this model (d_in={self.W_E.shape[0]})")
-        return x.to(self.W_E.device) @ self.W_E + self.b_E
 
 
 def build(cfg: dict[str, Any], continuous: bool, backend: str = "auto", model_name: str = "tvlens"):
@@ -104,12 +82,6 @@ def _read_in_forward(self, input_ids=None, attention_mask=None, position_ids=Non
         inputs_embeds = self.tvlens_read_in(inputs_embeds)
     return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                               inputs_embeds=inputs_embeds, **kwargs)
-
-
-def read_in_of(model) -> LinearEmbed | None:
-    """A bridge's continuous read-in (regression models), or None."""
-    orig = model.__dict__.get("original_model") or getattr(model, "original_model", None)
-    return getattr(orig, "tvlens_read_in", None)
 
 
 def from_tl_state(state: dict[str, torch.Tensor], cfg: dict[str, Any], continuous: bool, backend: str = "auto"):

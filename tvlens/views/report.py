@@ -179,8 +179,11 @@ def _build_report(
     ``precomputed``: results already computed on the same prompts (``family.sample(n_per_task,
     shots, seed)``), by name: ``accuracy``, ``encodings``, ``decodability`` (``tvlens demo`` passes them).
     """
-    import tvlens
+    from tvlens.accuracy import icl_accuracy
+    from tvlens.encoding import emergence as run_emergence
     from tvlens.encoding import extract, task_decodability
+    from tvlens.patching import run_patching
+    from tvlens.sweeps import activation_patching
 
     t_all = time.perf_counter()
     timings: dict[str, float] = {}
@@ -214,7 +217,7 @@ def _build_report(
     unknown = set(pre) - {"accuracy", "encodings", "decodability"}
     if unknown:
         raise ConfigError(f"precomputed: unknown keys {sorted(unknown)}; give accuracy, encodings or decodability")
-    acc = pre["accuracy"] if "accuracy" in pre else tvlens.icl_accuracy(m, prompts)
+    acc = pre["accuracy"] if "accuracy" in pre else icl_accuracy(m, prompts)
     enc = pre["encodings"] if "encodings" in pre else extract(m, prompts, progress=progress)
     dec = pre["decodability"] if "decodability" in pre else task_decodability(enc, k=k)
     if len(enc) != len(prompts) or len(acc.per_prompt) != len(prompts):
@@ -240,31 +243,25 @@ def _build_report(
                      "'pos' or 'bitwise_text')")
     else:
         psub = first_token_view(psub) if first_token else psub
-        patch = tvlens.run_patching(m, psub, enc.task_vectors(), mode=patching_mode, progress=progress)
+        patch = run_patching(m, psub, enc.task_vectors(), mode=patching_mode, progress=progress)
         results["patching"] = patch
     if patch is not None and patch.metric != "mse" and prompts.shots >= 1 and prompts.train_mask is not None:
         # the same test where a model may keep its task instead: the examples' answer tokens (replace)
         vec_ans = extract(m, psub, progress=progress, at="answers").task_vectors()
-        patch_ans = tvlens.run_patching(m, psub, vec_ans, mode="replace", progress=progress)
+        patch_ans = run_patching(m, psub, vec_ans, mode="replace", progress=progress)
         results["patching_answers"] = patch_ans
     tick("run_patching", t0)
 
     t0 = time.perf_counter()
     scores = head_scores
     if scores is None:
-        attribution = getattr(tvlens, "head_attribution", None)
-        if attribution is None:
-            try:
-                from tvlens.attribution import head_attribution as attribution
-            except ImportError:
-                attribution = None
-        if attribution is not None and prompts.is_continuous:
+        from tvlens.attribution import head_attribution
+
+        if prompts.is_continuous:
             notes.append("head attribution scores answer tokens and these prompts are continuous: head views left out")
-        elif attribution is not None:
-            scores = attribution(m, first_token_view(prompts) if first_token else prompts, method=head_method,
-                                 progress=progress)
         else:
-            notes.append("head attribution is not available in this tvlens version: head views left out")
+            scores = head_attribution(m, first_token_view(prompts) if first_token else prompts, method=head_method,
+                                      progress=progress)
     if scores is not None:
         results["head_scores"] = scores
     tick("head_attribution", t0)
@@ -279,8 +276,8 @@ def _build_report(
         def logit_diff(logits):
             return logits[rows, 0, ans_a] - logits[rows, 0, ans_b]
 
-        sweep = tvlens.activation_patching(m, clean, corrupted, logit_diff, site="resid_pre", by=("layer", "pos"),
-                                           read_positions=read, progress=progress, ci=0.95)
+        sweep = activation_patching(m, clean, corrupted, logit_diff, site="resid_pre", by=("layer", "pos"),
+                                    read_positions=read, progress=progress, ci=0.95)
         results["position_sweep"] = sweep
         results["position_sweep_pairs"] = pairs
     else:
@@ -298,8 +295,8 @@ def _build_report(
             if emergence_steps is not None and len(steps) > emergence_steps:
                 idx = sorted({round(i * (len(steps) - 1) / (emergence_steps - 1)) for i in range(emergence_steps)})
                 steps = [steps[i] for i in idx]
-            em = tvlens.emergence(src, fam, n_per_task=max(emergence_per_task, k + 1), shots=shots, seed=seed + 1, k=k,
-                                  steps=steps, progress=progress)
+            em = run_emergence(src, fam, n_per_task=max(emergence_per_task, k + 1), shots=shots, seed=seed + 1, k=k,
+                               steps=steps, progress=progress)
         else:
             notes.append("the model has no training checkpoints here: the emergence views are left out")
     elif emergence not in (False, None):
