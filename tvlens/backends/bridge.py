@@ -42,7 +42,7 @@ class BridgeBackend(CommonBackend):
 
     def __init__(self, model) -> None:
         self._read_shape(model)
-        from tvlens.backends.loading import read_in_of
+        from tvlens.backends.embed import read_in_of
 
         self._read_in = read_in_of(model)
         self.continuous = self._read_in is not None
@@ -248,8 +248,14 @@ class BridgeBackend(CommonBackend):
     def set_use_split_qkv_input(self, on: bool) -> bool:
         old = bool(getattr(self.model.cfg, "use_split_qkv_input", False))
         if old != bool(on):
+            from tvlens.backends.native_qkv import native_attentions, set_native_split_qkv
+
+            native = native_attentions(self.model)  # boot_native: TransformerLens refuses, tvlens forks it
             try:
-                self.model.set_use_split_qkv_input(bool(on))
+                if native is not None:
+                    set_native_split_qkv(self.model, native, bool(on))
+                else:
+                    self.model.set_use_split_qkv_input(bool(on))
             except NotImplementedError as e:
                 from tvlens.errors import UnsupportedModelError
 
