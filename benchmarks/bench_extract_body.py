@@ -63,13 +63,10 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     import tvlens
+    from tvlens import gguf_models
 
-    if a.model in ("smollm2-shaped", "gpt2-small-shaped") or Path(a.model).exists():
-        folder = folder_for(a.model)
-        model = tvlens.load_model(folder)
-    else:
-        model = tvlens.load_model(a.model)
-        folder = Path(getattr(model, "tvlens_folder", "") or tvlens.model_info(model).get("folder", ""))
+    folder = gguf_models.prepare(a.model).folder if gguf_models.is_gguf_request(a.model) else folder_for(a.model)
+    model = tvlens.load_model(folder)
     hf = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa").eval()
     body = getattr(hf, "model", None) or hf.transformer
     p = tvlens.tasks.get(a.family).sample(a.n_per_task, shots=a.shots, seed=0, tokenizer=model.tokenizer,

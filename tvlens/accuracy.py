@@ -425,7 +425,8 @@ def _greedy_accuracy(model, prompts: PromptSet, batch_size: int | None, progress
         lens = sub.extra["answer_len"]
         A = int(lens.max())
         last = int((sub.query_pos + lens).max())  # each answer ends inside the prompt
-        resid = bk.final_resid(sub.tokens[:, :last])  # type: ignore[index]
+        with bk.prefer_fast_attention():
+            resid = bk.final_resid(sub.tokens[:, :last])  # type: ignore[index]
         pos = (sub.query_pos[:, None] + torch.arange(A, device=device)[None]).clamp(max=last - 1)
         picked = resid.gather(1, pos.to(resid.device)[..., None].expand(-1, -1, resid.shape[-1]))
         ans = sub.extra["answer_tokens"][:, :A]
