@@ -5,12 +5,14 @@ What differs from a HookedTransformer, and how this module hides it (measured, s
 
 - inside a hook, ``hook.name`` is the bridge's own spelling (``blocks.0.hook_in``); tvlens hooks never
   read it, and ``hook_name`` checks that the canonical alias exists;
-- ``stop_at_layer=n_layers`` returns logits, not the final residual: :meth:`final_resid` reads it with
-  a hook on the last block's ``hook_resid_post``;
+- ``stop_at_layer=n_layers`` returns logits, not the final residual: :meth:`final_resid` (and
+  ``run_with_hooks(stop_at_layer=n_layers)``) stop the forward pass with a hook on the last block's
+  ``hook_resid_post`` that raises TransformerLens' ``StopAtLayerException``, so the final norm and the
+  unembedding never run (no ``[batch, pos, d_vocab]`` tensor, no per-shape recording pass);
 - ``start_at_layer`` is missing (3.9) or still runs the early blocks (4.x), and ``past_kv_cache`` is
   ignored: :meth:`run_from` calls the bridge's blocks directly, with the keyword arguments the
   Hugging Face model passes them (attention mask, positions, rotary tables) recorded once per input
-  shape on a hook-free forward pass, so only blocks ``start..`` run and their hooks fire as usual.
+  shape on a hook-free forward pass (stopped before the last block), so only blocks ``start..`` run and their hooks fire as usual.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ class BridgeBackend(CommonBackend):
 
     def __init__(self, model) -> None:
         self._read_shape(model)
-        from tvlens.backends.loading import read_in_of
+        from tvlens.backends.embed import read_in_of
 
         self._read_in = read_in_of(model)
         self.continuous = self._read_in is not None
@@ -73,20 +75,72 @@ class BridgeBackend(CommonBackend):
         for n, _ in fwd_hooks:
             self.hook_name(n)
         if stop_at_layer is not None and stop_at_layer >= self.n_layers:  # the bridge would return logits
-            out: dict[str, torch.Tensor] = {}
-
-            def keep(act, hook):
-                out["r"] = act
-            hooks = list(fwd_hooks) + [(f"blocks.{self.n_layers - 1}.hook_resid_post", keep)]
-            with self.model.hooks(fwd_hooks=hooks):
-                self.model(self._input(x))
-            return out["r"]
-        with self.model.hooks(fwd_hooks=list(fwd_hooks)):
+            return self._run_blocks(x, fwd_hooks)
+        with self.model.hooks(fwd_hooks=list(fwd_hooks)), self._attention(fwd_hooks):
             return self.model(self._input(x), stop_at_layer=stop_at_layer)
+
+    # attention: the Hugging Face module with SDPA when no attention hook can fire
+    def _attention(self, fwd_hooks: Sequence = ()):
+        from contextlib import nullcontext
+
+        return self.fast_attention(fwd_hooks) if self._prefer_sdpa else nullcontext()
+
+    def fast_attention(self, fwd_hooks: Sequence = ()):
+        """A context in which each block's attention runs as the Hugging Face module itself with PyTorch's
+        scaled-dot-product attention, instead of the bridge's step-by-step re-implementation (which
+        materializes scores and pattern to fire ``hook_attn_scores`` / ``hook_pattern``), when that is
+        exact: a raw-mode bridge in eval mode whose attention bridges wrap the Hugging Face projections
+        themselves (no copied weights: not GPT-2's split ``c_attn``), no logit soft-capping (SDPA has
+        none), nothing offloaded, and no hook attached or requested inside any attention (``fwd_hooks``:
+        canonical names), no module hook on an attention bridge. Otherwise a no-op. Same numbers up to
+        float rounding (tests/test_fast_paths.py)."""
+        from contextlib import nullcontext
+
+        plan = self._sdpa_plan()
+        if plan is None or self.model.training or self.mode != "raw":
+            return nullcontext()
+        swaps, configs, watched = plan
+        if any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks for m in watched):
+            return nullcontext()  # a hook point fires, or a module hook expects the bridge's attention call
+        ids = {id(m) for m in watched}
+        if any(id(self.model.hook_dict.get(n)) in ids for n, _ in fwd_hooks):
+            return nullcontext()
+        return _swapped_attention(swaps, configs)
+
+    def _sdpa_plan(self):
+        """``(swaps, configs, watched modules)`` where SDPA is exact for this model, else None (cached);
+        the watched modules are the bridge's own inside each attention (hook points, the bridge itself):
+        a hook on any of them keeps the bridge's attention."""
+        if "_sdpa" not in self.__dict__:
+            self._sdpa = _sdpa_plan(self.model)
+        return self._sdpa
+
+    def _run_blocks(self, x, fwd_hooks: Sequence = ()) -> torch.Tensor:
+        """The residual after the last block, the forward pass stopped there: the final norm and the
+        unembedding (a ``[batch, pos, d_vocab]`` tensor: 15 GB for Gemma-3's 262k vocabulary at 105 x 136
+        tokens) never run. The caller's hooks fire first; a hook on the last block's output then raises
+        TransformerLens' own ``StopAtLayerException``, which the bridge's forward catches and returns."""
+        from transformer_lens.model_bridge.exceptions import StopAtLayerException
+
+        def stop(act, hook):
+            raise StopAtLayerException(act)
+
+        hooks = list(fwd_hooks) + [(f"blocks.{self.n_layers - 1}.hook_resid_post", stop)]
+        with self.model.hooks(fwd_hooks=hooks), self._attention(fwd_hooks):
+            out = self.model(self._input(x))
+        if not torch.is_tensor(out) or out.shape[-1] != self.d_model:  # pragma: no cover - a TL that swallows it
+            from tvlens.errors import HookError
+
+            raise HookError("this TransformerBridge did not stop after its last block (its forward returned "
+                            f"{type(out).__name__}): tvlens cannot read the final residual stream")
+        return out
 
     # running parts
     def embed_input(self, x):
         return self.model(self._input(x), stop_at_layer=0)
+
+    def final_resid(self, x):
+        return self._run_blocks(x)  # one forward pass that stops after the blocks: no per-shape recording
 
     def _calls(self, resid: torch.Tensor) -> list[tuple[tuple, dict]]:
         """Each block's call arguments for inputs of ``resid``'s batch and length, recorded once on a
@@ -95,10 +149,15 @@ class BridgeBackend(CommonBackend):
         if key not in self._block_calls:
             calls: list[Any] = [None] * self.n_layers
             handles = []
+            from transformer_lens.model_bridge.exceptions import StopAtLayerException
+
+            last = self.n_layers - 1
             for i, block in enumerate(self.model.blocks):
                 def pre(mod, args, kwargs, _i=i):
                     calls[_i] = (tuple(None if _is_cache(a) else a for a in args[1:]),
                                  {k: (None if _is_cache(v) else v) for k, v in kwargs.items()})
+                    if _i == last:  # every call is recorded: the last block, norm and unembedding never run
+                        raise StopAtLayerException(args[0] if args else None)
                 handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
             saved = [(hp, dict(hp._forward_hooks), dict(hp._backward_hooks)) for hp in self.model.hook_dict.values()]
             try:
@@ -189,8 +248,14 @@ class BridgeBackend(CommonBackend):
     def set_use_split_qkv_input(self, on: bool) -> bool:
         old = bool(getattr(self.model.cfg, "use_split_qkv_input", False))
         if old != bool(on):
+            from tvlens.backends.native_qkv import native_attentions, set_native_split_qkv
+
+            native = native_attentions(self.model)  # boot_native: TransformerLens refuses, tvlens forks it
             try:
-                self.model.set_use_split_qkv_input(bool(on))
+                if native is not None:
+                    set_native_split_qkv(self.model, native, bool(on))
+                else:
+                    self.model.set_use_split_qkv_input(bool(on))
             except NotImplementedError as e:
                 from tvlens.errors import UnsupportedModelError
 
@@ -214,6 +279,61 @@ class BridgeBackend(CommonBackend):
         from tvlens.errors import ConfigError
 
         raise ConfigError("a TransformerBridge cannot continue from a prefix key/value cache")
+
+
+def _sdpa_plan(model):
+    try:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    except ImportError:  # pragma: no cover - transformers without the attention registry
+        return None
+    hf = getattr(model, "original_model", None)
+    if hf is None or not getattr(hf, "_supports_sdpa", False) or "sdpa" not in ALL_ATTENTION_FUNCTIONS:
+        return None
+    swaps, configs, watched = [], {}, []
+    for block in model.blocks:
+        attn, layer = getattr(block, "attn", None), getattr(block, "original_component", None)
+        orig = getattr(attn, "original_component", None)
+        cfg = getattr(orig, "config", None)
+        if orig is None or layer is None or not hasattr(cfg, "_attn_implementation"):
+            return None
+        if getattr(cfg, "attn_logit_softcapping", None):
+            return None  # Gemma-2: SDPA has no soft-capping
+        if {id(p) for p in attn.parameters()} != {id(p) for p in orig.parameters()}:
+            return None  # the bridge computes with weights of its own (e.g. GPT-2's split c_attn)
+        if any(p.device.type == "meta" for p in orig.parameters()):
+            return None  # offloaded: the bridge's call materializes the weights
+        name = next((n for n, c in layer.named_children() if c is attn), None)
+        if name is None:
+            return None
+        swaps.append((layer, name, attn, orig))
+        configs[id(cfg)] = cfg
+        own = {id(m) for m in orig.modules()}
+        watched += [m for m in attn.modules() if id(m) not in own]  # the bridge's: its hook points, itself
+    configs[id(hf.config)] = hf.config
+    return swaps, list(configs.values()), watched
+
+
+class _swapped_attention:
+    def __init__(self, swaps, configs) -> None:
+        self.swaps, self.configs, self.old = swaps, configs, []
+
+    def __enter__(self):
+        self.old = [(c, c._attn_implementation) for c in self.configs]
+        try:
+            for layer, name, _, orig in self.swaps:
+                layer._modules[name] = orig
+            for c in self.configs:
+                c._attn_implementation = "sdpa"
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for layer, name, attn, _ in self.swaps:
+            layer._modules[name] = attn
+        for c, impl in self.old:
+            c._attn_implementation = impl
 
 
 __all__ = ["BridgeBackend", "bridge_classes"]
