@@ -294,7 +294,7 @@ def _patching(m, fam, prompts, enc, patching_mode: str, patching_per_task, n_per
     """Task-vector patching at the query (on the first ``patching_per_task`` prompts of each task), and, for
     token prompts with examples, at the examples' answers: the prompts patched and both results."""
     from tvlens.encoding import extract
-    from tvlens.patching import run_patching
+    from tvlens.patching import nothing_to_flip, run_patching
 
     psub = prompts
     if patching_per_task is not None and patching_per_task < n_per_task:
@@ -305,6 +305,8 @@ def _patching(m, fam, prompts, enc, patching_mode: str, patching_per_task, n_per
         notes.append(f"no task-vector patching: the {fam.name!r} tasks each read their own kind of input, so no "
                      "other task's rule applies to a query and a flip cannot be scored (patch a family such as "
                      "'pos' or 'bitwise_text')")
+    elif nothing_to_flip(first_token_view(psub) if first_token else psub) is not None:
+        notes.append("no task-vector patching: " + nothing_to_flip(first_token_view(psub) if first_token else psub))
     else:
         psub = first_token_view(psub) if first_token else psub
         patch = run_patching(m, psub, enc.task_vectors(), mode=patching_mode, progress=progress)
