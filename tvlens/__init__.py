@@ -35,7 +35,7 @@ function, never in a circle: ``tests/test_architecture.py``)::
     backends:   backends/  (protocol, hooked, bridge, embed, loading: the one seam to TransformerLens)
     prompts:    prompts, positions  (query, answers, read/write masks: where a prompt's task is read and written)
     tasks:      tasks/  (the families, their registry)
-    models:     models, tokenizer, validate  (checkpoints and loading; boundary checks of model/prompts/family)
+    models:     models, gguf_models, tokenizer, validate  (checkpoints and loading; GGUF models; boundary checks)
     measures:   encoding/, accuracy, sweeps  (extraction, TD, task vectors, emergence; accuracy/scoring; the engine)
     analyses:   patching, attribution, circuits/, llm, finetune, regression, train
     views:      views/  (figures, CircuitsVis, circuit graph, report; they register drawings in plotting)

@@ -24,7 +24,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("backends", ("tvlens.backends",)),
     ("prompts", ("tvlens.prompts", "tvlens.positions")),
     ("tasks", ("tvlens.tasks",)),
-    ("models", ("tvlens.models", "tvlens.tokenizer", "tvlens.validate")),
+    ("models", ("tvlens.models", "tvlens.gguf_models", "tvlens.tokenizer", "tvlens.validate")),
     ("measures", ("tvlens.encoding", "tvlens.accuracy", "tvlens.sweeps")),
     ("analyses", ("tvlens.patching", "tvlens.attribution", "tvlens.circuits", "tvlens.llm", "tvlens.finetune",
                   "tvlens.regression", "tvlens.train")),

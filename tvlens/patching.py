@@ -134,22 +134,40 @@ class PatchingResult:
         """Per layer: accuracy of prompts patched with their own task's vector."""
         return self._diag(self.follows_source)
 
-    def best_layer(self, min_control: float = 0.9, min_effect: float = 0.05) -> int | None:
+    def best_layer(self, min_control: float = 0.9, min_effect: float = 0.05,
+                   max_control_drop: float = 0.1) -> int | None:
         """The layer where patching works best, or None where it does nothing: see ``best_layer_choice``."""
-        return self.best_layer_choice(min_control, min_effect)[0]
+        return self.best_layer_choice(min_control, min_effect, max_control_drop)[0]
 
-    def best_layer_choice(self, min_control: float = 0.9, min_effect: float = 0.05) -> tuple[int | None, str]:
+    @property
+    def unpatched_accuracy(self) -> float:
+        """Mean unpatched accuracy of the prompts over real (non-null) tasks: what an own-task control can reach."""
+        vals = [float(self.baseline_own[j]) for j, t in enumerate(self.target_names) if t != "null"]
+        vals = [v for v in vals if v == v]
+        return float(np.mean(vals)) if vals else float("nan")
+
+    def control_threshold(self, min_control: float = 0.9, max_control_drop: float = 0.1) -> float:
+        """The own-task control a layer must keep: ``min_control``, or, for prompts the model answers less often
+        unpatched, their unpatched accuracy minus ``max_control_drop`` (a control cannot beat the model itself)."""
+        unpatched = self.unpatched_accuracy
+        return min(min_control, unpatched - max_control_drop) if unpatched == unpatched else min_control
+
+    def best_layer_choice(self, min_control: float = 0.9, min_effect: float = 0.05,
+                          max_control_drop: float = 0.1) -> tuple[int | None, str]:
         """``(layer, how it was chosen)``. Only a layer where the intervention does something can be best:
         its flip rate must exceed what the prompts give with no patching by at least ``min_effect``: the
         unpatched rate of following the other task's rule (``baseline_source``), or where that is not
         recorded the flip floor (rule agreement; 0 when unknown). Among those, the highest flip rate of the layers whose
-        own-task control holds (``>= min_control``); when none holds, the highest flip rate (the reason
-        says the control fails). None when no layer's patch flips anything, or for regression (no flip
-        rate; read the MSE grid ``delta_logprob_source``)."""
+        own-task control holds: at least ``min_control``, or at least the unpatched accuracy minus
+        ``max_control_drop`` where the model is below ``min_control`` unpatched (``control_threshold``: a
+        small model's own-task control is judged against what it does without the patch). When none holds,
+        the highest flip rate (the reason says the control fails). None when no layer's patch flips anything, or for
+        regression (no flip rate; read the MSE grid ``delta_logprob_source``)."""
         from tvlens.validate import check_finite_number
 
         min_control = check_finite_number(min_control, "min_control", "best_layer")
         min_effect = check_finite_number(min_effect, "min_effect", "best_layer")
+        max_control_drop = check_finite_number(max_control_drop, "max_control_drop", "best_layer")
         if self.metric != "accuracy":
             return None, "regression result: no flip rate to rank layers by; read the MSE grid (delta_logprob_source)"
         floor = self.flip_floor
@@ -163,16 +181,20 @@ class PatchingResult:
             best = float(fr.nan_to_num(-1).max()) if len(fr) else float("nan")
             return None, (f"no layer: the patch changes nothing (flip rate at most {best:.3f}, within {min_effect} of "
                           f"the unpatched rate {floor:.3f}, at every layer {self.layers})")
-        ok = effective & (ctl >= min_control)
+        need = self.control_threshold(min_control, max_control_drop)
+        acc = self.unpatched_accuracy
+        against = (f">= {need:.3f}: min_control {min_control}" if need >= min_control else
+                   f">= {need:.3f}: the unpatched accuracy {acc:.3f} minus {max_control_drop}")
+        ok = effective & (ctl >= need - 1e-9)
         pick = ok if bool(ok.any()) else effective
         li = int(torch.where(pick, fr, torch.full_like(fr, -1.0)).argmax())
         why = (f"highest flip rate ({float(fr[li]):.3f}) among layers whose flip rate exceeds the unpatched rate "
                f"(floor) {floor:.3f} by >= {min_effect}")
         if bool(ok.any()):
-            why += f" and whose own-task control holds (>= {min_control}: {float(ctl[li]):.3f})"
+            why += f" and whose own-task control holds ({float(ctl[li]):.3f} {against})"
         else:
-            why += (f"; no such layer keeps the own-task control >= {min_control} (here {float(ctl[li]):.3f}): "
-                    "the patch also disturbs prompts of the vector's own task")
+            why += (f"; no such layer keeps the own-task control {against} (here {float(ctl[li]):.3f}, unpatched "
+                    f"accuracy {acc:.3f}): the patch also disturbs prompts of the vector's own task")
         return self.layers[li], why
 
     def grid(self, layer: int, what: str = "follows_source") -> Float[torch.Tensor, "source target"]:
@@ -237,7 +259,8 @@ class PatchingResult:
             return head + f"best layer: none, {why})"
         li = self.layers.index(b)
         return head + (f"best layer {b}: flip rate {float(self.flip_rate[li]):.3f}{ci(self.flip_rate_ci)}, own-task "
-                       f"control {float(self.control[li]):.3f}{ci(self.control_ci)})")
+                       f"control {float(self.control[li]):.3f}{ci(self.control_ci)}, unpatched accuracy "
+                       f"{self.unpatched_accuracy:.3f})")
 
     def _repr_html_(self) -> str:
         from tvlens.plotting import figure_fragment, patching_grids_figure, result_html
@@ -358,8 +381,7 @@ def run_patching(
         where = q if read_at == "query" else representation_mask(sub, read_at)
         last = int(q.max()) + n_ans
         toks_own = sub.tokens[:, :last]
-        own_logits, own_store = _prefix(model, toks_own, names)
-        own_sel = at_answer_positions(own_logits, q, n_ans)
+        own_sel, own_store = _prefix_at_answers(model, toks_own, names, q, n_ans)
         ok, _ = answer_scores(own_sel, sub.answers)
         base_own.index_add_(0, lab, ok.float().cpu())
         for si, sname in enumerate(src_names):
@@ -369,8 +391,7 @@ def run_patching(
             if n_ans == 1:
                 src_sel, src_store = own_sel, own_store
             else:
-                src_logits, src_store = _prefix(model, _answers_for(sub, s)[:, :last], names)
-                src_sel = at_answer_positions(src_logits, q, n_ans)
+                src_sel, src_store = _prefix_at_answers(model, _answers_for(sub, s)[:, :last], names, q, n_ans)
             ok_clean, lp_clean = answer_scores(src_sel, ans_src)
             base_src[si].index_add_(0, lab, ok_clean.float().cpu())
             for li, layer in enumerate(layers):
@@ -442,6 +463,20 @@ def _notes(prompts: PromptSet, src_names: list[str]) -> dict:
         return {}
     return {"absent_targets": absent,
             "absent_note": f"no prompts of task(s) {absent}: their columns (and means over them) are NaN, not 0"}
+
+
+def _prefix_at_answers(model, x, names, q, n_ans):
+    """Logits at the answer positions ``[b, n_ans, d_vocab]`` and the residual stream entering every
+    patched layer, from one forward pass that stops after the blocks: never ``[b, seq, d_vocab]``."""
+    store: dict[str, torch.Tensor] = {}
+
+    def save(act, hook, _name):
+        store[_name] = act
+
+    bk = get_backend(model)
+    resid = bk.run_with_hooks(x, fwd_hooks=[(n, functools.partial(save, _name=n)) for n in names],
+                              stop_at_layer=bk.n_layers)
+    return bk.unembed(at_answer_positions(resid, q.to(resid.device), n_ans)), store
 
 
 def _prefix(model, x, names):

@@ -40,6 +40,40 @@ def resolve_backend(backend: str) -> str:
     return backend
 
 
+def _architecture(folder) -> str:
+    import json
+
+    try:
+        archs = json.loads((Path(folder) / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        archs = []
+    return str(archs[0]) if archs else "this architecture"
+
+
+def choose_backend(backend: str, folder: Any = None, architecture: str | None = None) -> tuple[str, str]:
+    """The backend for a pretrained Hugging Face model (a local ``folder``, or only its ``architecture`` before
+    the folder exists) and why. ``"auto"``: a HookedTransformer where this TransformerLens has one and supports
+    the architecture, else a bridge. ``"hooked"`` for an architecture it does not support is refused here,
+    before any weights load."""
+    from tvlens.backends import tl_version
+
+    kind = resolve_backend(backend)
+    tl = f"TransformerLens {tl_version()}"
+    arch = architecture or (_architecture(folder) if folder is not None else "this architecture")
+    if kind == "bridge":
+        return kind, (f"TransformerBridge: {tl} has no HookedTransformer" if backend == "auto"
+                      else "TransformerBridge: backend='bridge' was asked for")
+    from tvlens.backends.hooked import hooked_unsupported, hooked_unsupported_architecture
+
+    why = hooked_unsupported(folder) if folder is not None else hooked_unsupported_architecture(arch)
+    if why is None:
+        return "hooked", f"HookedTransformer: {tl}'s HookedTransformer supports {arch}"
+    if backend == "auto":
+        return "bridge", f"TransformerBridge: {tl}'s HookedTransformer does not support {arch} ({why})"
+    raise UnsupportedModelError(f"backend='hooked': {tl}'s HookedTransformer does not support {arch} ({why}); "
+                                "use backend='bridge' or backend='auto' (a TransformerBridge)")
+
+
 def build(cfg: dict[str, Any], continuous: bool, backend: str = "auto", model_name: str = "tvlens"):
     """A fresh model from a tvlens model config (the ``_CFG_FIELDS`` of ``tvlens.models``), in eval mode."""
     kind = resolve_backend(backend)
@@ -225,5 +259,5 @@ def load_pretrained(name: str, backend: str, device: Any = None, local_folder: b
     return model
 
 
-__all__ = ["BACKENDS", "LinearEmbed", "build", "from_tl_state", "load_pretrained", "read_in_of",
+__all__ = ["BACKENDS", "LinearEmbed", "build", "choose_backend", "from_tl_state", "load_pretrained", "read_in_of",
            "resolve_backend", "tl_state"]

@@ -187,7 +187,9 @@ class DecodabilityResult:
 
     @property
     def chance(self) -> float:
-        return 1.0 / len(self.task_names)
+        """1 / the number of tasks with prompts (prompts of a subset of a family's tasks: that subset)."""
+        present = len(torch.unique(self.labels)) if self.labels is not None and len(self.labels) else 0
+        return 1.0 / (present or len(self.task_names))
 
     def at(self, layer: int) -> float:
         return float(self.td[self.layers.index(layer)])
