@@ -186,6 +186,38 @@ def answer_scores(sel: torch.Tensor, answers: torch.Tensor) -> tuple[torch.Tenso
     return ok, lp
 
 
+UNEMBED_BUDGET = 1 << 24  # logits held at once when scoring: 64 MB of float32 (a chunk of rows x d_vocab_out)
+
+
+def unembed_rows(d_vocab_out: int, budget: int | None = None) -> int:
+    """How many positions one unembedding chunk holds within ``budget`` logits (at least one)."""
+    return max(1, int(budget or UNEMBED_BUDGET) // max(int(d_vocab_out), 1))
+
+
+def score_answers(bk, picked: Float[torch.Tensor, "b a d_model"], answers: torch.Tensor,
+                  valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact match and log-probability of ``answers`` ``[b, a]`` from the final residual at their
+    positions ``picked`` (before the final norm), unembedding at most ``unembed_rows`` positions at a
+    time: a ``[b, a, d_vocab]`` tensor is never built (Gemma-3's 262k vocabulary). ``valid`` ``[b, a]``
+    masks the positions past a shorter answer (they count as matched and add no log-probability).
+    The same verdicts and log-probabilities as ``answer_scores`` on the full logits."""
+    b, a, d = picked.shape
+    flat, ans = picked.reshape(b * a, d), answers.reshape(b * a)
+    hit = torch.empty(b * a, dtype=torch.bool)
+    lp = torch.empty(b * a, dtype=torch.float32)
+    step = unembed_rows(bk.d_vocab_out)
+    for i in range(0, b * a, step):
+        logits = bk.unembed(flat[i : i + step])
+        t = ans[i : i + step].to(logits.device)
+        hit[i : i + step] = (logits.argmax(-1) == t).cpu()
+        lp[i : i + step] = logits.float().log_softmax(-1).gather(-1, t.clamp_min(0)[:, None])[:, 0].cpu()
+    hit, lp = hit.view(b, a), lp.view(b, a)
+    if valid is not None:
+        valid = valid.cpu()
+        hit, lp = hit | ~valid, torch.where(valid, lp, torch.zeros_like(lp))
+    return hit.all(-1), lp.sum(-1)
+
+
 def logits_at_answers(model, x: torch.Tensor, query_pos: torch.Tensor, n_answer: int,
                       start_at_layer: int | None = None) -> torch.Tensor:
     """Run ``model`` on ``x`` (inputs, or the residual stream entering ``start_at_layer``) and unembed
@@ -223,20 +255,23 @@ def teacher_forced_accuracy(model, prompts: PromptSet, batch_size: int | None = 
     model.eval()
     from tvlens.backends import get_backend
 
-    device = get_backend(model).input_device
+    bk = get_backend(model)
+    device = bk.input_device
     per_prompt, logprobs = [], []
     n_ans = prompts.n_answer
     it, bs = batches(len(prompts), batch_size, "icl_accuracy", progress)
     for s in it:
         sub = prompts.subset(slice(s, s + bs)).to(device)
         last = int(sub.query_pos.max()) + n_ans  # later positions can't change these outputs
-        sel = logits_at_answers(model, sub.model_input[:, :last], sub.query_pos, n_ans)  # [b, n_ans, vocab]
         if prompts.is_continuous:
+            sel = logits_at_answers(model, sub.model_input[:, :last], sub.query_pos, n_ans)  # [b, n_ans, 1]
             per_prompt.append(((sel[..., 0] - sub.answers) ** 2).mean(-1).float().cpu())
-        else:
-            correct, lp = answer_scores(sel, sub.answers)
-            per_prompt.append(correct.float().cpu())
-            logprobs.append(lp.float().cpu())
+        else:  # one pass that stops after the blocks; only the answer positions are unembedded
+            resid = bk.final_resid(sub.model_input[:, :last])
+            correct, lp = score_answers(bk, at_answer_positions(resid, sub.query_pos.to(resid.device), n_ans),
+                                        sub.answers)
+            per_prompt.append(correct.float())
+            logprobs.append(lp)
     if was_training:
         model.train()
     baseline = basis_baseline = None

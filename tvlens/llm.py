@@ -30,6 +30,7 @@ from tvlens.accuracy import (
     batches,
     check_prompts_fit,
     logits_at_answers,
+    score_answers,
     teacher_forced_accuracy,
 )
 from tvlens.backends import get_backend
@@ -172,32 +173,35 @@ def text_accuracy(
 
 @torch.no_grad()
 def _greedy_accuracy(model, prompts: PromptSet, batch_size: int | None, progress: bool) -> AccuracyResult:
-    full = prompts.extra["answer_tokens"]
-    lens = prompts.extra["answer_len"]
-    gen = greedy_generate(model, prompts, int(lens.max()), batch_size=batch_size, progress=progress)
-    valid = full >= 0
-    correct = ((gen == full) | ~valid).all(-1).float()
-    # the whole answer's log-probability (teacher forcing), for reference
-    logprobs = []
+    """Greedy generation's exact-match verdicts, computed by teacher forcing in one forward pass per batch.
+
+    Greedy decoding reproduces the whole answer exactly when, at every answer position, the argmax
+    given the true previous answer tokens is the next answer token: until the first miss the generated
+    prefix *is* the true prefix, so both verdicts agree (``tests/test_fast_paths.py`` checks them
+    against ``greedy_generate``). So one pass over the prompt with its answer (causal attention: the
+    answer tokens after position ``p`` cannot reach ``p``) gives every verdict and the answer's
+    log-probability, where generation ran one pass per answer token; the pass stops after the blocks and
+    only the answer positions are unembedded, in chunks (``score_answers``)."""
     bk = get_backend(model)
     device = bk.input_device
-    it, bs = batches(len(prompts), batch_size, "answer logprob", False)
-    A = full.shape[1]
+    per_prompt, logprobs = [], []
+    it, bs = batches(len(prompts), batch_size, "text_accuracy", progress)
     for s in it:
         sub = prompts.subset(slice(s, s + bs)).to(device)
-        last = int((sub.query_pos + sub.extra["answer_len"]).max())  # each answer ends inside the prompt
+        lens = sub.extra["answer_len"]
+        A = int(lens.max())
+        last = int((sub.query_pos + lens).max())  # each answer ends inside the prompt
         resid = bk.final_resid(sub.tokens[:, :last])  # type: ignore[index]
         pos = (sub.query_pos[:, None] + torch.arange(A, device=device)[None]).clamp(max=last - 1)
         picked = resid.gather(1, pos.to(resid.device)[..., None].expand(-1, -1, resid.shape[-1]))
-        sel = bk.unembed(picked).float().to(device)
-        ans = sub.extra["answer_tokens"]
-        ok = ans >= 0
-        lp = sel.log_softmax(-1).gather(-1, ans.clamp_min(0)[..., None])[..., 0]
-        logprobs.append((lp * ok).sum(-1).cpu())
+        ans = sub.extra["answer_tokens"][:, :A]
+        ok, lp = score_answers(bk, picked, ans, valid=ans >= 0)
+        per_prompt.append(ok.float())
+        logprobs.append(lp)
     return AccuracyResult(
         task_names=list(prompts.task_names),
         metric="accuracy",
-        per_prompt=correct,
+        per_prompt=torch.cat(per_prompt),
         labels=prompts.labels.cpu(),
         logprob=torch.cat(logprobs),
         shots=prompts.shots,

@@ -325,6 +325,7 @@ def run_patching(
         return _run_patching_regression(model, prompts, vectors, layers, mode, scale, src_names, batch_size)
     if prompts.task_answers is None:
         raise ConfigError("these prompts record no per-task answers; sample them from a tvlens task family")
+    _refuse_nothing_to_flip(prompts)
     for s in src_names:
         if s not in prompts.task_names:
             raise ConfigError(f"source task {s!r} has no rule in these prompts' family ({prompts.task_names})")
@@ -396,6 +397,23 @@ def run_patching(
         rule_agreement=agree / counts, per_prompt_source=pp_src, per_prompt_own=pp_own, labels=labels.clone(),
         baseline_source=base_src / counts, notes=_notes(prompts, src_names),
     ))
+
+
+def _refuse_nothing_to_flip(prompts: PromptSet) -> None:
+    """When every task gives every prompt the same scored answer, no patch can change which rule the
+    model follows at the scored token: say so before any work (it would report "the patch changes
+    nothing" with no reason)."""
+    ta = prompts.task_answers
+    if ta is None or ta.shape[1] < 2 or not bool((ta == ta[:, :1]).all()):
+        return
+    tok = prompts.answers.reshape(-1)[0].item()
+    raise ConfigError(
+        f"run_patching: for every prompt, every task of family {prompts.family!r} has the same scored token "
+        f"(id {tok}; scoring={prompts.params.get('scoring', 'first_token')!r}): there is nothing to flip, so "
+        "no patch could change which task the model follows. With a text family this happens when every answer "
+        "begins with the same token (e.g. ' ' before bitwise_text's digits on SmolLM2's and Gemma-3's "
+        "tokenizers): use a tokenizer or template whose answers' first tokens differ across tasks"
+    )
 
 
 def _with_choice(res: PatchingResult) -> PatchingResult:

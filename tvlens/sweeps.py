@@ -476,9 +476,10 @@ def _plan_chunks(first: list[int], min_read: int, per_chunk: int, B: int = 1, se
 
 
 def _site_heads(bk, site: str) -> int:
-    """Heads on a site's head axis: key/value heads for ``k``/``v`` under grouped-query attention."""
+    """Heads on a site's head axis: key/value heads for ``k``/``v`` (and their inputs ``k_input``/``v_input``)
+    under grouped-query attention."""
     kv = bk.n_key_value_heads
-    return int(kv) if site in ("k", "v") and kv else bk.n_heads
+    return int(kv) if site in ("k", "v", "k_input", "v_input") and kv else bk.n_heads
 
 
 def _run_caching(bk, x: torch.Tensor, names, record_kv: bool = False):
