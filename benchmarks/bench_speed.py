@@ -88,6 +88,7 @@ def orchestrate(a) -> None:
     rows: list[dict] = []
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(a.threads), "TQDM_DISABLE": "1",
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    procs = []
     for name, py in lines:
         with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
             out = f.name
@@ -95,14 +96,17 @@ def orchestrate(a) -> None:
                "--rounds", str(a.rounds), "--layers", str(a.layers), "--threads", str(a.threads)]
         cmd += ["--only", a.only] if a.only else []
         print(f"[speed] {name}: {' '.join(cmd)}", file=sys.stderr, flush=True)
-        r = subprocess.run(cmd, env=env, cwd=ROOT)
+        procs.append((name, out, subprocess.Popen(cmd, env=env, cwd=ROOT)))
+        if not a.parallel:  # one line at a time (the default: the lines do not compete for the cores)
+            procs[-1][2].wait()
+    for name, out, p in procs:
+        if p.wait():
+            print(f"[speed] {name} worker exited {p.returncode}", file=sys.stderr)
         got = json.loads(Path(out).read_text()) if Path(out).stat().st_size else []
         os.unlink(out)
         for row in got:
             row["line"] = name
         rows += got
-        if r.returncode:
-            print(f"[speed] {name} worker exited {r.returncode}", file=sys.stderr)
     print(f"\nSpeed table, {started}; uptime: {up}; device {a.device}, {a.threads} thread(s), median of "
           f"{a.rounds} interleaved rounds\n")
     print(table(rows))
@@ -120,7 +124,7 @@ def table(rows: list[dict]) -> str:
         us = t.get("tvlens")
         others = [k for k in t if k != "tvlens"]
         cont = "; ".join(f"{k} {fmt_t(t[k])}" for k in list(others) + (["tvlens"] if us is not None else []))
-        ratio = ", ".join(f"**{t[k] / us:.2f}x** {k}" for k in others if us and t[k]) or r.get("ratio", "-")
+        ratio = r.get("ratio") or ", ".join(f"**{t[k] / us:.2f}x** {k}" for k in others if us and t[k]) or "-"
         diff = r.get("diff")
         out.append(f"| {r['line']} | {r['model']} | {r['what']} | {cont} | {ratio} | "
                    f"{'-' if diff is None else f'{diff:.1e}'} |")
@@ -447,7 +451,8 @@ def attribution_rows(m: dict, label: str, clean, corrupted, a) -> list[dict]:
             "tvlens": lambda: edge_attribution(model, P, corrupted=C, ig_steps=5, progress=False).scores}
     times, _ = rounds(cont, a.rounds)
     rows.append({"model": f"{label} bridge", "what": "edge_attribution default (EAP-IG 5 + QK fix) vs plain EAP-IG",
-                 "times": times, "ratio": f"the fix costs {times['tvlens'] / times['EAP-IG 5 steps, no QK fix']:.2f}x"})
+                 "times": times, "ratio": f"the QK fix costs **{times['tvlens'] / times['EAP-IG 5 steps, no QK fix']:.2f}x** "
+                                          "plain EAP-IG"})
     print(f"[speed] {rows[-1]}", file=sys.stderr, flush=True)
     try:
         from transformer_lens.tools.analysis import attribution_patching as ap
@@ -610,9 +615,12 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma list of: sweeps, scaling, attribution, extract, loading, smollm2")
     ap.add_argument("--py3", default="", help="python of the TL 3.9 venv (default .venv/bin/python)")
     ap.add_argument("--py4", default="", help="python of a TL 4.3 venv with nnsight (default: benchmarks/.venv-nnsight)")
+    ap.add_argument("--parallel", action="store_true", help="run the two TL lines at the same time (ratios are "
+                    "within a line, so they hold; the seconds grow)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--in-process", action="store_true", help="run this interpreter's line only and print its table")
     ap.add_argument("--json", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--json-out", default="", help="with --in-process: also keep the rows as JSON here")
     a = ap.parse_args()
     if a.quick:
         a.rounds, a.layers = 1, 2
@@ -621,7 +629,7 @@ def main() -> None:
     if a.worker:
         worker(a)
     elif a.in_process:
-        a.json = tempfile.mktemp(suffix=".json")
+        a.json = a.json_out or tempfile.mktemp(suffix=".json")
         started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         worker(a)
         rows = json.loads(Path(a.json).read_text())

@@ -12,7 +12,11 @@ What differs from a HookedTransformer, and how this module hides it (measured, s
 - ``start_at_layer`` is missing (3.9) or still runs the early blocks (4.x), and ``past_kv_cache`` is
   ignored: :meth:`run_from` calls the bridge's blocks directly, with the keyword arguments the
   Hugging Face model passes them (attention mask, positions, rotary tables) recorded once per input
-  shape on a hook-free forward pass (stopped before the last block), so only blocks ``start..`` run and their hooks fire as usual.
+  length on a one-row, hook-free forward pass (stopped before the last block), so only blocks ``start..``
+  run and their hooks fire as usual;
+- a prefix of positions is continued through the bridge attention's own ``past_key_values.update``
+  (``tvlens.backends.prefix``: :meth:`record_kv`, :meth:`prefix_kv`, ``run_from(past_kv=...)``), checked
+  once per model by a self-test, so sweeps compute only the positions from the patched one on.
 """
 
 from __future__ import annotations
