@@ -122,7 +122,7 @@ class SweepResult:
                 f"{self.clean_metric:.4f}, corrupted {self.corrupted_metric:.4f})")
 
     def _repr_html_(self) -> str:
-        from tvlens.views.page import figure_fragment, result_html
+        from tvlens.plotting import figure_fragment, result_html
 
         return result_html(f"<div><b>Activation patching</b> <code>{html.escape(repr(self))}</code></div>",
                            [figure_fragment(self.plot())])
@@ -130,7 +130,7 @@ class SweepResult:
     def plot(self):
         """Layer x (position | head) heatmap of the metric: ``tvlens.views.sweep_figure``; for a sweep by
         position, ``tvlens.views.position_sweep_view(sweep, tokens)`` colours the prompt's tokens."""
-        from tvlens.views.plots import sweep_figure
+        from tvlens.plotting import sweep_figure
 
         return sweep_figure(self)
 

@@ -46,7 +46,7 @@ class BridgeBackend(CommonBackend):
 
     def __init__(self, model) -> None:
         self._read_shape(model)
-        from tvlens.backends.loading import read_in_of
+        from tvlens.backends.embed import read_in_of
 
         self._read_in = read_in_of(model)
         self.continuous = self._read_in is not None
