@@ -19,7 +19,9 @@ protobuf pyarrow rich pygments markdown-it-py mdurl click typer shellingham cert
 anyio h11 httpx httpcore attrs six python-dateutil cloudpickle xxhash multidict yarl aiohttp aiosignal frozenlist
 propcache annotated-doc accelerate sentencepiece tiktoken tabulate narwhals pytest pluggy iniconfig ruff zipp
 matplotlib contourpy cycler fonttools kiwisolver pyparsing lxml wrapt msgpack"
-FORCE="transformers tokenizers huggingface-hub safetensors hf-xet"
+FORCE="transformers tokenizers huggingface-hub safetensors"
+# required on paper, never imported by the benchmark (training logs, figures, hub downloads): 40 MB of wheels
+SKIP="wandb plotly zstandard hf-xet"
 
 if [ "${1:-}" = "--download" ]; then
   mkdir -p .whl
@@ -48,6 +50,7 @@ PYEOF
     name=$(norm "${req%%==*}")
     case " $(norm "$FORCE") " in *" $name "*) ;; *)
       case " $(echo $IMAGE_HAS | tr 'A-Z_.' 'a-z--') " in *" $name "*) continue ;; esac
+      case " $SKIP " in *" $name "*) continue ;; esac
       case "$name" in torch|nvidia-*|triton|cuda-*) continue ;; esac ;;
     esac
     python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
