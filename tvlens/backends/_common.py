@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 
 import torch
 
@@ -15,6 +16,20 @@ class CommonBackend:
 
     model: object
     kind: str
+    _prefer_sdpa = False
+
+    @contextmanager
+    def prefer_fast_attention(self):
+        """Within the context, forward passes that read only the residual stream may run the fastest
+        attention the model class offers (a bridge: Hugging Face's SDPA where exact, see
+        ``BridgeBackend.fast_attention``; a HookedTransformer: its own). Equal up to float rounding, so
+        analyses that compare such a pass with a block replay (``run_from``) leave it off."""
+        old = self._prefer_sdpa
+        self._prefer_sdpa = True
+        try:
+            yield self
+        finally:
+            self._prefer_sdpa = old
 
     def _read_shape(self, model) -> None:
         """The model and its shape, read once from its config (the same fields on both classes)."""

@@ -81,8 +81,44 @@ class BridgeBackend(CommonBackend):
             self.hook_name(n)
         if stop_at_layer is not None and stop_at_layer >= self.n_layers:  # the bridge would return logits
             return self._run_blocks(x, fwd_hooks)
-        with self.model.hooks(fwd_hooks=list(fwd_hooks)):
+        with self.model.hooks(fwd_hooks=list(fwd_hooks)), self._attention(fwd_hooks):
             return self.model(self._input(x), stop_at_layer=stop_at_layer)
+
+    # attention: the Hugging Face module with SDPA when no attention hook can fire
+    def _attention(self, fwd_hooks: Sequence = ()):
+        from contextlib import nullcontext
+
+        return self.fast_attention(fwd_hooks) if self._prefer_sdpa else nullcontext()
+
+    def fast_attention(self, fwd_hooks: Sequence = ()):
+        """A context in which each block's attention runs as the Hugging Face module itself with PyTorch's
+        scaled-dot-product attention, instead of the bridge's step-by-step re-implementation (which
+        materializes scores and pattern to fire ``hook_attn_scores`` / ``hook_pattern``), when that is
+        exact: a raw-mode bridge in eval mode whose attention bridges wrap the Hugging Face projections
+        themselves (no copied weights: not GPT-2's split ``c_attn``), no logit soft-capping (SDPA has
+        none), nothing offloaded, and no hook attached or requested inside any attention (``fwd_hooks``:
+        canonical names), no module hook on an attention bridge. Otherwise a no-op. Same numbers up to
+        float rounding (tests/test_fast_paths.py)."""
+        from contextlib import nullcontext
+
+        plan = self._sdpa_plan()
+        if plan is None or self.model.training or self.mode != "raw":
+            return nullcontext()
+        swaps, configs, watched = plan
+        if any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks for m in watched):
+            return nullcontext()  # a hook point fires, or a module hook expects the bridge's attention call
+        ids = {id(m) for m in watched}
+        if any(id(self.model.hook_dict.get(n)) in ids for n, _ in fwd_hooks):
+            return nullcontext()
+        return _swapped_attention(swaps, configs)
+
+    def _sdpa_plan(self):
+        """``(swaps, configs, watched modules)`` where SDPA is exact for this model, else None (cached);
+        the watched modules are the bridge's own inside each attention (hook points, the bridge itself):
+        a hook on any of them keeps the bridge's attention."""
+        if "_sdpa" not in self.__dict__:
+            self._sdpa = _sdpa_plan(self.model)
+        return self._sdpa
 
     def _run_blocks(self, x, fwd_hooks: Sequence = ()) -> torch.Tensor:
         """The residual after the last block, the forward pass stopped there: the final norm and the
@@ -95,7 +131,7 @@ class BridgeBackend(CommonBackend):
             raise StopAtLayerException(act)
 
         hooks = list(fwd_hooks) + [(f"blocks.{self.n_layers - 1}.hook_resid_post", stop)]
-        with self.model.hooks(fwd_hooks=hooks):
+        with self.model.hooks(fwd_hooks=hooks), self._attention(fwd_hooks):
             out = self.model(self._input(x))
         if not torch.is_tensor(out) or out.shape[-1] != self.d_model:  # pragma: no cover - a TL that swallows it
             from tvlens.errors import HookError
@@ -304,6 +340,61 @@ class BridgeBackend(CommonBackend):
 
         raise ConfigError("a TransformerBridge continues from a prefix through record_kv()/prefix_kv(), not from "
                           "hook_k/hook_v activations (its cache holds keys after the rotary embedding)")
+
+
+def _sdpa_plan(model):
+    try:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    except ImportError:  # pragma: no cover - transformers without the attention registry
+        return None
+    hf = getattr(model, "original_model", None)
+    if hf is None or not getattr(hf, "_supports_sdpa", False) or "sdpa" not in ALL_ATTENTION_FUNCTIONS:
+        return None
+    swaps, configs, watched = [], {}, []
+    for block in model.blocks:
+        attn, layer = getattr(block, "attn", None), getattr(block, "original_component", None)
+        orig = getattr(attn, "original_component", None)
+        cfg = getattr(orig, "config", None)
+        if orig is None or layer is None or not hasattr(cfg, "_attn_implementation"):
+            return None
+        if getattr(cfg, "attn_logit_softcapping", None):
+            return None  # Gemma-2: SDPA has no soft-capping
+        if {id(p) for p in attn.parameters()} != {id(p) for p in orig.parameters()}:
+            return None  # the bridge computes with weights of its own (e.g. GPT-2's split c_attn)
+        if any(p.device.type == "meta" for p in orig.parameters()):
+            return None  # offloaded: the bridge's call materializes the weights
+        name = next((n for n, c in layer.named_children() if c is attn), None)
+        if name is None:
+            return None
+        swaps.append((layer, name, attn, orig))
+        configs[id(cfg)] = cfg
+        own = {id(m) for m in orig.modules()}
+        watched += [m for m in attn.modules() if id(m) not in own]  # the bridge's: its hook points, itself
+    configs[id(hf.config)] = hf.config
+    return swaps, list(configs.values()), watched
+
+
+class _swapped_attention:
+    def __init__(self, swaps, configs) -> None:
+        self.swaps, self.configs, self.old = swaps, configs, []
+
+    def __enter__(self):
+        self.old = [(c, c._attn_implementation) for c in self.configs]
+        try:
+            for layer, name, _, orig in self.swaps:
+                layer._modules[name] = orig
+            for c in self.configs:
+                c._attn_implementation = "sdpa"
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for layer, name, attn, _ in self.swaps:
+            layer._modules[name] = attn
+        for c, impl in self.old:
+            c._attn_implementation = impl
 
 
 __all__ = ["BridgeBackend", "bridge_classes"]

@@ -54,6 +54,9 @@ class Backend(Protocol):
         """Activations at canonical ``names`` (``select(name, act)`` keeps a slice), running only as
         far as needed (``stop_at_layer``)."""
 
+    def prefer_fast_attention(self) -> AbstractContextManager:
+        """A context in which residual-only passes may use the fastest exact attention (bridge: SDPA)."""
+
     # --- running parts of the model ------------------------------------------------------------
     def embed_input(self, x: torch.Tensor) -> Float[torch.Tensor, "batch pos d_model"]:
         """The residual stream entering block 0 (``blocks.0.hook_resid_pre``) for inputs ``x``."""
