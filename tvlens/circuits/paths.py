@@ -56,11 +56,12 @@ def path_patching(model, prompts, edges=None, corrupted=None, metric=None, seed:
                     base = base[:, :, 0]  # every head's input is the same residual
                 pp = _patch_receiver(model, C.tokens, fn, answers, reads, base.repeat(S, 1, 1) + d, k, l, S, batch_size)
                 vals = pp - corr_pp[None, None]
-            _store(out, e_pos, vals, snd, k, l, graph.n_heads)
+            _store(out, e_pos, vals, snd, k, l, graph)
             bar.update(1)
         bar.close()
     res = EdgeScores(scores=out.mean(0), edges=list(edges), method="path-patch", metric=metric_name,
-                     n_layers=graph.n_layers, n_heads=graph.n_heads, per_prompt=out, prompts=describe(prompts),
+                     n_layers=graph.n_layers, n_heads=graph.n_heads, n_key_value_heads=graph.n_kv_heads,
+                     per_prompt=out, prompts=describe(prompts),
                      notes={"seed": seed, "clean_metric": clean_m, "corrupted_metric": float(corr_pp.mean())})
     return res.with_ci(seed=seed) if ci else res
 
@@ -104,7 +105,7 @@ def _patch_receiver(model, corrupted_tokens, fn, answers, reads, src, k: str, l:
     return r.per_prompt.reshape(-1, S, B).float()
 
 
-def _store(out: torch.Tensor, e_pos: dict, vals: torch.Tensor, snd: list[str], k: str, l: int, n_heads: int) -> None:
+def _store(out: torch.Tensor, e_pos: dict, vals: torch.Tensor, snd: list[str], k: str, l: int, graph: Graph) -> None:
     """Write ``vals [heads or 1, S, B]`` into the columns of ``out [B, edges]`` of the edges that were asked for."""
     for j, s in enumerate(snd):
         if k == "logits":
@@ -113,7 +114,7 @@ def _store(out: torch.Tensor, e_pos: dict, vals: torch.Tensor, snd: list[str], k
             if (s, f"MLP{l}") in e_pos:
                 out[:, e_pos[(s, f"MLP{l}")]] = vals[0, j]
         else:
-            for h in range(n_heads):
-                e = (s, f"L{l}H{h}.{k}")
+            for h in range(graph.receiver_heads(k)):
+                e = (s, graph.receiver_name(l, k, h))
                 if e in e_pos:
                     out[:, e_pos[e]] = vals[h, j]

@@ -169,25 +169,9 @@ def emergence(
 
     from tvlens import tasks as _tasks
     from tvlens.accuracy import icl_accuracy
-    from tvlens.models import list_checkpoints, load_checkpoint, model_info
+    from tvlens.models import model_info
 
-    if isinstance(checkpoints, (str, Path)):
-        from tvlens.models import _resolve_folder
-
-        pairs = list_checkpoints(_resolve_folder(checkpoints))
-        if steps is not None:
-            pairs = [(s, p) for s, p in pairs if s in set(steps)]
-        items = [(s, (lambda p=p: load_checkpoint(p))) for s, p in pairs]
-    else:
-        items = []
-        for item in checkpoints:
-            if not (isinstance(item, (tuple, list)) and len(item) == 2) or isinstance(item[0], bool) \
-                    or not isinstance(item[0], (int, np.integer)):
-                raise ConfigError(f"checkpoints: expected (step, model or folder) pairs with integer steps, got {item!r}")
-            s, m = item
-            items.append((s, (lambda m=m: _load_checkpoint_item(m))))
-    if not items:
-        raise ConfigError("emergence needs at least one checkpoint")
+    items = _checkpoint_items(checkpoints, steps)
     prompts = None
     rows_m, rows_td, rows_tdt, step_list, pp_m, pp_td = [], [], [], [], [], []
     for s, get in tqdm(items, desc="emergence", disable=not progress):
@@ -221,6 +205,36 @@ def emergence(
         td_per_task=torch.stack(rows_tdt), k=k, n_per_task=n_per_task, per_prompt_metric=torch.stack(pp_m),
         td_correct=torch.stack(pp_td), labels=prompts.labels.cpu().clone(),
     )
+
+
+def _checkpoint_items(checkpoints, steps) -> list:
+    """``(step, load)`` per checkpoint: a run folder's (or a shipped name's) checkpoints, loaded one after the
+    other into one model, or the given ``(step, model or folder)`` pairs."""
+    from tvlens.models import list_checkpoints, load_checkpoint
+
+    if isinstance(checkpoints, (str, Path)):
+        from tvlens.models import _resolve_folder
+
+        pairs = list_checkpoints(_resolve_folder(checkpoints))
+        if steps is not None:
+            pairs = [(s, p) for s, p in pairs if s in set(steps)]
+        held: list = []  # one model for the whole run: each checkpoint's weights are loaded into it
+
+        def load_next(p):
+            held[:] = [load_checkpoint(p, into=held[0] if held else None)]
+            return held[0]
+        items = [(s, (lambda p=p: load_next(p))) for s, p in pairs]
+    else:
+        items = []
+        for item in checkpoints:
+            if not (isinstance(item, (tuple, list)) and len(item) == 2) or isinstance(item[0], bool) \
+                    or not isinstance(item[0], (int, np.integer)):
+                raise ConfigError(f"checkpoints: expected (step, model or folder) pairs with integer steps, got {item!r}")
+            s, m = item
+            items.append((s, (lambda m=m: _load_checkpoint_item(m))))
+    if not items:
+        raise ConfigError("emergence needs at least one checkpoint")
+    return items
 
 
 def _load_checkpoint_item(m):
