@@ -50,6 +50,16 @@ def _architecture(folder) -> str:
     return str(archs[0]) if archs else "this architecture"
 
 
+def _config_lacks_n_ctx(folder) -> bool:
+    import json
+
+    try:
+        cfg = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(cfg, dict) and cfg.get("model_type") == "gpt2" and "n_ctx" not in cfg
+
+
 def choose_backend(backend: str, folder: Any = None, architecture: str | None = None) -> tuple[str, str]:
     """The backend for a pretrained Hugging Face model (a local ``folder``, or only its ``architecture`` before
     the folder exists) and why. ``"auto"``: a HookedTransformer where this TransformerLens has one and supports
@@ -67,7 +77,10 @@ def choose_backend(backend: str, folder: Any = None, architecture: str | None = 
 
     why = hooked_unsupported(folder) if folder is not None else hooked_unsupported_architecture(arch)
     if why is None:
-        return "hooked", f"HookedTransformer: {tl}'s HookedTransformer supports {arch}"
+        note = ""
+        if folder is not None and _config_lacks_n_ctx(folder):
+            note = " (its GPT-2 config has no n_ctx, as transformers 5 saves it: tvlens maps n_positions)"
+        return "hooked", f"HookedTransformer: {tl}'s HookedTransformer supports {arch}{note}"
     if backend == "auto":
         return "bridge", f"TransformerBridge: {tl}'s HookedTransformer does not support {arch} ({why})"
     raise UnsupportedModelError(f"backend='hooked': {tl}'s HookedTransformer does not support {arch} ({why}); "
@@ -118,10 +131,13 @@ def _read_in_forward(self, input_ids=None, attention_mask=None, position_ids=Non
                               inputs_embeds=inputs_embeds, **kwargs)
 
 
-def from_tl_state(state: dict[str, torch.Tensor], cfg: dict[str, Any], continuous: bool, backend: str = "auto"):
-    """A model holding a HookedTransformer-format state dict (a tvlens checkpoint's weights)."""
+def from_tl_state(state: dict[str, torch.Tensor], cfg: dict[str, Any], continuous: bool, backend: str = "auto",
+                  into=None):
+    """A model holding a HookedTransformer-format state dict (a tvlens checkpoint's weights). ``into``: a
+    model built from the same config and class (e.g. the previous checkpoint of a run) to load the weights
+    into instead of building one (booting a bridge costs ~1 s; loading weights a few ms)."""
     kind = resolve_backend(backend)
-    model = build(cfg, continuous, kind)
+    model = into if into is not None else build(cfg, continuous, kind)
     if kind == "hooked":
         model.load_state_dict(state)
         return model

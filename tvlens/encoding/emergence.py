@@ -177,7 +177,12 @@ def emergence(
         pairs = list_checkpoints(_resolve_folder(checkpoints))
         if steps is not None:
             pairs = [(s, p) for s, p in pairs if s in set(steps)]
-        items = [(s, (lambda p=p: load_checkpoint(p))) for s, p in pairs]
+        held: list = []  # one model for the whole run: each checkpoint's weights are loaded into it
+
+        def load_next(p):
+            held[:] = [load_checkpoint(p, into=held[0] if held else None)]
+            return held[0]
+        items = [(s, (lambda p=p: load_next(p))) for s, p in pairs]
     else:
         items = []
         for item in checkpoints:
