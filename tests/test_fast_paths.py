@@ -301,7 +301,27 @@ def test_run_patching_says_why_no_patch_can_change_the_scored_token(text_folder)
     vec = tvlens.extract(model, p, progress=False).task_vectors([1])
     with pytest.raises(ConfigError, match="every task.*same scored token.*nothing to flip"):
         tvlens.run_patching(model, same, vec, layers=[1], progress=False)
+    from tvlens.patching import nothing_to_flip
+
+    assert "nothing to flip" in nothing_to_flip(same) and nothing_to_flip(p) is None  # the report notes it
     with Count(model) as c:
         res = tvlens.run_patching(model, p, vec, layers=[1], progress=False)  # distinct answers: runs
     assert res.flip_rate.shape == (1,)
     assert c.unembed_shapes and all(sh[:-1] == (len(p), 1) for sh in c.unembed_shapes)  # answer positions only
+
+
+def test_report_on_bitwise_text_notes_why_patching_is_left_out(tmp_path):
+    """A report on a model whose tokenizer starts every answer with ' ' notes why there is no patching."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tvlens.views.report import build_report
+
+    tok = _spaced_tokenizer()
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=len(tok), n_positions=128, n_embd=32, n_layer=2, n_head=4, bos_token_id=0,
+                     eos_token_id=0)
+    GPT2LMHeadModel(cfg).eval().save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    model = _load(tmp_path, "bridge")
+    rep = build_report(model, "bitwise_text", n_per_task=11, shots=2, tsne=False, emergence=False)
+    assert any(n.startswith("no task-vector patching: ") and "nothing to flip" in n for n in rep.notes), rep.notes

@@ -419,21 +419,28 @@ def run_patching(
     ))
 
 
-def _refuse_nothing_to_flip(prompts: PromptSet) -> None:
-    """When every task gives every prompt the same scored answer, no patch can change which rule the
-    model follows at the scored token: say so before any work (it would report "the patch changes
-    nothing" with no reason)."""
+def nothing_to_flip(prompts: PromptSet) -> str | None:
+    """Why no task-vector patch can change what is scored on ``prompts`` (every task gives every prompt the
+    same scored answer), or None. ``run_patching`` refuses such prompts with this reason; a caller that
+    runs several analyses (the report) can note it and go on."""
     ta = prompts.task_answers
     if ta is None or ta.shape[1] < 2 or not bool((ta == ta[:, :1]).all()):
-        return
+        return None
     tok = prompts.answers.reshape(-1)[0].item()
-    raise ConfigError(
-        f"run_patching: for every prompt, every task of family {prompts.family!r} has the same scored token "
+    return (
+        f"for every prompt, every task of family {prompts.family!r} has the same scored token "
         f"(id {tok}; scoring={prompts.params.get('scoring', 'first_token')!r}): there is nothing to flip, so "
         "no patch could change which task the model follows. With a text family this happens when every answer "
         "begins with the same token (e.g. ' ' before bitwise_text's digits on SmolLM2's and Gemma-3's "
         "tokenizers): use a tokenizer or template whose answers' first tokens differ across tasks"
     )
+
+
+def _refuse_nothing_to_flip(prompts: PromptSet) -> None:
+    """Say so before any work (it would report "the patch changes nothing" with no reason)."""
+    why = nothing_to_flip(prompts)
+    if why is not None:
+        raise ConfigError(f"run_patching: {why}")
 
 
 def _with_choice(res: PatchingResult) -> PatchingResult:
