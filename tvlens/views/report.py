@@ -33,8 +33,9 @@ class Report:
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
-    def save(self, path: str | Path) -> Path:
-        return self.page.save(path)
+    def save(self, path: str | Path, overwrite: bool = False) -> Path:
+        """The self-contained HTML page; an existing file is refused unless ``overwrite=True``."""
+        return self.page.save(path, overwrite=overwrite)
 
     def to_html(self) -> str:
         return self.page.to_html()
@@ -468,11 +469,16 @@ def report_filename(model: Any, family: Any) -> str:
 
 
 def write_report(out_dir: str | Path, model: Any = "default", family: Any = None, filename: str | None = None,
-                 **kwargs: Any) -> tuple[Path, Report]:
-    """Build the report and write it atomically to ``out_dir/filename``; the folder is checked first."""
+                 overwrite: bool = False, **kwargs: Any) -> tuple[Path, Report]:
+    """Build the report and write it atomically to ``out_dir/filename``; the folder is checked first, and an
+    existing report file there is refused (before any work) unless ``overwrite=True``."""
+    from tvlens.checks import check_new_file
+
     folder = check_writable_dir(out_dir, "out")
+    target = check_new_file(folder / (filename or report_filename(model, family)), "out", overwrite=overwrite,
+                            where="report")  # refused before any work, not after the analyses
     rep = build_report(model, family, **kwargs)
-    path = rep.save(folder / (filename or report_filename(model, family)))
+    path = rep.save(target, overwrite=overwrite)
     return path, rep
 
 
