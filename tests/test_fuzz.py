@@ -612,3 +612,310 @@ def test_a_huge_n_checkpoints_costs_nothing():
 def test_distinct_cases():
     ids = [c[0] for c in API_CASES + ANALYSIS_CASES + CLI_CASES]
     assert len(ids) == len(set(ids)) and len(ids) >= 60
+
+
+# =========================================================================== issue 19: the new surfaces
+# Each case ends in one outcome class, asserted exactly: ERROR (a TvlensError whose message names the argument;
+# no file changed, no temp file left) or RESULT (a correct number, checked against a reference). Cases run
+# with TVLENS_MEMORY_LIMIT=8GB and TVLENS_WORK_LIMIT=1e13, so the resource guards answer the same everywhere.
+import os  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from tvlens.errors import ResourceError  # noqa: E402
+
+
+@pytest.fixture
+def limits(monkeypatch):
+    monkeypatch.setenv("TVLENS_MEMORY_LIMIT", "8GB")
+    monkeypatch.setenv("TVLENS_WORK_LIMIT", "1e13")
+
+
+class _Words(tvlens.tasks.RuleFamily):
+    """first or last of two letters (the fuzz cases' own family)"""
+    words = list("abcd")
+    rules = {"first": lambda xs: xs[0], "last": lambda xs: xs[-1]}
+
+    def draw_input(self, rng):
+        return list(rng.choice(self.words, size=2, replace=False))
+
+
+def _rule_family(**attrs):
+    return type("Mine", (_Words,), attrs)
+
+
+def _hf_folder(env, config: str | None = '{"model_type": "gpt2"}', weights: bytes | None = b"not safetensors" * 8):
+    d = env.tmp / "hf"
+    d.mkdir()
+    if config is not None:
+        (d / "config.json").write_text(config)
+    if weights is not None:
+        (d / "model.safetensors").write_bytes(weights)
+    return d
+
+
+def _symlink_loop(env):
+    (env.tmp / "loop").symlink_to(env.tmp / "loop")
+    return lambda: tvlens.load_model(env.tmp / "loop")
+
+
+def _page_over_existing(env):
+    target = env.tmp / "my_notes.md"
+    return lambda: tvlens.views.Page("x").save(target)
+
+
+def _fragment_over_existing(env):
+    from tvlens.views.page import html_fragment
+
+    return lambda: html_fragment("<p>x</p>").save(env.tmp / "my_notes.md")
+
+
+def _fragment_existing_html(env):
+    from tvlens.views.page import html_fragment
+
+    (env.tmp / "view.html").write_text("<p>mine</p>")
+    return lambda: html_fragment("<p>x</p>").save(env.tmp / "view")  # .html is added: still that file
+
+
+def _strings(env, texts, answers, **kw):
+    return lambda: tvlens.PromptSet.from_strings(env.model, texts, answers, **kw)
+
+
+def _bitwise_words(env):
+    words = env.prompts.str_tokens(0)
+    q = env.prompts.query_pos[0].item()
+    return " ".join(words[: q + 1]), " " + words[q + 1]
+
+
+def _finetune(env, **kw):
+    return lambda: tvlens.finetune(env.model, "bitwise", layers=[0], steps=kw.pop("steps", 3), batch_size=6,
+                                   n_eval_per_task=11, progress=False, **kw)
+
+
+ISSUE19_ERRORS = [
+    # loading: unknown or useless keywords, devices, steps, paths
+    ("load_model devcie= (a typo)", lambda e: lambda: tvlens.load_model("bitwise", devcie="cuda"), ["devcie", "'device'"]),
+    ("load_model device_map= on a shipped model", lambda e: lambda: tvlens.load_model("bitwise", device_map="auto"),
+     ["device_map"]),
+    ("load_model device='banana'", lambda e: lambda: tvlens.load_model("bitwise", device="banana"), ["device='banana'"]),
+    ("load_model device='meta'", lambda e: lambda: tvlens.load_model("bitwise", device="meta"), ["device='meta'"]),
+    ("load_model device=3.5", lambda e: lambda: tvlens.load_model("bitwise", device=3.5), ["device"]),
+    ("load_model step=True", lambda e: lambda: tvlens.load_model("bitwise", step=True), ["step"]),
+    ("load_model step=-1", lambda e: lambda: tvlens.load_model("bitwise", step=-1), ["step"]),
+    ("load_model(one checkpoint, step=another)",
+     lambda e: (lambda d: lambda: tvlens.load_model(d / "step_000002", step=1))(e.copy("ckpt")), ["step=1"]),
+    ("load_model(HF folder, step=5)", lambda e: (lambda d: lambda: tvlens.load_model(d, step=5))(
+        _hf_folder(e, weights=None)), ["step=5"]),
+    ("load_model bad config.json", lambda e: (lambda d: lambda: tvlens.load_model(d))(_hf_folder(e, config="{bad")),
+     ["config.json is not valid JSON"]),
+    ("load_model config.json a list", lambda e: (lambda d: lambda: tvlens.load_model(d))(_hf_folder(e, config="[1]")),
+     ["config.json"]),
+    ("load_model garbage model.safetensors", lambda e: (lambda d: lambda: tvlens.load_model(d))(_hf_folder(e)),
+     ["model.safetensors is not a readable safetensors"]),
+    ("load_model symlink loop", _symlink_loop, ["symbolic link loop"]),
+    ("load_model an existing non-model file", lambda e: lambda: tvlens.load_model(e.tmp / "my_notes.md"),
+     ["is a file", "not a model"]),
+    ("load_model name_or_path=''", lambda e: lambda: tvlens.load_model(""), ["name_or_path"]),
+    ("load_model name_or_path=3", lambda e: lambda: tvlens.load_model(3), ["name_or_path"]),
+    # sizes: one work/memory estimate refuses before any work
+    ("build_model 64 x 8192", lambda e: lambda: build_model("codes", n_layers=64, d_model=8192), ["n_layers or d_model"]),
+    ("build_model n_layers=True", lambda e: lambda: build_model("codes", n_layers=True), ["n_layers"]),
+    ("build_model shots='4'", lambda e: lambda: build_model("codes", shots="4"), ["shots"]),
+    ("sample(3333, shots=10000) under the prompt guard", lambda e: lambda: tvlens.tasks.get("codes").sample(3333, shots=10000),
+     ["n_per_task"]),
+    ("stats.mean_ci n_boot=10^9", lambda e: lambda: tvlens.stats.mean_ci(np.ones(50), n_boot=10**9), ["n_boot"]),
+    ("stats.mean_ci n_boot=0", lambda e: lambda: tvlens.stats.mean_ci(np.ones(50), n_boot=0), ["n_boot"]),
+    ("stats.mean_ci n_boot=2.5", lambda e: lambda: tvlens.stats.mean_ci(np.ones(50), n_boot=2.5), ["n_boot"]),
+    ("stats.mean_ci seed='1'", lambda e: lambda: tvlens.stats.mean_ci(np.ones(50), seed="1"), ["seed"]),
+    ("stats.mean_ci ci=1.5", lambda e: lambda: tvlens.stats.mean_ci(np.ones(50), ci=1.5), ["ci"]),
+    ("stats.mean_ci ci=nan", lambda e: lambda: tvlens.stats.mean_ci(np.ones(50), ci=float("nan")), ["ci"]),
+    ("stats.mean_ci of a scalar", lambda e: lambda: tvlens.stats.mean_ci(3.0), ["values"]),
+    ("stats.per_group_ci label >= n_groups",
+     lambda e: lambda: tvlens.stats.per_group_ci(np.ones(6), [0, 1, 2, 0, 1, 2], 2), ["labels", "n_groups"]),
+    ("stats.per_group_ci negative label", lambda e: lambda: tvlens.stats.per_group_ci(np.ones(3), [0, -1, 0], 2),
+     ["labels"]),
+    ("stats.per_group_ci float labels", lambda e: lambda: tvlens.stats.per_group_ci(np.ones(3), [0, 0.5, 1], 2),
+     ["labels"]),
+    ("stats.knn_permutation_null n_perm=10^8",
+     lambda e: lambda: tvlens.stats.knn_permutation_null(np.zeros((200, 10), int), np.zeros(200, int), 2, n_perm=10**8),
+     ["n_perm"]),
+    # own families and the registry
+    ("RuleFamily rule returning None", lambda e: lambda: _rule_family(rules={"a": lambda xs: None,
+                                                                            "b": lambda xs: xs[0]})().sample(2),
+     ["rule 'a'", "None"]),
+    ("RuleFamily rule answering '->'", lambda e: lambda: _rule_family(rules={"a": lambda xs: "->",
+                                                                            "b": lambda xs: xs[0]})().sample(2),
+     ["separator token '->'"]),
+    ("RuleFamily rule answering ';'", lambda e: lambda: _rule_family(rules={"a": lambda xs: [xs[0], ";"],
+                                                                           "b": lambda xs: xs})().sample(2),
+     ["separator token ';'"]),
+    ("RuleFamily rule raising", lambda e: lambda: _rule_family(rules={"a": lambda xs: xs[7], "b": lambda xs: xs[0]})(
+    ).sample(2), ["rule 'a'", "IndexError"]),
+    ("RuleFamily rule answering a number", lambda e: lambda: _rule_family(rules={"a": lambda xs: 3,
+                                                                                "b": lambda xs: xs[0]})().sample(2),
+     ["rule 'a'"]),
+    ("RuleFamily empty word", lambda e: lambda: _rule_family(words=["", "a", "b"])(), ["words", "''"]),
+    ("RuleFamily word with a space", lambda e: lambda: _rule_family(words=["a b", "c", "d"])(), ["words"]),
+    ("RuleFamily words a string", lambda e: lambda: _rule_family(words="abcd")(), ["words"]),
+    ("RuleFamily draw_input outside words", lambda e: lambda: _rule_family(
+        draw_input=lambda self, rng: ["z", "a"])().sample(2), ["draw_input", "'z'"]),
+    ("RuleFamily draw_input empty", lambda e: lambda: _rule_family(draw_input=lambda self, rng: [])().sample(2),
+     ["draw_input"]),
+    ("register('codes', Mine, overwrite=True)", lambda e: lambda: tvlens.tasks.register("codes", _Words, overwrite=True),
+     ["'codes'", "shipped"]),
+    ("register('bitwise') as a decorator", lambda e: lambda: tvlens.tasks.register("bitwise", overwrite=True)(_Words),
+     ["'bitwise'"]),
+    # own prompts
+    ("from_strings task_names twice", lambda e: _strings(e, ["a", "b"], [" c", " d"], labels=[0, 1],
+                                                         task_names=["x", "x"]), ["task_names"]),
+    ("from_strings a word outside the vocabulary", lambda e: _strings(
+        e, ["hot -> cold ; big -> small ; up ->"], [" down"], labels=["antonym"]), ["'hot'", "vocabulary"]),
+    ("from_strings an answer outside the vocabulary", lambda e: (lambda t, a: _strings(e, [t], [" Lima"]))(
+        *_bitwise_words(e)), ["'Lima'"]),
+    ("from_strings a prompt that is not text", lambda e: _strings(e, [3], [" a"]), ["strings"]),
+    ("from_tokens query_pos=True", lambda e: lambda: tvlens.PromptSet.from_tokens([[1, 2, 3]], query_pos=True),
+     ["query_pos"]),
+    ("from_tokens query_pos=-1", lambda e: lambda: tvlens.PromptSet.from_tokens([[1, 2, 3]], query_pos=-1),
+     ["query_pos"]),
+    ("from_tokens query_pos=1.0", lambda e: lambda: tvlens.PromptSet.from_tokens([[1, 2, 3]], query_pos=1.0),
+     ["query_pos"]),
+    ("from_tokens labels=[0, True]", lambda e: lambda: tvlens.PromptSet.from_tokens([[1, 2], [3, 4]], labels=[0, True],
+                                                                                    task_names=["a", "b"]), ["labels"]),
+    ("from_tokens labels a string", lambda e: lambda: tvlens.PromptSet.from_tokens([[1, 2], [3, 4]], labels="ab"),
+     ["labels"]),
+    # finetune
+    ("finetune shots='4'", lambda e: _finetune(e, shots="4"), ["shots"]),
+    ("finetune lora_alpha=nan", lambda e: _finetune(e, lora_rank=2, lora_alpha=float("nan")), ["lora_alpha"]),
+    ("finetune lora_alpha=0.0", lambda e: _finetune(e, lora_rank=2, lora_alpha=0.0), ["lora_alpha"]),
+    ("finetune lora_alpha without lora_rank", lambda e: _finetune(e, lora_alpha=4.0), ["lora_alpha"]),
+    ("finetune lr=1e6 diverges", lambda e: _finetune(e, lr=1e6, steps=4), ["loss became", "at step"]),
+    ("finetune lr='1e-3'", lambda e: _finetune(e, lr="1e-3"), ["lr"]),
+    ("finetune seed=-1", lambda e: _finetune(e, seed=-1), ["seed"]),
+    # td_vs_accuracy
+    ("td_vs_accuracy families twice", lambda e: lambda: tvlens.td_vs_accuracy(e.model, ["bitwise", "bitwise"],
+                                                                              progress=False), ["families"]),
+    ("td_vs_accuracy shots twice", lambda e: lambda: tvlens.td_vs_accuracy(e.model, "bitwise", shots=[2, 2],
+                                                                           progress=False), ["shots"]),
+    ("td_vs_accuracy shots='4'", lambda e: lambda: tvlens.td_vs_accuracy(e.model, "bitwise", shots="4",
+                                                                         progress=False), ["shots"]),
+    ("td_vs_accuracy k=True", lambda e: lambda: tvlens.td_vs_accuracy(e.model, "bitwise", k=True, progress=False),
+     ["k"]),
+    # files: pages, fragments, reports
+    ("Page.save over a user's file", _page_over_existing, ["overwrite=True"]),
+    ("Fragment.save over a user's file", _fragment_over_existing, ["overwrite=True"]),
+    ("Fragment.save over name.html", _fragment_existing_html, ["overwrite=True"]),
+    ("Page.save to a folder", lambda e: lambda: tvlens.views.Page("x").save(e.tmp), ["folder"]),
+    ("Page.save to ''", lambda e: lambda: tvlens.views.Page("x").save(""), ["path"]),
+    ("Page.save to None", lambda e: lambda: tvlens.views.Page("x").save(None), ["path"]),
+    ("Page.save under a file", lambda e: lambda: tvlens.views.Page("x").save(e.tmp / "my_notes.md" / "p.html"),
+     ["is a file"]),
+    ("Page.save into a symlink loop", lambda e: (lambda: (e.tmp / "l.html").symlink_to(e.tmp / "l.html")
+                                                 or (lambda: tvlens.views.Page("x").save(e.tmp / "l.html")))(),
+     ["symbolic link loop"]),
+]
+
+
+@pytest.mark.parametrize("case_id,setup,names", ISSUE19_ERRORS, ids=[c[0] for c in ISSUE19_ERRORS])
+def test_issue19_errors(env, limits, case_id, setup, names):
+    err = _run_case(env, setup, names)
+    assert "Traceback" not in str(err)
+
+
+def test_issue19_cuda_without_cuda_is_a_clear_error():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(TvlensError, match="device='cuda'.*no CUDA"):
+        tvlens.load_model("bitwise", device="cuda")
+
+
+def test_issue19_the_report_command_refuses_its_existing_report(env, capsys):
+    from tvlens.views.report import report_filename
+
+    (env.tmp / report_filename("default", None)).write_text("my edited report")
+    rc, err = _cli(env, capsys, ["demo", "--out", str(env.tmp), "--n-per-task", "11"])
+    assert rc == 2 and "--overwrite" in err and "Traceback" not in err
+    (env.tmp / report_filename("default", "codes")).write_text("my edited report")
+    rc, err = _cli(env, capsys, ["report", "--family", "codes", "--out", str(env.tmp)])
+    assert rc == 2 and "--overwrite" in err
+
+
+# --------------------------------------------------------------------------- issue 19: correct results
+def test_issue19_numpy_integers_are_integers(shared):
+    steps = tvlens.checkpoint_steps("bitwise")
+    m = tvlens.load_model("bitwise", step=np.int64(steps[0]))
+    assert tvlens.model_info(m).step == steps[0]
+    small = build_model("shift", n_layers=np.int64(1), d_model=np.int32(16), n_heads=np.int64(2), seed=np.int64(3))
+    assert small.cfg.n_layers == 1 and small.cfg.d_model == 16
+    p = shared.fam.sample(np.int64(2), shots=np.int64(2), seed=np.uint8(1))
+    assert torch.equal(p.tokens, shared.fam.sample(2, shots=2, seed=1).tokens)
+    assert tvlens.stats.mean_ci(np.arange(10.0), n_boot=np.int64(50)).n_boot == 50
+
+
+def test_issue19_spearman_and_r2_with_nan_are_nan_with_a_note():
+    x, y = [1.0, 2.0, 3.0, 4.0, float("nan")], [1.0, 2.0, 3.0, 4.0, 5.0]
+    for fn in (tvlens.stats.spearman_ci, tvlens.stats.r2_ci):
+        iv = fn(x, y, n_boot=200)
+        assert np.isnan(iv.estimate) and np.isnan(iv.lo) and np.isnan(iv.hi)  # never CI [1, 1]
+        assert "NaN" in iv.note and "[4]" in iv.note
+    iv = tvlens.stats.spearman_ci([1, 2, 3, 4], [1, 3, 2, 4], n_boot=200)  # and a clean one: scipy's value
+    from scipy.stats import spearmanr
+
+    assert float(iv.estimate) == pytest.approx(spearmanr([1, 2, 3, 4], [1, 3, 2, 4]).statistic) and iv.note == ""
+
+
+def test_issue19_per_group_ci_matches_numpy_means():
+    v = np.array([1.0, 2.0, 3.0, 5.0, 7.0, 11.0])
+    lab = [0, 1, 2, 0, 1, 2]
+    iv = tvlens.stats.per_group_ci(v, lab, 3, n_boot=100)
+    assert np.allclose(iv.estimate, [3.0, 4.5, 7.0])
+    iv4 = tvlens.stats.per_group_ci(v, lab, 4, n_boot=100)  # an empty group is NaN, not dropped or 0
+    assert np.isnan(iv4.estimate[3]) and np.allclose(iv4.estimate[:3], [3.0, 4.5, 7.0])
+
+
+def test_issue19_pages_overwrite_only_on_request(env):
+    from tvlens.views.page import html_fragment
+
+    p = html_fragment("<p>one</p>").save(env.tmp / "view.html")
+    assert "one" in p.read_text()
+    html_fragment("<p>two</p>").save(p, overwrite=True)
+    assert "two" in p.read_text() and not list(env.tmp.glob("*.tmp"))
+    q = tvlens.views.Page("t").save(env.tmp / "page")  # a name without suffix gets .html
+    assert q.name == "page.html" and q.exists()
+
+
+def test_issue19_a_shipped_model_keeps_its_family(shared):
+    with pytest.raises(TvlensError):
+        tvlens.tasks.register("codes", _Words, overwrite=True)
+    m = tvlens.load_model("default")
+    fam = tvlens.model_info(m).task_family()
+    assert type(fam).__name__ == "Codes"
+    acc = tvlens.icl_accuracy(m, fam.sample(10, shots=4, seed=0))
+    assert acc.mean > 0.8  # the shipped model still reads its own family
+
+
+def test_issue19_from_strings_with_the_models_own_words(shared):
+    words = shared.prompts.str_tokens(0)
+    q = int(shared.prompts.query_pos[0])
+    p = tvlens.PromptSet.from_strings(shared.model, [" ".join(words[: q + 1])], [" " + words[q + 1]],
+                                      labels=["own"])
+    assert torch.equal(p.tokens[0, : q + 2], shared.prompts.tokens[0, : q + 2])
+
+
+def test_issue19_rule_family_with_list_answers_still_works():
+    fam = _rule_family(rules={"both": lambda xs: list(xs), "swap": lambda xs: xs[::-1]})()
+    p = fam.sample(3, shots=2, seed=0)
+    assert p.answers.shape == (6, 2)
+
+
+def test_issue19_lora_alpha_scales_the_update(shared):
+    kw = dict(layers=[0], steps=2, batch_size=6, n_eval_per_task=11, lora_rank=2, progress=False, seed=0)
+    a = tvlens.finetune(shared.model, "bitwise", **kw)
+    b = tvlens.finetune(shared.model, "bitwise", lora_alpha=2.0, **kw)  # = rank: the default
+    c = tvlens.finetune(shared.model, "bitwise", lora_alpha=0.5, **kw)
+    wa, wb, wc = (r.model.blocks[0].attn.W_Q.detach() for r in (a, b, c))
+    assert torch.equal(wa, wb) and not torch.equal(wa, wc)
+
+
+def test_issue19_td_vs_accuracy_takes_numpy_shots(shared):
+    res = tvlens.td_vs_accuracy(shared.model, "bitwise", shots=np.array([2]), n_per_task=11, k=3, progress=False)
+    assert {r["shots"] for r in res.rows} == {2}

@@ -346,6 +346,15 @@ def forward_flops(n_tokens: float, *, n_layers: int, d_model: int, d_mlp: int | 
     return float(n_tokens) * per_token * (3 if backward else 1)
 
 
+def model_bytes(*, n_layers: int, d_model: int, d_mlp: int | None = None, d_vocab: int = 0, n_ctx: int = 0,
+                bytes_per_float: int = 4) -> float:
+    """Bytes of a transformer's weights (attention 4 d_model^2 and MLP 2 d_model d_mlp per layer, embeddings):
+    the same estimate for building, loading and training (which adds gradients and Adam's two moments)."""
+    d_mlp = 4 * d_model if d_mlp is None else d_mlp
+    n = n_layers * (4 * d_model * d_model + 2 * d_model * d_mlp) + (2 * d_vocab + n_ctx) * d_model
+    return float(n) * bytes_per_float
+
+
 def check_probability(value: Any, name: str, *, where: str = "", open_low: bool = True, open_high: bool = True,
                       what: str = "a probability") -> float:
     """A number in (0, 1) (ends closed when ``open_low``/``open_high`` are False): confidence levels
@@ -440,7 +449,10 @@ def check_new_file(path: Any, name: str = "path", *, overwrite: bool = False, wh
     from tvlens.errors import OverwriteError
 
     p = check_out_path(path, name, where=where)
-    if suffix and not p.suffix:
+    if p.is_dir():
+        raise ConfigError(f"{_pre(where)}{name} {str(p)!r} is an existing folder; give a file name inside it, "
+                          f"e.g. {str(p / ('page' + (suffix or '.html')))!r}")
+    if suffix and not p.suffix and p.name not in ("", ".", ".."):
         p = p.with_suffix(suffix)
     if p.name in ("", ".", ".."):
         raise ConfigError(f"{_pre(where)}{name} {str(path)!r} has no file name; give e.g. 'out/page.html'")
@@ -495,6 +507,7 @@ __all__ = [
     "check_unused",
     "check_work",
     "forward_flops",
+    "model_bytes",
     "work_budget",
     "check_batch_size",
     "check_choice",
