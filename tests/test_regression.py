@@ -203,7 +203,7 @@ def test_train_config_betas_and_constant_schedule():
         with pytest.raises(ConfigError, match="adam_betas"):
             TrainConfig(adam_betas=bad)
     with pytest.raises(ConfigError, match="lr_schedule"):
-        TrainConfig(lr_schedule="linear")
+        TrainConfig(lr_schedule="exponential")  # "linear" exists since issue 18
 
 
 def test_a_run_written_before_the_new_fields_still_resumes(tmp_path):

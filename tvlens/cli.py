@@ -314,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         typ = type(defaults[f.name]) if defaults[f.name] is not None else int
         typ = _finite_float if typ is float else SEED if f.name == "seed" else typ
+        typ = json.loads if f.name == "curriculum" else typ  # a JSON object on the command line
         t.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=typ, default=None,
                        help=f"default {defaults[f.name]}")
     t.add_argument("--threads", type=POSITIVE, default=None, help="torch CPU threads")

@@ -68,7 +68,10 @@ class TrainConfig:
     checkpoint_every: int | None = None  # extra checkpoints every N steps (to resolve a transition)
     # --- regression study (issue 14): optimizer and schedule knobs; defaults keep earlier runs' behaviour
     adam_betas: tuple[float, float] = (0.9, 0.98)  # the paper's sparse regression used (0.9, 0.9999)
-    lr_schedule: str = "cosine"  # "cosine" (to 10% of the peak) or "constant" after the warmup
+    lr_schedule: str = "cosine"  # "cosine" or "linear" (to 10% of the peak), or "constant" after the warmup
+    # --- curriculum (issue 18, Garg et al. 2022): {"dims": {"start", "inc", "every"}, "shots": {...}}; each
+    # value grows by inc every `every` steps up to the target (the family's D, `shots`); see curriculum_at
+    curriculum: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         w = "TrainConfig"
@@ -93,7 +96,8 @@ class TrainConfig:
         if self.d_model % self.n_heads:
             raise ConfigError(f"TrainConfig: n_heads={self.n_heads} must divide d_model={self.d_model}")
         self._check_regression_study_fields()
-        self.build_family()  # an unknown family or parameter is refused here, before any work
+        family = self.build_family()  # an unknown family or parameter is refused here, before any work
+        self.curriculum = _check_curriculum(self.curriculum, family, self.shots)
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "TrainConfig") -> "TrainConfig":
@@ -114,11 +118,58 @@ class TrainConfig:
                 f"TrainConfig.adam_betas must be two numbers in [0, 1) (e.g. [0.9, 0.9999]), got {betas!r}"
             )
         self.adam_betas = (float(betas[0]), float(betas[1]))
-        if self.lr_schedule not in ("cosine", "constant"):
-            raise ConfigError(f"TrainConfig.lr_schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}")
+        if self.lr_schedule not in ("cosine", "linear", "constant"):
+            raise ConfigError(f"TrainConfig.lr_schedule must be 'cosine', 'linear' or 'constant', got {self.lr_schedule!r}")
 
     def build_family(self) -> _tasks.TaskFamily:
         return _tasks.from_config(self.family)
+
+
+_CURRICULUM_KEYS = ("start", "inc", "every")
+
+
+def _check_curriculum(cur: Any, family: _tasks.TaskFamily, shots: int) -> dict[str, Any] | None:
+    """The curriculum in canonical form (plain ints), or a ConfigError naming the field at fault."""
+    if cur is None:
+        return None
+    eg = '{"dims": {"start": 8, "inc": 2, "every": 1000}, "shots": {"start": 9, "inc": 2, "every": 1000}}'
+    if not isinstance(cur, dict) or not cur or set(cur) - {"dims", "shots"}:
+        raise ConfigError(f"TrainConfig.curriculum must be a dict with 'dims' and/or 'shots' schedules (e.g. {eg}), "
+                          f"got {cur!r}")
+    out: dict[str, Any] = {}
+    for what in ("dims", "shots"):
+        if what not in cur:
+            continue
+        sch = cur[what]
+        if not isinstance(sch, dict) or set(sch) != set(_CURRICULUM_KEYS):
+            raise ConfigError(f"TrainConfig.curriculum[{what!r}] must be a dict with exactly the keys "
+                              f"{list(_CURRICULUM_KEYS)} (e.g. {eg}), got {sch!r}")
+        where = f"TrainConfig.curriculum[{what!r}]"
+        vals = {k: check_int(sch[k], k, minimum=1 if k != "start" or what == "dims" else 0, where=where)
+                for k in _CURRICULUM_KEYS}
+        if what == "dims":
+            target = getattr(family, "D", None)
+            if family.name != "sparse_regression" or target is None:
+                raise ConfigError(f"{where}: a dimension schedule needs the sparse_regression family "
+                                  f"(its input dimension D), not {family.name!r}; drop 'dims' or change the family")
+        else:
+            target = shots
+        if vals["start"] > target:
+            raise ConfigError(f"{where}: start={vals['start']} is above the target {what} {target} "
+                              f"({'the family D' if what == 'dims' else 'TrainConfig.shots'}); give start <= {target}")
+        out[what] = vals
+    return out
+
+
+def curriculum_at(cfg: TrainConfig, step: int) -> dict[str, int]:
+    """The curriculum's state at ``step`` (a pure function of the step, so a resumed run sees the same):
+    ``{"shots": ..., "dims": ...}`` (``dims`` only for a dimension schedule). Without a curriculum, the target."""
+    cur = cfg.curriculum or {}
+    state = {"shots": cfg.shots}
+    targets = {"shots": cfg.shots, "dims": getattr(cfg.build_family(), "D", None) if "dims" in cur else None}
+    for what, sch in cur.items():
+        state[what] = min(int(targets[what]), sch["start"] + sch["inc"] * (step // sch["every"]))
+    return state
 
 
 def checkpoint_steps(steps: int, n: int) -> list[int]:
@@ -136,14 +187,25 @@ def _lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
         if cfg.lr_schedule == "constant":
             return 1.0
         t = (step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1)
+        if cfg.lr_schedule == "linear":
+            return 1.0 - 0.9 * min(t, 1.0)
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
 
     return f
 
 
 def batch_for_step(family: _tasks.TaskFamily, cfg: TrainConfig, step: int) -> PromptSet:
+    """The training batch of ``step`` (drawn from ``(seed, step)``; under a curriculum, at its state then)."""
     per_task = max(1, math.ceil(cfg.batch_size / family.n_tasks))
-    return family.sample_train(per_task, shots=cfg.shots, seed=cfg.seed * 7_919_993 + step + 1)
+    if not cfg.curriculum:
+        return family.sample_train(per_task, shots=cfg.shots, seed=cfg.seed * 7_919_993 + step + 1)
+    state = curriculum_at(cfg, step)
+    batch = family.sample_train(per_task, shots=state["shots"], seed=cfg.seed * 7_919_993 + step + 1)
+    if "dims" in state:
+        from tvlens.tasks.sparse_regression import restrict_dims
+
+        batch = restrict_dims(batch, state["dims"])
+    return batch
 
 
 def answer_loss(model, prompts: PromptSet) -> torch.Tensor:
@@ -390,6 +452,8 @@ def train(
             rec["least_squares_mse"] = float(acc.baseline.mean())
         if acc.basis_baseline is not None:
             rec["basis_aware_mse"] = float(acc.basis_baseline.mean())
+        if cfg.curriculum:  # the state the step's training batches had (evaluation is on the target task)
+            rec["curriculum"] = curriculum_at(cfg, max(step - 1, 0))
         if callback is not None:
             extra = callback(step, model, rec)
             if extra:
@@ -406,7 +470,7 @@ def train(
     def checkpoint(step: int, rec: dict) -> None:
         if out is None:
             return
-        metrics = {k: rec[k] for k in ("loss", "metric", "per_task", "mean") if k in rec}
+        metrics = {k: rec[k] for k in ("loss", "metric", "per_task", "mean", "curriculum") if k in rec}
         save_checkpoint(model, out / f"step_{step:06d}", step=step, metrics=metrics, family=cfg.family, command=command,
                         overwrite=True)  # this run's own file (a resumed run rewrites the same step)
 

@@ -10,6 +10,8 @@ every x, as in Garg et al. 2022); the query is x_N. The paper's defaults: D=16, 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 
@@ -80,6 +82,28 @@ class SparseRegression(TaskFamily):
             inputs=torch.as_tensor(inputs),
             extra={"w": torch.as_tensor(w)},
         )
+
+
+def restrict_dims(prompts: PromptSet, dims: int) -> PromptSet:
+    """The prompts with coordinates ``dims..D-1`` set to zero in every x and in w (a curriculum's
+    smaller problem, as in Garg et al. 2022): each y loses those coordinates' share of w.x and keeps
+    its noise. ``dims >= D`` returns the prompts unchanged."""
+    X, _, _, _, (D, _, _, _) = _regression_arrays(prompts, "restrict_dims")
+    if isinstance(dims, bool) or not isinstance(dims, int) or dims < 1:
+        raise ConfigError(f"restrict_dims: dims must be an int >= 1 (the coordinates kept), got {dims!r}")
+    if dims >= D:
+        return prompts
+    if "w" not in prompts.extra:
+        raise ConfigError("restrict_dims needs the prompts' weights (extra['w']): sample them from the family")
+    inputs, w = prompts.inputs.clone(), prompts.extra["w"].clone()
+    x = inputs[:, 0::2, :D]
+    y = inputs[:, 1::2, D] - torch.einsum("nkd,nd->nk", x[..., dims:], w[:, dims:])
+    inputs[:, 0::2, dims:D] = 0
+    inputs[:, 1::2, D] = y
+    w[:, dims:] = 0
+    targets = prompts.targets.clone()
+    targets[:, 0::2] = y
+    return replace(prompts, inputs=inputs, targets=targets, answers=y[:, -1:].clone(), extra={**prompts.extra, "w": w})
 
 
 def least_squares_baseline(prompts: PromptSet, ridge: float = 0.0) -> torch.Tensor:
