@@ -985,7 +985,7 @@ def test_issue19_a_run_killed_between_two_writes_resumes(tmp_path, monkeypatch, 
 
 @pytest.mark.skipif(os.environ.get("TVLENS_KILL_TEST") != "1",
                     reason="real SIGKILL loop (~2 min: 4 processes); run with TVLENS_KILL_TEST=1")
-def test_issue19_kill_9_during_train_eval_every_1_always_resumes(tmp_path, kill_reference):
+def test_issue19_kill_9_during_train_eval_every_1_always_resumes(tmp_path):
     """Real kills (SIGKILL after the 1st, 4th and 9th write of a launch) of ``tvlens train --eval-every 1``;
     each rerun continues without --restart, and the last one ends with the weights of a run never killed."""
     import signal
@@ -1016,6 +1016,36 @@ def test_issue19_kill_9_during_train_eval_every_1_always_resumes(tmp_path, kill_
             break
         assert p.returncode in (-signal.SIGKILL, 0), err[-2000:]
     assert p.returncode == 0, err[-2000:]
-    model = tvlens.load_model(run)
+    ref = tmp_path / "ref"  # the same command never killed
+    subprocess.run([*argv[:argv.index("--out") + 1], str(ref), *argv[argv.index("--out") + 2:]], env=env, check=True,
+                   capture_output=True)
+    model, reference = tvlens.load_model(run), tvlens.load_model(ref).state_dict()
     for k, v in model.state_dict().items():
-        assert torch.equal(v, kill_reference[k]), k
+        assert torch.equal(v, reference[k]), k
+
+
+# --------------------------------------------------------------------------- issue 19: reports
+def test_issue19_a_text_family_report_runs_and_says_what_it_leaves_out(tmp_path):
+    from test_llm_study import _save_tiny_gpt2
+
+    from tvlens.views.report import build_report
+
+    folder = _save_tiny_gpt2(tmp_path / "gpt")
+    rep = build_report(str(folder), "lexical", n_per_task=12, shots=2, tsne=False, emergence=False)
+    notes = " ".join(rep.notes)
+    assert "no per-task answers" in notes and "patching" in notes
+    assert "12 prompts per task" in notes  # TD at another number of prompts than the demo's 100: said
+    assert dict(rep.summary_rows)["patching"].startswith("left out")
+    assert rep.results["decodability"].td.shape[0] == 3  # TD per layer of the 2-layer model: computed
+
+
+def test_issue19_report_and_demo_sample_the_same_number_of_prompts():
+    import argparse
+
+    from tvlens.cli import build_parser
+
+    p = build_parser()
+    rep = p.parse_args(["report"])
+    demo = p.parse_args(["demo"])
+    assert rep.n_per_task == demo.n_per_task == 100  # TD figures compare (k-NN TD depends on prompts per task)
+    assert isinstance(rep, argparse.Namespace) and rep.patching_per_task == 20

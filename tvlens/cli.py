@@ -291,10 +291,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model", default="default", help="a shipped model name, a run folder or a checkpoint")
     r.add_argument("--family", default=None, help="task family (default: the one the model records)")
     r.add_argument("--out", default="out", help="folder to write the report into (default: out)")
-    r.add_argument("--n-per-task", type=POSITIVE, default=30)
+    r.add_argument("--n-per-task", type=POSITIVE, default=100,
+                   help="prompts per task for accuracy and TD (default 100, as the demo and README: k-NN TD rises "
+                        "with prompts per task, so figures compare only at the same number)")
     r.add_argument("--shots", type=int, default=4)
     r.add_argument("--seed", type=SEED, default=12345)
-    r.add_argument("--patching-per-task", type=int, default=None, help="prompts per task for run_patching (default: all)")
+    r.add_argument("--patching-per-task", type=POSITIVE, default=20,
+                   help="prompts per task for run_patching (default 20, as the demo)")
     r.add_argument("--head-method", default="dla")
     r.add_argument("--prompt", type=int, default=0, help="the prompt whose attention the head views show")
     r.add_argument("--no-tsne", action="store_true")

@@ -400,7 +400,7 @@ def load_model(
 
 #: keyword arguments ``load_model`` passes to TransformerLens for a Hugging Face model (besides the loader's own)
 PRETRAINED_KWARGS = ("device_map", "n_devices", "max_memory", "offload_folder", "compatibility_mode", "tokenizer",
-                     "hf_model", "dtype", "torch_dtype")
+                     "hf_model", "dtype", "torch_dtype", "revision", "trust_remote_code")
 
 
 def _no_pretrained_kwargs(kwargs: dict[str, Any], what: str) -> None:

@@ -181,7 +181,13 @@ def _build_report(
     if recorded is not None and recorded.name != fam.name:
         notes.append(f"the model was trained on {recorded!r}, this report samples {fam!r}: its numbers describe a "
                      "family the model never saw")
-    prompts = fam.sample(n_per_task, shots=shots, seed=seed)
+    from tvlens.llm import prompts_for
+
+    prompts = prompts_for(m, fam, n_per_task, shots, seed)  # a text family: tokenized with the model's tokenizer
+    if n_per_task < 100:
+        notes.append(f"TD here is leave-one-out k-NN over {n_per_task} prompts per task; it rises with prompts per "
+                     "task (more same-task neighbours nearby), so compare it only at the same number (the demo and "
+                     "README use 100 per task)")
     if recorded is None or recorded.name == fam.name:  # another family is noted above; the same one must agree
         from tvlens.validate import check_family
 
@@ -215,10 +221,14 @@ def _build_report(
     if patching_per_task is not None and patching_per_task < n_per_task:
         keep = torch.cat([(prompts.labels == t).nonzero().flatten()[:patching_per_task] for t in range(prompts.n_tasks)])
         psub = prompts.subset(keep)
-    patch = tvlens.run_patching(m, psub, enc.task_vectors(), mode=patching_mode, progress=progress)
-    results["patching"] = patch
-    patch_ans = None
-    if patch.metric != "mse" and prompts.shots >= 1 and prompts.train_mask is not None:
+    patch = patch_ans = None
+    if prompts.task_answers is None and not prompts.is_continuous:
+        notes.append(f"these prompts ({fam.name}) record no per-task answers (what each task's rule answers on a "
+                     "prompt), so task-vector patching, which scores whose rule a patched prompt follows, is left out")
+    else:
+        patch = tvlens.run_patching(m, psub, enc.task_vectors(), mode=patching_mode, progress=progress)
+        results["patching"] = patch
+    if patch is not None and patch.metric != "mse" and prompts.shots >= 1 and prompts.train_mask is not None:
         # the same test where a model may keep its task instead: the examples' answer tokens (replace)
         vec_ans = extract(m, psub, progress=progress, at="answers").task_vectors()
         patch_ans = tvlens.run_patching(m, psub, vec_ans, mode="replace", progress=progress)
@@ -307,7 +317,9 @@ def _build_report(
             sub = replace(enc, acts=enc.acts[keep], labels=enc.labels[keep])
         page.add(plots.encodings_scatter_figure(sub, dec.best_layer, "tsne", seed), "Encodings (t-SNE)",
                  f"{len(sub)} prompts at layer {dec.best_layer}.")
-    if patch.metric == "mse":  # regression: squared error against the prompt's own target
+    if patch is None:
+        pass
+    elif patch.metric == "mse":  # regression: squared error against the prompt's own target
         page.add(plots.patching_grids_figure(patch, what="delta_logprob_source"), "Patching grids (source x target, per layer)",
                  f"Mode {patching_mode!r}: squared error of the prediction against each target prompt's own y after "
                  f"patching the source task's vector at the query ({len(psub)} prompts).")
@@ -425,7 +437,9 @@ def summarize(name, fam, acc, dec, patch, scores=None, em=None, sweep=None, top_
     rows.append(("task decodability", f"best layer {dec.best_layer}: TD {dec.best_td:.3f}"
                                       f"{_ci(getattr(dec, 'td_ci', None), b)} (chance {dec.chance:.3f}{null}); "
                                       f"layers {dec.layers[0]}..{dec.layers[-1]}: {tds}"))
-    if patch.metric == "mse":
+    if patch is None:
+        rows.append(("patching", "left out: the prompts record no per-task answers"))
+    elif patch.metric == "mse":
         grid_means = ", ".join(f"L{L} {float(patch.delta_logprob_source[i].nanmean()):.3f}"
                                for i, L in enumerate(patch.layers))
         rows.append((f"patching ({patch.mode})", f"MSE grid means {grid_means}"))
