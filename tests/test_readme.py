@@ -26,6 +26,7 @@ SMALLER = [
     ("sample(50, shots=4, seed=1)", "sample(12, shots=4, seed=1)"),
     ("family.sample(30, shots=0)", "family.sample(6, shots=0)"),
     ("null=1000", "null=50"),
+    ('tvlens.emergence("default")', 'tvlens.emergence("default", n_per_task=12, steps=tvlens.checkpoint_steps("default")[::12])'),
     ("n_boot=5000", "n_boot=200"),
 ]
 
