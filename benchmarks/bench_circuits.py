@@ -97,18 +97,18 @@ def nodes(which: str, repeat: int, corruption: str = "shuffle") -> None:
 
 
 def mlp_vs_exact(model, p, c=None) -> None:
-    from tvlens.attribution import _answer_pos, _trim, shuffle_labels
+    from tvlens.positions import prompt_answer_positions, shuffle_labels, trim_to_answers
     from tvlens.sweeps import activation_patching
 
     c = shuffle_labels(p, SEED) if c is None else c
-    P, C = _trim(p), _trim(c)
+    P, C = trim_to_answers(p), trim_to_answers(c)
     ans = P.answers
 
     def metric(logits):
         return logits.log_softmax(-1).gather(-1, ans[..., None])[..., 0].sum(-1)
 
     ex = activation_patching(model, P.tokens, C.tokens, metric, site="mlp_out", by=("layer",),
-                             read_positions=_answer_pos(P), progress=False)
+                             read_positions=prompt_answer_positions(P), progress=False)
     exact = ex.values - ex.corrupted_metric
     est = head_attribution(model, p, method="eap-ig", corrupted=c, progress=False, per_task=False)
     mlp = torch.tensor(est.notes["mlp"])

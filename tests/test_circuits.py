@@ -7,6 +7,7 @@ import torch
 
 import tvlens
 from tvlens.attribution import head_attribution, shuffle_labels
+from tvlens.backends import get_backend
 from tvlens.circuits import EdgeScores, Graph, edge_attribution, faithfulness, graph_of, path_patching
 from tvlens.errors import ConfigError
 
@@ -16,14 +17,6 @@ def codes():
     model = tvlens.load_model("default")
     fam = tvlens.model_info(model).task_family()
     return model, fam.sample(1, shots=4, seed=0)  # 6 prompts, one per task
-
-
-# edges patch the q/k/v inputs of each head; TransformerLens 4.3's boot_native attention has no hook there
-# (test_edges_on_a_native_bridge_are_refused checks the refusal), so these run where HookedTransformer exists
-from tvlens.backends import has_hooked_transformer  # noqa: E402
-
-needs_split_qkv = pytest.mark.skipif(not has_hooked_transformer(),
-                                     reason="edges need split q/k/v input hooks (TL 3.x HookedTransformer)")
 
 
 def _random_promptset(model, n=4, seq=8, seed=0, corrupt_at=(2, 5)):
@@ -54,7 +47,6 @@ def _tiny(attn_only=True, n_layers=1, normalization=None, seed=0):
     return model
 
 
-@needs_split_qkv
 def test_eap_equals_exact_path_patching_where_the_model_is_linear_in_the_receiver():
     """1 layer, attention only, no LayerNorm, logit metric: the logits are linear in each head's value input and
     in the final residual, so EAP (first order) is exact on edges into v and logits; a q or k edge goes through
@@ -90,7 +82,6 @@ def test_edge_graph_and_upstream_rule():
         g.check_edge("L1H0", "L0H1.q")
 
 
-@needs_split_qkv
 def test_path_patching_equals_a_naive_hook_loop(codes):
     model, p = codes
     edges = [("L0H1", "L2H3.q"), ("MLP0", "L1H0.v"), ("embed", "MLP1"), ("L1H2", "MLP1"), ("MLP2", "logits")]
@@ -116,8 +107,9 @@ def test_path_patching_equals_a_naive_hook_loop(codes):
             return cache[f"blocks.{layer}.attn.hook_z"][:, :, h] @ model.W_O[layer, h]
 
         base = metric(c.tokens, [])
-        model.set_use_split_qkv_input(True)
-        model.set_use_hook_mlp_in(True)
+        bk = get_backend(model)  # a boot_native bridge (TL 4.x) gets its q/k/v fork from tvlens, not TL's setter
+        bk.set_use_split_qkv_input(True)
+        bk.set_use_hook_mlp_in(True)
         try:
             for (s, r), got in zip(edges, pp.per_prompt.T):
                 d = out(cc, s) - out(ck, s)
@@ -139,12 +131,11 @@ def test_path_patching_equals_a_naive_hook_loop(codes):
                 ref = metric(c.tokens, [(name, hook)]) - base
                 assert torch.allclose(got, ref, atol=1e-4), (s, r, got, ref)
         finally:
-            model.set_use_split_qkv_input(False)
-            model.set_use_hook_mlp_in(False)
+            bk.set_use_split_qkv_input(False)
+            bk.set_use_hook_mlp_in(False)
     assert not model.cfg.use_split_qkv_input and not model.cfg.use_hook_mlp_in
 
 
-@needs_split_qkv
 def test_eap_edges_sum_to_the_node_estimate_and_nodes_match_atp(codes):
     """A head's EAP edges, summed over its receivers, are its node estimate (the residual stream is a sum);
     EAP-IG with one step is AtP at hook_z (attribution.py's own implementation)."""
@@ -166,7 +157,6 @@ def test_eap_edges_sum_to_the_node_estimate_and_nodes_match_atp(codes):
     assert torch.allclose(summed_mlp, mlp, atol=1e-4)
 
 
-@needs_split_qkv
 def test_eap_ig_completeness(codes):
     """Integrated gradients are complete: the embedding's attributions (its edges, summed) add up to the
     clean - corrupted metric gap as the steps grow; one gradient (EAP) does not."""
@@ -182,7 +172,6 @@ def test_eap_ig_completeness(codes):
     assert abs(one - gap) > 3 * abs(many - gap), (one, many, gap)
 
 
-@needs_split_qkv
 def test_faithfulness_endpoints_and_monotone_top_circuit(codes):
     model, p = codes
     ig = edge_attribution(model, p, method="eap-ig", ig_steps=3, progress=False)
@@ -196,7 +185,6 @@ def test_faithfulness_endpoints_and_monotone_top_circuit(codes):
         faithfulness(model, p, ig, ks=[n + 1])
 
 
-@needs_split_qkv
 def test_edge_scores_api_roundtrip(codes, tmp_path):
     model, p = codes
     e = edge_attribution(model, p, method="eap", ci=True, progress=False)
@@ -321,16 +309,23 @@ def test_eap_nodes_equal_transformerlens_attribution_patch_on_a_bridge(tmp_path)
     assert (torch.tensor(ours.notes["mlp"]) - mlp).abs().max() <= 1e-4 * mlp.abs().max()
 
 
-def test_edges_on_a_native_bridge_are_refused():
+def test_edges_on_a_native_bridge_equal_exact_path_patching():
+    """A boot_native bridge (what tvlens builds on TL 4.x; backend='bridge' on 3.9 too) has no q/k/v fork in
+    TransformerLens; tvlens gives it one (tvlens.backends.native_qkv), so edges run and EAP is exact where the
+    model is linear in the receiver (as test_eap_equals_exact_path_patching_where_the_model_is_linear_in_the_receiver)."""
     from tvlens.backends.loading import build
-    from tvlens.errors import UnsupportedModelError
 
     model = build(dict(n_layers=1, d_model=32, n_heads=4, d_head=8, n_ctx=16, d_vocab=20, attn_only=True,
                        normalization_type=None, act_fn="gelu", d_mlp=None, seed=0), False, backend="bridge")
+    with torch.no_grad():
+        for prm in model.parameters():
+            prm.mul_(4.0)
+    assert get_backend(model).kind == "bridge"
     p, c = _random_promptset(model, corrupt_at=(2, 5, 7))
-    try:
-        res = edge_attribution(model, p, method="eap", corrupted=c, metric="logit", progress=False)
-    except UnsupportedModelError as e:
-        assert "q/k/v" in str(e)
-    else:  # a TransformerLens whose native attention has the hooks: then the scores must be finite
-        assert torch.isfinite(res.to_dataframe()["score"].to_numpy()).all()
+    eap = edge_attribution(model, p, method="eap", corrupted=c, metric="logit", progress=False)
+    pp = path_patching(model, p, corrupted=c, metric="logit", progress=False)
+    lin = torch.tensor([k in ("v", "logits") for k in eap.receiver_kinds()])
+    assert pp.per_prompt[:, lin].abs().max() > 1e-2 and pp.per_prompt[:, ~lin].abs().max() > 1e-2
+    assert torch.allclose(eap.per_prompt[:, lin], pp.per_prompt[:, lin], rtol=1e-4,
+                          atol=1e-4 * float(pp.per_prompt.abs().max()))
+    assert not model.cfg.use_split_qkv_input  # switched off again after the call

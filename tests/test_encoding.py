@@ -185,3 +185,13 @@ def test_extract_of_the_embedding_layer_alone_equals_its_column_of_a_full_extrac
     for layer in (0, 1, 2):
         alone = extract(model, p, layers=[layer], progress=False)
         assert torch.equal(alone.acts[:, 0], full.acts[:, full.layers.index(layer)])
+
+
+def test_chance_counts_the_tasks_that_have_prompts(small):
+    model, _ = small
+    fam = tasks.get("categories")
+    sub = fam.sample(8, shots=3, seed=2, tasks=[0, 1])  # two of the family's tasks
+    assert len(sub.task_names) > 2
+    res = task_decodability(model, sub, k=3)
+    assert res.chance == pytest.approx(0.5)
+    assert task_decodability(model, fam.sample(8, shots=3, seed=2), k=3).chance == pytest.approx(1 / len(fam.task_names))

@@ -205,3 +205,28 @@ def test_shipped_default_model_keeps_its_task_at_the_examples_answers():
                        mode="replace", progress=False)
     li = res.layers.index(res.best_layer(min_control=0.9))
     assert float(res.control[li]) >= 0.9 and float(res.flip_rate[li]) >= 0.8, res.layer_profile()
+
+
+def _result(control: float, unpatched: float, flip: float) -> "tvlens.PatchingResult":
+    """A 2-task result at one layer: own-task control, unpatched accuracy and flip rate as given."""
+    from tvlens.patching import PatchingResult
+
+    fs = torch.tensor([[[control, flip], [flip, control]]])
+    return PatchingResult(layers=[3], source_names=["a", "b"], target_names=["a", "b"], mode="swap", scale=1.0,
+                          follows_source=fs, follows_own=1 - fs, delta_logprob_source=torch.zeros_like(fs),
+                          baseline_own=torch.tensor([unpatched, unpatched]), baseline_source=torch.zeros(2, 2))
+
+
+def test_own_task_control_is_judged_against_the_unpatched_accuracy():
+    # a small model answers 60% unpatched: a control of 0.55 keeps what it does (it cannot reach 0.9)
+    layer, why = _result(control=0.55, unpatched=0.6, flip=0.4).best_layer_choice()
+    assert layer == 3 and "control holds" in why and "unpatched accuracy 0.600" in why and "disturbs" not in why
+    # the same control where the model answers everything unpatched: the patch disturbs its own task
+    layer, why = _result(control=0.55, unpatched=1.0, flip=0.4).best_layer_choice()
+    assert layer == 3 and "disturbs" in why and ">= 0.900: min_control 0.9" in why
+    # far below the unpatched accuracy: disturbed, and the message gives both numbers
+    _, why = _result(control=0.3, unpatched=0.6, flip=0.4).best_layer_choice()
+    assert "disturbs" in why and "here 0.300" in why and "unpatched accuracy 0.600 minus 0.1" in why
+    assert "unpatched accuracy 0.600" in repr(_result(control=0.55, unpatched=0.6, flip=0.4))
+    with pytest.raises(ConfigError, match="max_control_drop"):
+        _result(0.5, 0.6, 0.4).best_layer_choice(max_control_drop=float("nan"))

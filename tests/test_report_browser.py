@@ -46,9 +46,6 @@ def chromium_path() -> str:
     pytest.fail("headless Chromium is needed: install Debian's package (apt-get install -y chromium; `make test` does)")
 
 
-from tvlens.backends import has_hooked_transformer  # noqa: E402
-
-
 @pytest.fixture(autouse=True, scope="module")
 def _hostile_task_names_on_purpose():
     """The XSS prompts rename a task to a hostile string: no longer the model's family, deliberately."""
@@ -178,10 +175,10 @@ def test_report_renders_offline_in_chromium(report_file, tmp_path):
     for p in state["plots"]:
         assert p["traces"] > 0 and p["drawn"] > 0 and p["w"] > 100 and p["h"] > 100, p
     comps = [c["component"] for c in state["cv"]]
-    # + 2 circuit graphs where edges can be patched (TL 4.3's boot_native bridges have no q/k/v input hooks:
-    # the report leaves the graphs out and says why)
-    graphs = 2 if "edge_scores" in rep.results else 0
-    assert graphs == 2 or not has_hooked_transformer()
+    # + 2 circuit graphs (on both TransformerLens lines: tvlens gives the boot_native bridges of TL 4.x their
+    # q/k/v input fork)
+    assert "edge_scores" in rep.results
+    graphs = 2
     assert comps.count("AttentionHeads") == 2 and comps.count("AttentionPattern") == 2 + graphs
     assert comps.count("ColoredTokensMulti") == 1 and comps.count("ColoredTokens") == 1
     for c in state["cv"]:
@@ -232,23 +229,6 @@ def _open_offline(html_path, fn):
     return out, blocked, errors
 
 
-def _tiny_hf_gpt2(folder):
-    """A random 4-layer, 4-head GPT-2 (the default model's shape) over the codes vocabulary, saved and booted
-    as a TransformerBridge (offline)."""
-    import tokenizers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-
-    V = tvlens.tasks.get("codes").d_vocab
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=32, n_head=4, n_positions=64, vocab_size=V, bos_token_id=1,
-                               eos_token_id=2, pad_token_id=3)).save_pretrained(folder)
-    tk = tokenizers.Tokenizer(tokenizers.models.WordLevel({f"w{i}": i for i in range(V)}, unk_token="w0"))
-    tk.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="w0", bos_token="w1", eos_token="w2",
-                            pad_token="w3").save_pretrained(folder)
-    return tvlens.load_model(folder, backend="bridge")
-
-
 def test_circuit_graph_in_chromium(tmp_path):
     """The circuit graph draws offline, its slider changes the number of drawn edges, a click on a head node
     shows that head's attention, and hostile token and task strings stay text."""
@@ -256,10 +236,7 @@ def test_circuit_graph_in_chromium(tmp_path):
     from tvlens.models import load_model
     from tvlens.views.circuit_graph import circuit_graph_view
 
-    if has_hooked_transformer():
-        m = load_model("default")
-    else:  # TL 4.3: the shipped boot_native bridges lack q/k/v input hooks; an HF-booted bridge has them
-        m = _tiny_hf_gpt2(tmp_path / "gpt2")
+    m = load_model("default")  # a HookedTransformer on TL 3.9, a boot_native bridge on 4.x: edges on both
     p = tvlens.tasks.get("codes").sample(1, shots=4, seed=3)
     scores = edge_attribution(m, p, method="eap", ci=True, progress=False)
     evil = xss_prompts(p)

@@ -27,6 +27,20 @@ The whole public API (each name documented where it is defined)::
     result.plot() -> plotly Figure; result._repr_html_() in Jupyter  # every result, via tvlens.views
     tvlens.views.attention_heads_view(model, prompts, heads, prompt) / circuit_view(scores, model, prompts)
     tvlens.views.build_report(model, family) -> Report; report.save("r.html")  # `tvlens report`, offline HTML
+
+The layers, bottom to top (``tvlens/_layers.py``; a module imports only from its layer or below, even inside a
+function, never in a circle: ``tests/test_architecture.py``)::
+
+    foundation: errors, checks, io, stats, plotting, _layers  (plotting: the drawing registry views fill)
+    backends:   backends/  (protocol, hooked, bridge, embed, loading: the one seam to TransformerLens)
+    prompts:    prompts, positions  (query, answers, read/write masks: where a prompt's task is read and written)
+    tasks:      tasks/  (the families, their registry)
+    models:     models, gguf_models, tokenizer, validate  (checkpoints and loading; GGUF models; boundary checks)
+    measures:   encoding/, accuracy, sweeps  (extraction, TD, task vectors, emergence; accuracy/scoring; the engine)
+    analyses:   patching, attribution, circuits/, llm, finetune, regression, train
+    views:      views/  (figures, CircuitsVis, circuit graph, report; they register drawings in plotting)
+    api:        tvlens  (this file: the public names, re-exported lazily)
+    cli:        cli  (the `tvlens` command)
 """
 
 from __future__ import annotations
@@ -51,8 +65,8 @@ _LAZY: dict[str, str] = {
     "TaskVectors": "tvlens.encoding", "emergence": "tvlens.encoding", "extract": "tvlens.encoding",
     "task_decodability": "tvlens.encoding",
     "FinetuneResult": "tvlens.finetune", "finetune": "tvlens.finetune",
-    "TDAccuracyResult": "tvlens.llm", "greedy_generate": "tvlens.llm", "td_vs_accuracy": "tvlens.llm",
-    "text_accuracy": "tvlens.llm",
+    "TDAccuracyResult": "tvlens.llm", "greedy_generate": "tvlens.accuracy", "td_vs_accuracy": "tvlens.llm",
+    "text_accuracy": "tvlens.accuracy",
     "build_model": "tvlens.models", "checkpoint_steps": "tvlens.models", "list_checkpoints": "tvlens.models",
     "load_checkpoint": "tvlens.models", "load_model": "tvlens.models", "model_info": "tvlens.models",
     "save_checkpoint": "tvlens.models", "shipped_models": "tvlens.models",
@@ -99,7 +113,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
     from tvlens import tasks, validate, views  # noqa: F401
-    from tvlens.accuracy import AccuracyResult, icl_accuracy  # noqa: F401
+    from tvlens.accuracy import AccuracyResult, greedy_generate, icl_accuracy, text_accuracy  # noqa: F401  # noqa: F401
     from tvlens.attribution import FunctionVectors, HeadScores, function_vector, head_attribution  # noqa: F401
     from tvlens.circuits import EdgeScores, Faithfulness, edge_attribution, faithfulness, path_patching  # noqa: F401
     from tvlens.encoding import (  # noqa: F401
@@ -112,7 +126,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
         task_decodability,
     )
     from tvlens.finetune import FinetuneResult, finetune  # noqa: F401
-    from tvlens.llm import TDAccuracyResult, greedy_generate, td_vs_accuracy, text_accuracy  # noqa: F401
+    from tvlens.llm import TDAccuracyResult, td_vs_accuracy  # noqa: F401
     from tvlens.models import (  # noqa: F401
         build_model,
         checkpoint_steps,

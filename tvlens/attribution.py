@@ -45,253 +45,23 @@ from __future__ import annotations
 import functools
 import html
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import numpy as np
 import torch
-from jaxtyping import Float
 
+from tvlens.accuracy import metric_fn
 from tvlens.backends import get_backend
+from tvlens.circuits.results import HeadScores, _per_task
 from tvlens.encoding import TaskVectors
 from tvlens.errors import ConfigError
-from tvlens.io import load_tensors_with_sidecar, save_tensors_with_sidecar
+from tvlens.positions import at_answer_positions, prompt_answer_positions, shuffle_labels, trim_to_answers
+from tvlens.prompts import describe
 
 METHODS = ("cie", "ablation", "patch", "atp", "dla", "eap-ig")
 
 
-@dataclass
-class HeadScores:
-    """A layer x head score map (larger = more important), per task where the method has one.
-
-    - ``scores[l, h]``: the headline map (mean of ``per_task`` over the non-null tasks);
-    - ``per_task[t, l, h]``: the same per task (``None`` when ``per_task=False``);
-    - ``per_position[p, l, h]``: by position where the method has one (``"atp"``: the estimate for the
-      head's output at position p, linearised at ``hook_z`` whatever ``atp_site``; ``"dla"``: the part of
-      the query's output read from source position p), else ``None``; the mean over all prompts;
-    - ``method``, ``metric``, ``task_names``, ``prompts`` (a short description), ``notes`` (details:
-      the unpatched metric, the ablation kind, ...).
-    """
-
-    scores: Float[torch.Tensor, "layer head"]
-    method: str
-    metric: str
-    task_names: list[str]
-    per_task: Float[torch.Tensor, "task layer head"] | None = None
-    per_position: Float[torch.Tensor, "pos layer head"] | None = None
-    prompts: str = ""
-    notes: dict = field(default_factory=dict)
-    # per prompt (what the CIs are computed from): every prompt's score ``[n, layer, head]`` and its task ``[n]``
-    per_prompt: Float[torch.Tensor, "n layer head"] | None = None
-    labels: torch.Tensor | None = None
-    # bootstrap CIs over prompts, stratified by task (``with_ci``; filled on first use with the defaults)
-    scores_ci: torch.Tensor | None = None  # [2, layer, head]: lo, hi
-    per_task_ci: torch.Tensor | None = None  # [2, task, layer, head]
-    ci_info: dict = field(default_factory=dict)
-
-    def with_ci(self, ci: float = 0.95, n_boot: int = 1000, seed: int = 0) -> "HeadScores":
-        """Fill ``scores_ci`` and ``per_task_ci``: percentile bootstrap over prompts, stratified by task;
-        the headline map is resampled as the mean of the resampled per-task maps (``tvlens.stats``).
-        Returns ``self``."""
-        from tvlens import stats
-
-        ci, n_boot, seed = stats.check_ci_args(ci, n_boot, seed)
-        if self.per_prompt is None or self.labels is None:
-            raise ConfigError("these HeadScores hold no per-prompt scores: recompute them with "
-                              "tvlens.head_attribution to get CIs")
-        T = len(self.task_names)
-        lab = self.labels.numpy()
-        v = self.per_prompt.double().numpy()  # [n, layer, head]
-        gm = stats.group_means_boot(np.moveaxis(v, 0, -1), lab, T,
-                                    stats.bootstrap_counts(len(lab), n_boot, seed, lab))  # [boot, layer, head, task]
-        present = [t for t in range(T) if bool((self.labels == t).any())]
-        real = [t for t in present if self.task_names[t] != "null"] or present
-        self.scores_ci = torch.tensor(np.stack(stats.percentile_ci(gm[..., real].mean(-1), ci)), dtype=torch.float32)
-        self.per_task_ci = torch.tensor(np.stack(stats.percentile_ci(np.moveaxis(gm, -1, 1), ci)), dtype=torch.float32)
-        self.ci_info = {"ci": ci, "n_boot": n_boot, "seed": seed}
-        return self
-
-    def _ensure_ci(self) -> None:
-        if self.scores_ci is None and self.per_prompt is not None and self.labels is not None:
-            self.with_ci()
-
-    @property
-    def n_layers(self) -> int:
-        return int(self.scores.shape[0])
-
-    @property
-    def n_heads(self) -> int:
-        return int(self.scores.shape[1])
-
-    def task(self, task: str | int) -> Float[torch.Tensor, "layer head"]:
-        """The score map of one task."""
-        if self.per_task is None:
-            raise ConfigError("these scores hold no per-task maps; run head_attribution(..., per_task=True)")
-        if isinstance(task, str):
-            if task not in self.task_names:
-                raise ConfigError(f"unknown task {task!r}; these scores hold {self.task_names}")
-            task = self.task_names.index(task)
-        return self.per_task[int(task)]
-
-    def top(self, k: int = 10, task: str | int | None = None, by_abs: bool = False) -> list[tuple[int, int, float]]:
-        """The ``k`` highest-scoring heads as ``(layer, head, score)``, best first (ties: lower
-        layer, then lower head). ``by_abs`` ranks by ``|score|``; ``task`` ranks one task's map."""
-        m = self.scores if task is None else self.task(task)
-        n = m.numel()
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
-            raise ConfigError(f"k must be an integer in 1..{n} (the number of heads), got {k!r}")
-        key = m.abs() if by_abs else m
-        flat = torch.nan_to_num(key.flatten().double(), nan=-float("inf"))  # unscored heads last
-        # stable sort on -score keeps index order among ties
-        order = torch.sort(-flat, stable=True).indices[:k]
-        H = m.shape[1]
-        return [(int(i) // H, int(i) % H, float(m.flatten()[i])) for i in order]
-
-    def to_dataframe(self):
-        """One row per (task, layer, head); the headline map has task ``"all"``."""
-        import pandas as pd
-
-        self._ensure_ci()
-        rows = []
-        maps = [("all", self.scores, self.scores_ci)]
-        if self.per_task is not None:
-            maps += [(t, m, None if self.per_task_ci is None else self.per_task_ci[:, i])
-                     for i, (t, m) in enumerate(zip(self.task_names, self.per_task))]
-        for t, m, c in maps:
-            for L in range(m.shape[0]):
-                for h in range(m.shape[1]):
-                    row = {"task": t, "layer": L, "head": h, "score": float(m[L, h])}
-                    if c is not None:
-                        row.update(score_lo=float(c[0, L, h]), score_hi=float(c[1, L, h]))
-                    rows.append(row)
-        return pd.DataFrame(rows)
-
-    def __repr__(self) -> str:
-        top = ", ".join(f"L{L}H{h} {s:+.3g}" for L, h, s in self.top(min(3, self.scores.numel())))
-        return (f"HeadScores({self.method}, metric={self.metric}, {self.n_layers}x{self.n_heads} heads, "
-                f"tasks={len(self.task_names)}; top: {top})")
-
-    def _repr_html_(self) -> str:
-        import pandas as pd
-
-        from tvlens.views.page import figure_fragment, result_html
-
-        top = pd.DataFrame(self.top(min(10, self.scores.numel())), columns=["layer", "head", "score"])
-        return result_html(f"<div><b>Head attribution</b> ({html.escape(self.method)}, metric {html.escape(self.metric)}"
-                           f"{', ' + html.escape(self.prompts) if self.prompts else ''})"
-                           + top.to_html(index=False, float_format=lambda v: f"{v:.4g}") + "</div>",
-                           [figure_fragment(self.plot())])
-
-    def plot(self, per_task: bool = True):
-        """A layer x head heatmap; with ``per_task`` one facet per task after the headline map
-        (``tvlens.views.head_scores_figure``; ``tvlens.views.circuit_view`` adds each head's attention)."""
-        from tvlens.views.plots import head_scores_figure
-
-        return head_scores_figure(self, per_task=per_task)
-
-    # ------------------------------------------------------------------ persistence
-    def save(self, path: str | Path, overwrite: bool = False) -> Path:
-        """``path.safetensors`` + ``path.json`` (atomic writes)."""
-        tensors = {"scores": self.scores}
-        if self.per_task is not None:
-            tensors["per_task"] = self.per_task
-        if self.per_position is not None:
-            tensors["per_position"] = self.per_position
-        for name in ("per_prompt", "labels", "scores_ci", "per_task_ci"):
-            if getattr(self, name) is not None:
-                tensors[name] = getattr(self, name)
-        meta = {"kind": "HeadScores", "method": self.method, "metric": self.metric, "task_names": self.task_names,
-                "prompts": self.prompts, "notes": self.notes, "ci_info": self.ci_info}
-        return save_tensors_with_sidecar(path, tensors, meta, overwrite=overwrite)
-
-    @classmethod
-    def load(cls, path: str | Path) -> "HeadScores":
-        t, m = load_tensors_with_sidecar(path, expect_kind="HeadScores")
-        return cls(scores=t["scores"], per_task=t.get("per_task"), per_position=t.get("per_position"),
-                   method=m["method"], metric=m["metric"], task_names=list(m["task_names"]),
-                   prompts=m.get("prompts", ""), notes=dict(m.get("notes", {})), per_prompt=t.get("per_prompt"),
-                   labels=t.get("labels"), scores_ci=t.get("scores_ci"), per_task_ci=t.get("per_task_ci"),
-                   ci_info=dict(m.get("ci_info", {})))
-
-
 # --------------------------------------------------------------------------- inputs
-def _metric_fn(metric, method: str):
-    """Per-prompt metric ``f(logits at the answer positions [b, n_answer, vocab], answers [b, n_answer]) -> [b]``."""
-    if callable(metric):
-        return metric, getattr(metric, "__name__", "custom")
-    if metric == "prob":
-        return (lambda sel, ans: _answer_logprob(sel, ans).exp()), metric
-    if metric == "logprob":
-        return _answer_logprob, metric
-    if metric == "logit":
-        return (lambda sel, ans: sel.gather(-1, ans[..., None])[..., 0].sum(-1)), metric
-    if metric == "accuracy":
-        if method == "atp":
-            raise ConfigError("metric='accuracy' is not differentiable (an argmax): method='atp' needs a gradient; "
-                              "use 'logprob', 'prob' or 'logit'")
-        return (lambda sel, ans: (sel.argmax(-1) == ans).all(-1).to(sel.dtype)), metric
-    raise ConfigError(f"metric must be 'prob', 'logprob', 'logit', 'accuracy' or a callable "
-                      f"f(logits [b, n_answer, vocab], answers [b, n_answer]) -> [b]; got {metric!r}")
 
 
-def _answer_logprob(sel: torch.Tensor, ans: torch.Tensor) -> torch.Tensor:
-    """Log-probability of the whole answer (teacher forcing), per prompt."""
-    return sel.log_softmax(-1).gather(-1, ans[..., None])[..., 0].sum(-1)
-
-
-def _answer_pos(prompts) -> torch.Tensor:
-    from tvlens.accuracy import answer_positions
-
-    return answer_positions(prompts.query_pos, prompts.n_answer)
-
-
-def shuffle_labels(prompts, seed: int = 0):
-    """The same prompts with each prompt's in-context answers (labels) permuted among its examples.
-
-    Every prompt gets a random permutation other than the identity (so with distinct labels at least
-    two examples change answer); the query and its answer stay. Needs at least two shots.
-    """
-    from dataclasses import replace
-
-    if prompts.is_continuous:
-        raise ConfigError("shuffled labels are built for token families; these prompts are continuous")
-    if not prompts.family:
-        raise ConfigError(
-            "corrupted: these are your own prompts (PromptSet.from_strings / from_tokens), which record no example "
-            "layout, so tvlens cannot build their corrupted run (in-context labels shuffled) itself. Pass "
-            "corrupted= yourself: a PromptSet of the same shape and query positions, e.g. the same queries after "
-            "another task's examples (PromptSet.from_strings(model, corrupted_texts, answers, ...)); or use "
-            "method='dla' (no corrupted run)")
-    if prompts.shots < 2:
-        raise ConfigError(f"shuffling in-context labels needs at least two shots (examples) per prompt; these "
-                          f"prompts have shots={prompts.shots}: sample them with shots >= 2")
-    vocab = prompts.vocab or []
-    if "->" not in vocab or ";" not in vocab:
-        raise ConfigError("cannot find the examples' answers: the prompts' vocabulary has no '->' and ';' tokens")
-    arrow, end = vocab.index("->"), vocab.index(";")
-    toks = prompts.tokens.clone()
-    gen = torch.Generator().manual_seed(seed)
-    for i in range(len(prompts)):
-        row = toks[i]
-        q = int(prompts.query_pos[i])
-        arrows = [int(a) for a in (row[:q] == arrow).nonzero().flatten()]
-        spans = []
-        for a in arrows:
-            ends = (row[a + 1 : q] == end).nonzero().flatten()
-            if len(ends) == 0:
-                raise ConfigError(f"prompt {i}: an example's answer after position {a} has no ';' before the query")
-            spans.append((a + 1, a + 1 + int(ends[0])))
-        if len(spans) < 2:
-            raise ConfigError(f"prompt {i} has {len(spans)} example(s): shuffling labels needs at least two")
-        lens = {e - s for s, e in spans}
-        if len(lens) != 1:
-            raise ConfigError(f"prompt {i}: examples' answers have different lengths {sorted(lens)}; cannot permute")
-        labels = [row[s:e].clone() for s, e in spans]
-        perm = torch.arange(len(spans))
-        while bool((perm == torch.arange(len(spans))).all()):
-            perm = torch.randperm(len(spans), generator=gen)
-        for (s, e), j in zip(spans, perm.tolist()):
-            row[s:e] = labels[j]
-    return replace(prompts, tokens=toks)
 
 
 def _check_common(model, prompts, method: str, layers, batch_size):
@@ -311,33 +81,7 @@ def _check_common(model, prompts, method: str, layers, batch_size):
     return list(range(n)) if layers is None else layers
 
 
-def _describe(prompts) -> str:
-    return f"{prompts.family}: {len(prompts)} prompts, {prompts.shots}-shot, tasks {prompts.task_names}"
 
-
-def _trim(prompts):
-    """Prompts cut after the last answer position (later positions cannot change the answer)."""
-    last = int(prompts.query_pos.max()) + prompts.n_answer
-    from dataclasses import replace
-
-    return replace(prompts, tokens=prompts.tokens[:, :last], targets=prompts.targets[:, :last],
-                   train_mask=prompts.train_mask[:, :last])
-
-
-def _per_task(values: torch.Tensor, labels: torch.Tensor, task_names: list[str]):
-    """``values [b, ...]`` -> per-task means ``[T, ...]`` and their mean over non-null tasks present."""
-    T = len(task_names)
-    out = torch.full((T, *values.shape[1:]), float("nan"))
-    present = []
-    for t in range(T):
-        m = labels == t
-        if bool(m.any()):
-            out[t] = values[m].mean(0)
-            if task_names[t] != "null":
-                present.append(t)
-    if not present:
-        present = [t for t in range(T) if bool((labels == t).any())]
-    return out, out[present].mean(0)
 
 
 def _z_at_query(model, tokens, query_pos, layers) -> tuple[torch.Tensor, torch.Tensor]:
@@ -401,7 +145,7 @@ def head_attribution(
             raise ConfigError(f"method='dla' attributes the answer's logit; metric must be None or 'logit', got {metric!r}")
         metric = "logit"
     metric = DEFAULT_METRIC[method] if metric is None else metric
-    fn, metric_name = _metric_fn(metric, method)
+    fn, metric_name = metric_fn(metric, method)
     if ablation not in ("mean", "zero"):
         raise ConfigError(f"ablation must be 'mean' or 'zero', got {ablation!r}")
     if positions not in ("all", "query"):
@@ -428,8 +172,8 @@ def head_attribution(
                 raise ConfigError("corrupted prompts must have the same token shape and query positions as prompts")
 
     device = get_backend(model).input_device
-    P = _trim(prompts).to(device)
-    C = _trim(corrupted).to(device) if corrupted is not None else None
+    P = trim_to_answers(prompts).to(device)
+    C = trim_to_answers(corrupted).to(device) if corrupted is not None else None
     labels = prompts.labels.cpu()
     notes: dict = {"layers": layers, "seed": seed}
     per_position = None
@@ -459,7 +203,7 @@ def head_attribution(
         per_position = pp
     by_task, scores = _per_task(full, labels, list(prompts.task_names))
     return HeadScores(scores=scores, method=method, metric=metric_name, task_names=list(prompts.task_names),
-                      per_task=by_task if per_task else None, per_position=per_position, prompts=_describe(prompts),
+                      per_task=by_task if per_task else None, per_position=per_position, prompts=describe(prompts),
                       notes=notes, per_prompt=full, labels=labels.clone())
 
 
@@ -479,7 +223,7 @@ def _sweep(model, clean_tokens, run_tokens, P, sl, layers, fn, batch_size, progr
 
     b = run_tokens.shape[0]
     res = activation_patching(model, clean_tokens, run_tokens, metric, site="z", by=("layer", "head"), layers=layers,
-                              read_positions=_answer_pos(P)[sl], batch_size=max(batch_size, b), progress=progress,
+                              read_positions=prompt_answer_positions(P)[sl], batch_size=max(batch_size, b), progress=progress,
                               per_prompt=True, **kw)
     return res.per_prompt.permute(2, 0, 1), res.corrupted_per_prompt, res
 
@@ -602,8 +346,6 @@ def _atp(model, P, C, layers, fn, site, qk_fix, batch_size, progress):
         hooks = [("blocks.0.hook_resid_pre", leaf)] + [(n, functools.partial(save, _name=n)) for n in names + extra]
         with torch.enable_grad():
             resid = bk.run_with_hooks(C.tokens[sl], stop_at_layer=bk.n_layers, fwd_hooks=hooks)
-            from tvlens.accuracy import at_answer_positions
-
             x = at_answer_positions(resid, P.query_pos[sl], P.n_answer)
             sel = bk.unembed(x)
             m = fn(sel, P.answers[sl])
@@ -756,7 +498,7 @@ class FunctionVectors(TaskVectors):
                              "norm": v.norm(dim=-1).tolist()})
 
     def _repr_html_(self) -> str:
-        from tvlens.views.page import figure_fragment, result_html
+        from tvlens.plotting import figure_fragment, result_html
 
         heads = ", ".join(f"L{L}H{h}" for L, h in self.heads)
         return result_html(f"<div><b>Function vectors</b> ({len(self.heads)} heads: {html.escape(heads)})"
@@ -765,7 +507,7 @@ class FunctionVectors(TaskVectors):
 
     def plot(self):
         """The heads per layer, cosine similarity between tasks, norms: ``tvlens.views.function_vectors_figure``."""
-        from tvlens.views.plots import function_vectors_figure
+        from tvlens.plotting import function_vectors_figure
 
         return function_vectors_figure(self)
 
@@ -811,7 +553,7 @@ def function_vector(model, prompts, scores: HeadScores | None = None, k: int = 1
     if prompts.is_continuous:
         raise ConfigError("function_vector reads token prompts; these prompts are continuous")
     device = bk.input_device
-    P = _trim(prompts).to(device)
+    P = trim_to_answers(prompts).to(device)
     layers = sorted({L for L, _ in heads})
     zq = torch.cat([_z_at_query(model, P.tokens[sl], P.query_pos[sl], layers)[0]
                     for sl in _chunks(len(P), batch_size)])  # [n, layer, head, d_head]

@@ -496,7 +496,61 @@ def atomic_write(path: Path, data: bytes | str) -> Path:
     return path
 
 
+# --------------------------------------------------------------------------- lists of integers (tvlens.validate)
+def _plain_int(x: Any) -> bool:
+    """A Python or numpy integer (not a bool, not a tensor)."""
+    import numpy as np
+
+    return not isinstance(x, (bool, np.bool_)) and isinstance(x, (int, np.integer))
+
+
+def _given(x: Any) -> str:
+    import numpy as np
+    import torch
+
+    if torch.is_tensor(x):
+        return f"a {x.dtype} tensor of shape {tuple(x.shape)}"
+    if isinstance(x, np.ndarray):
+        return f"a {x.dtype} array of shape {x.shape}"
+    r = repr(x)
+    return f"{type(x).__name__} {r[:80] + '...' if len(r) > 80 else r}"
+
+
+def as_items(value: Any, argument: str, expected: str, where: str = "") -> list[Any]:
+    """``value`` (a sequence, a tensor or an array) as a non-empty list; anything else is refused as not
+    ``expected``."""
+    import numpy as np
+    import torch
+
+    if torch.is_tensor(value) or isinstance(value, np.ndarray):
+        value = value.tolist()
+    try:
+        items = list(value)
+    except TypeError:
+        raise ConfigError(f"{_pre(where)}{argument} must be {expected}, got {_given(value)}") from None
+    if not items:
+        raise ConfigError(f"{_pre(where)}{argument} is empty: name at least one")
+    return items
+
+
+def int_list(value: Any, argument: str, lo: int, hi: int, where: str = "", what: str = "") -> list[int] | None:
+    """A list of integers in ``lo..hi`` from an int, a sequence of ints, or None (returned as None).
+    ``layers="2"`` is refused (a string is not a layer), as are floats, bools and out-of-range values."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        raise ConfigError(f"{_pre(where)}{argument} must be an integer or a list of integers in {lo}..{hi}{what}, "
+                          f"got the string {value!r}: give integers, e.g. {argument}=[2]")
+    items = as_items([value] if _plain_int(value) else value, argument, "an integer or a list of integers", where)
+    bad = [x for x in items if not _plain_int(x) or not lo <= int(x) <= hi]
+    if bad:
+        raise ConfigError(f"{_pre(where)}{argument} {bad} out of range or not integers: {argument} must be integers "
+                          f"in {lo}..{hi}{what}")
+    return [int(x) for x in items]
+
+
 __all__ = [
+    "int_list",
     "MAX_SEED",
     "atomic_write",
     "check_device",

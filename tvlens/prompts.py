@@ -90,7 +90,7 @@ class PromptSet:
 
         ``family`` is empty (unknown): the model/family agreement check is skipped. ``vocab`` (words by
         id) is optional: views show tokens with the model's tokenizer, or as ids."""
-        from tvlens.validate import int_list
+        from tvlens.checks import int_list
 
         rows, lens = _token_rows(tokens, "tokens")
         n = len(rows)
@@ -589,3 +589,9 @@ def _encoder(model_or_tokenizer: Any):
         return ids
 
     return enc2
+
+
+def describe(prompts: PromptSet) -> str:
+    """One line naming the prompts an analysis ran on (its result's ``prompts`` field)."""
+    return f"{prompts.family}: {len(prompts)} prompts, {prompts.shots}-shot, tasks {prompts.task_names}"
+

@@ -137,7 +137,7 @@ class RegressionPatchingResult:
                 f"{float(self.control[li]):+.3f})")
 
     def _repr_html_(self) -> str:
-        from tvlens.views.page import figure_fragment, result_html
+        from tvlens.plotting import figure_fragment, result_html
 
         return result_html(f"<div><b>Regression task-vector patching</b>: {html.escape(repr(self))}"
                            + self.layer_profile().to_html(index=False, float_format=lambda v: f"{v:.3f}") + "</div>",

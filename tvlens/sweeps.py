@@ -122,7 +122,7 @@ class SweepResult:
                 f"{self.clean_metric:.4f}, corrupted {self.corrupted_metric:.4f})")
 
     def _repr_html_(self) -> str:
-        from tvlens.views.page import figure_fragment, result_html
+        from tvlens.plotting import figure_fragment, result_html
 
         return result_html(f"<div><b>Activation patching</b> <code>{html.escape(repr(self))}</code></div>",
                            [figure_fragment(self.plot())])
@@ -130,7 +130,7 @@ class SweepResult:
     def plot(self):
         """Layer x (position | head) heatmap of the metric: ``tvlens.views.sweep_figure``; for a sweep by
         position, ``tvlens.views.position_sweep_view(sweep, tokens)`` colours the prompt's tokens."""
-        from tvlens.views.plots import sweep_figure
+        from tvlens.plotting import sweep_figure
 
         return sweep_figure(self)
 
@@ -458,9 +458,10 @@ def _plan_chunks(first: list[int], min_read: int, per_chunk: int) -> list[tuple[
 
 
 def _site_heads(bk, site: str) -> int:
-    """Heads on a site's head axis: key/value heads for ``k``/``v`` under grouped-query attention."""
+    """Heads on a site's head axis: key/value heads for ``k``/``v`` (and their inputs ``k_input``/``v_input``)
+    under grouped-query attention."""
     kv = bk.n_key_value_heads
-    return int(kv) if site in ("k", "v") and kv else bk.n_heads
+    return int(kv) if site in ("k", "v", "k_input", "v_input") and kv else bk.n_heads
 
 
 def _run_caching(bk, x: torch.Tensor, names) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 
 from tvlens.backends import get_backend
+from tvlens.checks import _given, as_items, int_list  # noqa: F401 - int_list: also importable here
+from tvlens.checks import _plain_int as _is_int
 from tvlens.errors import ConfigError
 
 # =====================================================================================================
@@ -52,19 +54,6 @@ def unchecked(*checks: str) -> Iterator[None]:
 
 def _where(where: str) -> str:
     return f"{where}: " if where else ""
-
-
-def _is_int(x: Any) -> bool:
-    return not isinstance(x, (bool, np.bool_)) and isinstance(x, (int, np.integer))
-
-
-def _given(x: Any) -> str:
-    if torch.is_tensor(x):
-        return f"a {x.dtype} tensor of shape {tuple(x.shape)}"
-    if isinstance(x, np.ndarray):
-        return f"a {x.dtype} array of shape {x.shape}"
-    r = repr(x)
-    return f"{type(x).__name__} {r[:80] + '...' if len(r) > 80 else r}"
 
 
 # --------------------------------------------------------------------------- scalar arguments
@@ -105,16 +94,8 @@ def name_list(value: Any, argument: str, known: Sequence[str] | None = None, whe
     (``tasks="color"`` is ``["color"]``, never the letters c, o, l, o, r); unknown names are refused."""
     if value is None:
         return None
-    if isinstance(value, str) or _is_int(value):
-        value = [value]
-    elif torch.is_tensor(value) or isinstance(value, np.ndarray):
-        value = value.tolist()
-    try:
-        items = list(value)
-    except TypeError:
-        raise ConfigError(f"{_where(where)}{argument} must be a name or a list of names, got {_given(value)}") from None
-    if not items:
-        raise ConfigError(f"{_where(where)}{argument} is empty: name at least one")
+    items = as_items([value] if isinstance(value, str) or _is_int(value) else value, argument,
+                     "a name or a list of names", where)
     for it in items:
         if not isinstance(it, str) and not _is_int(it):
             raise ConfigError(f"{_where(where)}{argument} must hold names (str) or indices (int), got {_given(it)}")
@@ -123,31 +104,6 @@ def name_list(value: Any, argument: str, known: Sequence[str] | None = None, whe
 
             raise UnknownNameError(f"{_where(where)}{argument}: unknown name {it!r}; known: {list(known)}")
     return items
-
-
-def int_list(value: Any, argument: str, lo: int, hi: int, where: str = "", what: str = "") -> list[int] | None:
-    """A list of integers in ``lo..hi`` from an int, a sequence of ints, or None (returned as None).
-    ``layers="2"`` is refused (a string is not a layer), as are floats, bools and out-of-range values."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        raise ConfigError(f"{_where(where)}{argument} must be an integer or a list of integers in {lo}..{hi}{what}, "
-                          f"got the string {value!r}: give integers, e.g. {argument}=[2]")
-    if _is_int(value):
-        value = [value]
-    elif torch.is_tensor(value) or isinstance(value, np.ndarray):
-        value = value.tolist()
-    try:
-        items = list(value)
-    except TypeError:
-        raise ConfigError(f"{_where(where)}{argument} must be an integer or a list of integers, got {_given(value)}") from None
-    if not items:
-        raise ConfigError(f"{_where(where)}{argument} is empty: name at least one")
-    bad = [x for x in items if not _is_int(x) or not lo <= int(x) <= hi]
-    if bad:
-        raise ConfigError(f"{_where(where)}{argument} {bad} out of range or not integers: {argument} must be integers "
-                          f"in {lo}..{hi}{what}")
-    return [int(x) for x in items]
 
 
 # --------------------------------------------------------------------------- prompts and tokens
@@ -329,85 +285,6 @@ def check_model_inputs(x: Any, model, argument: str, where: str = "") -> None:
                           f"{bk.n_ctx} (n_ctx)")
 
 
-# --------------------------------------------------------------------------- encodings and task vectors
-def check_encodings(enc, where: str = "") -> None:
-    """TaskEncodings with finite activations and labels that index their task names."""
-    acts = getattr(enc, "acts", None)
-    if not torch.is_tensor(acts) or not acts.is_floating_point() or acts.ndim != 3:
-        raise ConfigError(f"{_where(where)}encodings.acts must be a float tensor [n, layer, d_model], got {_given(acts)}")
-    if len(enc.layers) != acts.shape[1]:
-        raise ConfigError(f"{_where(where)}encodings hold {acts.shape[1]} layers of activations but list "
-                          f"{len(enc.layers)} layers ({enc.layers})")
-    lab = enc.labels
-    if lab.shape != (acts.shape[0],):
-        raise ConfigError(f"{_where(where)}encodings.labels must have one label per prompt ({acts.shape[0]}), "
-                          f"got {_given(lab)}")
-    if lab.is_floating_point() or (len(lab) and (int(lab.min()) < 0 or int(lab.max()) >= len(enc.task_names))):
-        raise ConfigError(f"{_where(where)}encodings.labels must be integer indices into task_names "
-                          f"(0..{len(enc.task_names) - 1}), got {_given(lab)}")
-    check_finite(acts, "encodings.acts", where, " (the representations)")
-
-
-def check_vectors(vectors, model, prompts=None, where: str = ""):
-    """Task vectors that live in ``model``'s residual space: float ``[layer, task, d_model]`` with the
-    model's width, finite, from this model (fingerprint) and of the prompts' family. Returns the vectors,
-    cast to the model's dtype when they are floats of another precision."""
-    import dataclasses
-
-    from tvlens.encoding import TaskVectors, model_fingerprint
-
-    if not isinstance(vectors, TaskVectors):
-        raise ConfigError(f"{_where(where)}vectors must be tvlens TaskVectors (extract(model, prompts).task_vectors(), "
-                          f"or function_vector(...)), got {_given(vectors)}")
-    v = vectors.vectors
-    d = int(check_model(model, "model", where).d_model)
-    if not torch.is_tensor(v) or not v.is_floating_point():
-        raise ConfigError(f"{_where(where)}vectors.vectors must be a float tensor, got {_given(v)}")
-    if vectors.d_model and int(vectors.d_model) != d:
-        raise ConfigError(f"{_where(where)}task vectors have d_model={vectors.d_model} but the model has d_model={d}")
-    shape = (len(vectors.layers), len(vectors.task_names), d)
-    if tuple(v.shape) != shape:
-        raise ConfigError(
-            f"{_where(where)}vectors.vectors has shape {tuple(v.shape)} but must be [layers, tasks, d_model] = {shape} "
-            f"({len(vectors.layers)} layers {vectors.layers}, tasks {vectors.task_names}, this model's d_model {d})"
-        )
-    have = [i for i, t in enumerate(vectors.task_names) if t in vector_tasks(vectors)]
-    check_finite(v[:, have], "vectors.vectors", where, " (the task vectors of tasks with prompts)")
-    if not vectors.fingerprint:
-        if "fingerprint" not in _SKIPPED:
-            raise ConfigError(
-                f"{_where(where)}these task vectors carry no model fingerprint, so nothing says they come from this "
-                "model: extract them from it (tvlens.extract(model, prompts).task_vectors()), or, vouching that "
-                "they live in its residual space, run inside `with tvlens.validate.unchecked('fingerprint'):`"
-            )
-    else:
-        fp = model_fingerprint(model)
-        if fp != vectors.fingerprint:
-            raise ConfigError(
-                f"{_where(where)}task vectors come from another model (fingerprint {vectors.fingerprint}, this model "
-                f"{fp}); extract them from this model"
-            )
-    if (prompts is not None and vectors.family and prompts.family and vectors.family != prompts.family
-            and "family" not in _SKIPPED):
-        raise ConfigError(
-            f"{_where(where)}task vectors come from prompts of family {vectors.family!r} but these prompts are "
-            f"{prompts.family!r}; or run inside `with tvlens.validate.unchecked('family'):`"
-        )
-    dtype = next(model.parameters()).dtype
-    if v.dtype != dtype and dtype.is_floating_point:
-        vectors = dataclasses.replace(vectors, vectors=v.to(dtype))
-    return vectors
-
-
-def vector_tasks(vectors) -> list[str]:
-    """The tasks whose vector was averaged over at least one prompt (``counts > 0``; all when counts are
-    unknown). A task without prompts has a NaN vector (``TaskEncodings.task_vectors``), never zeros."""
-    counts = getattr(vectors, "counts", None)
-    if counts is None or len(counts) != len(vectors.task_names):
-        return list(vectors.task_names)
-    return [t for t, c in zip(vectors.task_names, counts.tolist()) if c > 0]
-
-
 def one_of(value: Any, argument: str, choices: Iterable[str], where: str = "") -> str:
     choices = list(choices)
     if not isinstance(value, str) or value not in choices:
@@ -418,7 +295,6 @@ def one_of(value: Any, argument: str, choices: Iterable[str], where: str = "") -
 __all__ = [
     "OPTIONAL_CHECKS",
     "check_batch_size",
-    "check_encodings",
     "check_family",
     "check_finite",
     "check_finite_number",
@@ -429,11 +305,9 @@ __all__ = [
     "check_prompts_shape",
     "check_seed",
     "check_token_ids",
-    "check_vectors",
     "int_list",
     "model_family",
     "name_list",
     "one_of",
     "unchecked",
-    "vector_tasks",
 ]

@@ -5,12 +5,14 @@ What differs from a HookedTransformer, and how this module hides it (measured, s
 
 - inside a hook, ``hook.name`` is the bridge's own spelling (``blocks.0.hook_in``); tvlens hooks never
   read it, and ``hook_name`` checks that the canonical alias exists;
-- ``stop_at_layer=n_layers`` returns logits, not the final residual: :meth:`final_resid` reads it with
-  a hook on the last block's ``hook_resid_post``;
+- ``stop_at_layer=n_layers`` returns logits, not the final residual: :meth:`final_resid` (and
+  ``run_with_hooks(stop_at_layer=n_layers)``) stop the forward pass with a hook on the last block's
+  ``hook_resid_post`` that raises TransformerLens' ``StopAtLayerException``, so the final norm and the
+  unembedding never run (no ``[batch, pos, d_vocab]`` tensor, no per-shape recording pass);
 - ``start_at_layer`` is missing (3.9) or still runs the early blocks (4.x), and ``past_kv_cache`` is
   ignored: :meth:`run_from` calls the bridge's blocks directly, with the keyword arguments the
   Hugging Face model passes them (attention mask, positions, rotary tables) recorded once per input
-  shape on a hook-free forward pass, so only blocks ``start..`` run and their hooks fire as usual.
+  shape on a hook-free forward pass (stopped before the last block), so only blocks ``start..`` run and their hooks fire as usual.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ class BridgeBackend(CommonBackend):
 
     def __init__(self, model) -> None:
         self._read_shape(model)
-        from tvlens.backends.loading import read_in_of
+        from tvlens.backends.embed import read_in_of
 
         self._read_in = read_in_of(model)
         self.continuous = self._read_in is not None
@@ -73,20 +75,36 @@ class BridgeBackend(CommonBackend):
         for n, _ in fwd_hooks:
             self.hook_name(n)
         if stop_at_layer is not None and stop_at_layer >= self.n_layers:  # the bridge would return logits
-            out: dict[str, torch.Tensor] = {}
-
-            def keep(act, hook):
-                out["r"] = act
-            hooks = list(fwd_hooks) + [(f"blocks.{self.n_layers - 1}.hook_resid_post", keep)]
-            with self.model.hooks(fwd_hooks=hooks):
-                self.model(self._input(x))
-            return out["r"]
+            return self._run_blocks(x, fwd_hooks)
         with self.model.hooks(fwd_hooks=list(fwd_hooks)):
             return self.model(self._input(x), stop_at_layer=stop_at_layer)
+
+    def _run_blocks(self, x, fwd_hooks: Sequence = ()) -> torch.Tensor:
+        """The residual after the last block, the forward pass stopped there: the final norm and the
+        unembedding (a ``[batch, pos, d_vocab]`` tensor: 15 GB for Gemma-3's 262k vocabulary at 105 x 136
+        tokens) never run. The caller's hooks fire first; a hook on the last block's output then raises
+        TransformerLens' own ``StopAtLayerException``, which the bridge's forward catches and returns."""
+        from transformer_lens.model_bridge.exceptions import StopAtLayerException
+
+        def stop(act, hook):
+            raise StopAtLayerException(act)
+
+        hooks = list(fwd_hooks) + [(f"blocks.{self.n_layers - 1}.hook_resid_post", stop)]
+        with self.model.hooks(fwd_hooks=hooks):
+            out = self.model(self._input(x))
+        if not torch.is_tensor(out) or out.shape[-1] != self.d_model:  # pragma: no cover - a TL that swallows it
+            from tvlens.errors import HookError
+
+            raise HookError("this TransformerBridge did not stop after its last block (its forward returned "
+                            f"{type(out).__name__}): tvlens cannot read the final residual stream")
+        return out
 
     # running parts
     def embed_input(self, x):
         return self.model(self._input(x), stop_at_layer=0)
+
+    def final_resid(self, x):
+        return self._run_blocks(x)  # one forward pass that stops after the blocks: no per-shape recording
 
     def _calls(self, resid: torch.Tensor) -> list[tuple[tuple, dict]]:
         """Each block's call arguments for inputs of ``resid``'s batch and length, recorded once on a
@@ -95,10 +113,15 @@ class BridgeBackend(CommonBackend):
         if key not in self._block_calls:
             calls: list[Any] = [None] * self.n_layers
             handles = []
+            from transformer_lens.model_bridge.exceptions import StopAtLayerException
+
+            last = self.n_layers - 1
             for i, block in enumerate(self.model.blocks):
                 def pre(mod, args, kwargs, _i=i):
                     calls[_i] = (tuple(None if _is_cache(a) else a for a in args[1:]),
                                  {k: (None if _is_cache(v) else v) for k, v in kwargs.items()})
+                    if _i == last:  # every call is recorded: the last block, norm and unembedding never run
+                        raise StopAtLayerException(args[0] if args else None)
                 handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
             saved = [(hp, dict(hp._forward_hooks), dict(hp._backward_hooks)) for hp in self.model.hook_dict.values()]
             try:
@@ -189,8 +212,14 @@ class BridgeBackend(CommonBackend):
     def set_use_split_qkv_input(self, on: bool) -> bool:
         old = bool(getattr(self.model.cfg, "use_split_qkv_input", False))
         if old != bool(on):
+            from tvlens.backends.native_qkv import native_attentions, set_native_split_qkv
+
+            native = native_attentions(self.model)  # boot_native: TransformerLens refuses, tvlens forks it
             try:
-                self.model.set_use_split_qkv_input(bool(on))
+                if native is not None:
+                    set_native_split_qkv(self.model, native, bool(on))
+                else:
+                    self.model.set_use_split_qkv_input(bool(on))
             except NotImplementedError as e:
                 from tvlens.errors import UnsupportedModelError
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Sequence
 
@@ -138,7 +139,7 @@ def regression_class() -> type:
     if _REGRESSION_CLS:
         return _REGRESSION_CLS[0]
     HookedTransformer, _ = _ht()
-    from tvlens.backends.loading import LinearEmbed
+    from tvlens.backends.embed import LinearEmbed
 
     class HookedRegressionTransformer(HookedTransformer):
         tvlens_continuous = True
@@ -176,7 +177,6 @@ def build_hooked(cfg: dict, continuous: bool, model_name: str = "tvlens"):
 
 def load_pretrained_hooked(name: str, device, local_folder: bool, **kwargs):
     from pathlib import Path
-    from unittest import mock
 
     HookedTransformer, _ = _ht()
     dm = {k: kwargs.pop(k) for k in ("device_map", "max_memory", "offload_folder") if k in kwargs}
@@ -200,29 +200,83 @@ def load_pretrained_hooked(name: str, device, local_folder: bool, **kwargs):
             tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         except (OSError, ValueError, TypeError):
             tokenizer = None
-    # TransformerLens 3.x builds the config from a local folder (get_pretrained_model_config accepts a
-    # path) but from_pretrained first maps the name to an official one and rejects paths. Let paths
-    # through that one lookup, for this call only.
+    with _tl_reads_folder(folder) as path:
+        return HookedTransformer.from_pretrained(path, hf_model=hf_model, tokenizer=tokenizer, device=device, **kwargs)
+
+
+@contextlib.contextmanager
+def _tl_reads_folder(folder):
+    """Make TransformerLens 3.x read a local folder's config.json, for the calls inside this block only.
+
+    - from_pretrained first maps the name to an official one and rejects paths: let existing paths through;
+    - TL 3.9 guesses the architecture from the *name* when it holds "llama" or "gemma" (and then reads no
+      config: a crash, or Gemma-2 taken for Gemma-1): a neutral link name makes it read config.json;
+    - a GPT-2 config saved by transformers 5 has no ``n_ctx`` (TL reads it): map it from ``n_positions``.
+    Yields the path to give TransformerLens."""
+    import re
+    import tempfile
+    from pathlib import Path
+    from unittest import mock
+
     import transformer_lens.loading_from_pretrained as loading
 
     official = loading.get_official_model_name
-    import re
-    import tempfile
+    auto_config = loading.AutoConfig
+
+    class _MappedAutoConfig:
+        @staticmethod
+        def from_pretrained(*args, **kw):
+            cfg = auto_config.from_pretrained(*args, **kw)
+            if getattr(cfg, "model_type", None) == "gpt2" and not hasattr(cfg, "n_ctx") and hasattr(cfg, "n_positions"):
+                cfg.n_ctx = cfg.n_positions
+            return cfg
 
     with tempfile.TemporaryDirectory(prefix="tvlens-") as tmp:
-        # TL 3.9 guesses the architecture from the *name* when it holds "llama" or "gemma" (and then reads
-        # no config: a crash, or Gemma-2 taken for Gemma-1); a neutral link name makes it read config.json
         path = str(folder)
         if re.search("llama|gemma", path.lower()):
             link = Path(tmp) / "model"
-            link.symlink_to(folder.resolve(), target_is_directory=True)
+            link.symlink_to(Path(folder).resolve(), target_is_directory=True)
             path = str(link)
         with warnings.catch_warnings(), mock.patch.object(
             loading, "get_official_model_name", lambda n: n if Path(n).exists() else official(n)
-        ):
+        ), mock.patch.object(loading, "AutoConfig", _MappedAutoConfig):
             warnings.filterwarnings("ignore", category=DeprecationWarning)
-            return HookedTransformer.from_pretrained(path, hf_model=hf_model, tokenizer=tokenizer, device=device,
-                                                     **kwargs)
+            yield path
+
+
+def hooked_unsupported(folder) -> str | None:
+    """Why TransformerLens' HookedTransformer cannot load the local Hugging Face folder ``folder`` (None when it
+    can, or when this TransformerLens has no HookedTransformer to ask). Reads config.json only: cheap, before
+    any weights are loaded."""
+    if not hooked_classes():
+        return None
+    import transformer_lens.loading_from_pretrained as loading
+
+    try:
+        with _tl_reads_folder(folder) as path:
+            loading.convert_hf_model_config(path)
+    except NotImplementedError as e:
+        return str(e).splitlines()[0][:200] if str(e) else "architecture not supported"
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        return None  # not an architecture question: loading reports it with its own message
+    return None
+
+
+def hooked_unsupported_architecture(architecture: str) -> str | None:
+    """:func:`hooked_unsupported` for a Hugging Face architecture class name (e.g. ``"Gemma3ForCausalLM"``),
+    asked through a minimal config.json, before any weights exist."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    model_type = next((t for t, cls in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items() if cls == architecture), None)
+    if model_type is None or not hooked_classes():
+        return None
+    with tempfile.TemporaryDirectory(prefix="tvlens-arch-") as tmp:
+        (Path(tmp) / "config.json").write_text(json.dumps({"architectures": [architecture], "model_type": model_type}))
+        return hooked_unsupported(tmp)
 
 
 def pretrained_names() -> tuple[set[str], set[str]]:

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
+from tvlens.backends.embed import LinearEmbed, read_in_of  # noqa: F401 - also importable from here
 from tvlens.errors import ConfigError, UnsupportedModelError
 
 BACKENDS = ("auto", "hooked", "bridge")
@@ -40,26 +40,38 @@ def resolve_backend(backend: str) -> str:
     return backend
 
 
-class LinearEmbed(nn.Module):
-    """Read-in of continuous inputs into the residual stream: ``x @ W_E + b_E``.
+def _architecture(folder) -> str:
+    import json
 
-    ``W_E`` is ``[d_in, d_model]``, the same layout as a token embedding's ``[d_vocab, d_model]``.
-    """
+    try:
+        archs = json.loads((Path(folder) / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        archs = []
+    return str(archs[0]) if archs else "this architecture"
 
-    def __init__(self, d_in: int, d_model: int) -> None:
-        super().__init__()
-        self.W_E = nn.Parameter(torch.randn(d_in, d_model) / math.sqrt(d_in))
-        self.b_E = nn.Parameter(torch.zeros(d_model))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (torch.is_tensor(x) and x.is_floating_point() and x.ndim == 3):
-            raise ConfigError(
-                "a regression model takes float inputs of shape [batch, pos, d_in]; "
-                f"got {type(x).__name__} {getattr(x, 'shape', '')} {getattr(x, 'dtype', '')}"
-            )
-        if x.shape[-1] != self.W_E.shape[0]:
-            raise ConfigError(f"input dimension {x.shape[-1]} does not fit this model (d_in={self.W_E.shape[0]})")
-        return x.to(self.W_E.device) @ self.W_E + self.b_E
+def choose_backend(backend: str, folder: Any = None, architecture: str | None = None) -> tuple[str, str]:
+    """The backend for a pretrained Hugging Face model (a local ``folder``, or only its ``architecture`` before
+    the folder exists) and why. ``"auto"``: a HookedTransformer where this TransformerLens has one and supports
+    the architecture, else a bridge. ``"hooked"`` for an architecture it does not support is refused here,
+    before any weights load."""
+    from tvlens.backends import tl_version
+
+    kind = resolve_backend(backend)
+    tl = f"TransformerLens {tl_version()}"
+    arch = architecture or (_architecture(folder) if folder is not None else "this architecture")
+    if kind == "bridge":
+        return kind, (f"TransformerBridge: {tl} has no HookedTransformer" if backend == "auto"
+                      else "TransformerBridge: backend='bridge' was asked for")
+    from tvlens.backends.hooked import hooked_unsupported, hooked_unsupported_architecture
+
+    why = hooked_unsupported(folder) if folder is not None else hooked_unsupported_architecture(arch)
+    if why is None:
+        return "hooked", f"HookedTransformer: {tl}'s HookedTransformer supports {arch}"
+    if backend == "auto":
+        return "bridge", f"TransformerBridge: {tl}'s HookedTransformer does not support {arch} ({why})"
+    raise UnsupportedModelError(f"backend='hooked': {tl}'s HookedTransformer does not support {arch} ({why}); "
+                                "use backend='bridge' or backend='auto' (a TransformerBridge)")
 
 
 def build(cfg: dict[str, Any], continuous: bool, backend: str = "auto", model_name: str = "tvlens"):
@@ -104,12 +116,6 @@ def _read_in_forward(self, input_ids=None, attention_mask=None, position_ids=Non
         inputs_embeds = self.tvlens_read_in(inputs_embeds)
     return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                               inputs_embeds=inputs_embeds, **kwargs)
-
-
-def read_in_of(model) -> LinearEmbed | None:
-    """A bridge's continuous read-in (regression models), or None."""
-    orig = model.__dict__.get("original_model") or getattr(model, "original_model", None)
-    return getattr(orig, "tvlens_read_in", None)
 
 
 def from_tl_state(state: dict[str, torch.Tensor], cfg: dict[str, Any], continuous: bool, backend: str = "auto"):
@@ -253,5 +259,5 @@ def load_pretrained(name: str, backend: str, device: Any = None, local_folder: b
     return model
 
 
-__all__ = ["BACKENDS", "LinearEmbed", "build", "from_tl_state", "load_pretrained", "read_in_of",
+__all__ = ["BACKENDS", "LinearEmbed", "build", "choose_backend", "from_tl_state", "load_pretrained", "read_in_of",
            "resolve_backend", "tl_state"]

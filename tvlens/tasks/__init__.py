@@ -21,6 +21,7 @@ from tvlens.tasks.lexical import Lexical
 from tvlens.tasks.lookup import Lookup
 from tvlens.tasks.pos import Pos
 from tvlens.tasks.position import Position
+from tvlens.tasks.registry import _REGISTRY, registered_module
 from tvlens.tasks.shift import Shift
 from tvlens.tasks.sparse_regression import (
     SparseRegression,
@@ -31,7 +32,7 @@ from tvlens.tasks.sparse_regression import (
 )
 from tvlens.tasks.text import DEFAULT_TEMPLATE, TextPrompt, TextTaskFamily, tokenize_prompts
 
-_REGISTRY: dict[str, tuple[Callable[..., TaskFamily], dict[str, Any], str]] = {
+_REGISTRY.update({
     "bitwise": (Bitwise, {}, "AND/OR/XOR/NAND/NOR/XNOR of two 5-bit strings, plus Null"),
     "categories": (Categories, {}, "answer the input's token of category T (6 x 8 tokens), plus Null"),
     "codes": (Codes, {}, "answer the code (1-8) of the input's category-T word: the task shows only in the mapping"),
@@ -51,7 +52,7 @@ _REGISTRY: dict[str, tuple[Callable[..., TaskFamily], dict[str, Any], str]] = {
         {"D": 8, "r": 2, "n_bases": 4},
         "a CPU-sized sparse regression (D=8, r=2, 4 bases)",
     ),
-}
+})
 
 #: tvlens' own families: never replaced by ``register`` (models record their family by name)
 _BUILTIN = frozenset(_REGISTRY)
@@ -94,11 +95,6 @@ def register(name: str, factory: Callable[..., TaskFamily] | None = None, descri
     return factory
 
 
-def registered_module(name: str) -> str | None:
-    """The module of a family registered from outside tvlens (None for tvlens' own and unknown names)."""
-    entry = _REGISTRY.get(name)
-    module = getattr(entry[0], "__module__", None) if entry else None
-    return None if module is None or module == "tvlens" or module.startswith("tvlens.") else module
 
 
 def with_module(config: dict[str, Any] | None) -> dict[str, Any] | None:

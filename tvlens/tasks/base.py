@@ -11,6 +11,7 @@ import torch
 from tvlens.checks import check_memory, check_names, check_seed
 from tvlens.errors import ConfigError, UnknownNameError
 from tvlens.prompts import PromptSet
+from tvlens.tasks.registry import registered_module
 
 ARROW = "->"
 END = ";"
@@ -74,8 +75,6 @@ class TaskFamily(ABC):
         """Name and parameters: ``tvlens.tasks.get(**family.config())`` rebuilds the family. A family
         registered from outside tvlens also records its module (``"_module"``), so a checkpoint reopened in
         another process can say which module to import to register it again."""
-        from tvlens.tasks import registered_module
-
         module = registered_module(self.name)
         return {"name": self.name, **self.params, **({"_module": module} if module else {})}
 

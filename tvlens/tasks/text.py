@@ -312,6 +312,8 @@ def tokenize_prompts(
             f"{len(multi)} of {len(full)} prompts): choose scoring='first_token' (the first token stands for the "
             "answer) or scoring='greedy' (tvlens.text_accuracy generates the whole answer)"
         )
+    if multi and scoring == "first_token":
+        _refuse_constant_first_token(family, full, tanswers, tok)
     n, L, A = len(seqs), max(map(len, seqs)), max(map(len, full))
     tokens = torch.full((n, L), int(pad), dtype=torch.long)
     train_mask = torch.zeros(n, L, dtype=torch.bool)
@@ -337,6 +339,29 @@ def tokenize_prompts(
         task_answers=torch.tensor(tanswers, dtype=torch.long)[..., None] if len(tanswers) == n else None,
         vocab=_vocab_list(tok),
         extra={"answer_tokens": answer_tokens, "answer_len": torch.tensor([len(a) for a in full])},
+    )
+
+
+def _refuse_constant_first_token(family: TextTaskFamily, full: list[list[int]], tanswers: list[list[int]],
+                                 tok: Any) -> None:
+    """First-token scoring scores nothing when every answer (of every prompt and, where recorded, every
+    task) begins with the same token while the whole answers differ: e.g. ``bitwise_text`` on SmolLM2's
+    and Gemma-3's tokenizers, where each answer is ``' '`` then its digits. Accuracy would then be the
+    same for every task and no task-vector patch could change the scored token: refuse."""
+    firsts = {a[0] for a in full} | {t for row in tanswers for t in row}
+    if len(firsts) != 1 or len({tuple(a) for a in full}) < 2:
+        return
+    first = next(iter(firsts))
+    try:
+        shown = repr(tok.decode([first]))
+    except Exception:  # noqa: BLE001 - only for the message
+        shown = f"id {first}"
+    raise ConfigError(
+        f"scoring='first_token' cannot score family {family.name!r} with this tokenizer: every answer begins with "
+        f"the same token {shown} (id {first}) and differs only after it, so the scored token is the same for "
+        "every task and prompt: accuracy could not tell the tasks apart and no patch (run_patching) could "
+        "change it. Use scoring='greedy' (tvlens.text_accuracy scores the whole answer), or a template or "
+        "tokenizer whose answers' first tokens differ"
     )
 
 

@@ -35,8 +35,13 @@ def prompt_tokens(prompts, prompt: int = 0, spaced: bool = False, model: Any = N
     ``spaced`` puts a space before every token but the first, for views that run tokens together
     (tvlens vocabularies are whole words without their spaces)."""
     i = check_prompt_index(prompts, prompt)
-    toks = ([f"x{p}" for p in range(prompts.seq_len)] if prompts.is_continuous
-            else prompts.str_tokens(i, tokenizer=getattr(model, "tokenizer", None)))
+    tok = getattr(model, "tokenizer", None)
+    if "answer_tokens" in prompts.extra and tok is not None and not getattr(tok, "tvlens_word_tokenizer", False):
+        # text prompts of a pretrained model: each token as the text it stands for (" Paris", not "ĠParis")
+        toks = [tok.decode([int(t)]) for t in prompts.tokens[i]]  # type: ignore[index]
+    else:
+        toks = ([f"x{p}" for p in range(prompts.seq_len)] if prompts.is_continuous
+                else prompts.str_tokens(i, tokenizer=tok))
     return [(" " + t if spaced and j else t) for j, t in enumerate(toks)]
 
 
@@ -129,6 +134,9 @@ def attention_heads_view(model, prompts, heads: Any = None, prompt: int = 0, k: 
     tokens = prompt_tokens(prompts, i, model=model)
     pat = attention_patterns(model, prompts, i)
     att = torch.stack([pat[L, h] for L, h in pairs])  # [heads, dest, src]
+    if "answer_len" in prompts.extra:  # text prompts are right-padded: show the prompt up to its answer's end
+        end = int(prompts.query_pos[i]) + int(prompts.extra["answer_len"][i]) + 1
+        tokens, att = tokens[:end], att[:, :end, :end]
     names = [f"L{L}H{h}" for L, h in pairs]
     task = prompts.task_names[int(prompts.labels[i])]
     return _cv_fragment("AttentionHeads", {"attention": att.numpy().round(4), "tokens": tokens,

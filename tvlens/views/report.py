@@ -64,6 +64,25 @@ def _resolve(model: Any, family: Any):
     return m, fam, (str(name) if name is not None else "model")
 
 
+def _report_prompts(m, fam, n_per_task: int, shots: int, seed: int):
+    """``(prompts, first_token)``: the family's prompts for ``m``. A text family on a model with its own
+    tokenizer (a pretrained language model) is tokenized with it; where an answer spans several tokens the
+    accuracy scores the whole answer (``scoring="greedy"``) and ``first_token`` is True: patching and head
+    attribution, which score an answer by its first token, get ``first_token_view(prompts)``."""
+    from tvlens.llm import text_tokenizer
+    from tvlens.tasks.text import TextTaskFamily
+
+    if not isinstance(fam, TextTaskFamily) or text_tokenizer(m) is None:
+        return fam.sample(n_per_task, shots=shots, seed=seed), False
+    prompts = fam.sample(n_per_task, shots=shots, seed=seed, tokenizer=text_tokenizer(m), scoring="greedy")
+    return prompts, bool((prompts.extra["answer_len"] > 1).any())
+
+
+def first_token_view(prompts):
+    """The same text prompts, scored by their answer's first token."""
+    return replace(prompts, params={**prompts.params, "scoring": "first_token"})
+
+
 def _checkpoint_source(name: str | None) -> str | None:
     """A shipped model name or a run folder with several checkpoints, for the emergence views."""
     if name is None:
@@ -161,8 +180,11 @@ def _build_report(
     ``precomputed``: results already computed on the same prompts (``family.sample(n_per_task,
     shots, seed)``), by name: ``accuracy``, ``encodings``, ``decodability`` (``tvlens demo`` passes them).
     """
-    import tvlens
+    from tvlens.accuracy import icl_accuracy
+    from tvlens.encoding import emergence as run_emergence
     from tvlens.encoding import extract, task_decodability
+    from tvlens.patching import run_patching
+    from tvlens.sweeps import activation_patching
 
     t_all = time.perf_counter()
     timings: dict[str, float] = {}
@@ -181,9 +203,7 @@ def _build_report(
     if recorded is not None and recorded.name != fam.name:
         notes.append(f"the model was trained on {recorded!r}, this report samples {fam!r}: its numbers describe a "
                      "family the model never saw")
-    from tvlens.llm import prompts_for
-
-    prompts = prompts_for(m, fam, n_per_task, shots, seed)  # a text family: tokenized with the model's tokenizer
+    prompts, first_token = _report_prompts(m, fam, n_per_task, shots, seed)
     if n_per_task < 100:
         notes.append(f"TD here is leave-one-out k-NN over {n_per_task} prompts per task; it rises with prompts per "
                      "task (more same-task neighbours nearby), so compare it only at the same number (the demo and "
@@ -202,7 +222,7 @@ def _build_report(
     unknown = set(pre) - {"accuracy", "encodings", "decodability"}
     if unknown:
         raise ConfigError(f"precomputed: unknown keys {sorted(unknown)}; give accuracy, encodings or decodability")
-    acc = pre["accuracy"] if "accuracy" in pre else tvlens.icl_accuracy(m, prompts)
+    acc = pre["accuracy"] if "accuracy" in pre else icl_accuracy(m, prompts)
     enc = pre["encodings"] if "encodings" in pre else extract(m, prompts, progress=progress)
     dec = pre["decodability"] if "decodability" in pre else task_decodability(enc, k=k)
     if len(enc) != len(prompts) or len(acc.per_prompt) != len(prompts):
@@ -223,33 +243,30 @@ def _build_report(
         psub = prompts.subset(keep)
     patch = patch_ans = None
     if prompts.task_answers is None and not prompts.is_continuous:
-        notes.append(f"these prompts ({fam.name}) record no per-task answers (what each task's rule answers on a "
-                     "prompt), so task-vector patching, which scores whose rule a patched prompt follows, is left out")
+        notes.append(f"no task-vector patching: the {fam.name!r} tasks each read their own kind of input, so no "
+                     "other task's rule applies to a query and a flip cannot be scored (patch a family such as "
+                     "'pos' or 'bitwise_text')")
     else:
-        patch = tvlens.run_patching(m, psub, enc.task_vectors(), mode=patching_mode, progress=progress)
+        psub = first_token_view(psub) if first_token else psub
+        patch = run_patching(m, psub, enc.task_vectors(), mode=patching_mode, progress=progress)
         results["patching"] = patch
     if patch is not None and patch.metric != "mse" and prompts.shots >= 1 and prompts.train_mask is not None:
         # the same test where a model may keep its task instead: the examples' answer tokens (replace)
         vec_ans = extract(m, psub, progress=progress, at="answers").task_vectors()
-        patch_ans = tvlens.run_patching(m, psub, vec_ans, mode="replace", progress=progress)
+        patch_ans = run_patching(m, psub, vec_ans, mode="replace", progress=progress)
         results["patching_answers"] = patch_ans
     tick("run_patching", t0)
 
     t0 = time.perf_counter()
     scores = head_scores
     if scores is None:
-        attribution = getattr(tvlens, "head_attribution", None)
-        if attribution is None:
-            try:
-                from tvlens.attribution import head_attribution as attribution
-            except ImportError:
-                attribution = None
-        if attribution is not None and prompts.is_continuous:
+        from tvlens.attribution import head_attribution
+
+        if prompts.is_continuous:
             notes.append("head attribution scores answer tokens and these prompts are continuous: head views left out")
-        elif attribution is not None:
-            scores = attribution(m, prompts, method=head_method, progress=progress)
         else:
-            notes.append("head attribution is not available in this tvlens version: head views left out")
+            scores = head_attribution(m, first_token_view(prompts) if first_token else prompts, method=head_method,
+                                      progress=progress)
     if scores is not None:
         results["head_scores"] = scores
     tick("head_attribution", t0)
@@ -264,8 +281,8 @@ def _build_report(
         def logit_diff(logits):
             return logits[rows, 0, ans_a] - logits[rows, 0, ans_b]
 
-        sweep = tvlens.activation_patching(m, clean, corrupted, logit_diff, site="resid_pre", by=("layer", "pos"),
-                                           read_positions=read, progress=progress, ci=0.95)
+        sweep = activation_patching(m, clean, corrupted, logit_diff, site="resid_pre", by=("layer", "pos"),
+                                    read_positions=read, progress=progress, ci=0.95)
         results["position_sweep"] = sweep
         results["position_sweep_pairs"] = pairs
     else:
@@ -283,8 +300,8 @@ def _build_report(
             if emergence_steps is not None and len(steps) > emergence_steps:
                 idx = sorted({round(i * (len(steps) - 1) / (emergence_steps - 1)) for i in range(emergence_steps)})
                 steps = [steps[i] for i in idx]
-            em = tvlens.emergence(src, fam, n_per_task=max(emergence_per_task, k + 1), shots=shots, seed=seed + 1, k=k,
-                                  steps=steps, progress=progress)
+            em = run_emergence(src, fam, n_per_task=max(emergence_per_task, k + 1), shots=shots, seed=seed + 1, k=k,
+                               steps=steps, progress=progress)
         else:
             notes.append("the model has no training checkpoints here: the emergence views are left out")
     elif emergence not in (False, None):
@@ -388,7 +405,7 @@ def _best_patch(patch) -> str:
     li = patch.layers.index(b)
     fci, cci = getattr(patch, "flip_rate_ci", None), getattr(patch, "control_ci", None)
     return (f"best layer {b}: flip rate {float(patch.flip_rate[li]):.3f}{_ci(fci, li)}, own-task control "
-            f"{float(patch.control[li]):.3f}{_ci(cci, li)}")
+            f"{float(patch.control[li]):.3f}{_ci(cci, li)} (unpatched accuracy {patch.unpatched_accuracy:.3f})")
 
 
 def _add_circuit_graphs(page, results, m, prompts, prompt, notes, per_task: int = 2) -> None:
@@ -438,7 +455,7 @@ def summarize(name, fam, acc, dec, patch, scores=None, em=None, sweep=None, top_
                                       f"{_ci(getattr(dec, 'td_ci', None), b)} (chance {dec.chance:.3f}{null}); "
                                       f"layers {dec.layers[0]}..{dec.layers[-1]}: {tds}"))
     if patch is None:
-        rows.append(("patching", "left out: the prompts record no per-task answers"))
+        rows.append(("patching", "not run: no other task's rule applies to these prompts' queries"))
     elif patch.metric == "mse":
         grid_means = ", ".join(f"L{L} {float(patch.delta_logprob_source[i].nanmean()):.3f}"
                                for i, L in enumerate(patch.layers))

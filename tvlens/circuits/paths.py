@@ -1,0 +1,100 @@
+"""Exact path patching of edges on the batched sweep engine."""
+
+from __future__ import annotations
+
+import torch
+
+from tvlens.circuits.gradients import _gather, _prepare, _writers
+from tvlens.circuits.graph import Graph, _EdgeFlags, _sender_outputs, graph_of
+from tvlens.circuits.results import EdgeScores
+from tvlens.errors import ConfigError
+from tvlens.positions import prompt_answer_positions
+from tvlens.prompts import describe
+
+
+# --------------------------------------------------------------------------- exact path patching
+@torch.no_grad()
+def path_patching(model, prompts, edges=None, corrupted=None, metric=None, seed: int = 0, batch_size: int = 4096,
+                  ci: bool = False, progress: bool = True) -> EdgeScores:
+    """Exact path patching of every edge (or the given ``edges``, ``(sender, receiver)`` pairs): the metric
+    after adding the sender's clean-minus-corrupted output to that receiver's input only, minus the corrupted
+    run's metric (see the module docstring). Built on ``tvlens.sweeps.activation_patching``: one engine call
+    per receiver kind (q, k, v, MLP) and layer, all senders stacked along the batch."""
+    from tqdm.auto import tqdm
+
+    from tvlens.sweeps import activation_patching
+
+    bk, P, C, fn, metric_name = _prepare(model, prompts, corrupted, metric, "path-patch", seed, gradient=False)
+    graph = graph_of(model)
+    if edges is None:
+        edges = graph.edges
+    else:
+        edges = [tuple(e[:2]) for e in edges]
+        if not edges:
+            raise ConfigError("edges: expected a non-empty list of (sender, receiver) pairs, got none")
+        for s, r in edges:
+            graph.check_edge(s, r)
+    senders = graph.senders
+    s_idx = {s: i for i, s in enumerate(senders)}
+    B = len(P)
+    reads = prompt_answer_positions(P)
+    answers = P.answers
+    L = graph.n_layers
+    with _EdgeFlags(bk, graph.mlps):
+        cap_names = [f"blocks.{l}.hook_{k}_input" for l in range(L) for k in "q"]
+        cap_names += [f"blocks.{l}.hook_mlp_in" for l in range(L)] if graph.mlps else []
+        corr_in = bk.capture(C.tokens, cap_names)
+        delta = (_sender_outputs(bk, _writers(bk, P.tokens, graph.mlps), graph)
+                 - _sender_outputs(bk, _writers(bk, C.tokens, graph.mlps), graph))  # [B, pos, S, d]
+        final_k = bk.final_resid(C.tokens)
+        corr_pp = fn(bk.unembed(_gather(final_k, reads)), answers).float().cpu()
+        clean_m = float(fn(bk.unembed(_gather(bk.final_resid(P.tokens), reads)), answers).float().mean())
+        out = torch.full((B, len(edges)), float("nan"))
+        e_pos = {e: i for i, e in enumerate(edges)}
+        # group the wanted edges by (receiver kind, layer)
+        groups: dict[tuple[str, int], set[str]] = {}
+        for s, r in edges:
+            k, l, _ = Graph.receiver_layer(r)
+            groups.setdefault((k, l), set()).add(s)
+        bar = tqdm(total=len(groups), desc="path patching", disable=not progress, leave=False)
+        for (k, l), sset in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+            snd = [s for s in senders if s in sset]
+            S = len(snd)
+            d = delta[:, :, [s_idx[s] for s in snd]].permute(2, 0, 1, 3).reshape(S * B, *delta.shape[1:2], -1)
+            if k == "logits":
+                res = fn(bk.unembed(_gather(final_k.repeat(S, 1, 1) + d, reads)), answers.repeat(S, 1)).float().cpu()
+                vals = (res.view(S, B) - corr_pp[None])
+                for j, s in enumerate(snd):
+                    out[:, e_pos[(s, "logits")]] = vals[j]
+                bar.update(1)
+                continue
+            base = corr_in[f"blocks.{l}.hook_q_input" if k != "mlp" else f"blocks.{l}.hook_mlp_in"]
+            if k != "mlp":
+                base = base[:, :, 0]  # every head's input is the same residual
+            src = base.repeat(S, 1, 1) + d  # [S*B, pos, d_model]
+            site = {"q": "q_input", "k": "k_input", "v": "v_input", "mlp": "mlp_in"}[k]
+
+            def metric_rep(logits, _S=S):
+                return fn(logits, answers.repeat(_S, 1))
+            r = activation_patching(model, None, C.tokens.repeat(S, 1), metric_rep, site=site,
+                                    by=("layer",) if k == "mlp" else ("layer", "head"), layers=[l],
+                                    read_positions=reads.repeat(S, 1), batch_size=max(batch_size, S * B),
+                                    progress=False, source={l: src if k == "mlp" else src[:, :, None]},
+                                    per_prompt=True)
+            pp = r.per_prompt.reshape(-1, S, B).float()  # [heads or 1, S, B]
+            vals = pp - corr_pp[None, None]
+            for j, s in enumerate(snd):
+                if k == "mlp":
+                    if (s, f"MLP{l}") in e_pos:
+                        out[:, e_pos[(s, f"MLP{l}")]] = vals[0, j]
+                else:
+                    for h in range(graph.n_heads):
+                        e = (s, f"L{l}H{h}.{k}")
+                        if e in e_pos:
+                            out[:, e_pos[e]] = vals[h, j]
+            bar.update(1)
+        bar.close()
+    res = EdgeScores(scores=out.mean(0), edges=list(edges), method="path-patch", metric=metric_name,
+                     n_layers=graph.n_layers, n_heads=graph.n_heads, per_prompt=out, prompts=describe(prompts),
+                     notes={"seed": seed, "clean_metric": clean_m, "corrupted_metric": float(corr_pp.mean())})
+    return res.with_ci(seed=seed) if ci else res

@@ -1,0 +1,196 @@
+"""Fast scoring methods: node scores (EAP-IG per head/MLP) and edge attribution (EAP, EAP-IG, AtP + GradDrop)."""
+
+from __future__ import annotations
+
+import torch
+
+from tvlens.backends import get_backend
+from tvlens.circuits.gradients import DEFAULT_IG_STEPS, _check_steps, _chunks, _ig_gradients, _prepare, _writers
+from tvlens.circuits.graph import Graph, _EdgeFlags, _has_mlps, _receiver_hooks, _sender_outputs, graph_of
+from tvlens.circuits.paths import path_patching
+from tvlens.circuits.results import EdgeScores, HeadScores, _per_task
+from tvlens.errors import ConfigError
+from tvlens.positions import position_mask, prompt_answer_positions
+from tvlens.prompts import describe
+
+
+# --------------------------------------------------------------------------- node scores
+def node_attribution(model, P, C, fn, ig_steps: int = DEFAULT_IG_STEPS, batch_size: int = 64, mlps: bool = True,
+                     progress: bool = False, grad_drop: bool = False):
+    """EAP-IG (or, ``grad_drop``, AtP + GradDrop at ``hook_z``) node estimates on trimmed prompts.
+
+    Returns ``heads [n, layer, head]``, ``mlp [n, layer]`` (None without MLPs), the corrupted metric."""
+    from tqdm.auto import tqdm
+
+    bk = get_backend(model)
+    steps = _check_steps(ig_steps)
+    mlps = mlps and _has_mlps(bk)
+    L = bk.n_layers
+    names = [f"blocks.{l}.attn.hook_z" for l in range(L)] + ([f"blocks.{l}.hook_mlp_out" for l in range(L)] if mlps else [])
+    heads, mlp_vals, bases = [], [], []
+    reads = prompt_answer_positions(P)
+    per = max(1, batch_size // (L if grad_drop else steps))
+    for sl in tqdm(_chunks(len(P), per), desc="eap-ig" if not grad_drop else "atp+graddrop", disable=not progress,
+                   leave=False):
+        wc, wk = _writers(bk, P.tokens[sl], mlps), _writers(bk, C.tokens[sl], mlps)
+        g, base = _ig_gradients(bk, P.tokens[sl], C.tokens[sl], reads[sl], P.answers[sl], fn, steps, names,
+                                drop_groups=L if grad_drop else 0, method="atp" if grad_drop else "eap-ig")
+        bases.append(base)
+
+        def est(n, dims):
+            d = wc[n] - wk[n]
+            if grad_drop:  # AtP*: (1 / (L - 1)) sum over dropped layers of |estimate|, signed by plain AtP
+                v = (d[None] * g[n]).sum(dims)
+                return v.abs().sum(0) / max(L - 1, 1)
+            return (d * g[n]).sum(dims)
+
+        heads.append(torch.stack([est(f"blocks.{l}.attn.hook_z", (1, 3) if not grad_drop else (2, 4))
+                                  for l in range(L)], 1).float().cpu())
+        if mlps:
+            mlp_vals.append(torch.stack([est(f"blocks.{l}.hook_mlp_out", (1, 2) if not grad_drop else (2, 3))
+                                         for l in range(L)], 1).float().cpu())
+    return torch.cat(heads), (torch.cat(mlp_vals) if mlps else None), float(torch.cat(bases).mean())
+
+
+def head_scores(model, prompts, method, metric, corrupted, per_task, layers, seed, batch_size, progress, ig_steps,
+                grad_drop):
+    """``head_attribution(method="eap-ig")`` and ``method="atp", grad_drop=True``: a ``HeadScores``."""
+
+    if grad_drop is not False and grad_drop is not True:
+        raise ConfigError(f"grad_drop must be True or False, got {grad_drop!r}")
+    if grad_drop and method != "atp":
+        raise ConfigError(f"grad_drop=True is AtP*'s GradDrop: use it with method='atp', not method={method!r}")
+    if method == "atp" and ig_steps is not None:
+        raise ConfigError("ig_steps applies to method='eap-ig'; method='atp' takes one gradient per dropped layer")
+    steps = _check_steps(DEFAULT_IG_STEPS if ig_steps is None else ig_steps)
+    bk, P, C, fn, metric_name = _prepare(model, prompts, corrupted, metric, method, seed, gradient=True)
+    heads, mlp, base = node_attribution(model, P, C, fn, ig_steps=steps, batch_size=batch_size, progress=progress,
+                                        grad_drop=grad_drop)
+    if layers is not None:
+        keep = torch.zeros(bk.n_layers, dtype=torch.bool)
+        keep[list(layers)] = True
+        heads[:, ~keep] = float("nan")
+    labels = prompts.labels.cpu()
+    names = list(prompts.task_names)
+    by_task, scores = _per_task(heads, labels, names)
+    notes = {"seed": seed, "corrupted_metric": base, "layers": list(range(bk.n_layers)) if layers is None else list(layers)}
+    if grad_drop:
+        notes.update(atp_site="z", grad_drop=True)
+    else:
+        notes["ig_steps"] = steps
+    if mlp is not None:
+        notes["mlp"] = _per_task(mlp, labels, names)[1].tolist()
+    return HeadScores(scores=scores, method=method, metric=metric_name, task_names=names,
+                      per_task=by_task if per_task else None, prompts=describe(prompts), notes=notes)
+
+
+# --------------------------------------------------------------------------- edge attribution
+
+
+
+def edge_attribution(model, prompts, method: str = "eap-ig", corrupted=None, metric=None,
+                     ig_steps: int | None = None, seed: int = 0, batch_size: int = 64, per_prompt: bool = True,
+                     ci: bool = False, progress: bool = True, positions=None, qk_fix: bool | None = None) -> EdgeScores:
+    """Score every edge of the graph by ``method``: ``"eap-ig"`` (default, ``ig_steps`` default
+    ``DEFAULT_IG_STEPS``), ``"eap"`` (= ``ig_steps=1``) or ``"path-patch"`` (exact, ``path_patching``).
+
+    ``corrupted``: the corrupted prompts (default: in-context labels shuffled, ``shuffle_labels(prompts,
+    seed)``). ``metric``: as ``head_attribution`` (default ``"logprob"`` of the answer). ``ci``: add a
+    bootstrap interval over prompts (cheap: the per-prompt scores are kept anyway).
+
+    ``positions``: None (every position), ``"query"``, ``"answers"`` (the in-context examples' answer tokens,
+    ``tvlens.encoding.representation_mask``) or a boolean mask ``[n, seq]``: the estimate of patching the edge
+    only where its receiver reads at those positions (which heads read the task at the query, which write it
+    at the examples' answers)."""
+    if method == "path-patch":
+        return path_patching(model, prompts, corrupted=corrupted, metric=metric, seed=seed, ci=ci, progress=progress)
+    if method not in ("eap", "eap-ig"):
+        raise ConfigError(f"method must be 'eap-ig', 'eap' or 'path-patch', got {method!r}")
+    if method == "eap":
+        if ig_steps not in (None, 1):
+            raise ConfigError(f"ig_steps: method='eap' is one gradient (ig_steps=1), got ig_steps={ig_steps!r}; "
+                              "use method='eap-ig' for more steps")
+        steps = 1
+    else:
+        steps = _check_steps(DEFAULT_IG_STEPS if ig_steps is None else ig_steps)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    bk, P, C, fn, metric_name = _prepare(model, prompts, corrupted, metric, method, seed, gradient=True)
+    from tqdm.auto import tqdm
+
+    graph = graph_of(model)
+    recv = _receiver_hooks(graph)
+    names = sorted({h for _, h, _, _ in recv if h != "final"})
+    if qk_fix is None:
+        qk_fix = method == "eap-ig"
+    if qk_fix is not True and qk_fix is not False:
+        raise ConfigError(f"qk_fix must be True or False, got {qk_fix!r}")
+    if qk_fix:
+        names += [f"blocks.{l}.attn.hook_pattern" for l in range(graph.n_layers)]
+    edges = graph.edges
+    s_idx = {s: i for i, s in enumerate(graph.senders)}
+    r_idx = {r: i for i, (r, *_) in enumerate(recv)}
+    e_s = torch.tensor([s_idx[s] for s, _ in edges])
+    e_r = torch.tensor([r_idx[r] for _, r in edges])
+    reads = prompt_answer_positions(P)
+    pmask = position_mask(prompts, positions, P.tokens.shape[1]).to(P.tokens.device)
+    vals, bases = [], []
+    with _EdgeFlags(bk, graph.mlps):
+        for sl in tqdm(_chunks(len(P), max(1, batch_size // steps)), desc=method, disable=not progress, leave=False):
+            with torch.no_grad():
+                wk = _writers(bk, C.tokens[sl], graph.mlps)
+                delta = (_sender_outputs(bk, _writers(bk, P.tokens[sl], graph.mlps), graph)
+                         - _sender_outputs(bk, wk, graph))  # [b, pos, S, d]
+            g, base = _ig_gradients(bk, P.tokens[sl], C.tokens[sl], reads[sl], P.answers[sl], fn, steps, names,
+                                    final=True, method=method)
+            bases.append(base)
+            # receiver gradients [b, pos, R, d]
+            gr = torch.stack([g[h][:, :, i] if i is not None else g[h] for _, h, i, _ in recv], 2)
+            m = torch.einsum("bpsd,bprd,bp->bsr", delta.float(), gr.float(), pmask[sl].float())  # sender x receiver
+            if qk_fix:
+                _qk_fix_edges(bk, graph, C.tokens[sl], delta * pmask[sl][:, :, None, None].to(delta.dtype), g, m,
+                              s_idx, r_idx)
+            vals.append(m[:, e_s, e_r].cpu())
+    pp = torch.cat(vals)
+    res = EdgeScores(scores=pp.mean(0), edges=edges, method=method, metric=metric_name, n_layers=graph.n_layers,
+                     n_heads=graph.n_heads, per_prompt=pp if per_prompt or ci else None,
+                     prompts=describe(prompts), notes={"ig_steps": steps, "seed": seed, "qk_fix": qk_fix,
+                                                        "positions": positions if positions is None or isinstance(
+                                                            positions, str) else "mask",
+                                                        "corrupted_metric": float(torch.cat(bases).mean())})
+    res = res.with_ci(seed=seed) if ci else res
+    if not per_prompt:
+        res.per_prompt = None
+    return res
+
+
+@torch.no_grad()
+def _qk_fix_edges(bk, graph: Graph, corr_x, delta, g, m, s_idx, r_idx) -> None:
+    """Overwrite ``m[b, sender, receiver]`` for q and k receivers with the AtP* QK-fixed estimate."""
+    L, H = graph.n_layers, graph.n_heads
+    cap = bk.capture(corr_x, [f"blocks.{l}.hook_resid_pre" for l in range(L)]
+                     + [f"blocks.{l}.attn.hook_pattern" for l in range(L)])
+    b = delta.shape[0]
+    for l in range(L):
+        snd = [s for s in graph.senders if graph.upstream(s, f"L{l}H0.q")]
+        idx = [s_idx[s] for s in snd]
+        S = len(idx)
+        d = delta[:, :, idx].permute(2, 0, 1, 3).reshape(S * b, delta.shape[1], -1)  # [S*b, pos, d]
+        start = cap[f"blocks.{l}.hook_resid_pre"].repeat(S, 1, 1)
+        a_k = cap[f"blocks.{l}.attn.hook_pattern"]  # [b, head, q, k]
+        ga = g[f"blocks.{l}.attn.hook_pattern@0"]  # linearised after the softmax at the corrupted run
+        for kind in "qk":
+            store = {}
+
+            def add(act, hook, _d=d):
+                return act + _d[:, :, None].to(act.dtype)
+
+            def keep(act, hook, _s=store):
+                _s["a"] = act
+            with bk.hooks(fwd_hooks=[(f"blocks.{l}.hook_{kind}_input", add), (f"blocks.{l}.attn.hook_pattern", keep)]):
+                bk.run_from(start, l, l + 1)
+            a_new = store["a"].reshape(S, b, *a_k.shape[1:])
+            est = torch.nan_to_num((a_new - a_k[None]) * ga[None]).sum((3, 4)).float()  # [S, b, head]
+            for h in range(H):
+                m[:, idx, r_idx[f"L{l}H{h}.{kind}"]] = est[:, :, h].T
+
