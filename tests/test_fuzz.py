@@ -1049,3 +1049,155 @@ def test_issue19_report_and_demo_sample_the_same_number_of_prompts():
     demo = p.parse_args(["demo"])
     assert rep.n_per_task == demo.n_per_task == 100  # TD figures compare (k-NN TD depends on prompts per task)
     assert isinstance(rep, argparse.Namespace) and rep.patching_per_task == 20
+
+
+# --------------------------------------------------------------------------- issue 19: circuits, TD, emergence
+def _edge_scores(env, n_scores=None, per_prompt=True, **notes):
+    from tvlens.circuits import graph_of
+
+    edges = graph_of(env.model).edges
+    E = len(edges) if n_scores is None else n_scores
+    n = len(env.prompts)
+    return tvlens.EdgeScores(scores=torch.zeros(E), edges=edges, method="eap-ig", metric="logprob",
+                             n_layers=env.model.cfg.n_layers, n_heads=env.model.cfg.n_heads,
+                             per_prompt=torch.randn(n, E) if per_prompt else None, notes=dict(notes))
+
+
+def _own_prompts(env):
+    p = env.prompts
+    return tvlens.PromptSet.from_tokens(p.tokens[:, : int(p.query_pos[0]) + 1], answers=p.answers, labels=p.labels,
+                                        task_names=p.task_names)
+
+
+ISSUE19_CIRCUIT_ERRORS = [
+    ("edge_attribution ig_steps=10^6", lambda e: lambda: tvlens.edge_attribution(e.model, e.prompts, ig_steps=10**6,
+                                                                                 progress=False), ["ig_steps"]),
+    ("head_attribution eap-ig ig_steps=10^6", lambda e: lambda: tvlens.head_attribution(
+        e.model, e.prompts, method="eap-ig", ig_steps=10**6, progress=False), ["ig_steps"]),
+    ("edge_attribution ig_steps=0", lambda e: lambda: tvlens.edge_attribution(e.model, e.prompts, ig_steps=0,
+                                                                              progress=False), ["ig_steps"]),
+    ("edge_attribution ig_steps=2.0", lambda e: lambda: tvlens.edge_attribution(e.model, e.prompts, ig_steps=2.0,
+                                                                                progress=False), ["ig_steps"]),
+    ("edge_attribution path-patch with ig_steps", lambda e: lambda: tvlens.edge_attribution(
+        e.model, e.prompts, method="path-patch", ig_steps=5, progress=False), ["ig_steps"]),
+    ("edge_attribution path-patch with positions", lambda e: lambda: tvlens.edge_attribution(
+        e.model, e.prompts, method="path-patch", positions="query", progress=False), ["positions"]),
+    ("edge_attribution path-patch with qk_fix", lambda e: lambda: tvlens.edge_attribution(
+        e.model, e.prompts, method="path-patch", qk_fix=True, progress=False), ["qk_fix"]),
+    ("head_attribution dla with ig_steps", lambda e: lambda: tvlens.head_attribution(
+        e.model, e.prompts, method="dla", ig_steps=5, progress=False), ["ig_steps"]),
+    ("head_attribution cie with ig_steps", lambda e: lambda: tvlens.head_attribution(
+        e.model, e.prompts, method="cie", ig_steps=5, progress=False), ["ig_steps"]),
+    ("edge_attribution seed='1'", lambda e: lambda: tvlens.edge_attribution(e.model, e.prompts, seed="1",
+                                                                            progress=False), ["seed"]),
+    ("edge_attribution method=None", lambda e: lambda: tvlens.edge_attribution(e.model, e.prompts, method=None,
+                                                                               progress=False), ["method"]),
+    ("edge_attribution batch_size=0", lambda e: lambda: tvlens.edge_attribution(e.model, e.prompts, batch_size=0,
+                                                                                progress=False), ["batch_size"]),
+    ("EdgeScores 3 scores for every edge", lambda e: lambda: _edge_scores(e, n_scores=3), ["scores", "per edge"]),
+    ("EdgeScores an edge outside the graph", lambda e: lambda: tvlens.EdgeScores(
+        scores=torch.zeros(1), edges=[("L9H0", "logits")], method="eap", metric="logprob", n_layers=4, n_heads=4),
+     ["L9H0"]),
+    ("EdgeScores.with_ci n_boot=10^6", lambda e: (lambda s: lambda: s.with_ci(n_boot=10**6))(_edge_scores(e)),
+     ["n_boot"]),
+    ("EdgeScores.with_ci n_boot=0", lambda e: (lambda s: lambda: s.with_ci(n_boot=0))(_edge_scores(e)), ["n_boot"]),
+    ("EdgeScores.with_ci level=1.5", lambda e: (lambda s: lambda: s.with_ci(level=1.5))(_edge_scores(e)), ["level"]),
+    ("EdgeScores.with_ci seed='1'", lambda e: (lambda s: lambda: s.with_ci(seed="1"))(_edge_scores(e)), ["seed"]),
+    ("EdgeScores.save over existing", lambda e: (lambda s: (s.save(e.tmp / "edges"), lambda: s.save(e.tmp / "edges"))[1])(
+        _edge_scores(e)), ["overwrite=True"]),
+    ("faithfulness(HeadScores)", lambda e: (lambda h: lambda: tvlens.faithfulness(e.model, e.prompts, h))(
+        tvlens.head_attribution(e.model, e.prompts, method="dla", progress=False)), ["EdgeScores"]),
+    ("faithfulness scores of another model", lambda e: (lambda s: lambda: tvlens.faithfulness(e.model, e.prompts, s))(
+        _edge_scores(e, model_fingerprint="0123456789ab")), ["another model"]),
+    ("faithfulness n_random=10^6", lambda e: (lambda s: lambda: tvlens.faithfulness(e.model, e.prompts, s,
+                                                                                   n_random=10**6))(_edge_scores(e)),
+     ["n_random"]),
+    ("faithfulness seed='0'", lambda e: (lambda s: lambda: tvlens.faithfulness(e.model, e.prompts, s, seed="0"))(
+        _edge_scores(e)), ["seed"]),
+    ("path_patching edges a string", lambda e: lambda: tvlens.path_patching(e.model, e.prompts, edges="L0H1",
+                                                                            progress=False), ["edges"]),
+    ("path_patching edges of one name", lambda e: lambda: tvlens.path_patching(e.model, e.prompts, edges=[("L0H1",)],
+                                                                               progress=False), ["edges"]),
+    ("path_patching edges of ints", lambda e: lambda: tvlens.path_patching(e.model, e.prompts, edges=[(1, 2)],
+                                                                           progress=False), ["edges"]),
+    ("path_patching the same edge twice", lambda e: lambda: tvlens.path_patching(
+        e.model, e.prompts, edges=[("L0H1", "logits"), ("L0H1", "logits")], progress=False), ["more than once"]),
+    ("path_patching seed=-1", lambda e: lambda: tvlens.path_patching(e.model, e.prompts, seed=-1, progress=False),
+     ["seed"]),
+    ("own prompts, head_attribution cie", lambda e: (lambda p: lambda: tvlens.head_attribution(
+        e.model, p, method="cie", progress=False))(_own_prompts(e)), ["corrupted="]),
+    ("own prompts, head_attribution patch", lambda e: (lambda p: lambda: tvlens.head_attribution(
+        e.model, p, method="patch", progress=False))(_own_prompts(e)), ["corrupted="]),
+    ("own prompts, head_attribution eap-ig", lambda e: (lambda p: lambda: tvlens.head_attribution(
+        e.model, p, method="eap-ig", progress=False))(_own_prompts(e)), ["corrupted="]),
+    ("own prompts, edge_attribution", lambda e: (lambda p: lambda: tvlens.edge_attribution(
+        e.model, p, progress=False))(_own_prompts(e)), ["corrupted="]),
+    ("TD null=10^8", lambda e: lambda: tvlens.task_decodability(e.enc, k=2, null=10**8), ["null"]),
+    ("TD null=True", lambda e: lambda: tvlens.task_decodability(e.enc, k=2, null=True), ["null"]),
+    ("TD null=-1", lambda e: lambda: tvlens.task_decodability(e.enc, k=2, null=-1), ["null"]),
+    ("emergence(model)", lambda e: lambda: tvlens.emergence(e.model, progress=False), ["checkpoints"]),
+    ("emergence steps=[999]", lambda e: lambda: tvlens.emergence("bitwise", steps=[999], progress=False), ["999"]),
+    ("emergence steps twice", lambda e: lambda: tvlens.emergence("bitwise", steps=[0, 0], progress=False), ["steps"]),
+    ("emergence steps='0'", lambda e: lambda: tvlens.emergence("bitwise", steps="0", progress=False), ["steps"]),
+    ("emergence pairs with one step twice", lambda e: lambda: tvlens.emergence([(1, e.model), (1, e.model)],
+                                                                               progress=False), ["steps"]),
+]
+
+
+@pytest.mark.parametrize("case_id,setup,names", ISSUE19_CIRCUIT_ERRORS, ids=[c[0] for c in ISSUE19_CIRCUIT_ERRORS])
+def test_issue19_circuit_and_td_errors(env, limits, case_id, setup, names):
+    _run_case(env, setup, names)
+
+
+def _identical_encodings(n_per_task: int = 11, reverse: bool = False):
+    labels = torch.tensor([0] * n_per_task + [1] * n_per_task)
+    if reverse:
+        labels = labels.flip(0)
+    return tvlens.TaskEncodings(acts=torch.zeros(len(labels), 1, 4), layers=[0], labels=labels, task_names=["a", "b"])
+
+
+def _expected_td_identical(n_per_task: int, k: int) -> float:
+    """Exact expected TD when every encoding is the same point: a prompt's k neighbours are a uniform draw of
+    k of the other prompts (n_per_task - 1 of its task, n_per_task of the other); vote ties go to task 0."""
+    from scipy.stats import hypergeom
+
+    total = 2 * n_per_task - 1
+    same = hypergeom(total, n_per_task - 1, k)  # neighbours of the prompt's own task
+    p0 = sum(same.pmf(j) for j in range(k + 1) if j >= k - j)  # task 0 wins majority or tie
+    p1 = sum(same.pmf(j) for j in range(k + 1) if j > k - j)  # task 1 needs a strict majority
+    return (p0 + p1) / 2
+
+
+def test_issue19_td_with_distance_ties_does_not_depend_on_prompt_order():
+    k, n = 10, 11
+    want = _expected_td_identical(n, k)
+    runs = {rev: [float(tvlens.task_decodability(_identical_encodings(n, rev), k=k, seed=s, ci=None).td[0])
+                  for s in range(40)] for rev in (False, True)}
+    for rev, tds in runs.items():  # the issue's 0.091 vs 0.909: now both orders average the exact expectation
+        assert abs(np.mean(tds) - want) < 0.05, (rev, np.mean(tds), want)
+    res = tvlens.task_decodability(_identical_encodings(n), k=k, ci=None)
+    assert "ties" in res.notes and "random" in res.notes["ties"] and res.notes["boundary_ties"][0] == 1.0
+
+
+def test_issue19_td_equals_scikit_learn_without_ties():
+    from sklearn.model_selection import LeaveOneOut, cross_val_predict
+    from sklearn.neighbors import KNeighborsClassifier
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(3).repeat_interleave(20)
+    acts = torch.randn(60, 2, 5, generator=g, dtype=torch.float64).float() + labels[:, None, None] * 0.7
+    enc = tvlens.TaskEncodings(acts=acts, layers=[0, 1], labels=labels, task_names=["a", "b", "c"])
+    res = tvlens.task_decodability(enc, k=7, ci=None, seed=3)
+    for i in range(2):
+        pred = cross_val_predict(KNeighborsClassifier(7), acts[:, i].double().numpy(), labels.numpy(), cv=LeaveOneOut())
+        assert float(res.td[i]) == pytest.approx(float((pred == labels.numpy()).mean()), abs=1e-6)  # float32 TD
+    assert "ties" not in res.notes
+
+
+def test_issue19_numpy_ig_steps_and_ks_are_integers(shared):
+    a = tvlens.edge_attribution(shared.model, shared.prompts, ig_steps=np.int64(2), progress=False)
+    b = tvlens.edge_attribution(shared.model, shared.prompts, ig_steps=2, progress=False)
+    assert torch.allclose(a.scores, b.scores) and a.notes["ig_steps"] == 2
+    assert a.notes["model_fingerprint"]  # faithfulness can tell the model the scores came from
+    f = tvlens.faithfulness(shared.model, shared.prompts, a, ks=[np.int64(1), 4], n_random=np.int64(1))
+    assert f.ks == [1, 4]

@@ -157,6 +157,11 @@ def head_attribution(
     from tvlens.validate import check_model_prompts, check_seed
 
     seed = check_seed(seed, where="head_attribution")
+    if ig_steps is not None and method != "eap-ig":
+        from tvlens.checks import check_unused
+
+        check_unused("ig_steps", ig_steps, None, where="head_attribution",
+                     because=f"only method='eap-ig' integrates gradients; method={method!r} does not")
     if method == "eap-ig" or grad_drop:
         from tvlens.circuits import head_scores
 
