@@ -622,8 +622,6 @@ import os  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from tvlens.errors import ResourceError  # noqa: E402
-
 
 @pytest.fixture
 def limits(monkeypatch):
@@ -1033,9 +1031,9 @@ def test_issue19_a_text_family_report_runs_and_says_what_it_leaves_out(tmp_path)
     folder = _save_tiny_gpt2(tmp_path / "gpt")
     rep = build_report(str(folder), "lexical", n_per_task=12, shots=2, tsne=False, emergence=False)
     notes = " ".join(rep.notes)
-    assert "no per-task answers" in notes and "patching" in notes
+    assert "no task-vector patching" in notes  # said, not a traceback
     assert "12 prompts per task" in notes  # TD at another number of prompts than the demo's 100: said
-    assert dict(rep.summary_rows)["patching"].startswith("left out")
+    assert dict(rep.summary_rows)["patching"].startswith("not run")
     assert rep.results["decodability"].td.shape[0] == 3  # TD per layer of the 2-layer model: computed
 
 
@@ -1201,3 +1199,17 @@ def test_issue19_numpy_ig_steps_and_ks_are_integers(shared):
     assert a.notes["model_fingerprint"]  # faithfulness can tell the model the scores came from
     f = tvlens.faithfulness(shared.model, shared.prompts, a, ks=[np.int64(1), 4], n_random=np.int64(1))
     assert f.ks == [1, 4]
+
+
+ISSUE19_KEYWORDS = [
+    ("finetune lora_rnak= (a typo)", lambda e: lambda: tvlens.finetune(e.model, "bitwise", lora_rnak=2, progress=False),
+     ["lora_rnak", "'lora_rank'"]),
+    ("finetune without a family", lambda e: lambda: tvlens.finetune(e.model, progress=False), ["family"]),
+    ("build_report n_per_tsak= (a typo)", lambda e: lambda: tvlens.views.build_report(e.model, n_per_tsak=10),
+     ["n_per_tsak", "'n_per_task'"]),
+]
+
+
+@pytest.mark.parametrize("case_id,setup,names", ISSUE19_KEYWORDS, ids=[c[0] for c in ISSUE19_KEYWORDS])
+def test_issue19_keywords(env, case_id, setup, names):
+    _run_case(env, setup, names)

@@ -424,6 +424,22 @@ def check_kwargs(kwargs: dict, known: Iterable[str], *, where: str = "", hint: s
         )
 
 
+def check_call(fn: Any, args: tuple, kwargs: dict, *, where: str = "") -> None:
+    """Refuse a call ``fn(*args, **kwargs)`` cannot take (an unknown or repeated keyword, a missing argument)
+    with a tvlens error naming the argument (a wrapper's ``*args, **kwargs`` would otherwise surface Python's
+    bare TypeError from inside tvlens)."""
+    import inspect
+
+    sig = inspect.signature(fn)
+    known = [n for n, p in sig.parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if not any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+        check_kwargs(kwargs, known, where=where)
+    try:
+        sig.bind(*args, **kwargs)
+    except TypeError as e:
+        raise ArgumentTypeError(f"{_pre(where)}{e}") from None
+
+
 def check_unused(name: str, value: Any, default: Any, *, where: str = "", because: str = "") -> None:
     """Refuse an argument given a value although it does nothing in this call (``ig_steps`` with a
     method that does not integrate): a silent no-op would let a user believe it took effect."""
@@ -564,6 +580,7 @@ __all__ = [
     "model_bytes",
     "work_budget",
     "check_batch_size",
+    "check_call",
     "check_choice",
     "check_float",
     "check_int",

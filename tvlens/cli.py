@@ -257,9 +257,7 @@ def _print_summary(rep, path) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from tvlens.views.report import write_report
-
-    from tvlens.views.report import report_filename
+    from tvlens.views.report import report_filename, write_report
 
     t0 = time.perf_counter()
     _check_out_folder(args.out, filename=report_filename(args.model, args.family), overwrite=args.overwrite)

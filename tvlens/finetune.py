@@ -370,8 +370,10 @@ def _diverged(step: int, losses: list[float], lr: float, inplace: bool, extra: s
 
 @functools.wraps(_finetune)
 def finetune(*args: Any, **kwargs: Any) -> FinetuneResult:
+    from tvlens.checks import check_call
     from tvlens.validate import unchecked
 
+    check_call(_finetune, args, kwargs, where="finetune")  # a typo (lora_rnak=) is named, not a bare TypeError
     # finetuning a model on another family than it was trained on is the point: no family-agreement check
     with unchecked("family"):
         return _finetune(*args, **kwargs)

@@ -559,7 +559,10 @@ def _load_gguf(s: str, device, backend: str, cache_dir, **kwargs: Any):
         kind, why = _loading.choose_backend(backend, architecture=arch)
     else:
         _loading.resolve_backend(backend)
-    prepared = gguf_models.prepare(s, cache_dir=cache_dir, rebuild=bool(kwargs.pop("rebuild", False)))
+    rebuild = kwargs.pop("rebuild", False)
+    if kwargs:  # a typo must not be dropped silently
+        _check_pretrained_kwargs(kwargs, kind if arch is not None else _loading.resolve_backend(backend))
+    prepared = gguf_models.prepare(s, cache_dir=cache_dir, rebuild=bool(rebuild))
     if arch is None:
         kind, why = _loading.choose_backend(backend, folder=prepared.folder)
     model = _load_pretrained(str(prepared.folder), device, kind, local_folder=True, backend_reason=why, **kwargs)

@@ -44,9 +44,8 @@ def path_patching(model, prompts, edges=None, corrupted=None, metric=None, seed:
     per receiver kind (q, k, v, MLP) and layer, all senders stacked along the batch."""
     from tqdm.auto import tqdm
 
-    from tvlens.sweeps import activation_patching
-
     from tvlens.checks import check_seed
+    from tvlens.sweeps import activation_patching
 
     seed = check_seed(seed, where="path_patching")
     graph = graph_of(model)

@@ -48,10 +48,10 @@ def knn_loo_neighbors(
 ):
     """Each point's ``k`` nearest *other* points (leave-one-out), nearest first; neighbours at equal
     distance are taken in index order, or, with ``seed``, in a seeded random order (so which of several
-    equally distant prompts join a neighbourhood does not depend on the prompts' order). The labels play no part, so one call serves every relabelling
-    (the shuffled-label null, ``tvlens.stats.knn_permutation_null``). With ``return_ties`` also a
-    ``[n]`` bool: the k-th and (k+1)-th neighbours are at the same distance (so index order, not
-    distance, chose the neighbourhood)."""
+    equally distant prompts join a neighbourhood does not depend on the prompts' order). The labels play no
+    part, so one call serves every relabelling (the shuffled-label null, ``tvlens.stats.knn_permutation_null``).
+    With ``return_ties`` also a ``[n]`` bool: the k-th and (k+1)-th neighbours are at the same distance (so
+    the tie rule, not distance, chose the neighbourhood)."""
     n = X.shape[0]
     if k >= n:
         raise ConfigError(f"k={k} needs more than k prompts, got {n}")
@@ -173,15 +173,16 @@ class DecodabilityResult:
         self.null_mean = torch.tensor(nr.mean, dtype=torch.float32)
         self.null_quantile = torch.tensor(nr.quantile, dtype=torch.float32)
         p = nr.p_value.copy()
-        # where index order, not distance, picked most neighbourhoods (e.g. every prompt at the same point),
-        # TD and its null measure the prompts' order: no p-value
+        # where a random draw among equidistant prompts, not distance, picked most neighbourhoods (e.g. every
+        # prompt at the same point), TD and its null measure that draw: no p-value
         ties = self.notes.get("boundary_ties", {})
         degenerate = [i for i, L in enumerate(self.layers) if ties.get(L, ties.get(str(L), 0.0)) > 0.5]
         p[degenerate] = np.nan
         if degenerate:
             self.notes["no_p_value"] = (f"layers {[self.layers[i] for i in degenerate]}: for most prompts the k-th "
                                         "and (k+1)-th neighbours are equidistant (e.g. identical representations), "
-                                        "so index order chose the neighbours; p-value left NaN")
+                                        "so the tie rule (a seeded random draw among them), not distance, chose the "
+                                        "neighbours; p-value left NaN")
         self.p_value = torch.tensor(p, dtype=torch.float32)
         self.ci_info.update(n_perm=nr.n_perm, q=nr.q, null_seed=nr.seed)
         return self

@@ -21,7 +21,6 @@ from __future__ import annotations
 import html as _html
 import json
 import math
-import os
 import re
 import tempfile
 import uuid

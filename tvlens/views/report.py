@@ -391,8 +391,10 @@ def _ci(x, i=None) -> str:
 
 @functools.wraps(_build_report)
 def build_report(*args: Any, **kwargs: Any) -> Report:
+    from tvlens.checks import check_call
     from tvlens.validate import unchecked
 
+    check_call(_build_report, args, kwargs, where="build_report")
     # a report may sample another family than the model's on purpose (``--family``): its notes say so
     with unchecked("family"):
         return _build_report(*args, **kwargs)
