@@ -13,7 +13,7 @@ PY4 := $(VENV4)/bin/python
 STAMP := $(VENV)/.tvlens-installed
 STAMP4 := $(VENV4)/.tvlens-installed
 
-.PHONY: demo demo-tl3 demo-tl4 test test-tl3 test-tl4 venv venv-tl4 bench lint browser
+.PHONY: demo demo-tl3 demo-tl4 test test-tl3 test-tl4 venv venv-tl4 bench bench-speed lint browser
 
 venv: $(STAMP)
 venv-tl4: $(STAMP4)
@@ -55,6 +55,10 @@ test-tl4: $(STAMP4) browser
 	$(PY4) -m pytest
 
 test: test-tl4 test-tl3
+
+# issue 20's table: both TL lines, nnsight in its own venv (benchmarks/.venv-nnsight, made on first use)
+bench-speed: $(STAMP)
+	python3 benchmarks/bench_speed.py
 
 bench: $(STAMP) $(STAMP4)
 	$(PY) benchmarks/run_all.py

@@ -159,7 +159,10 @@ def main() -> None:
     if a.model == "smollm2-shaped":
         a.model_path = smollm2_shaped_folder(Path(tempfile.gettempdir()) / "tvlens-smollm2-shaped")
     else:
-        a.model_path = a.model
+        from tvlens import gguf_models
+
+        # a named GGUF model: its dequantized folder (the tvlens before this change loads folders)
+        a.model_path = gguf_models.prepare(a.model).folder if gguf_models.is_gguf_request(a.model) else a.model
     trees = {"before": before_tree(a.before), "after": ROOT}
     res: dict[str, list[dict]] = {"before": [], "after": []}
     for _ in range(a.rounds):

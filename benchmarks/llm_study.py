@@ -37,6 +37,7 @@ import torch
 
 import tvlens
 from tvlens import stats
+from tvlens.backends import get_backend
 
 PAPER_R2 = {"Llama-3.1-8B": {"pos": 0.781, "bitwise": 0.528}, "Gemma-2 2B": {"pos": 0.422, "bitwise": 0.776}}
 # family specs: name -> (registry name, parameters)
@@ -66,8 +67,6 @@ def resid_names(n_layers: int) -> list[str]:
 def one_pass(model, prompts, batch_size: int = 16) -> dict[str, torch.Tensor]:
     """One forward pass over ``prompts``: query-position residuals at every layer, and whole-answer exact
     match / first-token match / answer log-probability from the logits at the answer positions only."""
-    from tvlens.backends import get_backend
-
     bk = get_backend(model)
     L = bk.n_layers
     names = resid_names(L)
@@ -128,11 +127,13 @@ def cached_pass(model, model_id: str, spec: str, shots: int, seed: int, n_per_ta
     return out
 
 
-def encodings_of(p: dict):
+def encodings_of(p: dict, model=None):
+    """A cached pass's residuals as ``TaskEncodings`` (with ``model``'s fingerprint, for patching)."""
     from tvlens.encoding import TaskEncodings
 
+    fp = get_backend(model).fingerprint() if model is not None else ""
     return TaskEncodings(acts=p["acts"], layers=list(range(p["acts"].shape[1])), labels=p["labels"],
-                         task_names=p["task_names"], d_model=p["acts"].shape[-1])
+                         task_names=p["task_names"], d_model=p["acts"].shape[-1], fingerprint=fp)
 
 
 def decodability(p: dict, null: bool = False):
@@ -262,7 +263,7 @@ def print_patch(model, label: str, vec_pass: dict, best: int, layers: list[int],
     patched at the query of fresh 4-shot prompts (seed 100) and of zero-shot prompts (seed 101)."""
     fam = family("pos")
     real = [t for t in fam.task_names if t != "null"]
-    vectors = encodings_of(vec_pass).task_vectors()
+    vectors = encodings_of(vec_pass, model).task_vectors()
     tok = model.tokenizer
     targets = fam.sample(n_targets, shots=4, seed=100, tasks=real, tokenizer=tok, scoring="first_token")
     layers = sorted(set(layers) | {best})

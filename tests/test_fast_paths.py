@@ -89,6 +89,51 @@ def test_extract_equals_run_with_cache_and_never_unembeds(arch_folder, backend):
         assert c.unembed_shapes == []  # never unembeds
         assert c.passes == 1  # one pass per batch: no recording pass
         assert c.blocks == [1 if i < max(max(layers), 1) else 0 for i in range(n)]  # only the blocks it reads
+    if backend == "bridge":  # SDPA where exact: Llama's attention wraps HF's projections; GPT-2 splits c_attn
+        assert (get_backend(model)._sdpa_plan() is not None) == (arch == "llama")
+
+
+def test_bridge_runs_hugging_face_sdpa_attention_only_when_no_attention_hook_can_fire(arch_folder, monkeypatch):
+    arch, folder = arch_folder
+    if arch != "llama":
+        pytest.skip("SDPA swap applies to Llama-like attention")
+    model = _load(folder, "bridge")
+    bk = get_backend(model)
+    x = tvlens.tasks.get("codes").sample(3, shots=2, seed=1).tokens
+    entered = []
+    cls = type(model.blocks[0].attn)
+    plain = cls.forward
+    # a spy on the bridge's attention class that is no module hook (a module hook keeps the bridge's attention)
+    monkeypatch.setattr(cls, "forward", lambda self, *a, **k: (entered.append(1), plain(self, *a, **k))[1])
+    try:
+        bk.final_resid(x)
+        assert len(entered) == 2  # off unless an analysis asks for it (prefer_fast_attention)
+        entered.clear()
+        with bk.prefer_fast_attention():
+            fast = bk.final_resid(x)
+        assert entered == []  # the bridge's eager re-implementation did not run
+        pattern = []
+        with bk.hooks([("blocks.0.attn.hook_pattern", lambda a, hook: pattern.append(a.shape))]), \
+                bk.prefer_fast_attention():
+            slow = bk.final_resid(x)
+        assert len(entered) == 2 and pattern  # an attention hook: the bridge's attention runs (both blocks)
+        seen = []
+        extra = [("blocks.0.hook_resid_post", lambda a, hook: seen.append(1))]
+        with bk.prefer_fast_attention():
+            assert bk.run_with_hooks(x, extra, stop_at_layer=1) is not None and seen
+        assert len(entered) == 2  # a residual hook alone keeps SDPA (the stopped block 1 did not run)
+    finally:
+        monkeypatch.undo()
+    # a module hook on an attention bridge (e.g. one that passes it a key/value cache) keeps it too
+    handle = model.blocks[1].attn.register_forward_pre_hook(lambda m, a, k: entered.append(2), with_kwargs=True)
+    try:
+        with bk.prefer_fast_attention():
+            bk.final_resid(x)
+        assert entered[-1] == 2
+    finally:
+        handle.remove()
+    assert (fast - slow).abs().max() < 1e-5
+    assert model.original_model.config._attn_implementation == "eager"  # restored
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -256,5 +301,27 @@ def test_run_patching_says_why_no_patch_can_change_the_scored_token(text_folder)
     vec = tvlens.extract(model, p, progress=False).task_vectors([1])
     with pytest.raises(ConfigError, match="every task.*same scored token.*nothing to flip"):
         tvlens.run_patching(model, same, vec, layers=[1], progress=False)
-    res = tvlens.run_patching(model, p, vec, layers=[1], progress=False)  # distinct answers: runs
+    from tvlens.patching import nothing_to_flip
+
+    assert "nothing to flip" in nothing_to_flip(same) and nothing_to_flip(p) is None  # the report notes it
+    with Count(model) as c:
+        res = tvlens.run_patching(model, p, vec, layers=[1], progress=False)  # distinct answers: runs
     assert res.flip_rate.shape == (1,)
+    assert c.unembed_shapes and all(sh[:-1] == (len(p), 1) for sh in c.unembed_shapes)  # answer positions only
+
+
+def test_report_on_bitwise_text_notes_why_patching_is_left_out(tmp_path):
+    """A report on a model whose tokenizer starts every answer with ' ' notes why there is no patching."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tvlens.views.report import build_report
+
+    tok = _spaced_tokenizer()
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=len(tok), n_positions=128, n_embd=32, n_layer=2, n_head=4, bos_token_id=0,
+                     eos_token_id=0)
+    GPT2LMHeadModel(cfg).eval().save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    model = _load(tmp_path, "bridge")
+    rep = build_report(model, "bitwise_text", n_per_task=11, shots=2, tsne=False, emergence=False)
+    assert any(n.startswith("no task-vector patching: ") and "nothing to flip" in n for n in rep.notes), rep.notes

@@ -12,9 +12,10 @@ from nbclient import NotebookClient
 NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
 
 
-def test_the_four_notebooks_are_there():
+def test_the_five_notebooks_are_there():
     names = [p.stem for p in NOTEBOOKS]
-    assert names == ["01_quickstart", "02_emergence", "03_conditional_decoding", "04_heads_and_circuits"]
+    assert names == ["01_quickstart", "02_emergence", "03_conditional_decoding", "04_heads_and_circuits",
+                     "05_real_language_model"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])

@@ -76,27 +76,52 @@ def _hf_from_gguf(name: str, tmp: Path):
     return AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.float32).eval()
 
 
+def _reference(name: str, tmp: Path):
+    """The transformers model to compare with: dequantized straight from the GGUF on the TransformerLens 4 leg
+    for SmolLM2 (or everywhere with TVLENS_SLOW_TESTS=1: Gemma-3's takes minutes on 2 cores); else loaded from
+    tvlens' cache folder, whose build compared it with the model dequantized from the GGUF (its manifest's
+    build_check)."""
+    if os.environ.get("TVLENS_SLOW_TESTS") == "1" or (name == SMOL and not has_hooked_transformer()):
+        return _hf_from_gguf(name, tmp), "dequantized from the GGUF"
+    from transformers import AutoModelForCausalLM
+
+    details = tvlens.model_info(_model(name)).details
+    check = details.get("build_check")
+    assert check is None or check["max_abs_logit_diff_vs_gguf_model"] <= 1e-4  # None: a cache built before the check
+    return AutoModelForCausalLM.from_pretrained(details["cache"], dtype=torch.float32).eval(), "from the cache"
+
+
 @pytest.mark.parametrize("name", [SMOL, GEMMA])
 def test_logits_equal_transformers_dequantized_from_the_same_gguf(name, tmp_path):
     model = _model(name)
-    hf = _hf_from_gguf(name, tmp_path)
+    hf, how = _reference(name, tmp_path)
     ids = _ids(model)
     with torch.no_grad():
         ours, theirs = model(ids).float(), hf(ids).logits.float()
     if get_backend(model).kind == "hooked":  # TL's default processing centres the unembedding: compare log-probs
         ours, theirs = ours.log_softmax(-1), theirs.log_softmax(-1)
     diff = (ours - theirs).abs().max().item()
-    print(f"\n{name} ({get_backend(model).kind}): max |diff| {diff:.2e} over {tuple(ours.shape)}")
+    print(f"\n{name} ({get_backend(model).kind}) vs transformers {how}: max |diff| {diff:.2e} over {tuple(ours.shape)}")
     assert diff < 1e-3, diff
     assert (ours[0, -1].argmax() == theirs[0, -1].argmax()).item()
+
+
+def _next_tokens(model, prompt: str, k: int) -> list[str]:
+    ids = model.tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        top = model(ids)[0, -1].topk(k).indices.tolist()
+    return [model.tokenizer.decode([t]) for t in top]
 
 
 @pytest.mark.parametrize("name", [SMOL, GEMMA])
 def test_capital_of_germany_is_berlin(name):
     model = _model(name)
-    with torch.no_grad():
-        nxt = model(_ids(model))[0, -1].argmax().item()
-    assert model.tokenizer.decode([nxt]) == " Berlin"
+    assert _next_tokens(model, "The capital of France is Paris. The capital of Germany is", 1) == [" Berlin"]
+    zero_shot = _next_tokens(model, PROMPT, 3)
+    if name == SMOL:  # the instruction-tuned SmolLM2 answers at once
+        assert zero_shot[0] == " Berlin", zero_shot
+    else:  # base Gemma-3 270M continues " the" (" the capital of the German state"); Berlin is its third choice
+        assert " Berlin" in zero_shot, zero_shot
 
 
 @pytest.mark.parametrize("name", [SMOL, GEMMA])

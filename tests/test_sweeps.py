@@ -10,8 +10,8 @@ from tvlens.backends import has_hooked_transformer
 from tvlens.backends.loading import build
 from tvlens.errors import ConfigError
 
-# skip_prefix continues a HookedTransformer's key/value cache; a TransformerBridge ignores past_kv_cache, so
-# on TransformerLens 4 (no HookedTransformer) skip_prefix=True is refused: test_skip_prefix_refused_on_a_bridge
+# skip_prefix continues a HookedTransformer's key/value cache here; a TransformerBridge booted from Hugging Face
+# continues its attention's (tests/test_prefix_bridge.py); a boot_native bridge cannot: test_skip_prefix_refused_on_a_bridge
 from tvlens.sweeps import activation_patching  # noqa: E402
 
 needs_hooked = pytest.mark.skipif(not has_hooked_transformer(), reason="skip_prefix needs a HookedTransformer (TL 3.x)")
@@ -145,14 +145,20 @@ PREFIX_CASES = [
 
 @needs_hooked
 @pytest.mark.parametrize("site,by,tl_fn", PREFIX_CASES, ids=[f"{c[0]}-{'-'.join(c[1])}" for c in PREFIX_CASES])
-def test_skip_prefix_equals_full_run_and_transformer_lens(setup, site, by, tl_fn):
+def test_skip_prefix_equals_full_run_and_transformer_lens(setup, site, by, tl_fn, monkeypatch):
+    from tvlens.backends._common import CommonBackend
+
     model, clean, corrupted, clean_cache, metric, tl_metric = setup
     kw = dict(site=site, by=by, read_positions=[-1], batch_size=12, progress=False)  # 4 heads per call
+    auto = activation_patching(model, clean, corrupted, metric, **kw)  # neighbouring positions may share a call
+    monkeypatch.setattr(CommonBackend, "call_cost_tokens", 0.0)  # every patched position its own call
     skip = activation_patching(model, clean, corrupted, metric, skip_prefix=True, **kw)
     full = activation_patching(model, clean, corrupted, metric, skip_prefix=False, **kw)
-    auto = activation_patching(model, clean, corrupted, metric, **kw)
-    assert skip.notes["skip_prefix"] and not full.notes["skip_prefix"]
+    assert skip.notes["skip_prefix"] and not full.notes["skip_prefix"] and auto.notes["skip_prefix"]
     assert skip.notes["forward_calls"] == 2 * 7  # one call per (layer, patched position)
+    # merged where a chunk has room (by position: one patch per position; by head: 4 heads fill a chunk of 12 rows)
+    assert auto.notes["forward_calls"] < skip.notes["forward_calls"] if "head" not in by else \
+        auto.notes["forward_calls"] == skip.notes["forward_calls"]
     assert (skip.values - full.values).abs().max() <= 1e-4 and (auto.values - full.values).abs().max() <= 1e-4
     assert full.values.abs().max() > 0 and (full.values - full.corrupted_metric).abs().max() > 1e-3
     if tl_fn is not None:
@@ -224,7 +230,8 @@ def test_skip_prefix_true_when_it_cannot_be_done(setup):
 
 
 def test_skip_prefix_refused_on_a_bridge():
-    """A bridge cannot continue a key/value cache exactly: skip_prefix=True is a clear error, None runs."""
+    """A boot_native bridge's attention keeps no key/value cache (a bridge booted from Hugging Face does:
+    tests/test_prefix_bridge.py), so its self-test fails: skip_prefix=True is a clear error, None runs."""
     from tvlens.backends.loading import build
 
     model = build(dict(n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_ctx=16, d_vocab=40, act_fn="gelu",

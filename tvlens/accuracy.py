@@ -282,7 +282,8 @@ def teacher_forced_accuracy(model, prompts: PromptSet, batch_size: int | None = 
             sel = logits_at_answers(model, sub.model_input[:, :last], sub.query_pos, n_ans)  # [b, n_ans, 1]
             per_prompt.append(((sel[..., 0] - sub.answers) ** 2).mean(-1).float().cpu())
         else:  # one pass that stops after the blocks; only the answer positions are unembedded
-            resid = bk.final_resid(sub.model_input[:, :last])
+            with bk.prefer_fast_attention():
+                resid = bk.final_resid(sub.model_input[:, :last])
             correct, lp = score_answers(bk, at_answer_positions(resid, sub.query_pos.to(resid.device), n_ans),
                                         sub.answers)
             per_prompt.append(correct.float())
@@ -424,7 +425,8 @@ def _greedy_accuracy(model, prompts: PromptSet, batch_size: int | None, progress
         lens = sub.extra["answer_len"]
         A = int(lens.max())
         last = int((sub.query_pos + lens).max())  # each answer ends inside the prompt
-        resid = bk.final_resid(sub.tokens[:, :last])  # type: ignore[index]
+        with bk.prefer_fast_attention():
+            resid = bk.final_resid(sub.tokens[:, :last])  # type: ignore[index]
         pos = (sub.query_pos[:, None] + torch.arange(A, device=device)[None]).clamp(max=last - 1)
         picked = resid.gather(1, pos.to(resid.device)[..., None].expand(-1, -1, resid.shape[-1]))
         ans = sub.extra["answer_tokens"][:, :A]

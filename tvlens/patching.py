@@ -381,8 +381,7 @@ def run_patching(
         where = q if read_at == "query" else representation_mask(sub, read_at)
         last = int(q.max()) + n_ans
         toks_own = sub.tokens[:, :last]
-        own_logits, own_store = _prefix(model, toks_own, names)
-        own_sel = at_answer_positions(own_logits, q, n_ans)
+        own_sel, own_store = _prefix_at_answers(model, toks_own, names, q, n_ans)
         ok, _ = answer_scores(own_sel, sub.answers)
         base_own.index_add_(0, lab, ok.float().cpu())
         for si, sname in enumerate(src_names):
@@ -392,8 +391,7 @@ def run_patching(
             if n_ans == 1:
                 src_sel, src_store = own_sel, own_store
             else:
-                src_logits, src_store = _prefix(model, _answers_for(sub, s)[:, :last], names)
-                src_sel = at_answer_positions(src_logits, q, n_ans)
+                src_sel, src_store = _prefix_at_answers(model, _answers_for(sub, s)[:, :last], names, q, n_ans)
             ok_clean, lp_clean = answer_scores(src_sel, ans_src)
             base_src[si].index_add_(0, lab, ok_clean.float().cpu())
             for li, layer in enumerate(layers):
@@ -421,21 +419,28 @@ def run_patching(
     ))
 
 
-def _refuse_nothing_to_flip(prompts: PromptSet) -> None:
-    """When every task gives every prompt the same scored answer, no patch can change which rule the
-    model follows at the scored token: say so before any work (it would report "the patch changes
-    nothing" with no reason)."""
+def nothing_to_flip(prompts: PromptSet) -> str | None:
+    """Why no task-vector patch can change what is scored on ``prompts`` (every task gives every prompt the
+    same scored answer), or None. ``run_patching`` refuses such prompts with this reason; a caller that
+    runs several analyses (the report) can note it and go on."""
     ta = prompts.task_answers
     if ta is None or ta.shape[1] < 2 or not bool((ta == ta[:, :1]).all()):
-        return
+        return None
     tok = prompts.answers.reshape(-1)[0].item()
-    raise ConfigError(
-        f"run_patching: for every prompt, every task of family {prompts.family!r} has the same scored token "
+    return (
+        f"for every prompt, every task of family {prompts.family!r} has the same scored token "
         f"(id {tok}; scoring={prompts.params.get('scoring', 'first_token')!r}): there is nothing to flip, so "
         "no patch could change which task the model follows. With a text family this happens when every answer "
         "begins with the same token (e.g. ' ' before bitwise_text's digits on SmolLM2's and Gemma-3's "
         "tokenizers): use a tokenizer or template whose answers' first tokens differ across tasks"
     )
+
+
+def _refuse_nothing_to_flip(prompts: PromptSet) -> None:
+    """Say so before any work (it would report "the patch changes nothing" with no reason)."""
+    why = nothing_to_flip(prompts)
+    if why is not None:
+        raise ConfigError(f"run_patching: {why}")
 
 
 def _with_choice(res: PatchingResult) -> PatchingResult:
@@ -465,6 +470,20 @@ def _notes(prompts: PromptSet, src_names: list[str]) -> dict:
         return {}
     return {"absent_targets": absent,
             "absent_note": f"no prompts of task(s) {absent}: their columns (and means over them) are NaN, not 0"}
+
+
+def _prefix_at_answers(model, x, names, q, n_ans):
+    """Logits at the answer positions ``[b, n_ans, d_vocab]`` and the residual stream entering every
+    patched layer, from one forward pass that stops after the blocks: never ``[b, seq, d_vocab]``."""
+    store: dict[str, torch.Tensor] = {}
+
+    def save(act, hook, _name):
+        store[_name] = act
+
+    bk = get_backend(model)
+    resid = bk.run_with_hooks(x, fwd_hooks=[(n, functools.partial(save, _name=n)) for n in names],
+                              stop_at_layer=bk.n_layers)
+    return bk.unembed(at_answer_positions(resid, q.to(resid.device), n_ans)), store
 
 
 def _prefix(model, x, names):

@@ -232,11 +232,11 @@ def activation_patching(
     position before ``p`` as in the corrupted run (causal attention), so when all read positions are
     ``>= p`` the patched run computes only positions ``min(p, reads)..`` of blocks ``l..``, attending to
     the corrupted run's cached keys and values of the earlier positions (exact, not an approximation).
-    True does it wherever valid (one forward call per patched position) and raises ConfigError when it
-    cannot be done (no read_positions, a sweep not at single positions, or a model it is not exact for).
-    None (default) and False do not: on CPU the many small calls cost as much as the positions they
-    skip save (TransformerLens copies weights on every call; measured on a GPT-2-small-shaped model,
-    ``benchmarks/bench_patching.py``), so the batched full run stays the default.
+    None (default) does it wherever valid, on both model classes (a HookedTransformer continues
+    TransformerLens' key/value cache; a TransformerBridge its attention's, ``tvlens.backends.prefix``);
+    patches at neighbouring positions share a call where one call is cheaper than two
+    (``_plan_chunks``). True raises ConfigError when it cannot be done (no read_positions, a sweep not at
+    single positions, or a model it is not exact for); False always runs every position.
 
     ``ci`` (e.g. 0.95; opt-in, as it keeps every prompt's metric): a bootstrap CI over prompts of every
     value (``values_ci``), from ``n_boot`` resamples seeded by ``ci_seed``.
@@ -316,7 +316,7 @@ def activation_patching(
                f"the model ({type(model).__name__}, positional_embedding_type "
                f"{bk.positional_embedding_type!r}) cannot be continued exactly from a key/value cache")
         raise ConfigError(f"skip_prefix=True cannot skip the unchanged prefix: {why}; use skip_prefix=None")
-    use_skip = can_skip and skip_prefix is True
+    use_skip = can_skip and skip_prefix is not False
     device = bk.input_device
     corrupted = corrupted.to(device)
     clean = clean.to(device) if clean is not None else None
@@ -326,16 +326,14 @@ def activation_patching(
     try:
         names = {_hook_name(site, L) for L in layers}
         starts = {f"blocks.{L}.hook_resid_pre" for L in layers}
-        kv_names = set()
-        if use_skip:  # the corrupted run's keys/values of every block a patched run goes through
-            kv_names = {f"blocks.{i}.attn.hook_{x}" for i in range(min(layers), n_layers) for x in "kv"}
-        corrupt_logits, corrupt_cache = _run_caching(bk, corrupted, starts | kv_names)
+        # with use_skip, also the corrupted run's keys/values (a patched run continues from its prefix)
+        corrupt_logits, corrupt_cache, kv_rec = _run_caching(bk, corrupted, starts, record_kv=use_skip)
 
         def score(logits_full):
             return _per_prompt(metric, _select(logits_full, read_positions), B)
 
         if source is None:
-            clean_logits, clean_cache = _run_caching(bk, clean, names)
+            clean_logits, clean_cache, _ = _run_caching(bk, clean, names)
             clean_m = float(score(clean_logits).mean())
             del clean_logits
         else:
@@ -354,7 +352,7 @@ def activation_patching(
             min_read = int(reads.min()) if torch.is_tensor(reads) else min(reads)
             # the first patched position of each index (patch_positions: the earliest prompt's)
             first = ([i[0] for i in idx_all] if "pos" in by else [int(pp.min())] * len(idx_all))
-            plan = _plan_chunks(first, min_read, per_chunk)
+            plan = _plan_chunks(first, min_read, per_chunk, B, seq, bk.call_cost_tokens)
         else:
             reads = read_positions
             plan = [(c0, min(c0 + per_chunk, len(idx_all)), 0) for c0 in range(0, len(idx_all), per_chunk)]
@@ -399,12 +397,7 @@ def activation_patching(
                     return act
 
                 resid_in = start[:, o:].repeat(k, *([1] * (start.ndim - 1)))
-                kv = None
-                if o:
-                    def rep(x):
-                        return x[:, :o].repeat(k, *([1] * (x.ndim - 1)))
-                    kv = bk.prefix_kv_cache({i: rep(corrupt_cache[f"blocks.{i}.attn.hook_k"]) for i in range(L, n_layers)},
-                                            {i: rep(corrupt_cache[f"blocks.{i}.attn.hook_v"]) for i in range(L, n_layers)}, k * B)
+                kv = bk.prefix_kv(kv_rec, L, o, k) if o else None
                 with bk.hooks(fwd_hooks=[(_hook_name(site, L), hook)]):
                     resid = bk.run_from(resid_in, L, past_kv=kv)
                 n_calls += 1
@@ -443,18 +436,43 @@ def _shift(reads, o: int):
     return reads - o if torch.is_tensor(reads) else [p - o for p in reads]
 
 
-def _plan_chunks(first: list[int], min_read: int, per_chunk: int) -> list[tuple[int, int, int]]:
-    """Split the (position-sorted) indices into forward calls ``(c0, c1, offset)``: at most ``per_chunk``
-    patches each, all patching the same first position; a call computes positions ``offset..`` where
-    ``offset = min(first patched position, min_read)``."""
+def _plan_chunks(first: list[int], min_read: int, per_chunk: int, B: int = 1, seq: int = 0,
+                 call_cost: float = 0.0) -> list[tuple[int, int, int]]:
+    """Split the indices into forward calls ``(c0, c1, offset)`` of at most ``per_chunk`` patches; a call
+    computes positions ``offset..`` where ``offset = min(first patched position in it, min_read)``.
+
+    Indices patching the same first position share an offset; neighbouring groups are merged into one
+    call where that is cheaper, by a cost of ``call_cost`` (one block call's fixed cost: reading the
+    weights, launching kernels, in tokens' worth of compute) plus the tokens computed, ``B`` rows per patch
+    times the positions from the call's offset (an exact minimum over all splits into consecutive calls).
+    With ``call_cost`` 0 every group keeps its own calls."""
     groups: list[tuple[int, int]] = []  # runs of indices patching the same first position
     for i, p in enumerate(first):
         if groups and first[groups[-1][0]] == p:
             groups[-1] = (groups[-1][0], i + 1)
         else:
             groups.append((i, i + 1))
-    return [(c0, min(c0 + per_chunk, g1), min(first[c0], min_read)) for g0, g1 in groups
-            for c0 in range(g0, g1, per_chunk)]
+    pieces = [(c0, min(c0 + per_chunk, g1), min(first[c0], min_read)) for g0, g1 in groups
+              for c0 in range(g0, g1, per_chunk)]
+    if call_cost <= 0 or any(a[2] > b[2] for a, b in zip(pieces, pieces[1:])):
+        return pieces
+    n = len(pieces)
+    best, prev = [0.0] + [float("inf")] * n, [0] * (n + 1)
+    for j in range(1, n + 1):  # best[j]: cheapest calls covering pieces[:j]
+        k = 0
+        for i in range(j - 1, -1, -1):
+            k += pieces[i][1] - pieces[i][0]
+            if k > per_chunk:
+                break
+            cost = best[i] + call_cost + B * k * (seq - pieces[i][2])  # offsets ascend: pieces[i]'s is the least
+            if cost < best[j]:
+                best[j], prev[j] = cost, i
+    plan, j = [], n
+    while j:
+        i = prev[j]
+        plan.append((pieces[i][0], pieces[j - 1][1], pieces[i][2]))
+        j = i
+    return plan[::-1]
 
 
 def _site_heads(bk, site: str) -> int:
@@ -464,8 +482,9 @@ def _site_heads(bk, site: str) -> int:
     return int(kv) if site in ("k", "v", "k_input", "v_input") and kv else bk.n_heads
 
 
-def _run_caching(bk, x: torch.Tensor, names) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Logits and the activations at canonical hook ``names``, from one forward pass."""
+def _run_caching(bk, x: torch.Tensor, names, record_kv: bool = False):
+    """Logits and the activations at canonical hook ``names``, from one forward pass (``record_kv``: and
+    the backend's record of every layer's keys and values, for ``bk.prefix_kv``)."""
     store: dict[str, torch.Tensor] = {}
 
     def make(n):
@@ -473,8 +492,11 @@ def _run_caching(bk, x: torch.Tensor, names) -> tuple[torch.Tensor, dict[str, to
             store[n] = act
         return keep
 
-    logits = bk.run_with_hooks(x, fwd_hooks=[(n, make(n)) for n in names])
-    return logits, store
+    hooks = [(n, make(n)) for n in names]
+    if record_kv:
+        logits, rec = bk.record_kv(x, hooks)
+        return logits, store, rec
+    return bk.run_with_hooks(x, fwd_hooks=hooks), store, None
 
 
 def _expand_source(src: torch.Tensor, resid: torch.Tensor, site: str, bk, device) -> torch.Tensor:

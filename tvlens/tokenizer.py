@@ -55,6 +55,9 @@ def attach_tokenizer(model, vocab: Sequence[str] | None) -> None:
 
     if len(vocab) != int(get_backend(model).d_vocab):
         return
+    old = getattr(model, "tokenizer", None)
+    if getattr(old, "tvlens_word_tokenizer", False) and old.get_vocab() == {str(w): i for i, w in enumerate(vocab)}:
+        return  # already this vocabulary's (a model reused for the next checkpoint of a run)
     model.tokenizer = word_tokenizer(vocab)
     cfg = getattr(model, "cfg", None)
     if cfg is not None:

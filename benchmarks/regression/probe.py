@@ -35,6 +35,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--at", default="query", choices=["query", "answers"],
                     help="read the query position, or the mean over the examples' answer (y) tokens")
+    ap.add_argument("--null", type=int, default=200, help="label permutations for the shuffled-label null (0: none)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     ckpts = dict(list_checkpoints(_resolve_folder(args.run)))
@@ -44,21 +45,27 @@ def main() -> None:
         fam = tvlens.model_info(model).task_family()
         S = model.cfg.n_ctx // 2 - 1
         D = int(fam.params["D"])
-        probes, tds, raw = [], [], []
+        probes, tds, raw, nulls, cis = [], [], [], [], []
         for s in args.seeds:
             p = fam.sample(args.n, shots=S, seed=31000 + s)
             enc = tvlens.extract(model, p, progress=False, at=args.at)
             y = p.labels.numpy()
             probes.append([probe_acc(enc.at(L).numpy(), y, s) for L in enc.layers])
-            tds.append(tvlens.task_decodability(enc).td.numpy())
+            res = tvlens.task_decodability(enc, null=args.null, ci_seed=s)
+            tds.append(res.td.numpy())
+            cis.append(res.td_ci.numpy())
+            if args.null:
+                nulls.append(res.null_quantile.numpy())
             X, Y = p.inputs[:, 0:-2:2, :D], p.inputs[:, 1:-2:2, D]
             g = (X * Y[..., None]).sum(1).numpy()
             raw.append(probe_acc(np.concatenate([g, np.abs(g)], 1), y, s))
         pr, td = np.array(probes), np.array(tds)
         print(f"== {args.run} step {step}, read at {args.at} ({S} shots, {args.n}/basis, seeds {args.seeds}); mean ± sd over seeds")
         for i in range(pr.shape[1]):
+            ci = np.array(cis)[0][:, i]
+            nl = f"   shuffled-label null q95 {np.mean([n[i] for n in nulls]):.3f}" if nulls else ""
             print(f"  layer {i}: linear probe {pr[:, i].mean():.3f} ± {pr[:, i].std():.3f}   kNN TD "
-                  f"{td[:, i].mean():.3f} ± {td[:, i].std():.3f}")
+                  f"{td[:, i].mean():.3f} ± {td[:, i].std():.3f} (seed {args.seeds[0]} 95% CI [{ci[0]:.3f}, {ci[1]:.3f}]){nl}")
         print(f"  probe on the prompts' statistic [g, |g|], g = sum_k x_k y_k: {np.mean(raw):.3f} ± {np.std(raw):.3f}")
 
 

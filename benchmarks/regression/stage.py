@@ -24,6 +24,26 @@ from tvlens.train import RUN_FILE_RE
 BASE = ("resume.safetensors", "resume.json", "train_config.json", "log.jsonl")
 
 
+def checkpoint_from_resume(run: Path, dest: Path) -> list[Path]:
+    """A half-precision checkpoint of the resume state's weights, at its step (what the run itself would have
+    written there), into ``dest``, so that a stage ended between checkpoints can be evaluated at its end."""
+    from tvlens.io import load_tensors_with_sidecar
+    from tvlens.models import build_model, save_checkpoint
+    from tvlens.train import TrainConfig, read_log
+
+    cfg = TrainConfig.from_dict(json.loads((run / "train_config.json").read_text()))
+    tensors, meta = load_tensors_with_sidecar(run / "resume", expect_kind="tvlens-resume")
+    step = int(meta["step"])
+    model = build_model(cfg.build_family(), n_layers=cfg.n_layers, d_model=cfg.d_model, n_heads=cfg.n_heads,
+                        d_mlp=cfg.d_mlp, shots=cfg.shots, seed=cfg.seed)
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    rec = next((r for r in read_log(run) if r["step"] == step), {})
+    metrics = {k: rec[k] for k in ("loss", "metric", "per_task", "mean", "curriculum") if k in rec}
+    path = save_checkpoint(model, dest / f"step_{step:06d}", step=step, metrics=metrics, family=cfg.family,
+                           command=f"benchmarks/regression/stage.py: the resume state of {run} at step {step}")
+    return [path.with_suffix(".safetensors"), path.with_suffix(".json")]
+
+
 def copy_stage(run: Path, dest: Path, steps: list[int] | None, replace: bool) -> list[Path]:
     if not (run / "resume.json").exists():
         sys.exit(f"stage: {run} holds no resume state (resume.json); nothing to carry")
@@ -49,6 +69,8 @@ def copy_stage(run: Path, dest: Path, steps: list[int] | None, replace: bool) ->
     for n in names:
         shutil.copy2(run / n, dest / n)
         out.append(dest / n)
+    if state_step not in have:
+        out += checkpoint_from_resume(run, dest)
     return out
 
 

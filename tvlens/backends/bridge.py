@@ -12,7 +12,11 @@ What differs from a HookedTransformer, and how this module hides it (measured, s
 - ``start_at_layer`` is missing (3.9) or still runs the early blocks (4.x), and ``past_kv_cache`` is
   ignored: :meth:`run_from` calls the bridge's blocks directly, with the keyword arguments the
   Hugging Face model passes them (attention mask, positions, rotary tables) recorded once per input
-  shape on a hook-free forward pass (stopped before the last block), so only blocks ``start..`` run and their hooks fire as usual.
+  length on a one-row, hook-free forward pass (stopped before the last block), so only blocks ``start..``
+  run and their hooks fire as usual;
+- a prefix of positions is continued through the bridge attention's own ``past_key_values.update``
+  (``tvlens.backends.prefix``: :meth:`record_kv`, :meth:`prefix_kv`, ``run_from(past_kv=...)``), checked
+  once per model by a self-test, so sweeps compute only the positions from the patched one on.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ class BridgeBackend(CommonBackend):
         self.continuous = self._read_in is not None
         self.softcap = float(getattr(model.cfg, "output_logits_soft_cap", 0.0) or 0.0)
         self._block_calls: dict[tuple, list[tuple[tuple, dict]]] = {}
+        self._prefix_ok: bool | None = None
 
     @property
     def mode(self) -> str:
@@ -76,8 +81,44 @@ class BridgeBackend(CommonBackend):
             self.hook_name(n)
         if stop_at_layer is not None and stop_at_layer >= self.n_layers:  # the bridge would return logits
             return self._run_blocks(x, fwd_hooks)
-        with self.model.hooks(fwd_hooks=list(fwd_hooks)):
+        with self.model.hooks(fwd_hooks=list(fwd_hooks)), self._attention(fwd_hooks):
             return self.model(self._input(x), stop_at_layer=stop_at_layer)
+
+    # attention: the Hugging Face module with SDPA when no attention hook can fire
+    def _attention(self, fwd_hooks: Sequence = ()):
+        from contextlib import nullcontext
+
+        return self.fast_attention(fwd_hooks) if self._prefer_sdpa else nullcontext()
+
+    def fast_attention(self, fwd_hooks: Sequence = ()):
+        """A context in which each block's attention runs as the Hugging Face module itself with PyTorch's
+        scaled-dot-product attention, instead of the bridge's step-by-step re-implementation (which
+        materializes scores and pattern to fire ``hook_attn_scores`` / ``hook_pattern``), when that is
+        exact: a raw-mode bridge in eval mode whose attention bridges wrap the Hugging Face projections
+        themselves (no copied weights: not GPT-2's split ``c_attn``), no logit soft-capping (SDPA has
+        none), nothing offloaded, and no hook attached or requested inside any attention (``fwd_hooks``:
+        canonical names), no module hook on an attention bridge. Otherwise a no-op. Same numbers up to
+        float rounding (tests/test_fast_paths.py)."""
+        from contextlib import nullcontext
+
+        plan = self._sdpa_plan()
+        if plan is None or self.model.training or self.mode != "raw":
+            return nullcontext()
+        swaps, configs, watched = plan
+        if any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks for m in watched):
+            return nullcontext()  # a hook point fires, or a module hook expects the bridge's attention call
+        ids = {id(m) for m in watched}
+        if any(id(self.model.hook_dict.get(n)) in ids for n, _ in fwd_hooks):
+            return nullcontext()
+        return _swapped_attention(swaps, configs)
+
+    def _sdpa_plan(self):
+        """``(swaps, configs, watched modules)`` where SDPA is exact for this model, else None (cached);
+        the watched modules are the bridge's own inside each attention (hook points, the bridge itself):
+        a hook on any of them keeps the bridge's attention."""
+        if "_sdpa" not in self.__dict__:
+            self._sdpa = _sdpa_plan(self.model)
+        return self._sdpa
 
     def _run_blocks(self, x, fwd_hooks: Sequence = ()) -> torch.Tensor:
         """The residual after the last block, the forward pass stopped there: the final norm and the
@@ -90,7 +131,7 @@ class BridgeBackend(CommonBackend):
             raise StopAtLayerException(act)
 
         hooks = list(fwd_hooks) + [(f"blocks.{self.n_layers - 1}.hook_resid_post", stop)]
-        with self.model.hooks(fwd_hooks=hooks):
+        with self.model.hooks(fwd_hooks=hooks), self._attention(fwd_hooks):
             out = self.model(self._input(x))
         if not torch.is_tensor(out) or out.shape[-1] != self.d_model:  # pragma: no cover - a TL that swallows it
             from tvlens.errors import HookError
@@ -107,9 +148,10 @@ class BridgeBackend(CommonBackend):
         return self._run_blocks(x)  # one forward pass that stops after the blocks: no per-shape recording
 
     def _calls(self, resid: torch.Tensor) -> list[tuple[tuple, dict]]:
-        """Each block's call arguments for inputs of ``resid``'s batch and length, recorded once on a
-        forward pass with every hook detached (so a caller's hooks never see it)."""
-        key = (tuple(resid.shape[:2]), str(resid.device), resid.dtype)
+        """Each block's call arguments for inputs of ``resid``'s length, recorded once per length on a
+        one-row forward pass with every hook detached (so a caller's hooks never see it). The recorded
+        tensors (attention masks, rotary tables, position ids) have batch 1 and broadcast over any batch."""
+        key = (int(resid.shape[1]), str(resid.device), resid.dtype)
         if key not in self._block_calls:
             calls: list[Any] = [None] * self.n_layers
             handles = []
@@ -128,8 +170,9 @@ class BridgeBackend(CommonBackend):
                 for hp, _, _ in saved:
                     hp._forward_hooks.clear()
                     hp._backward_hooks.clear()
-                dummy = (torch.zeros(*resid.shape[:2], self.d_vocab, dtype=resid.dtype, device=self.input_device)
-                         if self.continuous else torch.zeros(resid.shape[:2], dtype=torch.long, device=self.input_device))
+                n = int(resid.shape[1])
+                dummy = (torch.zeros(1, n, self.d_vocab, dtype=resid.dtype, device=self.input_device)
+                         if self.continuous else torch.zeros((1, n), dtype=torch.long, device=self.input_device))
                 with torch.no_grad():
                     self.model(self._input(dummy))
             finally:
@@ -141,25 +184,81 @@ class BridgeBackend(CommonBackend):
             for c in calls:
                 if c is not None and "use_cache" in c[1]:
                     c[1]["use_cache"] = False
-            if len(self._block_calls) > 16:
+            if len(self._block_calls) > 64:
                 self._block_calls.clear()
             self._block_calls[key] = calls
         return self._block_calls[key]
 
-    def run_from(self, resid, start: int, stop: int | None = None, past_kv=None):
-        if past_kv is not None:
-            from tvlens.errors import ConfigError
+    def _prefix_calls(self, resid: torch.Tensor, offset: int) -> list[tuple[tuple, dict]]:
+        """The recorded calls of the full length, cut to the positions ``offset..`` that ``resid`` holds."""
+        from tvlens.backends.prefix import slice_call
 
-            raise ConfigError("a TransformerBridge cannot continue from a prefix key/value cache (TransformerLens "
-                              "ignores past_kv_cache on a bridge): use skip_prefix=None")
+        seq = offset + int(resid.shape[1])
+        key = ("prefix", seq, offset, str(resid.device), resid.dtype)
+        if key not in self._block_calls:
+            full = self._calls(resid.new_zeros(1, seq, 1))
+            cut = [slice_call(c, self._arg_names(i), offset, seq) for i, c in enumerate(full)]
+            if any(c is None for c in cut):
+                from tvlens.errors import UnsupportedModelError
+
+                raise UnsupportedModelError("this bridge's blocks take per-position arguments tvlens cannot cut "
+                                            "to a suffix of positions: use skip_prefix=None")
+            self._block_calls[key] = cut
+        return self._block_calls[key]
+
+    def _arg_names(self, i: int) -> list[str]:
+        import inspect
+
+        block = self.model.blocks[i]
+        fn = getattr(block.original_component, "forward", block.forward)
+        return list(inspect.signature(fn).parameters)[1:]
+
+    def run_from(self, resid, start: int, stop: int | None = None, past_kv=None):
+        import contextlib
+
         stop = self.n_layers if stop is None else stop
-        calls = self._calls(resid)
+        if past_kv is None:
+            calls, ctx = self._calls(resid), contextlib.nullcontext()
+        else:
+            from tvlens.backends.prefix import PrefixKVCache, cache_into_attention
+
+            if not isinstance(past_kv, PrefixKVCache):
+                from tvlens.errors import ConfigError
+
+                raise ConfigError(f"past_kv must come from this backend's prefix_kv(), got {type(past_kv).__name__}")
+            calls = self._prefix_calls(resid, past_kv.offset)
+            ctx = cache_into_attention(self.model.blocks, past_kv, range(start, stop))
         h = resid
-        for i in range(start, stop):
-            args, kwargs = calls[i]
-            out = self.model.blocks[i](h, *args, **kwargs)
-            h = out[0] if isinstance(out, tuple) else out
+        with ctx:
+            for i in range(start, stop):
+                args, kwargs = calls[i]
+                out = self.model.blocks[i](h, *args, **kwargs)
+                h = out[0] if isinstance(out, tuple) else out
         return h
+
+    # continuing from a prefix of positions (tvlens.backends.prefix)
+    def supports_prefix_kv(self) -> bool:
+        if self._prefix_ok is None:
+            from tvlens.backends.prefix import self_test
+
+            self._prefix_ok = self_test(self)
+        return self._prefix_ok
+
+    def record_kv(self, x, fwd_hooks: Sequence = ()):
+        """The logits of ``x`` under ``fwd_hooks``, and every layer's keys and values as attention used them."""
+        from tvlens.backends.prefix import KVRecordCache, cache_into_attention
+
+        rec = KVRecordCache()
+        with cache_into_attention(self.model.blocks, rec):
+            logits = self.run_with_hooks(x, fwd_hooks)
+        return logits, rec
+
+    def prefix_kv(self, record, start: int, offset: int, reps: int):
+        """A cache for :meth:`run_from` from block ``start``: positions ``:offset`` of ``record``, stacked
+        ``reps`` times along the batch."""
+        from tvlens.backends.prefix import PrefixKVCache
+
+        return PrefixKVCache(record, offset, reps)
 
     def ln_final(self, resid):
         ln = getattr(self.model, "ln_final", None)
@@ -236,13 +335,66 @@ class BridgeBackend(CommonBackend):
             self.model.set_use_hook_mlp_in(bool(on))
         return old
 
-    def supports_prefix_kv(self) -> bool:
-        return False
-
     def prefix_kv_cache(self, keys, values, batch: int):
         from tvlens.errors import ConfigError
 
-        raise ConfigError("a TransformerBridge cannot continue from a prefix key/value cache")
+        raise ConfigError("a TransformerBridge continues from a prefix through record_kv()/prefix_kv(), not from "
+                          "hook_k/hook_v activations (its cache holds keys after the rotary embedding)")
+
+
+def _sdpa_plan(model):
+    try:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    except ImportError:  # pragma: no cover - transformers without the attention registry
+        return None
+    hf = getattr(model, "original_model", None)
+    if hf is None or not getattr(hf, "_supports_sdpa", False) or "sdpa" not in ALL_ATTENTION_FUNCTIONS:
+        return None
+    swaps, configs, watched = [], {}, []
+    for block in model.blocks:
+        attn, layer = getattr(block, "attn", None), getattr(block, "original_component", None)
+        orig = getattr(attn, "original_component", None)
+        cfg = getattr(orig, "config", None)
+        if orig is None or layer is None or not hasattr(cfg, "_attn_implementation"):
+            return None
+        if getattr(cfg, "attn_logit_softcapping", None):
+            return None  # Gemma-2: SDPA has no soft-capping
+        if {id(p) for p in attn.parameters()} != {id(p) for p in orig.parameters()}:
+            return None  # the bridge computes with weights of its own (e.g. GPT-2's split c_attn)
+        if any(p.device.type == "meta" for p in orig.parameters()):
+            return None  # offloaded: the bridge's call materializes the weights
+        name = next((n for n, c in layer.named_children() if c is attn), None)
+        if name is None:
+            return None
+        swaps.append((layer, name, attn, orig))
+        configs[id(cfg)] = cfg
+        own = {id(m) for m in orig.modules()}
+        watched += [m for m in attn.modules() if id(m) not in own]  # the bridge's: its hook points, itself
+    configs[id(hf.config)] = hf.config
+    return swaps, list(configs.values()), watched
+
+
+class _swapped_attention:
+    def __init__(self, swaps, configs) -> None:
+        self.swaps, self.configs, self.old = swaps, configs, []
+
+    def __enter__(self):
+        self.old = [(c, c._attn_implementation) for c in self.configs]
+        try:
+            for layer, name, _, orig in self.swaps:
+                layer._modules[name] = orig
+            for c in self.configs:
+                c._attn_implementation = "sdpa"
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for layer, name, attn, _ in self.swaps:
+            layer._modules[name] = attn
+        for c, impl in self.old:
+            c._attn_implementation = impl
 
 
 __all__ = ["BridgeBackend", "bridge_classes"]

@@ -115,6 +115,28 @@ class HookedBackend(CommonBackend):
     def prefix_kv_cache(self, keys, values, batch: int):
         return prefix_kv_cache(self.model, keys, values, batch)
 
+    def record_kv(self, x, fwd_hooks: Sequence = ()):
+        """The logits of ``x`` under ``fwd_hooks``, and every layer's ``hook_k``/``hook_v`` (what
+        TransformerLens' key/value cache holds)."""
+        rec: dict[int, list] = {i: [None, None] for i in range(self.n_layers)}
+
+        def keep(i, j):
+            def f(act, hook):
+                rec[i][j] = act
+            return f
+        kv = [(f"blocks.{i}.attn.hook_{c}", keep(i, j)) for i in range(self.n_layers) for j, c in enumerate("kv")]
+        return self.run_with_hooks(x, list(fwd_hooks) + kv), rec
+
+    def prefix_kv(self, record, start: int, offset: int, reps: int):
+        """A frozen cache for :meth:`run_from` from block ``start``: positions ``:offset`` of ``record``,
+        stacked ``reps`` times along the batch."""
+        def rep(t):
+            return t[:, :offset].repeat(reps, *([1] * (t.ndim - 1)))
+        layers = range(start, self.n_layers)
+        batch = reps * int(record[start][0].shape[0])
+        return prefix_kv_cache(self.model, {i: rep(record[i][0]) for i in layers},
+                               {i: rep(record[i][1]) for i in layers}, batch)
+
 
 __all__ = ["HookedBackend", "hooked_classes"]
 

@@ -118,10 +118,13 @@ def _read_in_forward(self, input_ids=None, attention_mask=None, position_ids=Non
                               inputs_embeds=inputs_embeds, **kwargs)
 
 
-def from_tl_state(state: dict[str, torch.Tensor], cfg: dict[str, Any], continuous: bool, backend: str = "auto"):
-    """A model holding a HookedTransformer-format state dict (a tvlens checkpoint's weights)."""
+def from_tl_state(state: dict[str, torch.Tensor], cfg: dict[str, Any], continuous: bool, backend: str = "auto",
+                  into=None):
+    """A model holding a HookedTransformer-format state dict (a tvlens checkpoint's weights). ``into``: a
+    model built from the same config and class (e.g. the previous checkpoint of a run) to load the weights
+    into instead of building one (booting a bridge costs ~1 s; loading weights a few ms)."""
     kind = resolve_backend(backend)
-    model = build(cfg, continuous, kind)
+    model = into if into is not None else build(cfg, continuous, kind)
     if kind == "hooked":
         model.load_state_dict(state)
         return model

@@ -54,6 +54,9 @@ class Backend(Protocol):
         """Activations at canonical ``names`` (``select(name, act)`` keeps a slice), running only as
         far as needed (``stop_at_layer``)."""
 
+    def prefer_fast_attention(self) -> AbstractContextManager:
+        """A context in which residual-only passes may use the fastest exact attention (bridge: SDPA)."""
+
     # --- running parts of the model ------------------------------------------------------------
     def embed_input(self, x: torch.Tensor) -> Float[torch.Tensor, "batch pos d_model"]:
         """The residual stream entering block 0 (``blocks.0.hook_resid_pre``) for inputs ``x``."""
@@ -62,7 +65,7 @@ class Backend(Protocol):
                  past_kv: Any = None) -> Float[torch.Tensor, "batch pos d_model"]:
         """Run blocks ``start..stop-1`` (default: to the end) on ``resid`` (the residual entering block
         ``start``) and return the residual after them (before the final norm). Hooks in a ``hooks()``
-        context fire. ``past_kv``: a frozen prefix cache from :meth:`prefix_kv_cache` (HookedTransformer)."""
+        context fire. ``past_kv``: a prefix cache from :meth:`prefix_kv`; ``resid`` then holds the positions after it."""
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The model's output for inputs ``x`` (token ids, or float vectors for a regression model)."""
@@ -106,7 +109,15 @@ class Backend(Protocol):
     def set_use_hook_mlp_in(self, on: bool) -> bool:
         """Turn ``blocks.{l}.hook_mlp_in`` (the MLP's residual input) on or off; returns the previous setting."""
 
-    def supports_prefix_kv(self) -> bool: ...
+    def supports_prefix_kv(self) -> bool:
+        """Whether :meth:`run_from` continues exactly from a prefix cache (:meth:`prefix_kv`)."""
+
+    def record_kv(self, x: torch.Tensor, fwd_hooks: Sequence[tuple[str, Hook]] = ()) -> tuple[torch.Tensor, Any]:
+        """The logits of ``x`` under ``fwd_hooks``, and a record of every layer's cached keys and values."""
+
+    def prefix_kv(self, record: Any, start: int, offset: int, reps: int) -> Any:
+        """A prefix cache for ``run_from(resid[:, offset:], start, past_kv=...)``: positions ``:offset`` of a
+        :meth:`record_kv` record, stacked ``reps`` times along the batch."""
 
     def prefix_kv_cache(self, keys: dict[int, torch.Tensor], values: dict[int, torch.Tensor], batch: int) -> Any: ...
 

@@ -178,29 +178,32 @@ def edge_attribution(model, prompts, method: str = "eap-ig", corrupted=None, met
 def _qk_fix_edges(bk, graph: Graph, corr_x, delta, g, m, s_idx, r_idx) -> None:
     """Overwrite ``m[b, sender, receiver]`` for q and k receivers with the AtP* QK-fixed estimate."""
     L, H = graph.n_layers, graph.n_heads
-    cap = bk.capture(corr_x, [f"blocks.{l}.hook_resid_pre" for l in range(L)]
-                     + [f"blocks.{l}.attn.hook_pattern" for l in range(L)])
+    cap = bk.capture(corr_x, [f"blocks.{l}.{n}" for l in range(L) for n in
+                              ("hook_resid_pre", "attn.hook_pattern", "attn.hook_q", "attn.hook_k")])
     b = delta.shape[0]
-    for l in range(L):
-        snd = [s for s in graph.senders if graph.upstream(s, f"L{l}H0.q")]
-        idx = [s_idx[s] for s in snd]
-        S = len(idx)
-        d = delta[:, :, idx].permute(2, 0, 1, 3).reshape(S * b, delta.shape[1], -1)  # [S*b, pos, d]
-        start = cap[f"blocks.{l}.hook_resid_pre"].repeat(S, 1, 1)
-        a_k = cap[f"blocks.{l}.attn.hook_pattern"]  # [b, head, q, k]
-        ga = g[f"blocks.{l}.attn.hook_pattern@0"]  # linearised after the softmax at the corrupted run
-        for kind in "qk":
-            store = {}
+    old_split = bk.set_use_split_qkv_input(False)  # one residual input for q, k and v: the fork is not needed
+    try:
+        for l in range(L):
+            snd = [s for s in graph.senders if graph.upstream(s, f"L{l}H0.q")]
+            idx = [s_idx[s] for s in snd]
+            S = len(idx)
+            d = delta[:, :, idx].permute(2, 0, 1, 3).reshape(S * b, delta.shape[1], -1)  # [S*b, pos, d]
+            base = cap[f"blocks.{l}.hook_resid_pre"]
+            start = base.repeat(S, 1, 1) + d.to(base.dtype)
+            a_k = cap[f"blocks.{l}.attn.hook_pattern"]  # [b, head, q, k]
+            ga = g[f"blocks.{l}.attn.hook_pattern@0"]  # linearised after the softmax at the corrupted run
+            for kind in "qk":
+                # the sender reaches this receiver only: the other side keeps the corrupted run's value, and the
+                # block stops at its pattern (no values, output projection or MLP computed)
+                keep = cap[f"blocks.{l}.attn.hook_{'k' if kind == 'q' else 'q'}"]
 
-            def add(act, hook, _d=d):
-                return act + _d[:, :, None].to(act.dtype)
-
-            def keep(act, hook, _s=store):
-                _s["a"] = act
-            with bk.hooks(fwd_hooks=[(f"blocks.{l}.hook_{kind}_input", add), (f"blocks.{l}.attn.hook_pattern", keep)]):
-                bk.run_from(start, l, l + 1)
-            a_new = store["a"].reshape(S, b, *a_k.shape[1:])
-            est = torch.nan_to_num((a_new - a_k[None]) * ga[None]).sum((3, 4)).float()  # [S, b, head]
-            for h in range(H):
-                m[:, idx, r_idx[f"L{l}H{h}.{kind}"]] = est[:, :, h].T
+                def fixed(act, hook, _c=keep, _S=S):
+                    return _c.repeat(_S, *([1] * (_c.ndim - 1))).to(act.dtype)
+                a_new = bk.attention_pattern(start, l, [(f"blocks.{l}.attn.hook_{'k' if kind == 'q' else 'q'}", fixed)])
+                a_new = a_new.reshape(S, b, *a_k.shape[1:])
+                est = torch.nan_to_num((a_new - a_k[None]) * ga[None]).sum((3, 4)).float()  # [S, b, head]
+                for h in range(H):
+                    m[:, idx, r_idx[f"L{l}H{h}.{kind}"]] = est[:, :, h].T
+    finally:
+        bk.set_use_split_qkv_input(old_split)
 

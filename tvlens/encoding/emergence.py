@@ -193,7 +193,12 @@ def emergence(
                 raise ConfigError(f"emergence: steps {missing} have no checkpoint in {checkpoints!s}; its checkpoints "
                                   f"are at steps {have}")
             pairs = [(s, p) for s, p in pairs if s in set(steps)]
-        items = [(s, (lambda p=p: load_checkpoint(p))) for s, p in pairs]
+        held: list = []  # one model for the whole run: each checkpoint's weights are loaded into it
+
+        def load_next(p):
+            held[:] = [load_checkpoint(p, into=held[0] if held else None)]
+            return held[0]
+        items = [(s, (lambda p=p: load_next(p))) for s, p in pairs]
     elif isinstance(checkpoints, (dict, bytes)) or not hasattr(checkpoints, "__iter__"):
         raise ConfigError(f"emergence: checkpoints must be a run folder, a shipped model name or a list of (step, model) "
                           f"pairs, got {type(checkpoints).__name__}")

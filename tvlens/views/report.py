@@ -183,7 +183,7 @@ def _build_report(
     from tvlens.accuracy import icl_accuracy
     from tvlens.encoding import emergence as run_emergence
     from tvlens.encoding import extract, task_decodability
-    from tvlens.patching import run_patching
+    from tvlens.patching import nothing_to_flip, run_patching
     from tvlens.sweeps import activation_patching
 
     t_all = time.perf_counter()
@@ -246,6 +246,8 @@ def _build_report(
         notes.append(f"no task-vector patching: the {fam.name!r} tasks each read their own kind of input, so no "
                      "other task's rule applies to a query and a flip cannot be scored (patch a family such as "
                      "'pos' or 'bitwise_text')")
+    elif nothing_to_flip(first_token_view(psub) if first_token else psub) is not None:
+        notes.append("no task-vector patching: " + nothing_to_flip(first_token_view(psub) if first_token else psub))
     else:
         psub = first_token_view(psub) if first_token else psub
         patch = run_patching(m, psub, enc.task_vectors(), mode=patching_mode, progress=progress)
