@@ -1086,6 +1086,16 @@ ISSUE19_CIRCUIT_ERRORS = [
         e.model, e.prompts, method="dla", ig_steps=5, progress=False), ["ig_steps"]),
     ("head_attribution cie with ig_steps", lambda e: lambda: tvlens.head_attribution(
         e.model, e.prompts, method="cie", ig_steps=5, progress=False), ["ig_steps"]),
+    ("head_attribution dla with corrupted", lambda e: lambda: tvlens.head_attribution(
+        e.model, e.prompts, method="dla", corrupted=e.prompts, progress=False), ["corrupted"]),
+    ("head_attribution cie with ablation='zero'", lambda e: lambda: tvlens.head_attribution(
+        e.model, e.prompts, method="cie", ablation="zero", progress=False), ["ablation"]),
+    ("head_attribution dla with positions='query'", lambda e: lambda: tvlens.head_attribution(
+        e.model, e.prompts, method="dla", positions="query", progress=False), ["positions"]),
+    ("head_attribution patch with atp_site='z'", lambda e: lambda: tvlens.head_attribution(
+        e.model, e.prompts, method="patch", atp_site="z", progress=False), ["atp_site"]),
+    ("head_attribution cie with qk_fix=False", lambda e: lambda: tvlens.head_attribution(
+        e.model, e.prompts, method="cie", qk_fix=False, progress=False), ["qk_fix"]),
     ("edge_attribution seed='1'", lambda e: lambda: tvlens.edge_attribution(e.model, e.prompts, seed="1",
                                                                             progress=False), ["seed"]),
     ("edge_attribution method=None", lambda e: lambda: tvlens.edge_attribution(e.model, e.prompts, method=None,
