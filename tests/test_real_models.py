@@ -176,6 +176,16 @@ def test_changed_cache_file_is_detected_and_rebuilt(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [SMOL]  # no temporary folder left behind
 
 
+def test_cache_of_another_build_recipe_is_stale(tmp_path):
+    import json
+
+    folder = _cache_copy(SMOL, tmp_path)
+    man = json.loads((folder / gguf_models.MANIFEST).read_text())
+    (folder / gguf_models.MANIFEST).unlink()  # a hard link: replace it, never write through it
+    (folder / gguf_models.MANIFEST).write_text(json.dumps({**man, "format": 1}))
+    assert "another tvlens build recipe" in gguf_models.check_cache(folder, gguf_models.GGUF_MODELS[SMOL].sha256)
+
+
 def test_cache_folder_tvlens_did_not_write_is_refused_and_kept(tmp_path):
     _need(SMOL)
     mine = tmp_path / SMOL
@@ -292,6 +302,8 @@ def test_gpt2_folder_saved_by_current_transformers_loads_with_the_default_backen
     model = tvlens.load_model(tmp_path / "gpt2ish")
     info = tvlens.model_info(model)
     assert info.backend == ("hooked" if has_hooked_transformer() else "bridge") and info.backend_reason
+    if has_hooked_transformer():
+        assert "maps n_positions" in info.backend_reason
     ids = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():
         diff = (model(ids).log_softmax(-1) - hf(ids).logits.log_softmax(-1)).abs().max().item()

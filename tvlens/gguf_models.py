@@ -353,7 +353,15 @@ def _build(folder: Path, sources: list[Path], source_sha: str, source: str, extr
                         shutil.copyfileobj(f, out, 1 << 20)
         out = tmp / "model"
         t0 = time.perf_counter()
-        check = _dequantize(gguf_path, out)
+        try:
+            check = _dequantize(gguf_path, out)
+        except CheckpointError:
+            raise
+        except (ValueError, KeyError, OSError, RuntimeError, TypeError, AttributeError) as e:
+            msg = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+            raise CheckpointError(f"transformers could not dequantize {source} ({type(e).__name__}: {msg}); nothing was "
+                                  "cached. Convert the model to a Hugging Face folder another way and load that folder, "
+                                  "or try another transformers version") from e
         files = sorted(p.name for p in out.iterdir())
         manifest = {
             "kind": _KIND, "format": _FORMAT, "source": {"name": source, "sha256": source_sha,
@@ -458,7 +466,7 @@ def describe() -> dict[str, str]:
     for name, spec in GGUF_MODELS.items():
         try:
             source_files(name)
-            state = "installed"
+            state = "installed, " + ("cached" if _read_manifest(cache_root() / name) else "dequantized at first load")
         except OfflineWeightsError:
             state = f"not installed: {spec.pip}"
         out[name] = f"{spec.description} [{state}]"

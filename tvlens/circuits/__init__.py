@@ -6,7 +6,8 @@ The graph (as in Hanna et al. 2024 and TransformerLens 4's ``tools/analysis/attr
 - **senders** write into the residual stream: ``"embed"`` (the residual entering block 0), each head
   ``"L{l}H{h}"`` (its output ``z @ W_O``), each MLP ``"MLP{l}"``;
 - **receivers** read it: each head's query, key and value input ``"L{l}H{h}.q"`` / ``.k`` / ``.v``, each
-  MLP's input ``"MLP{l}"``, and ``"logits"`` (the final residual);
+  MLP's input ``"MLP{l}"``, and ``"logits"`` (the final residual); under grouped-query attention a key/value
+  head's input is one receiver ``"L{l}KV{g}.k"`` / ``.v`` shared by the query heads of its group;
 - an **edge** ``sender -> receiver`` exists when the sender is upstream: a head of layer ``l`` feeds the
   heads of later layers, the MLP of its own and later layers, and the logits; an MLP of layer ``l`` feeds
   everything of later layers; the embedding feeds everything.

@@ -82,8 +82,8 @@ def circuit_metric(model, P, C, fn, keep_masks: torch.Tensor, graph: Graph, abla
             def r_head(l, k):
                 def hook(act, hook):
                     act = act.clone()
-                    for h in range(graph.n_heads):
-                        c = correction(r_idx[f"L{l}H{h}.{k}"])
+                    for h in range(graph.receiver_heads(k)):
+                        c = correction(r_idx[graph.receiver_name(l, k, h)])
                         if c is not None:
                             act[:, :, h] = act[:, :, h] + c
                     return act
@@ -160,6 +160,12 @@ def faithfulness(model, prompts, scores: EdgeScores, ks=None, corrupted=None, me
                           bytes_each=len(ks) * n * 1.0,
                           hint="random circuits per size (their forward passes are the cost)")
     bk, P, C, fn, metric_name = _prepare(model, prompts, corrupted, metric, "faithfulness", seed, gradient=False)
+    with torch.no_grad():
+        reads = prompt_answer_positions(P)
+        clean_pp = fn(bk.unembed(_gather(bk.final_resid(P.tokens), reads)), P.answers).float().cpu()
+        corr_pp = fn(bk.unembed(_gather(bk.final_resid(C.tokens), reads)), P.answers).float().cpu()
+    clean_m, corr_m = float(clean_pp.mean()), float(corr_pp.mean())
+    gap_notes = _check_gap(clean_pp, corr_pp, metric_name, seed)  # before any circuit runs
     order = scores.order(by_abs)
     masks = []
     for k in ks:
@@ -175,17 +181,38 @@ def faithfulness(model, prompts, scores: EdgeScores, ks=None, corrupted=None, me
     masks.append(torch.ones(n, dtype=torch.bool))  # the full graph: the clean run (a check)
     masks.append(torch.zeros(n, dtype=torch.bool))  # no edge: the corrupted run's outputs everywhere
     vals = circuit_metric(model, P, C, fn, torch.stack(masks), graph, ablation=ablation, batch_size=batch_size)
-    with torch.no_grad():
-        reads = prompt_answer_positions(P)
-        clean_m = float(fn(bk.unembed(_gather(bk.final_resid(P.tokens), reads)), P.answers).float().mean())
-        corr_m = float(fn(bk.unembed(_gather(bk.final_resid(C.tokens), reads)), P.answers).float().mean())
-    gap = clean_m - corr_m
-    if gap == 0 or not math.isfinite(gap):
-        raise ConfigError("the clean and corrupted prompts give the same metric, so the recovered fraction is "
-                          "undefined; choose corrupted prompts the metric separates")
-    rec = (vals - corr_m) / gap
+    rec = (vals - corr_m) / (clean_m - corr_m)
     K = len(ks)
     return Faithfulness(ks=ks, recovered=rec[:K], random=rec[K:K + K * n_random].view(K, n_random), n_edges=n,
                         clean_metric=clean_m, corrupted_metric=corr_m, ablation=ablation, method=scores.method,
                         notes={"full_graph_recovered": float(rec[-2]), "empty_graph_recovered": float(rec[-1]),
-                               "seed": seed, "metric": metric_name, "by_abs": by_abs})
+                               "seed": seed, "metric": metric_name, "by_abs": by_abs, **gap_notes})
+
+
+GAP_RTOL = 1e-4  # |clean - corrupted| at or below this times max(1, |clean|, |corrupted|): numerically equal
+
+
+def _check_gap(clean_pp: torch.Tensor, corr_pp: torch.Tensor, metric_name: str, seed: int) -> dict:
+    """Refuse a clean - corrupted gap too small to divide by; notes with the gap's bootstrap 95% interval over
+    prompts and, where that interval holds 0, a warning that the recovered fractions are noise."""
+    clean_m, corr_m = float(clean_pp.mean()), float(corr_pp.mean())
+    gap = clean_m - corr_m
+    scale = max(1.0, abs(clean_m), abs(corr_m))
+    if not math.isfinite(gap) or abs(gap) <= GAP_RTOL * scale:
+        raise ConfigError(
+            f"corrupted: the clean and corrupted prompts give the same mean {metric_name} ({clean_m:.6g} vs "
+            f"{corr_m:.6g}, gap {gap:.3g}, at most {GAP_RTOL:g} x {scale:.3g} counts as equal), so the fraction of the "
+            "gap a circuit recovers is undefined (a division by ~0). Choose corrupted prompts the metric separates "
+            "(e.g. corrupted=swap_contexts(prompts)[1] with the clean prompts it returns), or another metric")
+    d = (clean_pp - corr_pp).double()
+    notes: dict = {"gap": gap}
+    if d.numel() >= 2:
+        g = torch.Generator().manual_seed(seed)
+        means = d[torch.randint(0, d.numel(), (1000, d.numel()), generator=g)].mean(1)
+        lo, hi = (float(v) for v in torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)))
+        notes["gap_ci"] = [lo, hi]
+        if lo <= 0 <= hi:
+            notes["gap_warning"] = (f"the clean - corrupted gap {gap:.3g} is not distinguishable from 0 over "
+                                    f"{d.numel()} prompts (95% bootstrap interval [{lo:.3g}, {hi:.3g}], seed {seed}): "
+                                    "the recovered fractions divide by noise")
+    return notes

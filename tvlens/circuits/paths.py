@@ -105,14 +105,15 @@ def path_patching(model, prompts, edges=None, corrupted=None, metric=None, seed:
                     if (s, f"MLP{l}") in e_pos:
                         out[:, e_pos[(s, f"MLP{l}")]] = vals[0, j]
                 else:
-                    for h in range(graph.n_heads):
-                        e = (s, f"L{l}H{h}.{k}")
+                    for h in range(graph.receiver_heads(k)):
+                        e = (s, graph.receiver_name(l, k, h))
                         if e in e_pos:
                             out[:, e_pos[e]] = vals[h, j]
             bar.update(1)
         bar.close()
     res = EdgeScores(scores=out.mean(0), edges=list(edges), method="path-patch", metric=metric_name,
-                     n_layers=graph.n_layers, n_heads=graph.n_heads, per_prompt=out, prompts=describe(prompts),
+                     n_layers=graph.n_layers, n_heads=graph.n_heads, n_key_value_heads=graph.n_kv_heads,
+                     per_prompt=out, prompts=describe(prompts),
                      notes={"seed": seed, "clean_metric": clean_m, "corrupted_metric": float(corr_pp.mean()),
                             "model_fingerprint": bk.fingerprint()})
     return res.with_ci(seed=seed) if ci else res

@@ -210,6 +210,7 @@ class EdgeScores:
     ci: torch.Tensor | None = None
     prompts: str = ""
     notes: dict = field(default_factory=dict)
+    n_key_value_heads: int | None = None  # grouped-query attention (k/v receivers are key/value heads)
 
     def __post_init__(self) -> None:
         """Scores, edges and graph agree (checked on every construction, so also on ``load``)."""
@@ -227,7 +228,8 @@ class EdgeScores:
         if len(set(edges)) != E:
             raise ConfigError("EdgeScores: an edge is listed twice")
         mlps = any(str(s).startswith("MLP") or str(r).startswith("MLP") for s, r in edges)
-        graph = Graph(int(self.n_layers), int(self.n_heads), mlps)
+        kv = None if self.n_key_value_heads is None else int(self.n_key_value_heads)
+        graph = Graph(int(self.n_layers), int(self.n_heads), mlps, kv)
         for s, r in edges:
             graph.check_edge(s, r)  # names of a graph of n_layers x n_heads
         self.edges = edges
@@ -237,7 +239,8 @@ class EdgeScores:
 
     @property
     def graph(self) -> Graph:
-        return Graph(self.n_layers, self.n_heads, any(s.startswith("MLP") for s, _ in self.edges))
+        return Graph(self.n_layers, self.n_heads, any(s.startswith("MLP") for s, _ in self.edges),
+                     self.n_key_value_heads)
 
     def receiver_kinds(self) -> list[str]:
         return [_receiver_kind(r) for _, r in self.edges]
@@ -320,8 +323,8 @@ class EdgeScores:
         if self.ci is not None:
             tensors["ci"] = self.ci.float().contiguous()
         meta = {"kind": "EdgeScores", "method": self.method, "metric": self.metric, "n_layers": self.n_layers,
-                "n_heads": self.n_heads, "edges": [list(e) for e in self.edges], "prompts": self.prompts,
-                "notes": self.notes}
+                "n_heads": self.n_heads, "n_key_value_heads": self.n_key_value_heads,
+                "edges": [list(e) for e in self.edges], "prompts": self.prompts, "notes": self.notes}
         return save_tensors_with_sidecar(path, tensors, meta, overwrite=overwrite)
 
     @classmethod
@@ -329,7 +332,8 @@ class EdgeScores:
         t, m = load_tensors_with_sidecar(path, expect_kind="EdgeScores")
         return cls(scores=t["scores"], edges=[tuple(e) for e in m["edges"]], method=m["method"], metric=m["metric"],
                    n_layers=int(m["n_layers"]), n_heads=int(m["n_heads"]), per_prompt=t.get("per_prompt"),
-                   ci=t.get("ci"), prompts=m.get("prompts", ""), notes=dict(m.get("notes", {})))
+                   ci=t.get("ci"), prompts=m.get("prompts", ""), notes=dict(m.get("notes", {})),
+                   n_key_value_heads=m.get("n_key_value_heads"))
 
 
 # --------------------------------------------------------------------------- faithfulness
@@ -364,8 +368,9 @@ class Faithfulness:
 
     def __repr__(self) -> str:
         k80 = self.edges_for(0.8)
+        warn = f"; WARNING: {self.notes['gap_warning']}" if self.notes.get("gap_warning") else ""
         return (f"Faithfulness({self.method}, {self.ablation}-ablated, {self.n_edges} edges; 80% recovered at "
-                f"k={k80}; clean {self.clean_metric:.3f}, corrupted {self.corrupted_metric:.3f})")
+                f"k={k80}; clean {self.clean_metric:.4g}, corrupted {self.corrupted_metric:.4g}{warn})")
 
     def _repr_html_(self) -> str:
         from tvlens.plotting import figure_fragment, result_html

@@ -7,7 +7,17 @@ import torch
 
 from tvlens.backends import get_backend
 from tvlens.circuits.gradients import DEFAULT_IG_STEPS, _check_steps, _chunks, _ig_gradients, _prepare, _writers
-from tvlens.circuits.graph import Graph, _EdgeFlags, _has_mlps, _receiver_hooks, _sender_outputs, graph_of
+from tvlens.circuits.graph import (
+    Graph,
+    _EdgeFlags,
+    _has_mlps,
+    _receiver_hooks,
+    _receiver_kind,
+    _sender_outputs,
+    check_layers,
+    edges_in_layers,
+    graph_of,
+)
 from tvlens.circuits.paths import path_patching
 from tvlens.circuits.results import EdgeScores, HeadScores, _per_task
 from tvlens.errors import ConfigError
@@ -91,7 +101,8 @@ def head_scores(model, prompts, method, metric, corrupted, per_task, layers, see
 
 def edge_attribution(model, prompts, method: str = "eap-ig", corrupted=None, metric=None,
                      ig_steps: int | None = None, seed: int = 0, batch_size: int = 64, per_prompt: bool = True,
-                     ci: bool = False, progress: bool = True, positions=None, qk_fix: bool | None = None) -> EdgeScores:
+                     ci: bool = False, progress: bool = True, positions=None, qk_fix: bool | None = None,
+                     layers=None) -> EdgeScores:
     """Score every edge of the graph by ``method``: ``"eap-ig"`` (default, ``ig_steps`` default
     ``DEFAULT_IG_STEPS``), ``"eap"`` (= ``ig_steps=1``) or ``"path-patch"`` (exact, ``path_patching``).
 
@@ -102,7 +113,12 @@ def edge_attribution(model, prompts, method: str = "eap-ig", corrupted=None, met
     ``positions``: None (every position), ``"query"``, ``"answers"`` (the in-context examples' answer tokens,
     ``tvlens.encoding.representation_mask``) or a boolean mask ``[n, seq]``: the estimate of patching the edge
     only where its receiver reads at those positions (which heads read the task at the query, which write it
-    at the examples' answers)."""
+    at the examples' answers).
+
+    ``layers``: score only the edges whose two ends are each the embedding, the logits, or a head or MLP of one
+    of these layers (a sub-graph: cheaper on a large model, where the QK fix runs once per receiving layer;
+    ``faithfulness`` needs the full graph). Under grouped-query attention a key/value head's input is one
+    receiver ``L{l}KV{g}.k`` / ``.v`` shared by its query heads (``Graph.query_heads``)."""
     from tvlens.checks import check_batch_size, check_seed, check_unused
 
     seed = check_seed(seed, where="edge_attribution")
@@ -112,7 +128,9 @@ def edge_attribution(model, prompts, method: str = "eap-ig", corrupted=None, met
         check_unused("positions", positions, None, where="edge_attribution",
                      because=why + " at every position; restrict positions with method='eap-ig'")
         check_unused("qk_fix", qk_fix, None, where="edge_attribution", because=why + " (no attention linearisation)")
-        return path_patching(model, prompts, corrupted=corrupted, metric=metric, seed=seed, ci=ci, progress=progress)
+        sub = None if layers is None else edges_in_layers(graph_of(model), layers)
+        return path_patching(model, prompts, edges=sub, corrupted=corrupted, metric=metric, seed=seed, ci=ci,
+                             progress=progress)
     if not isinstance(method, str) or method not in ("eap", "eap-ig"):
         raise ConfigError(f"method must be 'eap-ig', 'eap' or 'path-patch', got {method!r}")
     if method == "eap":
@@ -128,15 +146,18 @@ def edge_attribution(model, prompts, method: str = "eap-ig", corrupted=None, met
     from tqdm.auto import tqdm
 
     graph = graph_of(model)
-    recv = _receiver_hooks(graph)
+    layers = check_layers(graph, layers)
+    edges = graph.edges if layers is None else edges_in_layers(graph, layers)
+    used = {r for _, r in edges}
+    recv = [x for x in _receiver_hooks(graph) if x[0] in used]
     names = sorted({h for _, h, _, _ in recv if h != "final"})
     if qk_fix is None:
         qk_fix = method == "eap-ig"
     if qk_fix is not True and qk_fix is not False:
         raise ConfigError(f"qk_fix must be True or False, got {qk_fix!r}")
+    qk_layers = sorted({Graph.receiver_layer(r)[1] for r in used if _receiver_kind(r) in ("q", "k")})
     if qk_fix:
-        names += [f"blocks.{l}.attn.hook_pattern" for l in range(graph.n_layers)]
-    edges = graph.edges
+        names += [f"blocks.{l}.attn.hook_pattern" for l in qk_layers]
     s_idx = {s: i for i, s in enumerate(graph.senders)}
     r_idx = {r: i for i, (r, *_) in enumerate(recv)}
     e_s = torch.tensor([s_idx[s] for s, _ in edges])
@@ -158,12 +179,13 @@ def edge_attribution(model, prompts, method: str = "eap-ig", corrupted=None, met
             m = torch.einsum("bpsd,bprd,bp->bsr", delta.float(), gr.float(), pmask[sl].float())  # sender x receiver
             if qk_fix:
                 _qk_fix_edges(bk, graph, C.tokens[sl], delta * pmask[sl][:, :, None, None].to(delta.dtype), g, m,
-                              s_idx, r_idx)
+                              s_idx, r_idx, qk_layers, None if layers is None else {s for s, _ in edges})
             vals.append(m[:, e_s, e_r].cpu())
     pp = torch.cat(vals)
     res = EdgeScores(scores=pp.mean(0), edges=edges, method=method, metric=metric_name, n_layers=graph.n_layers,
-                     n_heads=graph.n_heads, per_prompt=pp if per_prompt or ci else None,
-                     prompts=describe(prompts), notes={"ig_steps": steps, "seed": seed, "qk_fix": qk_fix,
+                     n_heads=graph.n_heads, n_key_value_heads=graph.n_kv_heads,
+                     per_prompt=pp if per_prompt or ci else None,
+                     prompts=describe(prompts), notes={"ig_steps": steps, "seed": seed, "qk_fix": qk_fix, "layers": layers,
                                                        "model_fingerprint": get_backend(model).fingerprint(),
                                                         "positions": positions if positions is None or isinstance(
                                                             positions, str) else "mask",
@@ -175,16 +197,19 @@ def edge_attribution(model, prompts, method: str = "eap-ig", corrupted=None, met
 
 
 @torch.no_grad()
-def _qk_fix_edges(bk, graph: Graph, corr_x, delta, g, m, s_idx, r_idx) -> None:
-    """Overwrite ``m[b, sender, receiver]`` for q and k receivers with the AtP* QK-fixed estimate."""
-    L, H = graph.n_layers, graph.n_heads
-    cap = bk.capture(corr_x, [f"blocks.{l}.{n}" for l in range(L) for n in
+def _qk_fix_edges(bk, graph: Graph, corr_x, delta, g, m, s_idx, r_idx, layers, senders=None) -> None:
+    """Overwrite ``m[b, sender, receiver]`` for the q and k receivers of ``layers`` with the AtP* QK-fixed estimate
+    (of the edges from ``senders``; default all). A key/value head's estimate sums its group's query heads."""
+    H = graph.n_heads
+    cap = bk.capture(corr_x, [f"blocks.{l}.{n}" for l in layers for n in
                               ("hook_resid_pre", "attn.hook_pattern", "attn.hook_q", "attn.hook_k")])
     b = delta.shape[0]
     old_split = bk.set_use_split_qkv_input(False)  # one residual input for q, k and v: the fork is not needed
     try:
-        for l in range(L):
-            snd = [s for s in graph.senders if graph.upstream(s, f"L{l}H0.q")]
+        for l in layers:
+            snd = [s for s in graph.senders if graph.upstream(s, f"L{l}H0.q") and (senders is None or s in senders)]
+            if not snd:
+                continue
             idx = [s_idx[s] for s in snd]
             S = len(idx)
             d = delta[:, :, idx].permute(2, 0, 1, 3).reshape(S * b, delta.shape[1], -1)  # [S*b, pos, d]
@@ -202,8 +227,11 @@ def _qk_fix_edges(bk, graph: Graph, corr_x, delta, g, m, s_idx, r_idx) -> None:
                 a_new = bk.attention_pattern(start, l, [(f"blocks.{l}.attn.hook_{'k' if kind == 'q' else 'q'}", fixed)])
                 a_new = a_new.reshape(S, b, *a_k.shape[1:])
                 est = torch.nan_to_num((a_new - a_k[None]) * ga[None]).sum((3, 4)).float()  # [S, b, head]
-                for h in range(H):
-                    m[:, idx, r_idx[f"L{l}H{h}.{kind}"]] = est[:, :, h].T
+                n_r = graph.receiver_heads(kind)
+                if n_r != H:  # a key head feeds the patterns of its group's query heads: sum over the group
+                    est = est.view(S, b, n_r, H // n_r).sum(-1)
+                for h in range(n_r):
+                    m[:, idx, r_idx[graph.receiver_name(l, kind, h)]] = est[:, :, h].T
     finally:
         bk.set_use_split_qkv_input(old_split)
 

@@ -115,11 +115,12 @@ def _first_head(scores) -> list[int]:
     """The head of the best-scoring edge that touches a head (sender or receiver), else L0H0."""
     from tvlens.circuits import Graph
 
+    graph = scores.graph
     for i in scores.order(by_abs=True):
         s, r = scores.edges[i]
-        for _kind, layer, h in (Graph.sender_layer(s), Graph.receiver_layer(r)):
+        for kind, layer, h in (Graph.sender_layer(s), Graph.receiver_layer(r)):
             if h is not None:
-                return [layer, h]
+                return [layer, h if kind == "head" else graph.query_heads(r)[0]]
     return [0, 0]
 
 
@@ -142,6 +143,8 @@ def circuit_graph_view(scores, model=None, prompts=None, prompt: int = 0, k: int
     ci = scores.ci
     for i, (s, r) in enumerate(scores.edges):
         kind, layer, h = Graph.receiver_layer(r)
+        if h is not None:  # under grouped-query attention a key/value receiver is drawn at its group's first head
+            h = graph.query_heads(r)[0]
         edges.append({"sender": s, "receiver": r, "kind": kind, "head": f"L{layer}H{h}" if h is not None else None,
                       "score": float(scores.scores[i]),
                       "ci": [float(ci[0, i]), float(ci[1, i])] if ci is not None else None})
