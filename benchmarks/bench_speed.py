@@ -482,7 +482,7 @@ def attribution_rows(m: dict, label: str, clean, corrupted, a) -> list[dict]:
     def ours():
         return tvlens.head_attribution(model, P, method="eap-ig", ig_steps=1, corrupted=C, metric="logprob",
                                        per_task=False, progress=False).scores
-    times, outs = rounds({"attribution_patch (TL 4.3)": tl_nodes, "tvlens": ours}, a.rounds)
+    times, outs = rounds({"transformer_lens attribution_patch": tl_nodes, "tvlens": ours}, a.rounds)
     rows.append({"model": f"{label} bridge", "what": "node attribution (heads), one step (EAP)", "times": times,
                  "diff": max_diff(outs)})
     print(f"[speed] {rows[-1]}", file=sys.stderr, flush=True)

@@ -153,6 +153,13 @@ def shuffle_labels(prompts, seed: int = 0):
     """
     if prompts.is_continuous:
         raise ConfigError("shuffled labels are built for token families; these prompts are continuous")
+    if not prompts.family:
+        raise ConfigError(
+            "corrupted: these are your own prompts (PromptSet.from_strings / from_tokens), which record no example "
+            "layout, so tvlens cannot build their corrupted run (in-context labels shuffled) itself. Pass "
+            "corrupted= yourself: a PromptSet of the same shape and query positions, e.g. the same queries after "
+            "another task's examples (PromptSet.from_strings(model, corrupted_texts, answers, ...)); or use "
+            "method='dla' (no corrupted run)")
     if prompts.shots < 2:
         raise ConfigError(f"shuffling in-context labels needs at least two shots (examples) per prompt; these "
                           f"prompts have shots={prompts.shots}: sample them with shots >= 2")
