@@ -1108,6 +1108,10 @@ ISSUE19_CIRCUIT_ERRORS = [
      ["L9H0"]),
     ("EdgeScores.with_ci n_boot=10^6", lambda e: (lambda s: lambda: s.with_ci(n_boot=10**6))(_edge_scores(e)),
      ["n_boot"]),
+    ("HeadScores.with_ci n_boot=10^7", lambda e: (lambda h: lambda: h.with_ci(n_boot=10**7))(
+        tvlens.head_attribution(e.model, e.prompts, method="dla", progress=False)), ["n_boot"]),
+    ("DecodabilityResult.with_null n_perm=10^9", lambda e: (lambda d: lambda: d.with_null(n_perm=10**9))(
+        tvlens.task_decodability(e.enc, k=2)), ["n_perm"]),
     ("EdgeScores.with_ci n_boot=0", lambda e: (lambda s: lambda: s.with_ci(n_boot=0))(_edge_scores(e)), ["n_boot"]),
     ("EdgeScores.with_ci level=1.5", lambda e: (lambda s: lambda: s.with_ci(level=1.5))(_edge_scores(e)), ["level"]),
     ("EdgeScores.with_ci seed='1'", lambda e: (lambda s: lambda: s.with_ci(seed="1"))(_edge_scores(e)), ["seed"]),

@@ -141,7 +141,7 @@ def _check_spans(spans: list[tuple[int, int]], i: int) -> list[tuple[int, int]]:
     lens = {e - s for s, e in spans}
     if len(lens) != 1:
         raise ConfigError(f"prompt {i}: examples' answers have different lengths {sorted(lens)} (tokens); cannot "
-                          "permute them: pass corrupted= prompts of the same layout")
+                          "permute them")
     return spans
 
 

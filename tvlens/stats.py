@@ -168,6 +168,10 @@ def group_means_boot(values: Any, labels: Any, n_groups: int, W: np.ndarray) -> 
         raise ConfigError(f"group_means_boot: values hold {n} prompts, labels {lab.shape[0]}, resamples {W.shape[1]}")
     lead = v.shape[:-1]
     flat = v.reshape(-1, n)  # [cells, n]
+    from tvlens.checks import check_memory
+
+    check_memory(8.0 * 2 * W.shape[0] * flat.shape[0] * n_groups,  # the resampled means, before allocating them
+                 f"n_boot={W.shape[0]} resamples of {flat.shape[0]} x {n_groups} group means", "n_boot")
     out = np.full((W.shape[0], flat.shape[0], n_groups), np.nan)
     for g in range(n_groups):
         idx = np.flatnonzero(lab == g)
