@@ -33,12 +33,12 @@ $(STAMP4): pyproject.toml constraints-tl4.txt
 	touch $(STAMP4)
 
 demo: $(STAMP4)
-	$(VENV4)/bin/tvlens demo
+	$(VENV4)/bin/tvlens demo --overwrite
 
 demo-tl4: demo
 
 demo-tl3: $(STAMP)
-	$(VENV)/bin/tvlens demo
+	$(VENV)/bin/tvlens demo --overwrite
 
 # The browser test (tests/test_report_browser.py) drives Debian's headless chromium through playwright,
 # which never downloads a browser; install chromium where it is missing (CI runs as root).

@@ -27,7 +27,7 @@ position):
   input, stopped before the head) and the Hugging Face body alone;
 - loading: a shipped checkpoint loaded fresh and into the model of the previous one (``emergence``);
 - SmolLM2-135M (``tvlens.load_model("smollm2-135m")``, else its shape with random weights): resid_pre by
-  layer x position over 4 layers, 2 x 16 tokens, tvlens against nnsight.
+  layer x position over 4 of its 30 layers, 4 x 16 tokens, tvlens against nnsight.
 """
 
 from __future__ import annotations
@@ -168,11 +168,15 @@ def gpt2_models(n_layers: int, device: str, nnsight_ok: bool, n_embd: int = 768,
     tok = word_tokenizer(vocab)
     out = {"arch": "gpt2", "bridge": TransformerBridge.boot_transformers("gpt2", hf_model=hf, tokenizer=tok,
                                                                          device=device)}
-    if has_hooked_transformer():
-        from transformer_lens import HookedTransformer
+    if has_hooked_transformer():  # through a local folder: TransformerLens 3.9 would fetch "gpt2"'s config
+        import tvlens
 
-        out["hooked"] = HookedTransformer.from_pretrained_no_processing("gpt2", hf_model=fresh(), tokenizer=tok,
-                                                                        device=device)
+        folder = Path(tempfile.mkdtemp(prefix="tvlens-bench-gpt2-"))
+        cfg.n_ctx = 1024  # TransformerLens 3.9's HookedTransformer reads it (transformers 5 configs lack it)
+        fresh().save_pretrained(folder)
+        tok.save_pretrained(folder)
+        out["hooked"] = tvlens.load_model(folder, backend="hooked", device=device, fold_ln=False,
+                                          center_writing_weights=False, center_unembed=False)
     if nnsight_ok:
         from nnsight import TransformersModel
 
@@ -478,7 +482,7 @@ def attribution_rows(m: dict, label: str, clean, corrupted, a) -> list[dict]:
     def ours():
         return tvlens.head_attribution(model, P, method="eap-ig", ig_steps=1, corrupted=C, metric="logprob",
                                        per_task=False, progress=False).scores
-    times, outs = rounds({"attribution_patch (TL 4.3)": tl_nodes, "tvlens": ours}, a.rounds)
+    times, outs = rounds({"transformer_lens attribution_patch": tl_nodes, "tvlens": ours}, a.rounds)
     rows.append({"model": f"{label} bridge", "what": "node attribution (heads), one step (EAP)", "times": times,
                  "diff": max_diff(outs)})
     print(f"[speed] {rows[-1]}", file=sys.stderr, flush=True)
@@ -581,7 +585,7 @@ def worker(a) -> None:
             rows += loading_rows(a)
         if want("smollm2") and nnsight_ok:
             s = smollm2_models(a.device, nnsight_ok)
-            c2, k2 = clean[:2] % 49152, corrupted[:2] % 49152
+            c2, k2 = clean % 49152, corrupted % 49152
             rows += smollm2_rows(s, c2, k2, a)
     finally:
         Path(a.json).write_text(json.dumps(rows))
@@ -603,7 +607,7 @@ def smollm2_rows(s: dict, clean, corrupted, a) -> list[dict]:
                                                  read_positions=[-1], batch_size=256, progress=False).values
     with torch.no_grad():
         times, outs = rounds({k: timed_sync(f, a.device) for k, f in cont.items()}, a.rounds)
-    rows = [{"model": f"{s['name']} bridge", "what": f"resid_pre by layer x pos, layers {layers}, 2 x 16 tokens",
+    rows = [{"model": f"{s['name']} bridge", "what": f"resid_pre by layer x pos, layers {layers}, 4 x 16 tokens",
              "times": times, "diff": max_diff(outs)}]
     print(f"[speed] {rows[-1]}", file=sys.stderr, flush=True)
     return rows

@@ -11,7 +11,7 @@ from tvlens.models import list_checkpoints, load_checkpoint
 
 def test_weights_loaded_into_a_built_model_equal_a_fresh_load():
     ck = list_checkpoints("default")
-    (s0, p0), (s1, p1) = ck[0], ck[-1]
+    (_, p0), (s1, p1) = ck[0], ck[-1]
     held = load_checkpoint(p0)
     x = torch.randint(0, get_backend(held).d_vocab, (3, 10), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -147,7 +147,7 @@ def test_rule_family_in_process(tmp_path):
     assert text.split("=>")[1].split() == [q[-1]]
     assert fam.config() == {"name": "ends_inproc", "length": 4, "_module": "mytasks_inproc"}
     assert tasks.from_config(fam.config()).params == {"length": 4}
-    with pytest.raises(ConfigError, match="already registered"):
+    with pytest.raises(ConfigError, match="shipped with tvlens"):
         tasks.register("codes", type(fam))
     model = tvlens.build_model(fam, n_layers=1, d_model=16, n_heads=2)
     assert tvlens.icl_accuracy(model, p).task_names == ["first", "last"]

@@ -50,7 +50,8 @@ def bridge(request, tmp_path_factory):
         name = "google/gemma-2-2b"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = TransformerBridge.boot_transformers(name, hf_model=hf.eval(), tokenizer=_tokenizer(tmp_path_factory.mktemp('tok')), device="cpu")
+        tok = _tokenizer(tmp_path_factory.mktemp("tok"))
+        model = TransformerBridge.boot_transformers(name, hf_model=hf.eval(), tokenizer=tok, device="cpu")
     g = torch.Generator().manual_seed(1)
     clean = torch.randint(4, V, (3, 9), generator=g)
     corrupted = clean.clone()

@@ -302,6 +302,8 @@ def test_gpt2_folder_saved_by_current_transformers_loads_with_the_default_backen
     model = tvlens.load_model(tmp_path / "gpt2ish")
     info = tvlens.model_info(model)
     assert info.backend == ("hooked" if has_hooked_transformer() else "bridge") and info.backend_reason
+    if has_hooked_transformer():
+        assert "maps n_positions" in info.backend_reason
     ids = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():
         diff = (model(ids).log_softmax(-1) - hf(ids).logits.log_softmax(-1)).abs().max().item()

@@ -267,3 +267,24 @@ def test_built_in_word_tokenizer_and_a_synthetic_model(name, params):
                                                   d_model=16, n_heads=2, eval_every=2, eval_n_per_task=2),
                                progress=False)
     assert model.cfg.d_vocab == fam.d_vocab and hist[-1]["step"] == 2
+
+
+def test_shuffled_labels_of_text_prompts_permute_the_examples_answers():
+    # the corrupted run of EAP-IG / CIE on a pretrained model: each example's answer moves to another example
+    from tvlens.positions import shuffle_labels
+
+    fam = tvlens.tasks.get("pos")
+    p = fam.sample(3, shots=3, seed=0)
+    c = shuffle_labels(p, seed=0)
+    texts = fam.sample_text(3, shots=3, seed=0)
+    for i, tp in enumerate(texts):
+        q = int(p.query_pos[i])
+        assert torch.equal(p.tokens[i, q:], c.tokens[i, q:])  # the query and its answer stay
+        words = c.render(i).split("\n")[: len(tp.examples)]
+        got = [w.split("->")[1].strip() for w in words]
+        orig = [y for _, y in tp.examples]
+        assert sorted(got) == sorted(orig) and (got != orig or len(set(orig)) < len(orig))
+        assert [w.split("->")[0].replace("<bos>", "").strip() for w in words] == [x for x, _ in tp.examples]
+    assert not torch.equal(c.tokens, p.tokens)
+    two = tvlens.tasks.get("lexical", tasks=("uppercase",)).sample(2, shots=3, seed=1)
+    assert not torch.equal(shuffle_labels(two, seed=0).tokens, two.tokens)

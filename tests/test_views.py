@@ -307,7 +307,8 @@ def test_report_command_writes_one_file_and_refuses_an_unwritable_folder(tmp_pat
     bad.write_text("")
     assert main(["report", "--model", "default", "--out", str(bad / "x")]) == 2
     assert "cannot be written" in capsys.readouterr().err
-    assert main(["report", "--model", "default", "--prompt", "1000", "--out", str(out), "--n-per-task", "12"]) == 2
+    assert main(["report", "--model", "default", "--prompt", "1000", "--out", str(out), "--n-per-task", "12",
+                 "--overwrite"]) == 2
     assert "prompt=1000 does not exist" in capsys.readouterr().err
     assert len(list(out.iterdir())) == 1  # nothing half-written
 

@@ -78,7 +78,7 @@ _LAZY: dict[str, str] = {
     "EdgeScores": "tvlens.circuits", "Faithfulness": "tvlens.circuits", "edge_attribution": "tvlens.circuits",
     "faithfulness": "tvlens.circuits", "path_patching": "tvlens.circuits",
 }
-_SUBMODULES = ("tasks", "views", "validate", "tokenizer")
+_SUBMODULES = ("tasks", "views", "validate", "tokenizer", "stats", "checks")
 
 
 # ``tvlens.train`` and ``tvlens.finetune`` name functions, as their modules do: importing the module sets the

@@ -103,6 +103,23 @@ DEFAULT_METRIC = {"cie": "prob", "ablation": "logprob", "patch": "logprob", "atp
                   "eap-ig": "logprob"}
 
 
+def _refuse_unused(method: str, corrupted, ablation, positions, atp_site, ig_steps, qk_fix) -> None:
+    """Arguments a method does not read are refused, not ignored (a user would believe they took effect)."""
+    from tvlens.checks import check_unused
+
+    w, m = "head_attribution", f"method={method!r}"
+    if method != "eap-ig":
+        check_unused("ig_steps", ig_steps, None, where=w, because=f"only method='eap-ig' integrates gradients, not {m}")
+    if method in ("dla", "ablation"):
+        check_unused("corrupted", corrupted, None, where=w, because=f"{m} runs the clean prompts only")
+    if method != "ablation":
+        check_unused("ablation", ablation, "mean", where=w, because=f"it is method='ablation''s, not {m}'s")
+        check_unused("positions", positions, "all", where=w, because=f"it is method='ablation''s, not {m}'s")
+    if method != "atp":
+        check_unused("atp_site", atp_site, "qkv", where=w, because=f"it is method='atp''s, not {m}'s")
+        check_unused("qk_fix", qk_fix, True, where=w, because=f"it is method='atp''s, not {m}'s")
+
+
 def head_attribution(
     model,
     prompts,
@@ -157,6 +174,7 @@ def head_attribution(
     from tvlens.validate import check_model_prompts, check_seed
 
     seed = check_seed(seed, where="head_attribution")
+    _refuse_unused(method, corrupted, ablation, positions, atp_site, ig_steps, qk_fix)
     if method == "eap-ig" or grad_drop:
         from tvlens.circuits import head_scores
 

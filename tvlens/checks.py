@@ -278,6 +278,239 @@ def transformer_batch_bytes(
     return total * (1.2 if backward else 1.0)  # measured: 1.53 GB for codes, 66 prompts of 278 tokens (est. 2.1)
 
 
+# --------------------------------------------------------------------------- sizes: one work/memory estimate
+def _parse_number(s: str) -> float:
+    s = s.strip().lower()
+    if s in ("inf", "none", "off", "unlimited"):
+        return math.inf
+    return float(s)
+
+
+def work_budget() -> float:
+    """Floating-point operations tvlens lets one call take before refusing it: ``$TVLENS_WORK_LIMIT``
+    (e.g. ``"1e14"``, or ``"inf"`` for no limit) when set, else 3e13 (about 10 minutes at the 50 GFLOP/s
+    a few CPU cores reach; a GPU does it in seconds, so raise the limit there)."""
+    env = os.environ.get("TVLENS_WORK_LIMIT")
+    if env:
+        try:
+            return _parse_number(env)
+        except ValueError as e:
+            raise ConfigError(f"TVLENS_WORK_LIMIT must be a number of operations such as '1e14' or 'inf', got {env!r}") from e
+    return 3e13
+
+
+def check_work(flops: float, what: str, lower: str, *, where: str = "") -> None:
+    """Refuse, before starting, work whose estimated operation count ``flops`` exceeds ``work_budget()``."""
+    budget = work_budget()
+    if flops > budget:
+        raise ResourceError(
+            f"{_pre(where)}{what} needs about {flops:.1e} operations, more than the {budget:.0e} one call may take "
+            f"(minutes to hours on a CPU; set $TVLENS_WORK_LIMIT to allow it); lower {lower}"
+        )
+
+
+def check_size(
+    value: Any,
+    name: str,
+    *,
+    minimum: int = 1,
+    maximum: int | None = None,
+    where: str = "",
+    bytes_each: float = 0.0,
+    flops_each: float = 0.0,
+    bytes_base: float = 0.0,
+    flops_base: float = 0.0,
+    what: str = "",
+    hint: str = "",
+) -> int:
+    """A size (a count of steps, resamples, prompts, layers...): an integer (numpy integers welcome, bools
+    refused) ``>= minimum``, whose cost is checked before any work with the ONE estimate every function
+    shares: ``bytes_base + value * bytes_each`` against ``memory_budget()`` and ``flops_base + value *
+    flops_each`` against ``work_budget()``; the error names ``name`` as the argument to lower."""
+    v = check_int(value, name, minimum=minimum, maximum=maximum, where=where, hint=hint)
+    label = what or f"{name}={v}"
+    if bytes_each or bytes_base:
+        check_memory(bytes_base + v * bytes_each, label, name, where=where)
+    if flops_each or flops_base:
+        check_work(flops_base + v * flops_each, label, name, where=where)
+    return v
+
+
+def forward_flops(n_tokens: float, *, n_layers: int, d_model: int, d_mlp: int | None = None, d_vocab_out: int = 0,
+                  seq: int = 1, backward: bool = False) -> float:
+    """Estimated operations of one forward (x3 with the backward) pass over ``n_tokens`` tokens of a
+    transformer: attention and MLP matmuls, attention scores, the unembedding."""
+    d_mlp = 4 * d_model if d_mlp is None else d_mlp
+    per_token = n_layers * (2 * 4 * d_model * d_model + 2 * 2 * d_model * d_mlp + 2 * 2 * seq * d_model)
+    per_token += 2 * d_model * d_vocab_out
+    return float(n_tokens) * per_token * (3 if backward else 1)
+
+
+def model_bytes(*, n_layers: int, d_model: int, d_mlp: int | None = None, d_vocab: int = 0, n_ctx: int = 0,
+                bytes_per_float: int = 4) -> float:
+    """Bytes of a transformer's weights (attention 4 d_model^2 and MLP 2 d_model d_mlp per layer, embeddings):
+    the same estimate for building, loading and training (which adds gradients and Adam's two moments)."""
+    d_mlp = 4 * d_model if d_mlp is None else d_mlp
+    n = n_layers * (4 * d_model * d_model + 2 * d_model * d_mlp) + (2 * d_vocab + n_ctx) * d_model
+    return float(n) * bytes_per_float
+
+
+def check_probability(value: Any, name: str, *, where: str = "", open_low: bool = True, open_high: bool = True,
+                      what: str = "a probability") -> float:
+    """A number in (0, 1) (ends closed when ``open_low``/``open_high`` are False): confidence levels
+    (``level=0.95``), quantiles, fractions. Refuses bools, strings, NaN and 1.5 naming the argument."""
+    if isinstance(value, bool) or not (isinstance(value, numbers.Real) or (hasattr(value, "item") and getattr(value, "ndim", 1) == 0)):
+        raise ArgumentTypeError(f"{_pre(where)}{name} must be {what} (a number between 0 and 1), got {_show(value)} "
+                                f"({type(value).__name__})")
+    v = float(value.item() if hasattr(value, "item") else value)
+    lo_ok = v > 0 if open_low else v >= 0
+    hi_ok = v < 1 if open_high else v <= 1
+    if not (math.isfinite(v) and lo_ok and hi_ok):
+        rng = f"{'(' if open_low else '['}0, 1{')' if open_high else ']'}"
+        raise ConfigError(f"{_pre(where)}{name} must be {what} in {rng}, e.g. 0.95, got {v}")
+    return v
+
+
+# --------------------------------------------------------------------------- devices
+def check_device(device: Any, name: str = "device", *, where: str = "", allow_none: bool = False):
+    """A device tvlens can run on here: ``"cpu"``, ``"cuda"``/``"cuda:N"`` when CUDA has that GPU, ``"mps"``
+    when available, or a ``torch.device``. ``"meta"`` is refused (it holds no weights: nothing can be
+    computed), as are unknown names (``"banana"``). Returns a ``torch.device`` (or None when allowed)."""
+    import torch
+
+    if device is None and allow_none:
+        return None
+    if isinstance(device, bool) or not isinstance(device, (str, torch.device)):
+        raise ArgumentTypeError(f"{_pre(where)}{name} must be a device name such as 'cpu' or 'cuda', or a torch.device, "
+                                f"got {_show(device)} ({type(device).__name__})")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ConfigError(f"{_pre(where)}{name}={_show(device)} is not a device; use 'cpu', 'cuda', 'cuda:0' or 'mps'") from None
+    if dev.type == "meta":
+        raise ConfigError(f"{_pre(where)}{name}='meta' holds shapes without weights, so nothing can be computed on it; "
+                          "use 'cpu' or 'cuda'")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{_pre(where)}{name}={_show(device)}: this machine (this torch build) has no CUDA GPU; "
+                              "use device='cpu'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"{_pre(where)}{name}={_show(device)}: there are {torch.cuda.device_count()} CUDA GPU(s) "
+                              f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    elif dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ConfigError(f"{_pre(where)}{name}='mps': this machine has no Apple GPU available; use 'cpu'")
+    elif dev.type != "cpu":
+        raise ConfigError(f"{_pre(where)}{name}={_show(device)}: tvlens runs on 'cpu', 'cuda' or 'mps'")
+    return dev
+
+
+# --------------------------------------------------------------------------- keyword arguments
+def check_kwargs(kwargs: dict, known: Iterable[str], *, where: str = "", hint: str = "") -> None:
+    """Refuse keyword arguments a function does not use (a typo such as ``devcie=`` would be ignored)."""
+    known = list(known)
+    bad = [k for k in kwargs if k not in known]
+    if bad:
+        import difflib
+
+        k = bad[0]
+        close = difflib.get_close_matches(k, known, n=1)
+        raise ArgumentTypeError(
+            f"{_pre(where)}unknown keyword argument {k!r}"
+            + (f" (did you mean {close[0]!r}?)" if close else "")
+            + (f"; it takes {sorted(known)}" if known else "")
+            + (f"; {hint}" if hint else "")
+        )
+
+
+def check_call(fn: Any, args: tuple, kwargs: dict, *, where: str = "") -> None:
+    """Refuse a call ``fn(*args, **kwargs)`` cannot take (an unknown or repeated keyword, a missing argument)
+    with a tvlens error naming the argument (a wrapper's ``*args, **kwargs`` would otherwise surface Python's
+    bare TypeError from inside tvlens)."""
+    import inspect
+
+    sig = inspect.signature(fn)
+    known = [n for n, p in sig.parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if not any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+        check_kwargs(kwargs, known, where=where)
+    try:
+        sig.bind(*args, **kwargs)
+    except TypeError as e:
+        raise ArgumentTypeError(f"{_pre(where)}{e}") from None
+
+
+def check_unused(name: str, value: Any, default: Any, *, where: str = "", because: str = "") -> None:
+    """Refuse an argument given a value although it does nothing in this call (``ig_steps`` with a
+    method that does not integrate): a silent no-op would let a user believe it took effect."""
+    if value is default or (value is not None and default is not None and _same(value, default)):
+        return
+    raise ConfigError(f"{_pre(where)}{name}={_show(value)} has no effect here{': ' + because if because else ''}; "
+                      f"leave {name} out")
+
+
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b) and type(a) is type(b)
+    except Exception:
+        return False
+
+
+# --------------------------------------------------------------------------- files to write
+def check_new_file(path: Any, name: str = "path", *, overwrite: bool = False, where: str = "",
+                   suffix: str | None = None) -> Path:
+    """A file to write: a str or PathLike, not empty, not an existing folder, not a symlink loop, in a folder
+    that can be created; an existing file is refused unless ``overwrite=True`` (``OverwriteError``).
+    ``suffix`` (e.g. ``".html"``) is added when the name has none."""
+    from tvlens.errors import OverwriteError
+
+    p = check_out_path(path, name, where=where)
+    if p.is_dir():
+        raise ConfigError(f"{_pre(where)}{name} {str(p)!r} is an existing folder; give a file name inside it, "
+                          f"e.g. {str(p / ('page' + (suffix or '.html')))!r}")
+    if suffix and not p.suffix and p.name not in ("", ".", ".."):
+        p = p.with_suffix(suffix)
+    if p.name in ("", ".", ".."):
+        raise ConfigError(f"{_pre(where)}{name} {str(path)!r} has no file name; give e.g. 'out/page.html'")
+    if p.is_symlink():
+        try:
+            p.resolve(strict=True)
+        except RuntimeError:
+            raise ConfigError(f"{_pre(where)}{name} {str(p)!r} is a symbolic link loop; remove it or choose another name") from None
+        except OSError:
+            pass  # a dangling link: writing replaces the link
+    if p.is_dir():
+        raise ConfigError(f"{_pre(where)}{name} {str(p)!r} is an existing folder; give a file name inside it, "
+                          f"e.g. {str(p / ('page' + (suffix or '.html')))!r}")
+    check_writable_parent(p, name, where=where)
+    if (p.exists() or p.is_symlink()) and not overwrite:
+        raise OverwriteError(f"{_pre(where)}{name} {str(p)!r} already exists; tvlens does not overwrite files: choose "
+                             "another path, or pass overwrite=True to replace it")
+    return p
+
+
+def atomic_write(path: Path, data: bytes | str) -> Path:
+    """Write ``data`` to ``path`` through a temporary file in the same folder, fsync'ed, then ``os.replace``:
+    a reader (or a crash) sees the old file or the new one, never half of one."""
+    import tempfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path
+
 
 # --------------------------------------------------------------------------- lists of integers (tvlens.validate)
 def _plain_int(x: Any) -> bool:
@@ -335,7 +568,19 @@ def int_list(value: Any, argument: str, lo: int, hi: int, where: str = "", what:
 __all__ = [
     "int_list",
     "MAX_SEED",
+    "atomic_write",
+    "check_device",
+    "check_kwargs",
+    "check_new_file",
+    "check_probability",
+    "check_size",
+    "check_unused",
+    "check_work",
+    "forward_flops",
+    "model_bytes",
+    "work_budget",
     "check_batch_size",
+    "check_call",
     "check_choice",
     "check_float",
     "check_int",

@@ -173,7 +173,7 @@ def _threads(n: int):
         torch.set_num_threads(old)
 
 
-def _check_out_folder(out: str, flag: str = "--out") -> None:
+def _check_out_folder(out: str, flag: str = "--out", filename: str | None = None, overwrite: bool = False) -> None:
     """A report folder that cannot be written is refused before any work (not after the analyses)."""
     from pathlib import Path
 
@@ -184,11 +184,18 @@ def _check_out_folder(out: str, flag: str = "--out") -> None:
     if p.exists() and not p.is_dir():
         raise ConfigError(f"{flag} {out!r} is a file, not a folder; give a folder for the report")
     check_writable_parent(Path(p) / "report.html", flag)
+    if filename is not None and (p / filename).exists() and not overwrite:
+        from tvlens.errors import OverwriteError
+
+        raise OverwriteError(f"{flag} {out!r} already holds {filename}; tvlens does not overwrite files: give another "
+                             "--out, or pass --overwrite to replace that report")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     if not args.no_report:
-        _check_out_folder(args.out)
+        from tvlens.views.report import report_filename
+
+        _check_out_folder(args.out, filename=report_filename(args.model, None), overwrite=args.overwrite)
     with _threads(args.threads):
         return _demo(args)
 
@@ -230,7 +237,7 @@ def _demo(args: argparse.Namespace) -> int:
     print("task-vector patching, head attribution, position sweep, emergence and the report ...", flush=True)
     path, rep = write_report(args.out, args.model, None, n_per_task=args.n_per_task, shots=args.shots, seed=args.seed,
                              patching_per_task=min(args.n_per_task, 20), head_method=args.head_method,
-                             emergence_steps=8, emergence_per_task=15,
+                             emergence_steps=8, emergence_per_task=15, overwrite=args.overwrite,
                              precomputed={"accuracy": acc, "encodings": enc, "decodability": td})
     _print_summary(rep, path)
     print(f"done in {time.perf_counter() - t0:.1f}s")
@@ -250,14 +257,15 @@ def _print_summary(rep, path) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from tvlens.views.report import write_report
+    from tvlens.views.report import report_filename, write_report
 
     t0 = time.perf_counter()
-    _check_out_folder(args.out)
+    _check_out_folder(args.out, filename=report_filename(args.model, args.family), overwrite=args.overwrite)
     with _threads(args.threads):
         path, rep = write_report(args.out, args.model, args.family, n_per_task=args.n_per_task, shots=args.shots,
                                  seed=args.seed, patching_per_task=args.patching_per_task, head_method=args.head_method,
-                                 tsne=not args.no_tsne, emergence=not args.no_emergence, prompt=args.prompt)
+                                 tsne=not args.no_tsne, emergence=not args.no_emergence, prompt=args.prompt,
+                                 overwrite=args.overwrite)
     _print_summary(rep, path)
     print(f"done in {time.perf_counter() - t0:.1f}s")
     return 0
@@ -278,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="out", help="folder of the HTML report (default: out)")
     d.add_argument("--head-method", default="dla", help="head attribution method for the report (default: dla)")
     d.add_argument("--no-report", action="store_true", help="only accuracy and TD; no patching, heads or report")
+    d.add_argument("--overwrite", action="store_true", help="replace a report of the same name in --out")
     d.add_argument("--threads", type=POSITIVE, default=1, help="CPU threads (default 1: the models are tiny)")
     d.set_defaults(func=cmd_demo)
 
@@ -285,14 +294,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model", default="default", help="a shipped model name, a run folder or a checkpoint")
     r.add_argument("--family", default=None, help="task family (default: the one the model records)")
     r.add_argument("--out", default="out", help="folder to write the report into (default: out)")
-    r.add_argument("--n-per-task", type=POSITIVE, default=30)
+    r.add_argument("--n-per-task", type=POSITIVE, default=100,
+                   help="prompts per task for accuracy and TD (default 100, as the demo and README: k-NN TD rises "
+                        "with prompts per task, so figures compare only at the same number)")
     r.add_argument("--shots", type=int, default=4)
     r.add_argument("--seed", type=SEED, default=12345)
-    r.add_argument("--patching-per-task", type=int, default=None, help="prompts per task for run_patching (default: all)")
+    r.add_argument("--patching-per-task", type=POSITIVE, default=20,
+                   help="prompts per task for run_patching (default 20, as the demo)")
     r.add_argument("--head-method", default="dla")
     r.add_argument("--prompt", type=int, default=0, help="the prompt whose attention the head views show")
     r.add_argument("--no-tsne", action="store_true")
     r.add_argument("--no-emergence", action="store_true", help="skip the views across training checkpoints")
+    r.add_argument("--overwrite", action="store_true", help="replace a report of the same name in --out")
     r.add_argument("--threads", type=POSITIVE, default=1, help="CPU threads (default 1: the models are tiny)")
     r.set_defaults(func=cmd_report)
 

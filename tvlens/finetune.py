@@ -245,19 +245,10 @@ def _finetune(
     """
     fam = family_of(family)
     blocks = resolve_blocks(model, layers)
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ConfigError(f"finetune: k (TD's nearest neighbours) must be an integer >= 1, got {k!r}")
-    for name, v, lo in (("steps", steps, 1), ("batch_size", batch_size, 1), ("n_eval_per_task", n_eval_per_task, k + 1)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-            raise ConfigError(f"finetune: {name} must be an integer >= {lo}, got {v!r}")
-    if not isinstance(lr, (int, float)) or not lr > 0:
-        raise ConfigError(f"finetune: lr must be > 0, got {lr!r}")
-    if lora_rank is not None and (isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 1):
-        raise ConfigError(f"finetune: lora_rank must be None (full finetuning) or an integer >= 1, got {lora_rank!r}")
+    steps, batch_size, shots, k, n_eval_per_task, seed, lr, lora_rank, lora_alpha = _check_args(
+        fam, steps, batch_size, shots, k, n_eval_per_task, seed, lr, lora_rank, lora_alpha)
     if scoring is not None and scoring not in SCORINGS:
         raise ConfigError(f"finetune: scoring must be one of {SCORINGS} (or None), got {scoring!r}")
-    if shots > fam.max_shots():
-        raise ConfigError(f"finetune: shots={shots} is more than family {fam.name!r} can fill (at most {fam.max_shots()})")
     is_text = isinstance(fam, TextTaskFamily)
     tok = text_tokenizer(model, tokenizer) if is_text else None
     cfg = TrainConfig(family=fam.config(), shots=shots, steps=steps, batch_size=batch_size, lr=float(lr),
@@ -288,7 +279,8 @@ def _finetune(
             for b in blocks:
                 for mod, name in _lora_targets(ft.blocks[b]):
                     w = getattr(mod, name)
-                    delta = LowRankDelta(w.shape, name, lora_rank, float(lora_alpha or lora_rank), g, w.device, w.dtype)
+                    alpha = float(lora_rank) if lora_alpha is None else lora_alpha  # 0.0 is not "unset"
+                    delta = LowRankDelta(w.shape, name, lora_rank, alpha, g, w.device, w.dtype)
                     parametrize.register_parametrization(mod, name, delta)
                     parametrized.append((mod, name))
                     params += [delta.A, delta.B]
@@ -319,6 +311,8 @@ def _finetune(
             opt.step()
             sched.step()
             losses.append(float(loss.detach()))
+            if not math.isfinite(losses[-1]):
+                _diverged(step, losses, lr, inplace)
             if step % 10 == 0:
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
         bar.close()
@@ -328,6 +322,9 @@ def _finetune(
         for n, p in ft.named_parameters():
             p.requires_grad_(was_grad.get(n, True))
         ft.eval()
+    bad = [n for n, p in ft.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:  # the last step's update (after a finite loss) can still overflow the weights
+        _diverged(steps, losses, lr, inplace, f"; weights {bad[:3]} hold NaN or inf after the last update")
     acc1, td1 = _evaluate(ft, eval_set, k, scoring, eval_batch_size)
     return FinetuneResult(family=fam.name, blocks=blocks, steps=steps, lr=float(lr), lora_rank=lora_rank,
                           n_trainable=int(n_trainable), losses=losses, acc_before=acc0, acc_after=acc1,
@@ -335,10 +332,48 @@ def _finetune(
                           notes={"shots": shots, "batch_size": batch_size, "seed": seed})
 
 
+def _check_args(fam, steps, batch_size, shots, k, n_eval_per_task, seed, lr, lora_rank, lora_alpha):
+    """finetune's scalar arguments, checked before any work (numpy integers welcome; bools, strings refused)."""
+    from tvlens.checks import check_float, check_int, check_seed
+
+    w = "finetune"
+    k = check_int(k, "k", minimum=1, where=w, hint="TD's nearest neighbours")
+    steps = check_int(steps, "steps", minimum=1, where=w)
+    batch_size = check_int(batch_size, "batch_size", minimum=1, where=w)
+    n_eval_per_task = check_int(n_eval_per_task, "n_eval_per_task", minimum=k + 1, where=w,
+                                hint=f"more than k={k} held-out prompts per task (TD's leave-one-out k-NN)")
+    shots = check_int(shots, "shots", minimum=0, where=w)
+    if shots > fam.max_shots():
+        raise ConfigError(f"finetune: shots={shots} is more than family {fam.name!r} can fill (at most {fam.max_shots()})")
+    seed = check_seed(seed, where=w)
+    lr = check_float(lr, "lr", minimum=0, strict=True, where=w)
+    if lora_rank is not None:
+        lora_rank = check_int(lora_rank, "lora_rank", minimum=1, where=w, hint="None for full finetuning")
+    if lora_alpha is not None:
+        if lora_rank is None:
+            raise ConfigError("finetune: lora_alpha has no effect without lora_rank (full finetuning scales nothing); "
+                              "give lora_rank=, or leave lora_alpha out")
+        lora_alpha = check_float(lora_alpha, "lora_alpha", minimum=0, strict=True, where=w)
+    return steps, batch_size, shots, k, n_eval_per_task, seed, lr, lora_rank, lora_alpha
+
+
+def _diverged(step: int, losses: list[float], lr: float, inplace: bool, extra: str = "") -> None:
+    from tvlens.errors import TrainingError
+
+    last = next((f"{v:.4g} at step {i}" for i, v in reversed(list(enumerate(losses))) if math.isfinite(v)), "none")
+    raise TrainingError(
+        f"finetune: the loss became {losses[-1] if losses else float('nan')} at step {step} (last finite loss: {last})"
+        f"{extra}: training diverged; lower lr (now {lr:g}) or raise grad clipping. "
+        + ("The model was trained in place and now holds diverged weights: reload it." if inplace
+           else "The model you passed is unchanged."))
+
+
 @functools.wraps(_finetune)
 def finetune(*args: Any, **kwargs: Any) -> FinetuneResult:
+    from tvlens.checks import check_call
     from tvlens.validate import unchecked
 
+    check_call(_finetune, args, kwargs, where="finetune")  # a typo (lora_rnak=) is named, not a bare TypeError
     # finetuning a model on another family than it was trained on is the point: no family-agreement check
     with unchecked("family"):
         return _finetune(*args, **kwargs)

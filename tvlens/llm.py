@@ -170,14 +170,24 @@ def td_vs_accuracy(
     fams = [families] if isinstance(families, (str, _tasks.TaskFamily)) else list(families)
     if not fams:
         raise ConfigError("families is empty: name at least one task family")
+    from tvlens.checks import check_int, check_int_list, check_seed
+
     fams = [family_of(f) for f in fams]
-    shots = [shots] if isinstance(shots, int) else list(shots)
-    if not shots or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in shots):
-        raise ConfigError(f"shots must be non-negative integers, got {shots!r}")
+    names = [f.name for f in fams]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ConfigError(f"td_vs_accuracy: families names {dup} more than once ({names}): each family's points would "
+                          "be counted twice in the fits; give each family once")
+    shots = check_int_list(shots, "shots", minimum=0, where="td_vs_accuracy")  # numpy integers and arrays welcome
+    if len(set(shots)) != len(shots):
+        raise ConfigError(f"td_vs_accuracy: shots names a shot count more than once ({shots}): its points would be "
+                          "counted twice in the fits; give each shot count once")
     if scoring is not None and scoring not in SCORINGS:
         raise ConfigError(f"scoring must be one of {SCORINGS} (or None), got {scoring!r}")
-    if not isinstance(n_per_task, int) or n_per_task <= k:
-        raise ConfigError(f"n_per_task must be an integer > k={k} (TD's leave-one-out k-NN), got {n_per_task!r}")
+    k = check_int(k, "k", minimum=1, where="td_vs_accuracy")
+    seed = check_seed(seed, where="td_vs_accuracy")
+    n_per_task = check_int(n_per_task, "n_per_task", minimum=k + 1, where="td_vs_accuracy",
+                           hint=f"more than k={k} prompts per task (TD's leave-one-out k-NN)")
     for fam in fams:
         for s in shots:
             if s > fam.max_shots():

@@ -108,20 +108,29 @@ def build_model(
     TransformerBridge) or ``"auto"`` (HookedTransformer where this TransformerLens has it). The same seed
     gives different initial weights on the two classes (each uses its own seeded initialisation).
     """
+    from tvlens.checks import check_int, check_memory, check_optional_int, check_seed, fmt_bytes, model_bytes
+
+    if not isinstance(family, (str, _tasks.TaskFamily)):
+        raise ConfigError(f"build_model: family must be a task family or its name, got {family!r} ({type(family).__name__})")
     fam = _tasks.get(family) if isinstance(family, str) else family
-    for name, v, lo in (("n_layers", n_layers, 1), ("d_model", d_model, 1), ("n_heads", n_heads, 1)):
-        if not isinstance(v, int) or v < lo:
-            raise ConfigError(f"build_model: {name} must be an integer >= {lo}, got {v!r}")
+    n_layers, d_model, n_heads = (check_int(v, k, minimum=1, where="build_model")
+                                  for k, v in (("n_layers", n_layers), ("d_model", d_model), ("n_heads", n_heads)))
     if d_model % n_heads:
         raise ConfigError(f"build_model: n_heads={n_heads} must divide d_model={d_model}")
-    from tvlens.checks import check_optional_int, check_seed
-
     seed = check_seed(seed, where="build_model")
     d_mlp = check_optional_int(d_mlp, "d_mlp", minimum=1, where="build_model")
     n_ctx = check_optional_int(n_ctx, "n_ctx", minimum=1, where="build_model")
+    shots = check_int(shots, "shots", minimum=0, where="build_model")
+    if not isinstance(act_fn, str):
+        raise ConfigError(f"build_model: act_fn must be a TransformerLens activation name such as 'gelu', got {act_fn!r}")
+    if not isinstance(attn_only, bool):
+        raise ConfigError(f"build_model: attn_only must be True or False, got {attn_only!r}")
+    d_vocab = fam.d_in if fam.continuous else fam.d_vocab
+    need = model_bytes(n_layers=n_layers, d_model=d_model, d_mlp=d_mlp, d_vocab=d_vocab, n_ctx=n_ctx or 1024)
+    check_memory(2 * need, f"a model of {n_layers} layers x d_model {d_model} ({fmt_bytes(need)} of weights, twice "
+                 "that while initialising)", "n_layers or d_model (or d_mlp)", where="build_model")
     if n_ctx is None:
         n_ctx = fam.seq_len(shots)
-    d_vocab = fam.d_in if fam.continuous else fam.d_vocab
     cfg = dict(
         n_layers=n_layers,
         d_model=d_model,
@@ -362,7 +371,18 @@ def load_model(
     (``tvlens.gguf_models``; ``rebuild=True`` dequantizes again). ``model_info(model)`` says which backend
     booted a pretrained model and why, and for a GGUF model its source, sha256, cache folder and checks.
     """
+    from tvlens.checks import check_device, check_optional_int
+
     kind = _loading.resolve_backend(backend)
+    if isinstance(name_or_path, bool) or not isinstance(name_or_path, (str, os.PathLike)):
+        raise ConfigError(f"load_model: name_or_path must be a model name or a path (str or pathlib.Path), got "
+                          f"{name_or_path!r} ({type(name_or_path).__name__})")
+    if str(name_or_path).strip() == "":
+        raise ConfigError("load_model: name_or_path is empty; give a shipped model name (e.g. 'default') or a path")
+    step = check_optional_int(step, "step", minimum=0, where="load_model",
+                              hint="a checkpoint step (tvlens.checkpoint_steps(...) lists them), or None for the last")
+    dev = check_device(device, "device", where="load_model", allow_none=True)
+    device = None if dev is None else str(dev)
     s = str(name_or_path)
     from tvlens import gguf_models
 
@@ -370,30 +390,137 @@ def load_model(
         return _load_gguf(s, device, backend, cache_dir, **pretrained_kwargs)
     name = ALIASES.get(s, s)
     folder = CHECKPOINT_DIR / name
-    if folder.is_dir() and list_checkpoints(folder, strict=False):
-        return _load_from_folder(folder, step, device, kind)
     p = Path(s).expanduser()
+    _check_path_kind(p, s)
+    if folder.is_dir() and list_checkpoints(folder, strict=False):
+        _no_pretrained_kwargs(pretrained_kwargs, f"the shipped tvlens model {s!r}")
+        return _load_from_folder(folder, step, device or "cpu", kind)
     if p.is_dir() and (p / "config.json").exists():
+        _no_step(step, p, "a Hugging Face model folder (one set of weights)")
+        _check_hf_folder(p)
         kind, why = _loading.choose_backend(backend, folder=p)
+        _check_pretrained_kwargs(pretrained_kwargs, kind)
         return _load_pretrained(str(p), device, kind, local_folder=True, backend_reason=why, **pretrained_kwargs)
     if p.is_dir():
         if not list_checkpoints(p, strict=False):
             raise CheckpointError(f"{p} holds no tvlens checkpoint (step_*.safetensors) and no config.json")
-        return _load_from_folder(p, step, device, kind)
+        _no_pretrained_kwargs(pretrained_kwargs, f"the tvlens run folder {s!r}")
+        return _load_from_folder(p, step, device or "cpu", kind)
     if p.with_suffix(".safetensors").exists() or (p.suffix == ".safetensors" and p.exists()):
-        return load_checkpoint(p, device, kind)
+        _no_pretrained_kwargs(pretrained_kwargs, f"the tvlens checkpoint {s!r}")
+        m = _STEP_RE.search(p.with_suffix(".safetensors").name)
+        if step is not None and (m is None or int(m.group(1)) != step):
+            raise ConfigError(f"load_model: step={step} but {s!r} is one checkpoint"
+                              + (f" (step {int(m.group(1))})" if m else "")
+                              + f"; to load step {step}, give its run folder {str(p.parent)!r} with step={step}")
+        return load_checkpoint(p, device or "cpu", kind)
     if "/" in s and not _looks_like_hub_id(s) or s.startswith((".", "~")) or s.endswith((".safetensors", ".json")):
         raise CheckpointError(f"no model at path {s!r}: the path does not exist")
     from tvlens.backends.hooked import pretrained_names
 
     official, aliases = pretrained_names()
     if kind == "bridge" and _in_hf_cache(s) or s.lower() in aliases or s in official:
+        _no_step(step, s, "a pretrained Hugging Face model (one set of weights)")
+        _check_pretrained_kwargs(pretrained_kwargs, kind)
         return _load_pretrained(s, device, kind, local_folder=False, **pretrained_kwargs)
     raise UnknownNameError(
         f"unknown model {s!r}. Shipped tvlens models: {sorted(set(ALIASES) | set(shipped_models()))}; "
         "or give a tvlens checkpoint folder, a local Hugging Face model folder, or a pretrained name "
         "whose weights are in the local Hugging Face cache (e.g. 'gpt2')"
     )
+
+
+#: keyword arguments ``load_model`` passes to TransformerLens for a Hugging Face model (besides the loader's own)
+PRETRAINED_KWARGS = ("device_map", "n_devices", "max_memory", "offload_folder", "compatibility_mode", "tokenizer",
+                     "hf_model", "dtype", "torch_dtype", "revision", "trust_remote_code")
+
+
+def _no_pretrained_kwargs(kwargs: dict[str, Any], what: str) -> None:
+    """Keyword arguments that only a Hugging Face model takes: refused (not ignored) for tvlens' own models."""
+    if not kwargs:
+        return
+    from tvlens.checks import check_kwargs
+
+    check_kwargs(kwargs, (*PRETRAINED_KWARGS, "step", "device", "backend"), where="load_model")  # a typo: devcie=
+    k = next(iter(kwargs))
+    raise ConfigError(f"load_model: {k}= applies to Hugging Face models only; {what} is a small tvlens model loaded "
+                      "whole on one device: leave it out and use device= (e.g. device='cuda')")
+
+
+def _check_pretrained_kwargs(kwargs: dict[str, Any], kind: str) -> None:
+    """Refuse keyword arguments neither tvlens nor the TransformerLens loader takes (a typo would be ignored)."""
+    if not kwargs:
+        return
+    import inspect
+
+    from tvlens.checks import check_kwargs
+
+    known = set(PRETRAINED_KWARGS)
+    try:
+        if kind == "hooked":
+            from tvlens.backends.hooked import _ht
+
+            fn = _ht()[0].from_pretrained
+        else:
+            from transformer_lens.model_bridge import TransformerBridge
+
+            fn = TransformerBridge.boot_transformers
+        known |= {n for n, p in inspect.signature(fn).parameters.items()
+                  if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n not in ("self", "cls", "model_name")}
+    except Exception:  # pragma: no cover - an unexpected TransformerLens: check tvlens' own names only
+        pass
+    check_kwargs(kwargs, sorted(known | {"step", "device", "backend"}), where="load_model")
+
+
+def _no_step(step: int | None, where: Any, what: str) -> None:
+    if step is not None:
+        raise ConfigError(f"load_model: step={step} has no effect on {str(where)!r}, {what}; steps exist for tvlens "
+                          "run folders and shipped models: leave step out")
+
+
+def _check_path_kind(p: Path, given: str) -> None:
+    """Name what an existing path is when it cannot be a model (never "does not exist" for a file that does)."""
+    if p.is_symlink():
+        try:
+            p.resolve(strict=True)
+        except RuntimeError:
+            raise CheckpointError(f"load_model: {given!r} is a symbolic link loop (it points back to itself); fix "
+                                  "or remove the link") from None
+        except OSError:
+            raise CheckpointError(f"load_model: {given!r} is a broken symbolic link (its target does not "
+                                  "exist)") from None
+    if p.is_file() and p.suffix not in (".safetensors", ".json") and not p.with_suffix(".safetensors").exists():
+        raise CheckpointError(
+            f"load_model: {given!r} is a file ({p.stat().st_size} bytes) but not a model: give a tvlens run folder, a "
+            "checkpoint (step_000100 or step_000100.safetensors with its .json), a Hugging Face model folder "
+            "(config.json + weights) or a shipped model name")
+
+
+def _check_hf_folder(folder: Path) -> None:
+    """A Hugging Face folder whose config.json or weights are unreadable: say which file, not 'offline'."""
+    import json
+
+    cfg = folder / "config.json"
+    try:
+        meta = json.loads(cfg.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"load_model: {cfg} is not valid JSON ({e}); it must be the model's Hugging Face config") from None
+    except OSError as e:
+        raise CheckpointError(f"load_model: {cfg} cannot be read ({e.strerror or e})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"load_model: {cfg} holds a {type(meta).__name__}, not a JSON object (a Hugging Face config)")
+    if "model_type" not in meta and "architectures" not in meta:
+        raise CheckpointError(f"load_model: {cfg} names no model_type or architectures, so no model class can be "
+                              "built from it; is it a Hugging Face model config?")
+    for w in sorted(folder.glob("*.safetensors")):
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(w), framework="pt") as f:
+                f.keys()
+        except Exception as e:
+            raise CheckpointError(f"load_model: {w} is not a readable safetensors file ({str(e).splitlines()[0][:200]});"
+                                  " it is truncated or not model weights: restore it") from None
 
 
 def _in_hf_cache(name: str) -> bool:
@@ -417,8 +544,6 @@ def _load_from_folder(folder: Path, step: int | None, device, backend: str = "au
             raise CheckpointError(f"{folder} holds no complete tvlens checkpoint (step_*.safetensors + .json)")
         _check_run_finished(folder, ckpts[-1][0])
         return load_checkpoint(ckpts[-1][1], device, backend)
-    if isinstance(step, bool) or not isinstance(step, int):
-        raise ConfigError(f"load_model: step must be an integer (a checkpoint step) or None, got {step!r}")
     ckpts = list_checkpoints(folder, strict=False)
     for s, stem in ckpts:
         if s == step:
@@ -452,7 +577,10 @@ def _load_gguf(s: str, device, backend: str, cache_dir, **kwargs: Any):
         kind, why = _loading.choose_backend(backend, architecture=arch)
     else:
         _loading.resolve_backend(backend)
-    prepared = gguf_models.prepare(s, cache_dir=cache_dir, rebuild=bool(kwargs.pop("rebuild", False)))
+    rebuild = kwargs.pop("rebuild", False)
+    if kwargs:  # a typo must not be dropped silently
+        _check_pretrained_kwargs(kwargs, kind if arch is not None else _loading.resolve_backend(backend))
+    prepared = gguf_models.prepare(s, cache_dir=cache_dir, rebuild=bool(rebuild))
     if arch is None:
         kind, why = _loading.choose_backend(backend, folder=prepared.folder)
     model = _load_pretrained(str(prepared.folder), device, kind, local_folder=True, backend_reason=why, **kwargs)

@@ -115,11 +115,33 @@ def _example_answer_spans(row: torch.Tensor, q: int, arrow: int, end: int, i: in
         if len(ends) == 0:
             raise ConfigError(f"prompt {i}: an example's answer after position {a} has no ';' before the query")
         spans.append((a + 1, a + 1 + int(ends[0])))
+    return _check_spans(spans, i)
+
+
+def _trained_spans(train_mask: torch.Tensor, q: int, i: int) -> list[tuple[int, int]]:
+    """``[start, end)`` of each in-context example's answer in a text prompt: the runs of positions whose
+    previous position is trained to predict them (``train_mask``), before the query's own answer."""
+    held = torch.zeros(q + 1, dtype=torch.bool)
+    held[1:] = train_mask[:q].cpu()  # position p holds an answer token when p - 1 predicts it
+    spans, start = [], None
+    for p in range(q + 1):
+        if bool(held[p]) and start is None:
+            start = p
+        elif not bool(held[p]) and start is not None:
+            spans.append((start, p))
+            start = None
+    if start is not None:
+        spans.append((start, q + 1))
+    return _check_spans(spans, i)
+
+
+def _check_spans(spans: list[tuple[int, int]], i: int) -> list[tuple[int, int]]:
     if len(spans) < 2:
         raise ConfigError(f"prompt {i} has {len(spans)} example(s): shuffling labels needs at least two")
     lens = {e - s for s, e in spans}
     if len(lens) != 1:
-        raise ConfigError(f"prompt {i}: examples' answers have different lengths {sorted(lens)}; cannot permute")
+        raise ConfigError(f"prompt {i}: examples' answers have different lengths {sorted(lens)} (tokens); cannot "
+                          "permute them")
     return spans
 
 
@@ -131,18 +153,27 @@ def shuffle_labels(prompts, seed: int = 0):
     """
     if prompts.is_continuous:
         raise ConfigError("shuffled labels are built for token families; these prompts are continuous")
+    if not prompts.family:
+        raise ConfigError(
+            "corrupted: these are your own prompts (PromptSet.from_strings / from_tokens), which record no example "
+            "layout, so tvlens cannot build their corrupted run (in-context labels shuffled) itself. Pass "
+            "corrupted= yourself: a PromptSet of the same shape and query positions, e.g. the same queries after "
+            "another task's examples (PromptSet.from_strings(model, corrupted_texts, answers, ...)); or use "
+            "method='dla' (no corrupted run)")
     if prompts.shots < 2:
         raise ConfigError(f"shuffling in-context labels needs at least two shots (examples) per prompt; these "
                           f"prompts have shots={prompts.shots}: sample them with shots >= 2")
+    text = "answer_tokens" in prompts.extra and prompts.train_mask is not None  # a text family's prompts
     vocab = prompts.vocab or []
-    if "->" not in vocab or ";" not in vocab:
+    if not text and ("->" not in vocab or ";" not in vocab):
         raise ConfigError("cannot find the examples' answers: the prompts' vocabulary has no '->' and ';' tokens")
-    arrow, end = vocab.index("->"), vocab.index(";")
     toks = prompts.tokens.clone()
     gen = torch.Generator().manual_seed(seed)
     for i in range(len(prompts)):
         row = toks[i]
-        spans = _example_answer_spans(row, int(prompts.query_pos[i]), arrow, end, i)
+        q = int(prompts.query_pos[i])
+        spans = (_trained_spans(prompts.train_mask[i], q, i) if text else
+                 _example_answer_spans(row, q, vocab.index("->"), vocab.index(";"), i))
         labels = [row[s:e].clone() for s, e in spans]
         perm = torch.arange(len(spans))
         while bool((perm == torch.arange(len(spans))).all()):

@@ -107,8 +107,13 @@ class PromptSet:
                 q = [ln - 1 for ln in lens]
                 rows = [r + a for r, a in zip(rows, ans)]
         else:
-            q = [int(query_pos)] * n if isinstance(query_pos, int) else int_list(query_pos, "query_pos", 0, 10**9,
-                                                                               "PromptSet.from_tokens")
+            from tvlens.checks import _is_int, check_int
+
+            if isinstance(query_pos, bool) or _is_int(query_pos):  # one position for every prompt (True is refused)
+                q = [check_int(query_pos, "query_pos", minimum=0, where="PromptSet.from_tokens",
+                               hint="the position of the query token (the answer follows it)")] * n
+            else:
+                q = int_list(query_pos, "query_pos", 0, 10**9, "PromptSet.from_tokens")
             if len(q) != n:
                 raise ConfigError(f"PromptSet.from_tokens: query_pos has {len(q)} positions for {n} prompts")
             bad = [i for i, (qi, ln) in enumerate(zip(q, lens)) if qi >= ln]
@@ -191,6 +196,7 @@ class PromptSet:
         if len(prompts) != len(answers) or not prompts:
             raise ConfigError(f"PromptSet.from_strings: give one answer per prompt; got {len(prompts)} prompts and "
                               f"{len(answers)} answers")
+        task_names = _task_names(task_names)  # consistency before any tokenizing
         encode = _encoder(model_or_tokenizer)
         rows = [encode(p, prepend_bos) for p in prompts]
 
@@ -484,13 +490,35 @@ def _id_matrix(x: Any, n: int, argument: str) -> list[list[int]]:
     return rows
 
 
+def _task_names(task_names: Any) -> list[str] | None:
+    """Task names: distinct non-empty strings (two tasks of one name would collapse into one)."""
+    if task_names is None:
+        return None
+    if isinstance(task_names, str):
+        raise ConfigError(f"PromptSet.from_tokens: task_names must be a list of names, got the string {task_names!r}")
+    task_names = list(task_names)
+    bad = [t for t in task_names if not isinstance(t, str) or not t]
+    if bad:
+        raise ConfigError(f"PromptSet.from_tokens: task_names must be non-empty strings, got {bad[0]!r}")
+    dup = sorted({t for t in task_names if task_names.count(t) > 1})
+    if dup:
+        raise ConfigError(f"PromptSet.from_tokens: task_names names {dup} more than once ({task_names}): two tasks "
+                          "of one name would be merged into one; give each task its own name")
+    return task_names
+
+
 def _labels(labels: Any, task_names: Sequence[str] | None, n: int) -> tuple[torch.Tensor, list[str]]:
+    task_names = _task_names(task_names)
     if labels is None:
         names = list(task_names) if task_names is not None else ["task"]
         if len(names) != 1:
             raise ConfigError(f"PromptSet.from_tokens: {len(names)} task_names but no labels: give each prompt's task")
         return torch.zeros(n, dtype=torch.long), names
-    labs = labels.tolist() if torch.is_tensor(labels) else list(labels)
+    import numpy as np
+
+    if isinstance(labels, str):
+        raise ConfigError(f"PromptSet.from_tokens: labels must hold one task per prompt, got the string {labels!r}")
+    labs = labels.tolist() if torch.is_tensor(labels) or isinstance(labels, np.ndarray) else list(labels)
     if len(labs) != n:
         raise ConfigError(f"PromptSet.from_tokens: labels has {len(labs)} entries for {n} prompts")
     if all(isinstance(v, str) for v in labs):
@@ -499,7 +527,7 @@ def _labels(labels: Any, task_names: Sequence[str] | None, n: int) -> tuple[torc
         if unknown:
             raise ConfigError(f"PromptSet.from_tokens: labels name tasks {unknown} not in task_names {names}")
         return torch.tensor([names.index(v) for v in labs], dtype=torch.long), names
-    if any(isinstance(v, (bool, float, str)) or not float(v).is_integer() for v in labs):
+    if any(isinstance(v, (bool, float, str, np.bool_)) or not isinstance(v, (int, np.integer)) for v in labs):
         raise ConfigError("PromptSet.from_tokens: labels must be task indices (int) or task names (str), not a mix")
     idx = [int(v) for v in labs]
     names = list(task_names) if task_names is not None else [f"task{i}" for i in range(max(idx) + 1)]
@@ -509,12 +537,41 @@ def _labels(labels: Any, task_names: Sequence[str] | None, n: int) -> tuple[torc
     return torch.tensor(idx, dtype=torch.long), names
 
 
+def _check_words(tok: Any, text: Any) -> None:
+    """Text a tokenizer can read: a string, and, for a tvlens model's word tokenizer (its family's words only),
+    words of its vocabulary; a Hugging Face tokenizer with an unknown token must not need it."""
+    if not isinstance(text, str):
+        raise ConfigError(f"PromptSet.from_strings: prompts and answers must be strings, got {text!r:.80} "
+                          f"({type(text).__name__})")
+    if getattr(tok, "tvlens_word_tokenizer", False):
+        vocab = tok.get_vocab()
+        unknown = [w for w in text.split() if w not in vocab]
+        if unknown:
+            words = sorted(vocab, key=vocab.get)
+            raise ConfigError(
+                f"PromptSet.from_strings: {unknown[0]!r} (in {text!r:.60}) is not a word of this model's vocabulary: a "
+                f"tvlens model reads only its task family's {len(words)} words ({', '.join(words[:12])}, ...), "
+                "space-separated. Write prompts from those words (model.tokenizer.get_vocab()), or use a Hugging "
+                "Face model for free text")
+        return
+    unk = getattr(tok, "unk_token_id", None)
+    if unk is not None and getattr(tok, "unk_token", None) and tok.unk_token not in text:
+        try:
+            ids = tok.encode(text, add_special_tokens=False)
+        except Exception as e:  # a tokenizer's own error: say which text
+            raise ConfigError(f"PromptSet.from_strings: the tokenizer cannot encode {text!r:.60}: {e}") from e
+        if unk in ids:
+            raise ConfigError(f"PromptSet.from_strings: {text!r:.60} holds characters or words this tokenizer does "
+                              f"not know (they map to its unknown token {tok.unk_token!r}); rewrite them")
+
+
 def _encoder(model_or_tokenizer: Any):
     """``encode(text, prepend_bos) -> ids`` with a TransformerLens model's ``to_tokens`` or a tokenizer."""
     if hasattr(model_or_tokenizer, "to_tokens") and getattr(model_or_tokenizer, "tokenizer", None) is not None:
         m = model_or_tokenizer
 
         def enc(text: str, bos: bool | None) -> list[int]:
+            _check_words(m.tokenizer, text)
             kw = {} if bos is None else {"prepend_bos": bos}
             return m.to_tokens(text, truncate=False, move_to_device=False, **kw)[0].tolist()
 
@@ -525,6 +582,7 @@ def _encoder(model_or_tokenizer: Any):
                           f"tokenizer; got {type(model_or_tokenizer).__name__} without one: use PromptSet.from_tokens")
 
     def enc2(text: str, bos: bool | None) -> list[int]:
+        _check_words(tok, text)
         ids = list(tok.encode(text, add_special_tokens=False))
         if bos and getattr(tok, "bos_token_id", None) is not None:
             ids = [tok.bos_token_id] + ids

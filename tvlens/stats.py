@@ -50,29 +50,57 @@ TIE_BREAKS = ("lowest", "nearest", "random")
 
 
 # --------------------------------------------------------------------------- argument checks
-def check_n_boot(n_boot: Any, name: str = "n_boot") -> int:
-    if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 1:
-        raise ConfigError(f"{name} must be an integer >= 1 (the number of resamples; 1000 is the default), "
-                          f"got {n_boot!r}")
-    return int(n_boot)
+def check_n_boot(n_boot: Any, name: str = "n_boot", *, n: int = 0, cells: int = 1, where: str = "") -> int:
+    """A number of resamples: an integer >= 1 (numpy integers welcome), whose cost is checked with tvlens'
+    one work/memory estimate (``tvlens.checks.check_size``) before any work: the ``[n_boot, n]`` count
+    matrix and the ``[n_boot, cells]`` resampled statistics (8 bytes each, twice for temporaries)."""
+    from tvlens.checks import check_size
+
+    return check_size(n_boot, name, minimum=1, where=where,
+                      bytes_each=8.0 * 2 * (max(int(n), 1) + max(int(cells), 1)),
+                      flops_each=2.0 * max(int(n), 1) * max(int(cells), 1),
+                      what=f"{name}={n_boot!r} resamples of {n} prompts x {cells} statistics",
+                      hint="the number of resamples; 1000 is the default")
 
 
 def check_ci(ci: Any, name: str = "ci") -> float:
-    if isinstance(ci, bool) or not isinstance(ci, (int, float, np.floating)) or not 0 < float(ci) < 1:
-        raise ConfigError(f"{name} must be a confidence level strictly between 0 and 1 (e.g. 0.95), got {ci!r}")
-    return float(ci)
+    """A confidence level strictly between 0 and 1 (``0.95``)."""
+    from tvlens.checks import check_probability
+
+    return check_probability(ci, name, what="a confidence level")
 
 
 def check_seed(seed: Any, name: str = "seed") -> int:
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ConfigError(f"{name} must be a non-negative integer, got {seed!r}")
-    return int(seed)
+    """A seed: an integer >= 0 (a string or a bool is refused, naming ``name``)."""
+    from tvlens.checks import check_seed as _check
+
+    return _check(seed, name)
 
 
 def check_ci_args(ci: Any = DEFAULT_CI, n_boot: Any = DEFAULT_N_BOOT, seed: Any = 0,
-                  names: tuple[str, str, str] = ("ci", "n_boot", "seed")) -> tuple[float, int, int]:
-    """Validate the three CI knobs together; returns them as (float, int, int)."""
-    return check_ci(ci, names[0]), check_n_boot(n_boot, names[1]), check_seed(seed, names[2])
+                  names: tuple[str, str, str] = ("ci", "n_boot", "seed"), *, n: int = 0,
+                  cells: int = 1) -> tuple[float, int, int]:
+    """Validate the three CI knobs together (with the cost of ``n_boot`` resamples of ``n`` prompts x ``cells``
+    statistics when given); returns them as (float, int, int)."""
+    return check_ci(ci, names[0]), check_n_boot(n_boot, names[1], n=n, cells=cells), check_seed(seed, names[2])
+
+
+def _labels(labels: Any, n: int, n_groups: int, name: str = "labels") -> np.ndarray:
+    """Group labels: one integer in ``0..n_groups-1`` per prompt (a label outside would be dropped silently)."""
+    lab = _np(labels).reshape(-1)
+    if lab.shape[0] != n:
+        raise ConfigError(f"{name} must hold one label per value ({n}), got {lab.shape[0]}")
+    if lab.dtype.kind not in "iu":
+        if lab.dtype.kind == "f" and len(lab) and np.all(np.isfinite(lab)) and np.all(lab == np.round(lab)):
+            lab = lab.astype(np.int64)
+        else:
+            raise ConfigError(f"{name} must be integer group indices 0..{n_groups - 1}, got dtype {lab.dtype}")
+    lab = lab.astype(np.int64)
+    if len(lab) and (lab.min() < 0 or lab.max() >= n_groups):
+        bad = sorted(set(lab[(lab < 0) | (lab >= n_groups)].tolist()))[:5]
+        raise ConfigError(f"{name} {bad} outside 0..{n_groups - 1}: with n_groups={n_groups} those values would be "
+                          "dropped; pass n_groups large enough to hold every label")
+    return lab
 
 
 # --------------------------------------------------------------------------- resampling
@@ -89,7 +117,7 @@ def bootstrap_counts(n: int, n_boot: int = DEFAULT_N_BOOT, seed: int = 0,
     With ``strata`` (one label per prompt) each stratum is resampled within itself (its size is kept);
     without, all ``n`` prompts are one stratum. Seeded: the same arguments give the same counts.
     """
-    n_boot = check_n_boot(n_boot)
+    n_boot = check_n_boot(n_boot, n=n)
     seed = check_seed(seed)
     if n < 1:
         raise ConfigError("bootstrap over prompts needs at least one prompt, got none")
@@ -134,12 +162,16 @@ def group_means_boot(values: Any, labels: Any, n_groups: int, W: np.ndarray) -> 
     ``[n_boot, ..., n_groups]``; a group with no prompts is NaN. ``W`` must keep each group's size
     (``bootstrap_counts(..., strata=labels)``), so the means divide by the group's size."""
     v = _np(values, np.float64)
-    lab = _np(labels).reshape(-1).astype(np.int64)
     n = v.shape[-1]
-    if lab.shape[0] != n or W.shape[1] != n:
+    lab = _labels(labels, n, n_groups)
+    if W.shape[1] != n:
         raise ConfigError(f"group_means_boot: values hold {n} prompts, labels {lab.shape[0]}, resamples {W.shape[1]}")
     lead = v.shape[:-1]
     flat = v.reshape(-1, n)  # [cells, n]
+    from tvlens.checks import check_memory
+
+    check_memory(8.0 * 2 * W.shape[0] * flat.shape[0] * n_groups,  # the resampled means, before allocating them
+                 f"n_boot={W.shape[0]} resamples of {flat.shape[0]} x {n_groups} group means", "n_boot")
     out = np.full((W.shape[0], flat.shape[0], n_groups), np.nan)
     for g in range(n_groups):
         idx = np.flatnonzero(lab == g)
@@ -151,7 +183,7 @@ def group_means_boot(values: Any, labels: Any, n_groups: int, W: np.ndarray) -> 
 def group_means(values: Any, labels: Any, n_groups: int) -> np.ndarray:
     """Per-group means of ``values [..., n]``: ``[..., n_groups]`` (NaN for an empty group)."""
     v = _np(values, np.float64)
-    lab = _np(labels).reshape(-1).astype(np.int64)
+    lab = _labels(labels, v.shape[-1], n_groups)
     out = np.full((*v.shape[:-1], n_groups), np.nan)
     for g in range(n_groups):
         m = lab == g
@@ -170,6 +202,7 @@ class Interval:
     ci: float = DEFAULT_CI
     n_boot: int = DEFAULT_N_BOOT
     seed: int = 0
+    note: str = ""  # why the interval is NaN, when it is (too few points, NaN inputs)
 
     def __iter__(self):  # lo, hi = interval
         return iter((self.lo, self.hi))
@@ -184,9 +217,11 @@ def mean_ci(values: Any, strata: Any = None, *, n_boot: int = DEFAULT_N_BOOT, ci
             seed: int = 0) -> Interval:
     """The mean over prompts (last axis) of ``values [..., n]`` with its bootstrap CI (stratified by
     ``strata`` when given)."""
-    ci, n_boot, seed = check_ci_args(ci, n_boot, seed)
     v = _np(values, np.float64)
+    if v.ndim == 0:
+        raise ConfigError(f"mean_ci: values must be an array of per-prompt values [..., n], got the scalar {v}")
     n = v.shape[-1]
+    ci, n_boot, seed = check_ci_args(ci, n_boot, seed, n=n, cells=max(v.size // max(n, 1), 1))
     W = bootstrap_counts(n, n_boot, seed, strata)
     boot = (v.reshape(-1, n) @ W.T / n).T.reshape(n_boot, *v.shape[:-1])
     lo, hi = percentile_ci(boot, ci)
@@ -196,8 +231,14 @@ def mean_ci(values: Any, strata: Any = None, *, n_boot: int = DEFAULT_N_BOOT, ci
 def per_group_ci(values: Any, labels: Any, n_groups: int, *, n_boot: int = DEFAULT_N_BOOT,
                  ci: float = DEFAULT_CI, seed: int = 0) -> Interval:
     """Per-group (per-task) means of ``values [..., n]`` with stratified bootstrap CIs: ``[..., n_groups]``."""
-    ci, n_boot, seed = check_ci_args(ci, n_boot, seed)
+    from tvlens.checks import check_int
+
+    n_groups = check_int(n_groups, "n_groups", minimum=1, where="per_group_ci")
     v = _np(values, np.float64)
+    if v.ndim == 0:
+        raise ConfigError(f"per_group_ci: values must be an array of per-prompt values [..., n], got the scalar {v}")
+    labels = _labels(labels, v.shape[-1], n_groups)
+    ci, n_boot, seed = check_ci_args(ci, n_boot, seed, n=v.shape[-1], cells=max(v.size // max(v.shape[-1], 1), 1) * n_groups)
     W = bootstrap_counts(v.shape[-1], n_boot, seed, labels)
     boot = group_means_boot(v, labels, n_groups, W)
     lo, hi = percentile_ci(boot, ci)
@@ -246,20 +287,20 @@ class NullResult:
 
 def knn_permutation_null(neighbors: Any, labels: Any, n_classes: int, observed: Any = None, *,
                          n_perm: int = DEFAULT_N_PERM, q: float = 0.95, seed: int = 0,
-                         tie_break: str = "lowest", chunk: int = 64) -> NullResult:
+                         tie_break: str = "lowest", chunk: int = 64, name: str = "n_perm") -> NullResult:
     """TD when the task labels are permuted over prompts, from precomputed neighbours.
 
     ``neighbors [layer, n, k]`` (or ``[n, k]``): each prompt's k nearest other prompts, nearest first.
     One permutation of the labels per resample is shared by all layers. ``observed [layer]``: the real
     TD, for the p-value ``(1 + #{null >= observed}) / (1 + n_perm)`` (NaN when not given).
     """
-    n_perm = check_n_boot(n_perm, "n_perm")
     q = check_ci(q, "q")
     seed = check_seed(seed)
     nn = _np(neighbors).astype(np.int64)
     squeeze = nn.ndim == 2
     if squeeze:
         nn = nn[None]
+    n_perm = check_n_boot(n_perm, name, n=nn.shape[1], cells=nn.shape[0] * max(nn.shape[2], 1))
     y = _np(labels).reshape(-1).astype(np.int64)
     if nn.shape[1] != len(y):
         raise ConfigError(f"neighbors hold {nn.shape[1]} prompts but labels {len(y)}")
@@ -301,16 +342,33 @@ def spearman_rows(x: Any, y: Any) -> np.ndarray:
     return _pearson_rows(_rank_rows(_np(x, np.float64)), _rank_rows(_np(y, np.float64)))
 
 
+def _nan_note(x: np.ndarray, y: np.ndarray, ci: float, n_boot: int, seed: int) -> Interval | None:
+    """A NaN interval with a note when x or y holds NaN/inf (a correlation over the other points would be
+    another statistic; resamples that miss the bad point would give a CI of a number never computed)."""
+    bad = ~(np.isfinite(x) & np.isfinite(y))
+    if not bad.any():
+        return None
+    idx = np.flatnonzero(bad)[:5].tolist()
+    nan = np.array(np.nan)
+    return Interval(nan, nan, nan, ci, n_boot, seed,
+                    note=f"{int(bad.sum())} of {len(x)} points hold NaN or inf (indices {idx}): the estimate and its "
+                         "CI are NaN; drop those points to correlate the rest")
+
+
 def spearman_ci(x: Any, y: Any, *, n_boot: int = DEFAULT_N_BOOT, ci: float = DEFAULT_CI,
                 seed: int = 0) -> Interval:
     """Spearman correlation of paired points with a bootstrap CI over the points (pairs resampled)."""
-    ci, n_boot, seed = check_ci_args(ci, n_boot, seed)
     x, y = _np(x, np.float64).reshape(-1), _np(y, np.float64).reshape(-1)
     if len(x) != len(y):
         raise ConfigError(f"spearman_ci: x has {len(x)} points, y {len(y)}")
+    ci, n_boot, seed = check_ci_args(ci, n_boot, seed, n=len(x), cells=len(x))
+    bad = _nan_note(x, y, ci, n_boot, seed)
+    if bad is not None:
+        return bad
     est = float(spearman_rows(x, y)) if len(x) >= 2 else float("nan")
     if len(x) < 3:
-        return Interval(np.array(est), np.array(np.nan), np.array(np.nan), ci, n_boot, seed)
+        return Interval(np.array(est), np.array(np.nan), np.array(np.nan), ci, n_boot, seed,
+                        note=f"{len(x)} point(s): a CI needs at least 3")
     idx = np.random.default_rng(seed).integers(0, len(x), size=(n_boot, len(x)))
     lo, hi = percentile_ci(spearman_rows(x[idx], y[idx]), ci)
     return Interval(np.array(est), lo, hi, ci, n_boot, seed)
@@ -323,13 +381,17 @@ def r2_rows(x: Any, y: Any) -> np.ndarray:
 
 def r2_ci(x: Any, y: Any, *, n_boot: int = DEFAULT_N_BOOT, ci: float = DEFAULT_CI, seed: int = 0) -> Interval:
     """R² of the linear fit of y on x with a bootstrap CI over the points (pairs resampled)."""
-    ci, n_boot, seed = check_ci_args(ci, n_boot, seed)
     x, y = _np(x, np.float64).reshape(-1), _np(y, np.float64).reshape(-1)
     if len(x) != len(y):
         raise ConfigError(f"r2_ci: x has {len(x)} points, y {len(y)}")
+    ci, n_boot, seed = check_ci_args(ci, n_boot, seed, n=len(x), cells=len(x))
+    bad = _nan_note(x, y, ci, n_boot, seed)
+    if bad is not None:
+        return bad
     est = float(r2_rows(x, y)) if len(x) >= 2 else float("nan")
     if len(x) < 3:
-        return Interval(np.array(est), np.array(np.nan), np.array(np.nan), ci, n_boot, seed)
+        return Interval(np.array(est), np.array(np.nan), np.array(np.nan), ci, n_boot, seed,
+                        note=f"{len(x)} point(s): a CI needs at least 3")
     idx = np.random.default_rng(seed).integers(0, len(x), size=(n_boot, len(x)))
     lo, hi = percentile_ci(r2_rows(x[idx], y[idx]), ci)
     return Interval(np.array(est), lo, hi, ci, n_boot, seed)

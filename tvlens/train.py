@@ -235,11 +235,61 @@ def _save_resume(path: Path, model, opt, sched, step: int, cfg: TrainConfig) -> 
         },
         "scheduler": sched.state_dict(),
     }
-    save_tensors_with_sidecar(path, tensors, meta, overwrite=True)  # the run's own resume state
+    # the run's own resume state: .safetensors (every field in its header, one atomic rename) is the state; the
+    # .json written after it is a mirror (see _read_resume), so a kill at any moment leaves a loadable state
+    save_tensors_with_sidecar(path, tensors, meta, overwrite=True)
+
+
+def _read_resume(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The resume state, from ``resume.safetensors`` alone: its header records every field of the state and a hash
+    of its tensors, written in one atomic rename. ``resume.json`` is a readable mirror written after it, so a kill
+    between the two writes leaves a new ``.safetensors`` beside an old ``.json``: the mirror is then ignored (and
+    rewritten at the next save), never a reason to refuse the run. A state written by an older tvlens (no fields
+    in its header) is read with its sidecar."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from tvlens.io import content_sha256
+
+    st = path.with_suffix(".safetensors")
+    if not st.is_file():
+        raise CheckpointError(f"train: {path.parent} has {path.name}.json but no {st.name}: the resume state is "
+                              "incomplete; restart the run (--restart / overwrite=True)")
+    try:
+        with safe_open(str(st), "pt") as f:
+            header = f.metadata() or {}
+        tensors = load_file(str(st))
+    except Exception as e:
+        raise CheckpointError(f"{st} cannot be read: it is truncated or not a safetensors file ({e}); restart the run "
+                              "(--restart / overwrite=True)") from e
+    if "tvlens.meta" not in header:
+        return load_tensors_with_sidecar(path, expect_kind="tvlens-resume")
+    if content_sha256(tensors) != header.get("tvlens.content_sha256"):
+        raise CheckpointError(f"{st}: its tensors do not match the hash its header records; the file was altered")
+    meta = json.loads(header["tvlens.meta"])
+    if not isinstance(meta, dict) or meta.get("kind") != "tvlens-resume":
+        raise CheckpointError(f"{st} is not a tvlens resume state (kind {meta.get('kind') if isinstance(meta, dict) else meta!r})")
+    return tensors, meta
+
+
+def _has_resume(out: Path) -> bool:
+    return (out / "resume.safetensors").exists() or (out / "resume.json").exists()
+
+
+def _killed_before_training(out: Path, entries: list[Path], cfg_now: dict) -> bool:
+    """A run folder of this configuration holding only tvlens' own files and no resume state: a run killed
+    before its step-0 resume state was written (which precedes the first training step)."""
+    if _has_resume(out) or not all(f.is_file() and RUN_FILE_RE.match(f.name) for f in entries):
+        return False
+    try:
+        saved = json.loads((out / "train_config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(saved, dict) and {**_field_defaults(), **saved} == {**_field_defaults(), **cfg_now}
 
 
 def _load_resume(path: Path, model, opt, sched) -> int:
-    tensors, meta = load_tensors_with_sidecar(path, expect_kind="tvlens-resume")
+    tensors, meta = _read_resume(path)
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, shape in meta["opt_scalar_shapes"].items():
@@ -394,7 +444,7 @@ def train(
         resume_path = out / "resume"
         entries = sorted(out.iterdir()) if out.is_dir() else []
         cfg_now = json.loads(json.dumps(asdict(cfg)))
-        if resume and resume_path.with_suffix(".json").exists() and not overwrite:
+        if resume and _has_resume(out) and not overwrite:
             try:
                 saved = json.loads(cfg_path.read_text()) if cfg_path.exists() else None
             except json.JSONDecodeError:
@@ -424,10 +474,12 @@ def train(
             if saved.get("steps") != cfg.steps:
                 atomic_write_bytes(cfg_path, json.dumps(cfg_now, indent=1).encode())
         else:
+            if entries and not overwrite and resume and _killed_before_training(out, entries, cfg_now):
+                overwrite = True  # killed before its first resume state: nothing was trained, start it again
             if entries and not overwrite:
                 ours = [f for f in entries if f.is_file() and RUN_FILE_RE.match(f.name)]
                 shown = ", ".join(f.name for f in entries[:4]) + (", ..." if len(entries) > 4 else "")
-                what = ("a tvlens run without a resume state" if ours and not resume_path.with_suffix(".json").exists()
+                what = ("a tvlens run without a resume state" if ours and not _has_resume(out)
                         else "a tvlens run" if ours else "files that are not a tvlens run")
                 raise OverwriteError(
                     f"train: {out_name} {str(out)!r} already holds {len(entries)} entries ({shown}): {what}. "

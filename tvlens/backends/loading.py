@@ -50,6 +50,16 @@ def _architecture(folder) -> str:
     return str(archs[0]) if archs else "this architecture"
 
 
+def _config_lacks_n_ctx(folder) -> bool:
+    import json
+
+    try:
+        cfg = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(cfg, dict) and cfg.get("model_type") == "gpt2" and "n_ctx" not in cfg
+
+
 def choose_backend(backend: str, folder: Any = None, architecture: str | None = None) -> tuple[str, str]:
     """The backend for a pretrained Hugging Face model (a local ``folder``, or only its ``architecture`` before
     the folder exists) and why. ``"auto"``: a HookedTransformer where this TransformerLens has one and supports
@@ -67,7 +77,10 @@ def choose_backend(backend: str, folder: Any = None, architecture: str | None = 
 
     why = hooked_unsupported(folder) if folder is not None else hooked_unsupported_architecture(arch)
     if why is None:
-        return "hooked", f"HookedTransformer: {tl}'s HookedTransformer supports {arch}"
+        note = ""
+        if folder is not None and _config_lacks_n_ctx(folder):
+            note = " (its GPT-2 config has no n_ctx, as transformers 5 saves it: tvlens maps n_positions)"
+        return "hooked", f"HookedTransformer: {tl}'s HookedTransformer supports {arch}{note}"
     if backend == "auto":
         return "bridge", f"TransformerBridge: {tl}'s HookedTransformer does not support {arch} ({why})"
     raise UnsupportedModelError(f"backend='hooked': {tl}'s HookedTransformer does not support {arch} ({why}); "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from tvlens.backends import get_backend
@@ -116,8 +117,24 @@ def faithfulness(model, prompts, scores: EdgeScores, ks=None, corrupted=None, me
     (every other edge patched to the corrupted run's sender output, or ``ablation="mean"``: the mean clean
     output), for each ``k`` of ``ks`` (default: 1, 2, 4, ... and all), against ``n_random`` random circuits of
     each size (seeded). ``metric``/``corrupted`` should be those ``scores`` were computed with."""
+    from tvlens.checks import check_seed, check_size, forward_flops
+
+    if not isinstance(scores, EdgeScores):
+        raise ConfigError(f"scores: faithfulness needs EdgeScores (tvlens.edge_attribution(model, prompts) or "
+                          f"tvlens.path_patching(...)), got {type(scores).__name__}"
+                          + ("; head scores rank heads, not edges: a circuit here is a set of edges"
+                             if type(scores).__name__ == "HeadScores" else ""))
+    seed = check_seed(seed, where="faithfulness")
     graph = graph_of(model)
     edges = graph.edges
+    fp = (scores.notes or {}).get("model_fingerprint")
+    if fp is not None and fp != get_backend(model).fingerprint():
+        raise ConfigError(f"scores: these EdgeScores were computed on another model (fingerprint {fp}, this model "
+                          f"{get_backend(model).fingerprint()}): a circuit ranked on one model says nothing about "
+                          "another; score this model's edges (tvlens.edge_attribution(model, prompts))")
+    if (int(scores.n_layers), int(scores.n_heads)) != (graph.n_layers, graph.n_heads):
+        raise ConfigError(f"scores: these EdgeScores are of a {scores.n_layers} x {scores.n_heads} model, this model "
+                          f"is {graph.n_layers} x {graph.n_heads}: score this model's edges")
     if list(scores.edges) != edges:
         raise ConfigError("scores: these EdgeScores do not cover this model's full edge graph "
                           f"({len(scores.edges)} edges scored, the graph has {len(edges)}): score all edges")
@@ -126,12 +143,22 @@ def faithfulness(model, prompts, scores: EdgeScores, ks=None, corrupted=None, me
     n = len(edges)
     if ks is None:
         ks = sorted({min(n, 2 ** i) for i in range(int(math.log2(n)) + 2)})
-    ks = [ks] if isinstance(ks, int) else list(ks)
-    bad = [k for k in ks if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= n]
+    ks = [ks] if isinstance(ks, (int, np.integer)) else list(ks)
+    from tvlens.checks import _is_int
+
+    bad = [k for k in ks if not _is_int(k) or not 0 <= int(k) <= n]
     if bad or not ks:
         raise ConfigError(f"ks: circuit sizes must be integers in 0..{n} (the graph has {n} edges), got {bad or ks}")
-    if isinstance(n_random, bool) or not isinstance(n_random, int) or n_random < 0:
-        raise ConfigError(f"n_random must be a non-negative integer, got {n_random!r}")
+    ks = [int(k) for k in ks]
+    bk0 = get_backend(model)
+    tokens = getattr(prompts, "tokens", None)
+    n_tok = 0 if tokens is None else tokens.numel()
+    n_random = check_size(n_random, "n_random", minimum=0, where="faithfulness",
+                          flops_each=len(ks) * forward_flops(n_tok, n_layers=int(bk0.n_layers), d_model=int(bk0.d_model),
+                                                             d_vocab_out=int(bk0.d_vocab_out),
+                                                             seq=1 if tokens is None else tokens.shape[1]),
+                          bytes_each=len(ks) * n * 1.0,
+                          hint="random circuits per size (their forward passes are the cost)")
     bk, P, C, fn, metric_name = _prepare(model, prompts, corrupted, metric, "faithfulness", seed, gradient=False)
     with torch.no_grad():
         reads = prompt_answer_positions(P)

@@ -17,11 +17,21 @@ DEFAULT_IG_STEPS = 5
 
 
 # --------------------------------------------------------------------------- inputs
-def _check_steps(ig_steps) -> int:
-    if isinstance(ig_steps, bool) or not isinstance(ig_steps, int) or ig_steps < 1:
-        raise ConfigError(f"ig_steps must be an integer >= 1 (1 = plain EAP, the gradient at the corrupted run), "
-                          f"got {ig_steps!r}")
-    return ig_steps
+def _check_steps(ig_steps, model=None, prompts=None) -> int:
+    """``ig_steps``: an integer >= 1 (numpy integers welcome) whose cost, every step a forward and backward pass
+    of the prompts held in memory at once, is checked before any work (``tvlens.checks.check_size``)."""
+    from tvlens.checks import check_size, forward_flops, transformer_batch_bytes
+
+    kw = {}
+    if model is not None and prompts is not None and getattr(prompts, "tokens", None) is not None:
+        bk = get_backend(model)
+        n, seq = prompts.tokens.shape
+        dims = dict(n_layers=int(bk.n_layers), d_model=int(bk.d_model), d_mlp=4 * int(bk.d_model))
+        kw = dict(flops_each=forward_flops(n * seq, **dims, d_vocab_out=int(bk.d_vocab_out), seq=seq, backward=True),
+                  bytes_each=transformer_batch_bytes(1, seq, **dims, n_heads=int(bk.n_heads),
+                                                     d_vocab_out=int(bk.d_vocab_out), backward=True),
+                  what=f"ig_steps={ig_steps!r} interpolation steps over {n} prompts of {seq} tokens")
+    return check_size(ig_steps, "ig_steps", minimum=1, hint="1 = plain EAP, the gradient at the corrupted run", **kw)
 
 
 

@@ -14,6 +14,28 @@ from tvlens.prompts import describe
 
 # --------------------------------------------------------------------------- exact path patching
 @torch.no_grad()
+def _check_edges(edges, graph) -> list[tuple[str, str]]:
+    """``edges``: a non-empty list of distinct ``(sender, receiver)`` pairs of names in this model's graph."""
+    if isinstance(edges, (str, bytes, dict)) or not hasattr(edges, "__iter__"):
+        raise ConfigError(f"edges: expected a list of (sender, receiver) pairs such as [('L0H1', 'L2H0.q')], got "
+                          f"{type(edges).__name__} {edges!r:.80}")
+    out = []
+    for e in edges:
+        if isinstance(e, (str, bytes)) or not hasattr(e, "__len__") or len(e) not in (2, 3) \
+                or not all(isinstance(x, str) for x in list(e)[:2]):
+            raise ConfigError(f"edges: each edge must be a (sender, receiver) pair of names such as ('L0H1', 'L2H0.q') "
+                              f"(or a (sender, receiver, score) triple from EdgeScores.top), got {e!r:.80}")
+        s, r = e[0], e[1]
+        graph.check_edge(s, r)
+        out.append((s, r))
+    if not out:
+        raise ConfigError("edges: expected a non-empty list of (sender, receiver) pairs, got none")
+    dup = sorted({e for e in out if out.count(e) > 1})
+    if dup:
+        raise ConfigError(f"edges: {dup[:3]} given more than once; each edge is patched once, give it once")
+    return out
+
+
 def path_patching(model, prompts, edges=None, corrupted=None, metric=None, seed: int = 0, batch_size: int = 4096,
                   ci: bool = False, progress: bool = True) -> EdgeScores:
     """Exact path patching of every edge (or the given ``edges``, ``(sender, receiver)`` pairs): the metric
@@ -22,18 +44,13 @@ def path_patching(model, prompts, edges=None, corrupted=None, metric=None, seed:
     per receiver kind (q, k, v, MLP) and layer, all senders stacked along the batch."""
     from tqdm.auto import tqdm
 
+    from tvlens.checks import check_seed
     from tvlens.sweeps import activation_patching
 
-    bk, P, C, fn, metric_name = _prepare(model, prompts, corrupted, metric, "path-patch", seed, gradient=False)
+    seed = check_seed(seed, where="path_patching")
     graph = graph_of(model)
-    if edges is None:
-        edges = graph.edges
-    else:
-        edges = [tuple(e[:2]) for e in edges]
-        if not edges:
-            raise ConfigError("edges: expected a non-empty list of (sender, receiver) pairs, got none")
-        for s, r in edges:
-            graph.check_edge(s, r)
+    edges = graph.edges if edges is None else _check_edges(edges, graph)  # before any work
+    bk, P, C, fn, metric_name = _prepare(model, prompts, corrupted, metric, "path-patch", seed, gradient=False)
     senders = graph.senders
     s_idx = {s: i for i, s in enumerate(senders)}
     B = len(P)
@@ -97,5 +114,6 @@ def path_patching(model, prompts, edges=None, corrupted=None, metric=None, seed:
     res = EdgeScores(scores=out.mean(0), edges=list(edges), method="path-patch", metric=metric_name,
                      n_layers=graph.n_layers, n_heads=graph.n_heads, n_key_value_heads=graph.n_kv_heads,
                      per_prompt=out, prompts=describe(prompts),
-                     notes={"seed": seed, "clean_metric": clean_m, "corrupted_metric": float(corr_pp.mean())})
+                     notes={"seed": seed, "clean_metric": clean_m, "corrupted_metric": float(corr_pp.mean()),
+                            "model_fingerprint": bk.fingerprint()})
     return res.with_ci(seed=seed) if ci else res

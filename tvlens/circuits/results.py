@@ -212,6 +212,28 @@ class EdgeScores:
     notes: dict = field(default_factory=dict)
     n_key_value_heads: int | None = None  # grouped-query attention (k/v receivers are key/value heads)
 
+    def __post_init__(self) -> None:
+        """Scores, edges and graph agree (checked on every construction, so also on ``load``)."""
+        E = len(self.edges)
+        if not torch.is_tensor(self.scores) or self.scores.ndim != 1 or len(self.scores) != E:
+            got = tuple(self.scores.shape) if torch.is_tensor(self.scores) else type(self.scores).__name__
+            raise ConfigError(f"EdgeScores: scores must hold one value per edge ({E} edges), got {got}")
+        for name, want in (("per_prompt", (None, E)), ("ci", (2, E))):
+            t = getattr(self, name)
+            if t is not None and (not torch.is_tensor(t) or t.ndim != 2 or t.shape[1] != E
+                                  or (want[0] is not None and t.shape[0] != want[0])):
+                raise ConfigError(f"EdgeScores: {name} must be [{'n' if want[0] is None else want[0]}, {E}], got "
+                                  f"{tuple(t.shape) if torch.is_tensor(t) else type(t).__name__}")
+        edges = [tuple(e) for e in self.edges]
+        if len(set(edges)) != E:
+            raise ConfigError("EdgeScores: an edge is listed twice")
+        mlps = any(str(s).startswith("MLP") or str(r).startswith("MLP") for s, r in edges)
+        kv = None if self.n_key_value_heads is None else int(self.n_key_value_heads)
+        graph = Graph(int(self.n_layers), int(self.n_heads), mlps, kv)
+        for s, r in edges:
+            graph.check_edge(s, r)  # names of a graph of n_layers x n_heads
+        self.edges = edges
+
     def __len__(self) -> int:
         return len(self.edges)
 
@@ -255,10 +277,16 @@ class EdgeScores:
 
     def with_ci(self, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> "EdgeScores":
         """Bootstrap (over prompts) interval of every edge's mean score; needs ``per_prompt``."""
+        from tvlens.checks import check_probability, check_seed
+        from tvlens.stats import check_n_boot
+
+        seed = check_seed(seed, where="EdgeScores.with_ci")
+        level = check_probability(level, "level", where="EdgeScores.with_ci", what="a confidence level")
         if self.per_prompt is None:
             raise ConfigError("these scores keep no per-prompt values; compute them with per_prompt=True")
         x = self.per_prompt.double()
         n = x.shape[0]
+        n_boot = check_n_boot(n_boot, n=n, cells=x.shape[1] * 2, where="EdgeScores.with_ci")
         g = torch.Generator().manual_seed(seed)
         idx = torch.randint(0, n, (n_boot, n), generator=g)
         means = torch.stack([x[i].mean(0) for i in idx])
@@ -287,7 +315,8 @@ class EdgeScores:
 
         return circuit_graph_view(self, model=model, prompts=prompts, prompt=prompt, k=k, title=title)
 
-    def save(self, path: str | Path) -> Path:
+    def save(self, path: str | Path, overwrite: bool = False) -> Path:
+        """safetensors + JSON sidecar, atomically; an existing artifact is refused unless ``overwrite=True``."""
         tensors = {"scores": self.scores.float().contiguous()}
         if self.per_prompt is not None:
             tensors["per_prompt"] = self.per_prompt.float().contiguous()
@@ -296,7 +325,7 @@ class EdgeScores:
         meta = {"kind": "EdgeScores", "method": self.method, "metric": self.metric, "n_layers": self.n_layers,
                 "n_heads": self.n_heads, "n_key_value_heads": self.n_key_value_heads,
                 "edges": [list(e) for e in self.edges], "prompts": self.prompts, "notes": self.notes}
-        return save_tensors_with_sidecar(path, tensors, meta)
+        return save_tensors_with_sidecar(path, tensors, meta, overwrite=overwrite)
 
     @classmethod
     def load(cls, path: str | Path) -> "EdgeScores":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from tvlens.backends import get_backend
@@ -33,7 +34,7 @@ def node_attribution(model, P, C, fn, ig_steps: int = DEFAULT_IG_STEPS, batch_si
     from tqdm.auto import tqdm
 
     bk = get_backend(model)
-    steps = _check_steps(ig_steps)
+    steps = _check_steps(ig_steps, model, P)
     mlps = mlps and _has_mlps(bk)
     L = bk.n_layers
     names = [f"blocks.{l}.attn.hook_z" for l in range(L)] + ([f"blocks.{l}.hook_mlp_out" for l in range(L)] if mlps else [])
@@ -72,7 +73,7 @@ def head_scores(model, prompts, method, metric, corrupted, per_task, layers, see
         raise ConfigError(f"grad_drop=True is AtP*'s GradDrop: use it with method='atp', not method={method!r}")
     if method == "atp" and ig_steps is not None:
         raise ConfigError("ig_steps applies to method='eap-ig'; method='atp' takes one gradient per dropped layer")
-    steps = _check_steps(DEFAULT_IG_STEPS if ig_steps is None else ig_steps)
+    steps = _check_steps(DEFAULT_IG_STEPS if ig_steps is None else ig_steps, model, prompts)
     bk, P, C, fn, metric_name = _prepare(model, prompts, corrupted, metric, method, seed, gradient=True)
     heads, mlp, base = node_attribution(model, P, C, fn, ig_steps=steps, batch_size=batch_size, progress=progress,
                                         grad_drop=grad_drop)
@@ -118,21 +119,29 @@ def edge_attribution(model, prompts, method: str = "eap-ig", corrupted=None, met
     of these layers (a sub-graph: cheaper on a large model, where the QK fix runs once per receiving layer;
     ``faithfulness`` needs the full graph). Under grouped-query attention a key/value head's input is one
     receiver ``L{l}KV{g}.k`` / ``.v`` shared by its query heads (``Graph.query_heads``)."""
-    if method == "path-patch":
+    from tvlens.checks import check_batch_size, check_seed, check_unused
+
+    seed = check_seed(seed, where="edge_attribution")
+    if method == "path-patch":  # exact: no gradient, no interpolation, every position
+        why = "method='path-patch' patches each edge exactly"
+        check_unused("ig_steps", ig_steps, None, where="edge_attribution", because=why + " (no integrated gradients)")
+        check_unused("positions", positions, None, where="edge_attribution",
+                     because=why + " at every position; restrict positions with method='eap-ig'")
+        check_unused("qk_fix", qk_fix, None, where="edge_attribution", because=why + " (no attention linearisation)")
         sub = None if layers is None else edges_in_layers(graph_of(model), layers)
         return path_patching(model, prompts, edges=sub, corrupted=corrupted, metric=metric, seed=seed, ci=ci,
                              progress=progress)
-    if method not in ("eap", "eap-ig"):
+    if not isinstance(method, str) or method not in ("eap", "eap-ig"):
         raise ConfigError(f"method must be 'eap-ig', 'eap' or 'path-patch', got {method!r}")
     if method == "eap":
-        if ig_steps not in (None, 1):
+        if ig_steps is not None and not (isinstance(ig_steps, (int, np.integer)) and not isinstance(ig_steps, bool)
+                                         and int(ig_steps) == 1):
             raise ConfigError(f"ig_steps: method='eap' is one gradient (ig_steps=1), got ig_steps={ig_steps!r}; "
                               "use method='eap-ig' for more steps")
         steps = 1
     else:
-        steps = _check_steps(DEFAULT_IG_STEPS if ig_steps is None else ig_steps)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+        steps = _check_steps(DEFAULT_IG_STEPS if ig_steps is None else ig_steps, model, prompts)
+    batch_size = check_batch_size(batch_size, where="edge_attribution", allow_none=False)
     bk, P, C, fn, metric_name = _prepare(model, prompts, corrupted, metric, method, seed, gradient=True)
     from tqdm.auto import tqdm
 
@@ -177,6 +186,7 @@ def edge_attribution(model, prompts, method: str = "eap-ig", corrupted=None, met
                      n_heads=graph.n_heads, n_key_value_heads=graph.n_kv_heads,
                      per_prompt=pp if per_prompt or ci else None,
                      prompts=describe(prompts), notes={"ig_steps": steps, "seed": seed, "qk_fix": qk_fix, "layers": layers,
+                                                       "model_fingerprint": get_backend(model).fingerprint(),
                                                         "positions": positions if positions is None or isinstance(
                                                             positions, str) else "mask",
                                                         "corrupted_metric": float(torch.cat(bases).mean())})

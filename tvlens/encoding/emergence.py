@@ -171,11 +171,27 @@ def emergence(
     from tvlens.accuracy import icl_accuracy
     from tvlens.models import list_checkpoints, load_checkpoint, model_info
 
+    if steps is not None:
+        from tvlens.checks import check_int_list
+
+        steps = check_int_list(steps, "steps", minimum=0, where="emergence")
+        dup = sorted({s for s in steps if steps.count(s) > 1})
+        if dup:
+            raise ConfigError(f"emergence: steps names {dup} more than once ({steps}); give each step once")
+    if hasattr(checkpoints, "parameters") or hasattr(checkpoints, "cfg"):
+        raise ConfigError("emergence: checkpoints must be a run folder or a shipped model name (e.g. 'default'), or a "
+                          "list of (step, model) pairs; a single model has no training history: use "
+                          "tvlens.task_decodability(model, prompts) for one model")
     if isinstance(checkpoints, (str, Path)):
         from tvlens.models import _resolve_folder
 
         pairs = list_checkpoints(_resolve_folder(checkpoints))
         if steps is not None:
+            have = [s for s, _ in pairs]
+            missing = [s for s in steps if s not in have]
+            if missing:
+                raise ConfigError(f"emergence: steps {missing} have no checkpoint in {checkpoints!s}; its checkpoints "
+                                  f"are at steps {have}")
             pairs = [(s, p) for s, p in pairs if s in set(steps)]
         held: list = []  # one model for the whole run: each checkpoint's weights are loaded into it
 
@@ -183,6 +199,9 @@ def emergence(
             held[:] = [load_checkpoint(p, into=held[0] if held else None)]
             return held[0]
         items = [(s, (lambda p=p: load_next(p))) for s, p in pairs]
+    elif isinstance(checkpoints, (dict, bytes)) or not hasattr(checkpoints, "__iter__"):
+        raise ConfigError(f"emergence: checkpoints must be a run folder, a shipped model name or a list of (step, model) "
+                          f"pairs, got {type(checkpoints).__name__}")
     else:
         items = []
         for item in checkpoints:
@@ -193,6 +212,10 @@ def emergence(
             items.append((s, (lambda m=m: _load_checkpoint_item(m))))
     if not items:
         raise ConfigError("emergence needs at least one checkpoint")
+    got = [int(s) for s, _ in items]
+    if len(set(got)) != len(got):
+        raise ConfigError(f"emergence: checkpoints name steps {sorted({s for s in got if got.count(s) > 1})} more than "
+                          "once; give each step once")
     prompts = None
     rows_m, rows_td, rows_tdt, step_list, pp_m, pp_td = [], [], [], [], [], []
     for s, get in tqdm(items, desc="emergence", disable=not progress):

@@ -44,12 +44,14 @@ def knn_loo_neighbors(
     metric: str = "euclidean",
     chunk: int = 2048,
     return_ties: bool = False,
+    seed: int | None = None,
 ):
     """Each point's ``k`` nearest *other* points (leave-one-out), nearest first; neighbours at equal
-    distance are taken in index order. The labels play no part, so one call serves every relabelling
-    (the shuffled-label null, ``tvlens.stats.knn_permutation_null``). With ``return_ties`` also a
-    ``[n]`` bool: the k-th and (k+1)-th neighbours are at the same distance (so index order, not
-    distance, chose the neighbourhood)."""
+    distance are taken in index order, or, with ``seed``, in a seeded random order (so which of several
+    equally distant prompts join a neighbourhood does not depend on the prompts' order). The labels play no
+    part, so one call serves every relabelling (the shuffled-label null, ``tvlens.stats.knn_permutation_null``).
+    With ``return_ties`` also a ``[n]`` bool: the k-th and (k+1)-th neighbours are at the same distance (so
+    the tie rule, not distance, chose the neighbourhood)."""
     n = X.shape[0]
     if k >= n:
         raise ConfigError(f"k={k} needs more than k prompts, got {n}")
@@ -69,8 +71,15 @@ def knn_loo_neighbors(
             d = (sq[s : s + chunk, None] + sq[None] - 2 * xb @ X.T).clamp_min(0)
         rows = torch.arange(len(xb))
         d[rows, rows + s] = float("inf")  # leave one out
-        srt = torch.sort(d, dim=1, stable=True)
-        out[s : s + len(xb)] = srt.indices[:, :k]
+        if seed is None:
+            srt = torch.sort(d, dim=1, stable=True)
+            idx = srt.indices
+        else:  # a random order first, then a stable sort by distance: ties end up in random order
+            g = torch.Generator().manual_seed(int(seed) * 1_000_003 + s)
+            perm = torch.argsort(torch.rand(d.shape, generator=g, dtype=torch.float64), dim=1)
+            srt = torch.sort(d.gather(1, perm), dim=1, stable=True)
+            idx = perm.gather(1, srt.indices)
+        out[s : s + len(xb)] = idx[:, :k]
         if k + 1 < n:
             ties[s : s + len(xb)] = srt.values[:, k - 1] == srt.values[:, k]
     return (out, ties) if return_ties else out
@@ -164,15 +173,16 @@ class DecodabilityResult:
         self.null_mean = torch.tensor(nr.mean, dtype=torch.float32)
         self.null_quantile = torch.tensor(nr.quantile, dtype=torch.float32)
         p = nr.p_value.copy()
-        # where index order, not distance, picked most neighbourhoods (e.g. every prompt at the same point),
-        # TD and its null measure the prompts' order: no p-value
+        # where a random draw among equidistant prompts, not distance, picked most neighbourhoods (e.g. every
+        # prompt at the same point), TD and its null measure that draw: no p-value
         ties = self.notes.get("boundary_ties", {})
         degenerate = [i for i, L in enumerate(self.layers) if ties.get(L, ties.get(str(L), 0.0)) > 0.5]
         p[degenerate] = np.nan
         if degenerate:
             self.notes["no_p_value"] = (f"layers {[self.layers[i] for i in degenerate]}: for most prompts the k-th "
                                         "and (k+1)-th neighbours are equidistant (e.g. identical representations), "
-                                        "so index order chose the neighbours; p-value left NaN")
+                                        "so the tie rule (a seeded random draw among them), not distance, chose the "
+                                        "neighbours; p-value left NaN")
         self.p_value = torch.tensor(p, dtype=torch.float32)
         self.ci_info.update(n_perm=nr.n_perm, q=nr.q, null_seed=nr.seed)
         return self
@@ -263,6 +273,18 @@ class DecodabilityResult:
                    notes=dict(m.get("notes", {})), **opt)
 
 
+def _tie_note(layers, tie_frac, k: int, seed: int) -> dict:
+    """A note when equally distant prompts competed for a neighbourhood (e.g. identical encodings)."""
+    tied = {L: f for L, f in zip(layers, tie_frac) if f > 0}
+    if not tied:
+        return {}
+    worst = max(tied, key=tied.get)
+    return {"ties": f"at {len(tied)} layer(s) some prompts' {k}-th and {k + 1}-th neighbours are equally distant "
+                    f"(most at layer {worst}: {tied[worst]:.0%} of prompts); those neighbourhoods were drawn at random "
+                    f"among the equally distant prompts (seed {seed}), so TD there does not depend on the prompts' "
+                    "order but varies with the seed"}
+
+
 def task_decodability(
     encodings: TaskEncodings | Any,
     prompts: PromptSet | None = None,
@@ -291,8 +313,10 @@ def task_decodability(
 
     if ci is not None:
         stats.check_ci_args(ci, n_boot, ci_seed, ("ci", "n_boot", "ci_seed"))
-    if isinstance(null, bool) or not isinstance(null, int) or null < 0:
-        raise ConfigError(f"null must be the number of label permutations (an integer >= 0; 0 = no null), got {null!r}")
+    from tvlens.checks import check_int
+
+    null = check_int(null, "null", minimum=0, where="task_decodability",
+                     hint="the number of label permutations of the shuffled-label null; 0 = none")
     if tie_break not in stats.TIE_BREAKS:
         raise ConfigError(f"tie_break must be one of {list(stats.TIE_BREAKS)}, got {tie_break!r}")
     from tvlens.validate import check_seed, int_list
@@ -330,10 +354,12 @@ def task_decodability(
             "sample more prompts per task or lower k"
         )
     sel = enc.layers if layers is None else list(layers)
+    if null:  # its cost (permutations x prompts x layers x k), refused before any work
+        stats.check_n_boot(null, "null", n=len(enc), cells=len(sel) * k, where="task_decodability")
     T = len(enc.task_names)
     td, per_task, conf, oks, nbrs, tie_frac = [], [], [], [], [], []
     for layer in sel:
-        nn_idx, ties = knn_loo_neighbors(enc.at(layer), k, metric, return_ties=True)
+        nn_idx, ties = knn_loo_neighbors(enc.at(layer), k, metric, return_ties=True, seed=seed)
         tie_frac.append(float(ties.float().mean()))
         pred = torch.from_numpy(stats.knn_vote(enc.labels.cpu()[nn_idx].numpy(), T, tie_break, seed)).long()
         ok = (pred == enc.labels).float()
@@ -349,7 +375,7 @@ def task_decodability(
                              per_task=torch.stack(per_task).float(), confusion=torch.stack(conf), k=k,
                              metric=metric, n_prompts=len(enc), correct=torch.stack(oks),
                              labels=enc.labels.cpu().clone(), neighbors=torch.stack(nbrs), tie_break=tie_break,
-                             notes={"boundary_ties": dict(zip(sel, tie_frac))})
+                             notes={"boundary_ties": dict(zip(sel, tie_frac)), **_tie_note(sel, tie_frac, k, seed)})
     if ci is not None:
         res.with_ci(ci, n_boot, ci_seed)
     if null:

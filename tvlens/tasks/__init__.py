@@ -54,6 +54,9 @@ _REGISTRY.update({
     ),
 })
 
+#: tvlens' own families: never replaced by ``register`` (models record their family by name)
+_BUILTIN = frozenset(_REGISTRY)
+
 
 def register(name: str, factory: Callable[..., TaskFamily] | None = None, description: str = "", *,
              overwrite: bool = False, **defaults: Any):
@@ -64,7 +67,8 @@ def register(name: str, factory: Callable[..., TaskFamily] | None = None, descri
     Also a class decorator: ``@tvlens.tasks.register("ends")``. A model trained on your family records
     ``name``, its parameters and the factory's module; in a new process, import that module (the CLI:
     ``tvlens --import mymodule ...``) before reopening the run. Re-registering a name with another factory
-    needs ``overwrite=True`` (the shipped families' names too)."""
+    needs ``overwrite=True``; the shipped families' names cannot be replaced (a shipped model reads its
+    recorded family by name)."""
     if factory is None:  # decorator form
         def deco(f: Callable[..., TaskFamily]) -> Callable[..., TaskFamily]:
             register(name, f, description, overwrite=overwrite, **defaults)
@@ -75,6 +79,11 @@ def register(name: str, factory: Callable[..., TaskFamily] | None = None, descri
         raise ConfigError(f"register: name must be a non-empty string without surrounding spaces, got {name!r}")
     if not callable(factory):
         raise ConfigError(f"register: factory must be a TaskFamily class or a function returning one, got {factory!r}")
+    if name in _BUILTIN:
+        raise ConfigError(
+            f"register: {name!r} is a task family shipped with tvlens; shipped models and saved runs record their "
+            f"family by that name, so replacing it (even with overwrite=True) would change what they are scored on. "
+            f"Register yours under another name, e.g. register({name + '_mine'!r}, ...)")
     old = _REGISTRY.get(name)
     same = old is not None and getattr(old[0], "__qualname__", None) == getattr(factory, "__qualname__", None) \
         and getattr(old[0], "__module__", None) == getattr(factory, "__module__", None)

@@ -105,7 +105,7 @@ class TaskFamily(ABC):
     ) -> PromptSet:
         """Draw ``n_per_task`` prompts of each task (task-major order) with ``shots`` examples each."""
         labels, shots, rng = self._sampling_plan(n_per_task, shots, seed, tasks)
-        if len(labels) > 20_000:
+        if len(labels) * (shots + 1) > 100_000:  # one estimate for every large draw (many prompts or many shots)
             self._check_sample_memory(labels, shots)
         return self._sample(labels, shots, rng)
 
@@ -249,7 +249,13 @@ class RuleFamily(TokenTaskFamily):
         super().__init__(**params)
         if type(self).name == TaskFamily.name:  # not registered (yet): the class name; get() sets the registered one
             self.name = type(self).__name__.lower()
-        words = [str(w) for w in self.words]
+        if isinstance(self.words, str) or not all(isinstance(w, str) for w in self.words):
+            raise ConfigError(f"{type(self).__name__}.words must be a list of words (strings), got {self.words!r:.80}")
+        words = list(self.words)
+        blank = [w for w in words if not w.strip() or w != w.strip() or any(c.isspace() for c in w)]
+        if blank:
+            raise ConfigError(f"{type(self).__name__}.words holds {blank[0]!r}: a word must be non-empty, without "
+                              "spaces (prompts are written and read back as space-separated words)")
         if not words or len(set(words)) != len(words) or ARROW in words or END in words:
             raise ConfigError(f"{type(self).__name__}.words must be distinct words (not {ARROW!r} or {END!r}); "
                               f"got {list(self.words)[:10]}")
@@ -271,20 +277,46 @@ class RuleFamily(TokenTaskFamily):
         raise NotImplementedError(f"{type(self).__name__} must implement draw_input(self, rng) -> list of words")
 
     def _encode(self, words: Any, what: str) -> list[int]:
-        words = [words] if isinstance(words, str) else list(words)
+        if isinstance(words, (str, np.str_)):
+            words = [str(words)]
+        elif isinstance(words, (list, tuple, np.ndarray)):
+            words = list(words)
+        else:
+            raise ConfigError(f"{type(self).__name__}: {what} must give a word or a list of words, got "
+                              f"{words!r:.80} ({type(words).__name__})")
+        bad = [w for w in words if not isinstance(w, (str, np.str_))]
+        if bad:
+            raise ConfigError(f"{type(self).__name__}: {what} must give words (strings), got {bad[0]!r:.80} "
+                              f"({type(bad[0]).__name__})")
+        sep = [w for w in words if str(w) in (ARROW, END)]
+        if sep:
+            raise ConfigError(f"{type(self).__name__}: {what} gives the separator token {str(sep[0])!r}; inputs and "
+                              f"answers must be content words (from words), not {ARROW!r} or {END!r}")
         try:
             return [self._ids[str(w)] for w in words]
         except KeyError as e:
             raise ConfigError(f"{type(self).__name__}: {what} uses {e.args[0]!r}, which is not in words") from None
 
+    def _apply(self, name: str, rule: Any, inp: list[str]) -> list[int]:
+        try:
+            out = rule(list(inp))
+        except Exception as e:  # a user's rule: say which one failed, on which input
+            raise ConfigError(f"{type(self).__name__}: rule {name!r} failed on the input {inp}: "
+                              f"{type(e).__name__}: {e}") from e
+        return self._encode(out, f"rule {name!r} (on {inp})")
+
     def draw(self, task, shots, rng):
         def one() -> tuple[list[int], list[list[int]]]:
-            inp = [str(w) for w in self.draw_input(rng)]
-            answers = [self._encode(rule(list(inp)), f"rule {name!r}") for name, rule in self.rules.items()]
+            raw = self.draw_input(rng)
+            inp_ids = self._encode(raw, "draw_input")
+            inp = [self._vocab[i] for i in inp_ids]
+            if not inp:
+                raise ConfigError(f"{type(self).__name__}: draw_input gave an empty input; give at least one word")
+            answers = [self._apply(name, rule, inp) for name, rule in self.rules.items()]
             if len({len(a) for a in answers}) != 1 or not answers[0]:
                 raise ConfigError(f"{type(self).__name__}: every rule must answer with the same number (>= 1) of "
                                   f"words; on {inp} they give {[len(a) for a in answers]}")
-            return self._encode(inp, "draw_input"), answers
+            return inp_ids, answers
 
         examples = []
         for _ in range(shots):

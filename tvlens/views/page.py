@@ -21,7 +21,6 @@ from __future__ import annotations
 import html as _html
 import json
 import math
-import os
 import re
 import tempfile
 import uuid
@@ -122,11 +121,12 @@ class Fragment:
     def __repr__(self) -> str:
         return f"Fragment(kind={self.kind!r}, title={self.title!r}, libs={sorted(self.libs)}, {len(self.html)} chars)"
 
-    def save(self, path: str | Path, title: str | None = None) -> Path:
-        """This view alone as a self-contained HTML page."""
+    def save(self, path: str | Path, title: str | None = None, overwrite: bool = False) -> Path:
+        """This view alone as a self-contained HTML page, written atomically; an existing file is refused
+        unless ``overwrite=True`` (``.html`` is added to a name without a suffix)."""
         page = Page(title or self.title or "tvlens view")
         page.add(self)
-        return page.save(path)
+        return page.save(path, overwrite=overwrite)
 
 
 def html_fragment(body: str, title: str = "", kind: str = "html") -> Fragment:
@@ -264,8 +264,12 @@ class Page:
         parts.append("</body></html>")
         return "\n".join(parts)
 
-    def save(self, path: str | Path) -> Path:
-        """Write the page atomically (a temporary file in the same folder, then a rename)."""
+    def save(self, path: str | Path, overwrite: bool = False) -> Path:
+        """Write the page atomically (a temporary file in the same folder, then a rename). An existing file
+        is refused unless ``overwrite=True``; a folder, an empty name or a symlink loop are refused."""
+        from tvlens.checks import check_new_file
+
+        path = check_new_file(path, "path", overwrite=overwrite, where="save", suffix=".html")
         return atomic_write_text(path, self.to_html())
 
     def _repr_html_(self) -> str:
@@ -290,19 +294,8 @@ def check_writable_dir(folder: str | Path, argument: str = "out") -> Path:
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write ``text`` to ``path`` via a temporary file and ``os.replace``: never a half-written file."""
+    from tvlens.checks import atomic_write
+
     path = Path(path)
     check_writable_dir(path.parent, "path")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path
+    return atomic_write(path, text)

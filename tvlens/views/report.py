@@ -33,8 +33,9 @@ class Report:
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
-    def save(self, path: str | Path) -> Path:
-        return self.page.save(path)
+    def save(self, path: str | Path, overwrite: bool = False) -> Path:
+        """The self-contained HTML page; an existing file is refused unless ``overwrite=True``."""
+        return self.page.save(path, overwrite=overwrite)
 
     def to_html(self) -> str:
         return self.page.to_html()
@@ -203,6 +204,10 @@ def _build_report(
         notes.append(f"the model was trained on {recorded!r}, this report samples {fam!r}: its numbers describe a "
                      "family the model never saw")
     prompts, first_token = _report_prompts(m, fam, n_per_task, shots, seed)
+    if n_per_task < 100:
+        notes.append(f"TD here is leave-one-out k-NN over {n_per_task} prompts per task; it rises with prompts per "
+                     "task (more same-task neighbours nearby), so compare it only at the same number (the demo and "
+                     "README use 100 per task)")
     if recorded is None or recorded.name == fam.name:  # another family is noted above; the same one must agree
         from tvlens.validate import check_family
 
@@ -388,8 +393,10 @@ def _ci(x, i=None) -> str:
 
 @functools.wraps(_build_report)
 def build_report(*args: Any, **kwargs: Any) -> Report:
+    from tvlens.checks import check_call
     from tvlens.validate import unchecked
 
+    check_call(_build_report, args, kwargs, where="build_report")
     # a report may sample another family than the model's on purpose (``--family``): its notes say so
     with unchecked("family"):
         return _build_report(*args, **kwargs)
@@ -497,11 +504,16 @@ def report_filename(model: Any, family: Any) -> str:
 
 
 def write_report(out_dir: str | Path, model: Any = "default", family: Any = None, filename: str | None = None,
-                 **kwargs: Any) -> tuple[Path, Report]:
-    """Build the report and write it atomically to ``out_dir/filename``; the folder is checked first."""
+                 overwrite: bool = False, **kwargs: Any) -> tuple[Path, Report]:
+    """Build the report and write it atomically to ``out_dir/filename``; the folder is checked first, and an
+    existing report file there is refused (before any work) unless ``overwrite=True``."""
+    from tvlens.checks import check_new_file
+
     folder = check_writable_dir(out_dir, "out")
+    target = check_new_file(folder / (filename or report_filename(model, family)), "out", overwrite=overwrite,
+                            where="report")  # refused before any work, not after the analyses
     rep = build_report(model, family, **kwargs)
-    path = rep.save(folder / (filename or report_filename(model, family)))
+    path = rep.save(target, overwrite=overwrite)
     return path, rep
 
 
