@@ -157,6 +157,37 @@ def head_attribution(
     """
     layers = _check_common(model, prompts, method, layers, batch_size)
     batch_size = batch_size or len(prompts)  # None: all prompts in one batch
+    fn, metric, metric_name = _check_options(method, metric, ablation, positions, atp_site, qk_fix)
+    from tvlens.validate import check_seed
+
+    seed = check_seed(seed, where="head_attribution")
+    _refuse_unused(method, corrupted, ablation, positions, atp_site, ig_steps, qk_fix)
+    if method == "eap-ig" or grad_drop:
+        from tvlens.circuits import head_scores
+
+        return head_scores(model, prompts, method, metric, corrupted, per_task, layers, seed, batch_size, progress,
+                           ig_steps, grad_drop)
+    if method in ("cie", "patch", "atp"):
+        corrupted = _corrupted_for(model, prompts, corrupted, seed)
+    device = get_backend(model).input_device
+    P = trim_to_answers(prompts).to(device)
+    C = trim_to_answers(corrupted).to(device) if corrupted is not None else None
+    labels = prompts.labels.cpu()
+    notes: dict = {"layers": layers, "seed": seed}
+    vals, per_position = _run_method(model, method, P, C, layers, fn, notes, ablation, positions, atp_site, qk_fix,
+                                     batch_size, progress)
+    bk = get_backend(model)
+    full = _all_layers(vals, len(prompts), bk, layers)
+    if per_position is not None:
+        per_position = _all_layers(per_position, per_position.shape[0], bk, layers)
+    by_task, scores = _per_task(full, labels, list(prompts.task_names))
+    return HeadScores(scores=scores, method=method, metric=metric_name, task_names=list(prompts.task_names),
+                      per_task=by_task if per_task else None, per_position=per_position, prompts=describe(prompts),
+                      notes=notes, per_prompt=full, labels=labels.clone())
+
+
+def _check_options(method: str, metric, ablation: str, positions: str, atp_site: str, qk_fix):
+    """Refuse options ``method`` cannot take; the per-prompt metric, the metric asked for and its name."""
     if method == "dla":
         if metric not in (None, "logit"):
             raise ConfigError(f"method='dla' attributes the answer's logit; metric must be None or 'logit', got {metric!r}")
@@ -171,29 +202,25 @@ def head_attribution(
         raise ConfigError(f"atp_site must be 'qkv', 'z', 'q', 'k' or 'v', got {atp_site!r}")
     if not isinstance(qk_fix, bool):
         raise ConfigError(f"qk_fix must be True or False, got {qk_fix!r}")
-    from tvlens.validate import check_model_prompts, check_seed
+    return fn, metric, metric_name
 
-    seed = check_seed(seed, where="head_attribution")
-    _refuse_unused(method, corrupted, ablation, positions, atp_site, ig_steps, qk_fix)
-    if method == "eap-ig" or grad_drop:
-        from tvlens.circuits import head_scores
 
-        return head_scores(model, prompts, method, metric, corrupted, per_task, layers, seed, batch_size, progress,
-                           ig_steps, grad_drop)
-    if method in ("cie", "patch", "atp"):
-        if corrupted is None:
-            corrupted = shuffle_labels(prompts, seed)
-        else:
-            check_model_prompts(model, corrupted, "head_attribution (corrupted)")
-            if (corrupted.tokens is None or corrupted.tokens.shape != prompts.tokens.shape
-                    or not torch.equal(corrupted.query_pos.cpu(), prompts.query_pos.cpu())):
-                raise ConfigError("corrupted prompts must have the same token shape and query positions as prompts")
+def _corrupted_for(model, prompts, corrupted, seed: int):
+    """The given corrupted prompts, checked against ``prompts``; by default ``prompts`` with shuffled labels."""
+    from tvlens.validate import check_model_prompts
 
-    device = get_backend(model).input_device
-    P = trim_to_answers(prompts).to(device)
-    C = trim_to_answers(corrupted).to(device) if corrupted is not None else None
-    labels = prompts.labels.cpu()
-    notes: dict = {"layers": layers, "seed": seed}
+    if corrupted is None:
+        return shuffle_labels(prompts, seed)
+    check_model_prompts(model, corrupted, "head_attribution (corrupted)")
+    if (corrupted.tokens is None or corrupted.tokens.shape != prompts.tokens.shape
+            or not torch.equal(corrupted.query_pos.cpu(), prompts.query_pos.cpu())):
+        raise ConfigError("corrupted prompts must have the same token shape and query positions as prompts")
+    return corrupted
+
+
+def _run_method(model, method, P, C, layers, fn, notes, ablation, positions, atp_site, qk_fix, batch_size, progress):
+    """Per-prompt head scores ``[n, layer, head]`` of ``method`` and its per-position map (or None); what the
+    method measured on the way goes into ``notes``."""
     per_position = None
     if method == "cie":
         vals, base = _cie(model, P, C, layers, fn, batch_size, progress)
@@ -212,17 +239,14 @@ def head_attribution(
         vals, pos_vals, base = _dla(model, P, layers, batch_size, progress)
         per_position = pos_vals.mean(0)
         notes["answer_logit"] = base
-    bk = get_backend(model)
-    full = torch.full((len(prompts), bk.n_layers, bk.n_heads), float("nan"))
+    return vals, per_position
+
+
+def _all_layers(vals: torch.Tensor, n: int, bk, layers: list[int]) -> torch.Tensor:
+    """``vals [n, len(layers), head]`` placed in a ``[n, n_layers, n_heads]`` map, nan at the layers not scored."""
+    full = torch.full((n, bk.n_layers, bk.n_heads), float("nan"))
     full[:, layers] = vals.float().cpu()
-    if per_position is not None:
-        pp = torch.full((per_position.shape[0], bk.n_layers, bk.n_heads), float("nan"))
-        pp[:, layers] = per_position.float().cpu()
-        per_position = pp
-    by_task, scores = _per_task(full, labels, list(prompts.task_names))
-    return HeadScores(scores=scores, method=method, metric=metric_name, task_names=list(prompts.task_names),
-                      per_task=by_task if per_task else None, per_position=per_position, prompts=describe(prompts),
-                      notes=notes, per_prompt=full, labels=labels.clone())
+    return full
 
 
 def _chunks(n: int, batch_size: int):
@@ -327,13 +351,7 @@ def _atp(model, P, C, layers, fn, site, qk_fix, batch_size, progress):
     parts = {"qkv": ["q", "k", "v"], "z": []}.get(site, [site])
     kinds = ["z"] + parts
     bk = get_backend(model)
-    if parts:
-        kv = bk.n_key_value_heads
-        if kv is not None and kv != bk.n_heads:
-            raise ConfigError(f"atp_site={site!r} needs one key/value head per query head; use atp_site='z'")
-        if qk_fix and bk.positional_embedding_type == "rotary":
-            raise ConfigError("qk_fix recomputes softmax(q k^T) from hook_q/hook_k, which come before the rotary "
-                              "embedding in this model; use qk_fix=False or atp_site='z'")
+    _check_atp_site(bk, site, parts, qk_fix)
     top = max(layers) + 1
     vals, pos_vals, bases = [], [], []
     it = tqdm(_chunks(len(P), batch_size), desc="atp", disable=not progress, leave=False)
@@ -380,27 +398,44 @@ def _atp(model, P, C, layers, fn, site, qk_fix, batch_size, progress):
                 raise TvlensError(f"atp: no gradient reaches {lost[:2]} on this {bk.kind} model, so its scores "
                                   "would be zeros; this is a bug in the backend, please report it")
         bases.append(m.detach().float().cpu())
-        with torch.no_grad():
-            per_layer, per_pos = [], []
-            for L in layers:
-                zn = f"blocks.{L}.attn.hook_z"
-                gz = _g(grads[zn], corr[zn])
-                pos = ((clean[zn] - corr[zn].detach()) * gz).sum(-1)  # [b, pos, head]
-                per_pos.append(pos)
-                if site == "z":
-                    per_layer.append(pos.sum(1))
-                    continue
-                total = 0
-                for k in parts:
-                    n_ = f"blocks.{L}.attn.hook_{k}"
-                    if k == "v" or not fix:
-                        total = total + ((clean[n_] - corr[n_].detach()) * _g(grads[n_], corr[n_])).sum((1, 3))
-                if fix:
-                    total = total + _qk_fix_terms(model, L, clean, corr, grads, parts)
-                per_layer.append(total)
-            vals.append(torch.stack(per_layer, 1).float().cpu())  # [b, layer, head]
-            pos_vals.append(torch.stack(per_pos, 2).float().cpu())  # [b, pos, layer, head]
+        by_layer, by_pos = _atp_estimates(model, layers, site, parts, fix, clean, corr, grads)
+        vals.append(by_layer)
+        pos_vals.append(by_pos)
     return torch.cat(vals), torch.cat(pos_vals), float(torch.cat(bases).mean())
+
+
+def _check_atp_site(bk, site: str, parts: list[str], qk_fix: bool) -> None:
+    if parts:
+        kv = bk.n_key_value_heads
+        if kv is not None and kv != bk.n_heads:
+            raise ConfigError(f"atp_site={site!r} needs one key/value head per query head; use atp_site='z'")
+        if qk_fix and bk.positional_embedding_type == "rotary":
+            raise ConfigError("qk_fix recomputes softmax(q k^T) from hook_q/hook_k, which come before the rotary "
+                              "embedding in this model; use qk_fix=False or atp_site='z'")
+
+
+@torch.no_grad()
+def _atp_estimates(model, layers, site, parts, fix, clean, corr, grads) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(clean - corrupted) x gradient`` per head ``[b, layer, head]`` (summed over ``parts``, the AtP* fix for
+    q/k with ``fix``) and per position at ``hook_z`` ``[b, pos, layer, head]``."""
+    per_layer, per_pos = [], []
+    for L in layers:
+        zn = f"blocks.{L}.attn.hook_z"
+        gz = _g(grads[zn], corr[zn])
+        pos = ((clean[zn] - corr[zn].detach()) * gz).sum(-1)  # [b, pos, head]
+        per_pos.append(pos)
+        if site == "z":
+            per_layer.append(pos.sum(1))
+            continue
+        total = 0
+        for k in parts:
+            n_ = f"blocks.{L}.attn.hook_{k}"
+            if k == "v" or not fix:
+                total = total + ((clean[n_] - corr[n_].detach()) * _g(grads[n_], corr[n_])).sum((1, 3))
+        if fix:
+            total = total + _qk_fix_terms(model, L, clean, corr, grads, parts)
+        per_layer.append(total)
+    return torch.stack(per_layer, 1).float().cpu(), torch.stack(per_pos, 2).float().cpu()
 
 
 def _g(grad, act):

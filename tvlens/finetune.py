@@ -269,53 +269,10 @@ def _finetune(
         p.requires_grad_(False)
     parametrized: list[tuple[nn.Module, str]] = []
     try:
-        if lora_rank is None:
-            params = [p for b in blocks for p in ft.blocks[b].parameters()]
-            for p in params:
-                p.requires_grad_(True)
-        else:
-            g = torch.Generator().manual_seed(seed)
-            params = []
-            for b in blocks:
-                for mod, name in _lora_targets(ft.blocks[b]):
-                    w = getattr(mod, name)
-                    alpha = float(lora_rank) if lora_alpha is None else lora_alpha  # 0.0 is not "unset"
-                    delta = LowRankDelta(w.shape, name, lora_rank, alpha, g, w.device, w.dtype)
-                    parametrize.register_parametrization(mod, name, delta)
-                    parametrized.append((mod, name))
-                    params += [delta.A, delta.B]
-            if not params:
-                raise ConfigError(f"finetune: no attention or MLP matrices found in blocks {blocks} for LoRA")
+        params = _trainable(ft, blocks, lora_rank, lora_alpha, seed, parametrized)
         n_trainable = sum(p.numel() for p in params)
-        opt = torch.optim.AdamW(
-            [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
-            lr=cfg.lr, betas=(0.9, 0.98),
-        )
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
-        losses: list[float] = []
-        ft.train()
-        per_task = max(1, math.ceil(batch_size / fam.n_tasks))
-        bar = tqdm(range(steps), desc=f"finetune {fam.name} blocks {blocks}", disable=not progress)
-        for step in bar:
-            if is_text:
-                batch = fam.sample(per_task, shots=shots, seed=cfg.seed * 7_919_993 + step + 1, tokenizer=tok,
-                                   scoring=scoring or "first_token")
-            else:
-                batch = batch_for_step(fam, cfg, step)
-            loss = answer_loss(ft, batch.to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
-            sched.step()
-            losses.append(float(loss.detach()))
-            if not math.isfinite(losses[-1]):
-                _diverged(step, losses, lr, inplace)
-            if step % 10 == 0:
-                bar.set_postfix(loss=f"{losses[-1]:.4f}")
-        bar.close()
+        losses = _train_steps(ft, params, cfg, _batches(fam, cfg, tok if is_text else None, scoring), device,
+                              f"finetune {fam.name} blocks {blocks}", progress, inplace)
     finally:
         for mod, name in parametrized:  # merge W + delta into the weights
             parametrize.remove_parametrizations(mod, name, leave_parametrized=True)
@@ -332,6 +289,65 @@ def _finetune(
                           notes={"shots": shots, "batch_size": batch_size, "seed": seed})
 
 
+def _batches(fam, cfg: TrainConfig, tok, scoring):
+    """``step -> training batch``: a text family sampled with ``tok`` (seeded per step), else ``batch_for_step``."""
+    def batch_at(step: int):
+        if tok is not None or isinstance(fam, TextTaskFamily):
+            return fam.sample(max(1, math.ceil(cfg.batch_size / fam.n_tasks)), shots=cfg.shots,
+                              seed=cfg.seed * 7_919_993 + step + 1, tokenizer=tok, scoring=scoring or "first_token")
+        return batch_for_step(fam, cfg, step)
+    return batch_at
+
+
+def _trainable(ft, blocks: list[int], lora_rank, lora_alpha, seed: int, parametrized: list) -> list[torch.Tensor]:
+    """The parameters to train: the blocks' own, or (LoRA) low-rank deltas registered on their attention and
+    MLP matrices (each registration appended to ``parametrized``, to be merged afterwards)."""
+    if lora_rank is None:
+        params = [p for b in blocks for p in ft.blocks[b].parameters()]
+        for p in params:
+            p.requires_grad_(True)
+        return params
+    g = torch.Generator().manual_seed(seed)
+    params = []
+    for b in blocks:
+        for mod, name in _lora_targets(ft.blocks[b]):
+            w = getattr(mod, name)
+            alpha = float(lora_rank) if lora_alpha is None else lora_alpha  # 0.0 is not "unset"
+            delta = LowRankDelta(w.shape, name, lora_rank, alpha, g, w.device, w.dtype)
+            parametrize.register_parametrization(mod, name, delta)
+            parametrized.append((mod, name))
+            params += [delta.A, delta.B]
+    if not params:
+        raise ConfigError(f"finetune: no attention or MLP matrices found in blocks {blocks} for LoRA")
+    return params
+
+
+def _train_steps(ft, params, cfg: TrainConfig, batch_at, device, desc: str, progress: bool, inplace: bool) -> list[float]:
+    """``cfg.steps`` AdamW steps of the answer loss on ``batch_at(step)``; the losses (a non-finite one stops)."""
+    opt = torch.optim.AdamW(
+        [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(0.9, 0.98),
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
+    losses: list[float] = []
+    ft.train()
+    bar = tqdm(range(cfg.steps), desc=desc, disable=not progress)
+    for step in bar:
+        loss = answer_loss(ft, batch_at(step).to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+        if not math.isfinite(losses[-1]):
+            _diverged(step, losses, cfg.lr, inplace)
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    bar.close()
+    return losses
 def _check_args(fam, steps, batch_size, shots, k, n_eval_per_task, seed, lr, lora_rank, lora_alpha):
     """finetune's scalar arguments, checked before any work (numpy integers welcome; bools, strings refused)."""
     from tvlens.checks import check_float, check_int, check_seed

@@ -374,15 +374,10 @@ def load_model(
     from tvlens.checks import check_device, check_optional_int
 
     kind = _loading.resolve_backend(backend)
-    if isinstance(name_or_path, bool) or not isinstance(name_or_path, (str, os.PathLike)):
-        raise ConfigError(f"load_model: name_or_path must be a model name or a path (str or pathlib.Path), got "
-                          f"{name_or_path!r} ({type(name_or_path).__name__})")
-    if str(name_or_path).strip() == "":
-        raise ConfigError("load_model: name_or_path is empty; give a shipped model name (e.g. 'default') or a path")
+    _check_name_or_path(name_or_path)
     step = check_optional_int(step, "step", minimum=0, where="load_model",
                               hint="a checkpoint step (tvlens.checkpoint_steps(...) lists them), or None for the last")
-    dev = check_device(device, "device", where="load_model", allow_none=True)
-    device = None if dev is None else str(dev)
+    device = _device_name(check_device(device, "device", where="load_model", allow_none=True))
     s = str(name_or_path)
     from tvlens import gguf_models
 
@@ -428,6 +423,18 @@ def load_model(
         "or give a tvlens checkpoint folder, a local Hugging Face model folder, or a pretrained name "
         "whose weights are in the local Hugging Face cache (e.g. 'gpt2')"
     )
+
+
+def _device_name(dev: Any) -> str | None:
+    return None if dev is None else str(dev)
+
+
+def _check_name_or_path(name_or_path: Any) -> None:
+    if isinstance(name_or_path, bool) or not isinstance(name_or_path, (str, os.PathLike)):
+        raise ConfigError(f"load_model: name_or_path must be a model name or a path (str or pathlib.Path), got "
+                          f"{name_or_path!r} ({type(name_or_path).__name__})")
+    if str(name_or_path).strip() == "":
+        raise ConfigError("load_model: name_or_path is empty; give a shipped model name (e.g. 'default') or a path")
 
 
 #: keyword arguments ``load_model`` passes to TransformerLens for a Hugging Face model (besides the loader's own)

@@ -304,6 +304,46 @@ def run_patching(
     usual. That is where the shipped default model keeps its task (its query position decodes the
     task, TD ~1, but patching it there changes nothing; see the README's patching section).
     """
+    vectors, scale, batch_size, read_at, layers, have, src_names = _check_patching_args(
+        model, prompts, vectors, layers, mode, scale, sources, batch_size)
+    if prompts.is_continuous:
+        return _run_patching_regression(model, prompts, vectors, layers, mode, scale, src_names, batch_size)
+    if prompts.task_answers is None:
+        raise ConfigError("these prompts record no per-task answers; sample them from a tvlens task family")
+    _refuse_nothing_to_flip(prompts)
+    for s in src_names:
+        if s not in prompts.task_names:
+            raise ConfigError(f"source task {s!r} has no rule in these prompts' family ({prompts.task_names})")
+
+    device = get_backend(model).input_device
+    T = prompts.n_tasks
+    L, S = len(layers), len(src_names)
+    labels = prompts.labels.cpu()
+    counts = _counts(labels, T)  # NaN for tasks without prompts: their rates are NaN, never 0
+    acc = {"follows_src": torch.zeros(L, S, T), "follows_own": torch.zeros(L, S, T), "dlp": torch.zeros(L, S, T),
+           "base_own": torch.zeros(T), "base_src": torch.zeros(S, T),
+           "pp_src": torch.zeros(L, S, len(prompts), dtype=torch.bool),
+           "pp_own": torch.zeros(L, S, len(prompts), dtype=torch.bool)}
+    patcher = _Patcher(model, prompts, vectors, layers, mode, scale, src_names, have, read_at, device)
+    bs = batch_size or len(prompts)
+    it = tqdm(total=(len(prompts) + bs - 1) // bs, desc="run_patching", disable=not progress, leave=False)
+    for b0 in range(0, len(prompts), bs):
+        patcher.add_batch(prompts.subset(slice(b0, b0 + bs)).to(device), labels[b0 : b0 + bs], b0, acc)
+        it.update(1)
+    it.close()
+    return _with_choice(PatchingResult(
+        layers=layers, source_names=src_names, target_names=list(prompts.task_names), mode=mode, read_at=read_at,
+        scale=float(scale), follows_source=acc["follows_src"] / counts, follows_own=acc["follows_own"] / counts,
+        delta_logprob_source=acc["dlp"] / counts, baseline_own=acc["base_own"] / counts, metric="accuracy",
+        shots=prompts.shots, rule_agreement=_rule_agreement(prompts, src_names, labels) / counts,
+        per_prompt_source=acc["pp_src"], per_prompt_own=acc["pp_own"], labels=labels.clone(),
+        baseline_source=acc["base_src"] / counts, notes=_notes(prompts, src_names),
+    ))
+
+
+def _check_patching_args(model, prompts, vectors, layers, mode, scale, sources, batch_size):
+    """Refuse what ``run_patching`` cannot run, before any work; the checked vectors, scale, batch size, where
+    the vectors were read, the layers, the tasks with a vector, and the source tasks."""
     from tvlens.validate import check_batch_size, check_finite_number, name_list
 
     check_prompts_fit(model, prompts, "run_patching")
@@ -317,17 +357,7 @@ def run_patching(
         representation_mask(prompts, read_at)  # refuse prompts without examples before any work
     if mode not in ("replace", "add", "swap"):
         raise ConfigError(f"mode must be 'replace', 'add' or 'swap', got {mode!r}")
-    if layers is None:
-        layers = [layer for layer in vectors.layers if layer < get_backend(model).n_layers]
-    layers = check_layers(model, layers)
-    missing = [L for L in layers if L not in vectors.layers]
-    if missing:
-        raise ConfigError(f"no task vectors at layers {missing}; the vectors hold layers {vectors.layers}")
-    if max(layers) >= get_backend(model).n_layers:
-        raise ConfigError(
-            f"layer {max(layers)} is the final residual stream: nothing runs after it to patch; use layers "
-            f"0..{get_backend(model).n_layers - 1}"
-        )
+    layers = _patch_layers(model, vectors, layers)
     have = vector_tasks(vectors)  # tasks whose vector was averaged over at least one prompt
     src_names = [vectors.task_names[t] if not isinstance(t, str) and 0 <= t < len(vectors.task_names) else t
                  for t in (have if sources is None else sources)]
@@ -343,80 +373,85 @@ def run_patching(
         if missing_own:
             raise ConfigError(f"mode='swap' needs a vector of every task the prompts hold; missing {missing_own} "
                               f"(the vectors hold {have})")
-    if prompts.is_continuous:
-        return _run_patching_regression(model, prompts, vectors, layers, mode, scale, src_names, batch_size)
-    if prompts.task_answers is None:
-        raise ConfigError("these prompts record no per-task answers; sample them from a tvlens task family")
-    _refuse_nothing_to_flip(prompts)
-    for s in src_names:
-        if s not in prompts.task_names:
-            raise ConfigError(f"source task {s!r} has no rule in these prompts' family ({prompts.task_names})")
+    return vectors, scale, batch_size, read_at, layers, have, src_names
 
-    device = get_backend(model).input_device
-    T, n_ans = prompts.n_tasks, prompts.n_answer
-    L, S = len(layers), len(src_names)
-    labels = prompts.labels.cpu()
-    counts = _counts(labels, T)  # NaN for tasks without prompts: their rates are NaN, never 0
-    follows_src, follows_own, dlp = torch.zeros(L, S, T), torch.zeros(L, S, T), torch.zeros(L, S, T)
-    base_own, base_src = torch.zeros(T), torch.zeros(S, T)
-    pp_src, pp_own = torch.zeros(L, S, len(prompts), dtype=torch.bool), torch.zeros(L, S, len(prompts), dtype=torch.bool)
-    vecs = {s: torch.stack([vectors.get(s, layer) for layer in layers]).to(device) for s in src_names}
-    if mode == "swap":
-        # [L, n_tasks_of_prompts, d]: the vector of each prompt's own task, by label
-        own_vecs = torch.stack([torch.stack([_own(vectors, t, layer, have) for t in prompts.task_names])
-                                for layer in layers]).to(device)
-    names = sorted({resid_hook_name(layer) for layer in layers})
-    bs = batch_size or len(prompts)
 
-    def run_patched(store, layer, q, vec, li, labels_dev, where):
-        resid = _patch(store[resid_hook_name(layer)], where, vec, mode, scale,
-                       own_vecs[li, labels_dev] if mode == "swap" else None)
-        return logits_at_answers(model, resid, q, n_ans, start_at_layer=layer)
+def _patch_layers(model, vectors: TaskVectors, layers, where: str = "") -> list[int]:
+    """The layers to patch: those asked for (default: every layer of the vectors a block runs after)."""
+    pre = f"{where}: " if where else ""
+    n_blocks = get_backend(model).n_layers
+    if layers is None:
+        layers = [layer for layer in vectors.layers if layer < n_blocks]
+    layers = check_layers(model, layers)
+    missing = [L for L in layers if L not in vectors.layers]
+    if missing:
+        raise ConfigError(f"{pre}no task vectors at layers {missing}; the vectors hold layers {vectors.layers}")
+    if max(layers) >= n_blocks:
+        raise ConfigError(
+            f"{pre}layer {max(layers)} is the final residual stream: nothing runs after it to patch; use layers "
+            f"0..{n_blocks - 1}"
+        )
+    return layers
 
-    it = tqdm(total=(len(prompts) + bs - 1) // bs, desc="run_patching", disable=not progress, leave=False)
-    for b0 in range(0, len(prompts), bs):
-        sub = prompts.subset(slice(b0, b0 + bs)).to(device)
-        lab = labels[b0 : b0 + bs]
+
+class _Patcher:
+    """One batch of ``run_patching``: the unpatched runs (own answer, and each source's answer teacher-forced),
+    then every source vector patched at every layer; counts added to ``acc`` per target task."""
+
+    def __init__(self, model, prompts, vectors, layers, mode, scale, src_names, have, read_at, device):
+        self.model, self.prompts, self.layers, self.mode, self.scale = model, prompts, layers, mode, scale
+        self.src_names, self.read_at, self.n_ans = src_names, read_at, prompts.n_answer
+        self.vecs = {s: torch.stack([vectors.get(s, layer) for layer in layers]).to(device) for s in src_names}
+        self.own_vecs = None
+        if mode == "swap":
+            # [L, n_tasks_of_prompts, d]: the vector of each prompt's own task, by label
+            self.own_vecs = torch.stack([torch.stack([_own(vectors, t, layer, have) for t in prompts.task_names])
+                                         for layer in layers]).to(device)
+        self.names = sorted({resid_hook_name(layer) for layer in layers})
+
+    def run_patched(self, store, layer, q, vec, li, labels_dev, where):
+        resid = _patch(store[resid_hook_name(layer)], where, vec, self.mode, self.scale,
+                       self.own_vecs[li, labels_dev] if self.mode == "swap" else None)
+        return logits_at_answers(self.model, resid, q, self.n_ans, start_at_layer=layer)
+
+    def add_batch(self, sub, lab, b0: int, acc: dict) -> None:
+        model, n_ans = self.model, self.n_ans
         q = sub.query_pos
-        where = q if read_at == "query" else representation_mask(sub, read_at)
+        where = q if self.read_at == "query" else representation_mask(sub, self.read_at)
         last = int(q.max()) + n_ans
-        toks_own = sub.tokens[:, :last]
-        own_sel, own_store = _prefix_at_answers(model, toks_own, names, q, n_ans)
+        own_sel, own_store = _prefix_at_answers(model, sub.tokens[:, :last], self.names, q, n_ans)
         ok, _ = answer_scores(own_sel, sub.answers)
-        base_own.index_add_(0, lab, ok.float().cpu())
-        for si, sname in enumerate(src_names):
-            s = prompts.task_names.index(sname)
+        acc["base_own"].index_add_(0, lab, ok.float().cpu())
+        for si, sname in enumerate(self.src_names):
+            s = self.prompts.task_names.index(sname)
             ans_src = sub.task_answers[:, s]
             # the source's answer follows the query (teacher forcing); a single-token answer needs no rerun
             if n_ans == 1:
                 src_sel, src_store = own_sel, own_store
             else:
-                src_sel, src_store = _prefix_at_answers(model, _answers_for(sub, s)[:, :last], names, q, n_ans)
+                src_sel, src_store = _prefix_at_answers(model, _answers_for(sub, s)[:, :last], self.names, q, n_ans)
             ok_clean, lp_clean = answer_scores(src_sel, ans_src)
-            base_src[si].index_add_(0, lab, ok_clean.float().cpu())
-            for li, layer in enumerate(layers):
-                out_src = run_patched(src_store, layer, q, vecs[sname][li], li, sub.labels, where)
+            acc["base_src"][si].index_add_(0, lab, ok_clean.float().cpu())
+            for li, layer in enumerate(self.layers):
+                vec = self.vecs[sname][li]
+                out_src = self.run_patched(src_store, layer, q, vec, li, sub.labels, where)
                 ok_src, lp_src = answer_scores(out_src, ans_src)
-                out_own = out_src if n_ans == 1 else run_patched(own_store, layer, q, vecs[sname][li], li, sub.labels, where)
+                out_own = out_src if n_ans == 1 else self.run_patched(own_store, layer, q, vec, li, sub.labels, where)
                 ok_own, _ = answer_scores(out_own, sub.answers)
-                follows_src[li, si].index_add_(0, lab, ok_src.float().cpu())
-                pp_src[li, si, b0 : b0 + len(lab)], pp_own[li, si, b0 : b0 + len(lab)] = ok_src.cpu(), ok_own.cpu()
-                follows_own[li, si].index_add_(0, lab, ok_own.float().cpu())
-                dlp[li, si].index_add_(0, lab, (lp_src - lp_clean).float().cpu())
-        it.update(1)
-    it.close()
+                acc["follows_src"][li, si].index_add_(0, lab, ok_src.float().cpu())
+                acc["pp_src"][li, si, b0 : b0 + len(lab)], acc["pp_own"][li, si, b0 : b0 + len(lab)] = ok_src.cpu(), ok_own.cpu()
+                acc["follows_own"][li, si].index_add_(0, lab, ok_own.float().cpu())
+                acc["dlp"][li, si].index_add_(0, lab, (lp_src - lp_clean).float().cpu())
+
+
+def _rule_agreement(prompts: PromptSet, src_names: list[str], labels: torch.Tensor) -> torch.Tensor:
+    """``[source, target]``: how many prompts of each target task the source's rule answers as their own."""
     ta = prompts.task_answers.cpu()  # type: ignore[union-attr]
-    agree = torch.zeros(S, T)
+    agree = torch.zeros(len(src_names), prompts.n_tasks)
     for si, sname in enumerate(src_names):
         same = (ta[:, prompts.task_names.index(sname)] == prompts.answers.cpu()).all(-1).float()
         agree[si].index_add_(0, labels, same)
-    return _with_choice(PatchingResult(
-        layers=layers, source_names=src_names, target_names=list(prompts.task_names), mode=mode, read_at=read_at,
-        scale=float(scale), follows_source=follows_src / counts, follows_own=follows_own / counts,
-        delta_logprob_source=dlp / counts, baseline_own=base_own / counts, metric="accuracy", shots=prompts.shots,
-        rule_agreement=agree / counts, per_prompt_source=pp_src, per_prompt_own=pp_own, labels=labels.clone(),
-        baseline_source=base_src / counts, notes=_notes(prompts, src_names),
-    ))
+    return agree
 
 
 def nothing_to_flip(prompts: PromptSet) -> str | None:

@@ -41,9 +41,13 @@ def drawing(name: str) -> Callable[..., Any]:
 
 
 def __getattr__(name: str) -> Callable[..., Any]:
-    if name.startswith("__"):
-        raise AttributeError(name)
-    return drawing(name)
+    """``from tvlens.plotting import <drawing>``; an unknown name is an AttributeError, as for any module."""
+    if name.startswith("_"):
+        raise AttributeError(f"module 'tvlens.plotting' has no attribute {name!r}")
+    try:
+        return drawing(name)
+    except ConfigError as e:
+        raise AttributeError(str(e)) from None
 
 
 __all__ = ["PROVIDER", "drawing", "register"]

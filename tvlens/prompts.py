@@ -25,6 +25,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 
 from tvlens.errors import ConfigError, UnknownNameError
+from tvlens.positions import answer_positions
 
 
 @dataclass
@@ -90,43 +91,9 @@ class PromptSet:
 
         ``family`` is empty (unknown): the model/family agreement check is skipped. ``vocab`` (words by
         id) is optional: views show tokens with the model's tokenizer, or as ids."""
-        from tvlens.checks import int_list
-
         rows, lens = _token_rows(tokens, "tokens")
         n = len(rows)
-        if answers is not None:
-            ans = _id_matrix(answers, n, "answers")
-        if query_pos is None:
-            if answers is None:  # the last token of each sequence is its answer
-                if min(lens) < 2:
-                    raise ConfigError("PromptSet.from_tokens: each sequence needs a query and its answer (>= 2 "
-                                      f"tokens) when no answers are given; got a sequence of {min(lens)}")
-                ans = [[r[-1]] for r in rows]
-                q = [ln - 2 for ln in lens]
-            else:
-                q = [ln - 1 for ln in lens]
-                rows = [r + a for r, a in zip(rows, ans)]
-        else:
-            from tvlens.checks import _is_int, check_int
-
-            if isinstance(query_pos, bool) or _is_int(query_pos):  # one position for every prompt (True is refused)
-                q = [check_int(query_pos, "query_pos", minimum=0, where="PromptSet.from_tokens",
-                               hint="the position of the query token (the answer follows it)")] * n
-            else:
-                q = int_list(query_pos, "query_pos", 0, 10**9, "PromptSet.from_tokens")
-            if len(q) != n:
-                raise ConfigError(f"PromptSet.from_tokens: query_pos has {len(q)} positions for {n} prompts")
-            bad = [i for i, (qi, ln) in enumerate(zip(q, lens)) if qi >= ln]
-            if bad:
-                raise ConfigError(f"PromptSet.from_tokens: query_pos of prompt {bad[0]} ({q[bad[0]]}) is beyond its "
-                                  f"{lens[bad[0]]} tokens")
-            if answers is None:
-                if any(qi + 1 >= ln for qi, ln in zip(q, lens)):
-                    raise ConfigError("PromptSet.from_tokens: no token follows some query_pos to be its answer; "
-                                      "give answers=")
-                ans = [[r[qi + 1]] for r, qi in zip(rows, q)]
-            else:
-                rows = [r[: qi + 1] + a + r[qi + 1 + len(a):] for r, qi, a in zip(rows, q, ans)]
+        rows, q, ans = _place_answers(rows, lens, query_pos, None if answers is None else _id_matrix(answers, n, "answers"))
         n_ans = len(ans[0])
         if any(len(a) != n_ans for a in ans):
             raise ConfigError("PromptSet.from_tokens: every answer must have the same number of tokens; got "
@@ -137,33 +104,13 @@ class PromptSet:
             toks[i, : len(r)] = torch.tensor(r, dtype=torch.long)
         qpos = torch.tensor(q, dtype=torch.long)
         lab, names = _labels(labels, task_names, n)
-        pos = qpos[:, None] + torch.arange(n_ans)[None]
+        pos = answer_positions(qpos, n_ans)
         train_mask = torch.zeros(n, width, dtype=torch.bool)
         train_mask.scatter_(1, pos, True)
         targets = torch.full((n, width), -100, dtype=torch.long)
         answers_t = torch.tensor(ans, dtype=torch.long)
         targets.scatter_(1, pos, answers_t)
-        ta = None
-        if task_answers is not None:
-            if isinstance(task_answers, dict):
-                unknown = [t for t in task_answers if t not in names]
-                if unknown:
-                    raise ConfigError(f"PromptSet.from_tokens: task_answers names tasks {unknown} not in task_names {names}")
-                missing = [t for t in names if t not in task_answers]
-                if missing:
-                    raise ConfigError(f"PromptSet.from_tokens: task_answers has no answers for tasks {missing}")
-                ta = torch.stack([torch.tensor(_id_matrix(task_answers[t], n, f"task_answers[{t!r}]")) for t in names], 1)
-            else:
-                ta = torch.as_tensor(task_answers)
-            if ta.is_floating_point() or tuple(ta.shape) != (n, len(names), n_ans):
-                raise ConfigError(f"PromptSet.from_tokens: task_answers must be integer ids [n, n_tasks, n_answer] = "
-                                  f"{(n, len(names), n_ans)}, got {ta.dtype} {tuple(ta.shape)}")
-            ta = ta.long()
-            own = ta[torch.arange(n), lab]
-            if not torch.equal(own, answers_t):
-                i = int((own != answers_t).any(-1).nonzero()[0])
-                raise ConfigError(f"PromptSet.from_tokens: task_answers of prompt {i}'s own task "
-                                  f"({names[int(lab[i])]!r}) is {own[i].tolist()} but its answer is {answers_t[i].tolist()}")
+        ta = None if task_answers is None else _task_answer_ids(task_answers, names, lab, answers_t)
         if vocab is not None and int(toks.max()) >= len(vocab):
             raise ConfigError(f"PromptSet.from_tokens: token id {int(toks.max())} is outside vocab ({len(vocab)} words)")
         return cls(family=str(family), params=dict(params or {}), task_names=names, labels=lab, query_pos=qpos,
@@ -589,6 +536,66 @@ def _encoder(model_or_tokenizer: Any):
         return ids
 
     return enc2
+
+
+def _place_answers(rows: list[list[int]], lens: list[int], query_pos: Any, ans: list[list[int]] | None):
+    """Where each prompt's query and answer are (``PromptSet.from_tokens``): the rows with the answers written
+    in, the query positions and the answers."""
+    from tvlens.checks import int_list
+
+    n = len(rows)
+    if query_pos is None:
+        if ans is None:  # the last token of each sequence is its answer
+            if min(lens) < 2:
+                raise ConfigError("PromptSet.from_tokens: each sequence needs a query and its answer (>= 2 "
+                                  f"tokens) when no answers are given; got a sequence of {min(lens)}")
+            return rows, [ln - 2 for ln in lens], [[r[-1]] for r in rows]
+        return [r + a for r, a in zip(rows, ans)], [ln - 1 for ln in lens], ans
+    from tvlens.checks import _is_int, check_int
+
+    if isinstance(query_pos, bool) or _is_int(query_pos):  # one position for every prompt (True is refused)
+        q = [check_int(query_pos, "query_pos", minimum=0, where="PromptSet.from_tokens",
+                       hint="the position of the query token (the answer follows it)")] * n
+    else:
+        q = int_list(query_pos, "query_pos", 0, 10**9, "PromptSet.from_tokens")
+    if len(q) != n:
+        raise ConfigError(f"PromptSet.from_tokens: query_pos has {len(q)} positions for {n} prompts")
+    bad = [i for i, (qi, ln) in enumerate(zip(q, lens)) if qi >= ln]
+    if bad:
+        raise ConfigError(f"PromptSet.from_tokens: query_pos of prompt {bad[0]} ({q[bad[0]]}) is beyond its "
+                          f"{lens[bad[0]]} tokens")
+    if ans is None:
+        if any(qi + 1 >= ln for qi, ln in zip(q, lens)):
+            raise ConfigError("PromptSet.from_tokens: no token follows some query_pos to be its answer; "
+                              "give answers=")
+        return rows, q, [[r[qi + 1]] for r, qi in zip(rows, q)]
+    return [r[: qi + 1] + a + r[qi + 1 + len(a):] for r, qi, a in zip(rows, q, ans)], q, ans
+
+
+def _task_answer_ids(task_answers: Any, names: list[str], lab: torch.Tensor, answers_t: torch.Tensor) -> torch.Tensor:
+    """``task_answers`` of ``PromptSet.from_tokens`` as ids ``[n, n_tasks, n_answer]``, each prompt's own task's
+    answer checked against its answer."""
+    n, n_ans = answers_t.shape
+    if isinstance(task_answers, dict):
+        unknown = [t for t in task_answers if t not in names]
+        if unknown:
+            raise ConfigError(f"PromptSet.from_tokens: task_answers names tasks {unknown} not in task_names {names}")
+        missing = [t for t in names if t not in task_answers]
+        if missing:
+            raise ConfigError(f"PromptSet.from_tokens: task_answers has no answers for tasks {missing}")
+        ta = torch.stack([torch.tensor(_id_matrix(task_answers[t], n, f"task_answers[{t!r}]")) for t in names], 1)
+    else:
+        ta = torch.as_tensor(task_answers)
+    if ta.is_floating_point() or tuple(ta.shape) != (n, len(names), n_ans):
+        raise ConfigError(f"PromptSet.from_tokens: task_answers must be integer ids [n, n_tasks, n_answer] = "
+                          f"{(n, len(names), n_ans)}, got {ta.dtype} {tuple(ta.shape)}")
+    ta = ta.long()
+    own = ta[torch.arange(n), lab]
+    if not torch.equal(own, answers_t):
+        i = int((own != answers_t).any(-1).nonzero()[0])
+        raise ConfigError(f"PromptSet.from_tokens: task_answers of prompt {i}'s own task "
+                          f"({names[int(lab[i])]!r}) is {own[i].tolist()} but its answer is {answers_t[i].tolist()}")
+    return ta
 
 
 def describe(prompts: PromptSet) -> str:

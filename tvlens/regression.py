@@ -32,9 +32,9 @@ from jaxtyping import Float
 
 from tvlens.accuracy import check_prompts_fit, logits_at_answers
 from tvlens.backends import get_backend
-from tvlens.encoding import TaskVectors, check_layers, resid_hook_name
+from tvlens.encoding import TaskVectors, resid_hook_name
 from tvlens.errors import ConfigError
-from tvlens.patching import _patch, _prefix
+from tvlens.patching import _patch, _patch_layers, _prefix
 from tvlens.prompts import PromptSet
 from tvlens.tasks.sparse_regression import basis_fits
 
@@ -180,6 +180,38 @@ def regression_patching(
     prompts other than ``prompts``. ``mode``: ``"replace"``, ``"add"`` or ``"swap"``, as in
     ``run_patching``.
     """
+    pred_fits, layers, scale = _check_regression_args(model, prompts, vectors, layers, mode, scale, batch_size)
+    names = list(prompts.task_names)
+    device = get_backend(model).input_device
+    T, L = len(names), len(layers)
+    labels = prompts.labels.cpu()
+    counts = torch.bincount(labels, minlength=T).double()
+    sums = {"to_src": torch.zeros(L, T, T), "to_own": torch.zeros(L, T, T), "to_ans": torch.zeros(L, T, T),
+            "b_src": torch.zeros(T, T), "b_own": torch.zeros(T), "b_ans": torch.zeros(T), "z_src": torch.zeros(T, T)}
+    sums = {k: v.double() for k, v in sums.items()}
+    vecs = torch.stack([torch.stack([vectors.get(t, layer) for t in names]) for layer in layers]).to(device)  # [L, T, d]
+    hooks = sorted({resid_hook_name(layer) for layer in layers})
+    bs = batch_size or len(prompts)
+    was_training = model.training
+    model.eval()
+    for b0 in range(0, len(prompts), bs):
+        sub = prompts.subset(slice(b0, b0 + bs)).to(device)
+        _add_batch(model, sub, labels[b0 : b0 + bs], pred_fits[b0 : b0 + bs], layers, vecs, hooks, mode, scale, sums)
+    if was_training:
+        model.train()
+    cnt = counts.clamp_min(1)
+    nan_absent = torch.where(counts > 0, torch.ones_like(counts), torch.full_like(counts, float("nan")))
+    mean = {k: v / cnt * nan_absent for k, v in sums.items()}
+    return RegressionPatchingResult(
+        layers=layers, task_names=names, mode=mode, scale=scale,
+        mse_to_source=mean["to_src"], mse_to_own=mean["to_own"], mse_answer=mean["to_ans"],
+        base_to_source=mean["b_src"], base_to_own=mean["b_own"], base_answer=mean["b_ans"],
+        counts=counts.long(), zero_to_source=mean["z_src"], shots=prompts.shots, notes=_notes_of(prompts, names, counts),
+    )
+
+
+def _check_regression_args(model, prompts, vectors, layers, mode, scale, batch_size):
+    """Refuse what ``regression_patching`` cannot run; each prompt's restricted fit per basis, the layers, the scale."""
     if not isinstance(prompts, PromptSet):
         raise ConfigError(f"regression_patching: prompts must be a PromptSet, got {type(prompts).__name__}")
     if not isinstance(vectors, TaskVectors):
@@ -193,74 +225,49 @@ def regression_patching(
     if mode not in ("replace", "add", "swap"):
         raise ConfigError(f"regression_patching: mode must be 'replace', 'add' or 'swap', got {mode!r}")
     scale = _check_scale(scale)
-    if layers is None:
-        layers = [layer for layer in vectors.layers if layer < get_backend(model).n_layers]
-    layers = check_layers(model, layers)
-    missing = [L for L in layers if L not in vectors.layers]
-    if missing:
-        raise ConfigError(f"regression_patching: no task vectors at layers {missing}; they hold {vectors.layers}")
-    if max(layers) >= get_backend(model).n_layers:
-        raise ConfigError(f"regression_patching: layer {max(layers)} is the final residual stream, nothing runs "
-                          f"after it; use layers 0..{get_backend(model).n_layers - 1}")
+    layers = _patch_layers(model, vectors, layers, "regression_patching")
     names = list(prompts.task_names)
     lacking = [t for t in names if t not in vectors.task_names]
     if lacking:
         raise ConfigError(f"regression_patching: the vectors lack bases {lacking} of these prompts ({names})")
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise ConfigError(f"regression_patching: batch_size must be None or an integer >= 1, got {batch_size!r}")
+    return pred_fits, layers, scale
 
-    device = get_backend(model).input_device
-    T, L = len(names), len(layers)
-    labels = prompts.labels.cpu()
-    counts = torch.bincount(labels, minlength=T).double()
-    cnt = counts.clamp_min(1)
-    to_src, to_own, to_ans = (torch.zeros(L, T, T, dtype=torch.float64) for _ in range(3))
-    b_src, b_own, b_ans = torch.zeros(T, T, dtype=torch.float64), torch.zeros(T, dtype=torch.float64), \
-        torch.zeros(T, dtype=torch.float64)
-    z_src = torch.zeros(T, T, dtype=torch.float64)
-    vecs = torch.stack([torch.stack([vectors.get(t, layer) for t in names]) for layer in layers]).to(device)  # [L, T, d]
-    hooks = sorted({resid_hook_name(layer) for layer in layers})
-    bs = batch_size or len(prompts)
-    was_training = model.training
-    model.eval()
-    for b0 in range(0, len(prompts), bs):
-        sub = prompts.subset(slice(b0, b0 + bs)).to(device)
-        lab = labels[b0 : b0 + bs]
-        fits = pred_fits[b0 : b0 + bs]  # [b, T] float64
-        own_fit = fits[torch.arange(len(lab)), lab]
-        ans = sub.answers[:, 0].double().cpu()
-        q = sub.query_pos
-        out, store = _prefix(model, sub.inputs[:, : int(q.max()) + 1], hooks)
-        base = out[torch.arange(len(sub), device=device), q, 0].double().cpu()
-        b_own.index_add_(0, lab, (base - own_fit) ** 2)
-        b_ans.index_add_(0, lab, (base - ans) ** 2)
+
+def _add_batch(model, sub, lab, fits, layers, vecs, hooks, mode, scale, sums) -> None:
+    """Add one batch's squared distances (unpatched, and patched with every basis's vector at every layer)
+    to ``sums``, per target basis."""
+    device = vecs.device
+    T = fits.shape[1]
+    own_fit = fits[torch.arange(len(lab)), lab]  # fits: [b, T] float64
+    ans = sub.answers[:, 0].double().cpu()
+    q = sub.query_pos
+    out, store = _prefix(model, sub.inputs[:, : int(q.max()) + 1], hooks)
+    base = out[torch.arange(len(sub), device=device), q, 0].double().cpu()
+    sums["b_own"].index_add_(0, lab, (base - own_fit) ** 2)
+    sums["b_ans"].index_add_(0, lab, (base - ans) ** 2)
+    for a in range(T):
+        sums["b_src"][a].index_add_(0, lab, (base - fits[:, a]) ** 2)
+        sums["z_src"][a].index_add_(0, lab, fits[:, a] ** 2)
+    for li, layer in enumerate(layers):
+        own = vecs[li][sub.labels] if mode == "swap" else None
         for a in range(T):
-            b_src[a].index_add_(0, lab, (base - fits[:, a]) ** 2)
-            z_src[a].index_add_(0, lab, fits[:, a] ** 2)
-        for li, layer in enumerate(layers):
-            own = vecs[li][sub.labels] if mode == "swap" else None
-            for a in range(T):
-                resid = _patch(store[resid_hook_name(layer)], q, vecs[li, a], mode, scale, own)
-                pred = logits_at_answers(model, resid, q, 1, start_at_layer=layer)[:, 0, 0].double().cpu()
-                to_src[li, a].index_add_(0, lab, (pred - fits[:, a]) ** 2)
-                to_own[li, a].index_add_(0, lab, (pred - own_fit) ** 2)
-                to_ans[li, a].index_add_(0, lab, (pred - ans) ** 2)
-    if was_training:
-        model.train()
-    nan_absent = torch.where(counts > 0, torch.ones_like(counts), torch.full_like(counts, float("nan")))
+            resid = _patch(store[resid_hook_name(layer)], q, vecs[li, a], mode, scale, own)
+            pred = logits_at_answers(model, resid, q, 1, start_at_layer=layer)[:, 0, 0].double().cpu()
+            sums["to_src"][li, a].index_add_(0, lab, (pred - fits[:, a]) ** 2)
+            sums["to_own"][li, a].index_add_(0, lab, (pred - own_fit) ** 2)
+            sums["to_ans"][li, a].index_add_(0, lab, (pred - ans) ** 2)
+
+
+def _notes_of(prompts, names: list[str], counts: torch.Tensor) -> dict:
     notes = {}
     if bool((counts == 0).any()):
         notes["absent_bases"] = [t for t, c in zip(names, counts.tolist()) if c == 0]
     if prompts.shots <= int(prompts.params.get("r", 0)):
         notes["underdetermined"] = (f"{prompts.shots} examples <= rank {prompts.params.get('r')}: every basis's "
                                     "restricted fit is the minimum-norm solution and fits the examples exactly")
-    return RegressionPatchingResult(
-        layers=layers, task_names=names, mode=mode, scale=scale,
-        mse_to_source=to_src / cnt * nan_absent, mse_to_own=to_own / cnt * nan_absent,
-        mse_answer=to_ans / cnt * nan_absent, base_to_source=b_src / cnt * nan_absent,
-        base_to_own=b_own / cnt * nan_absent, base_answer=b_ans / cnt * nan_absent,
-        counts=counts.long(), zero_to_source=z_src / cnt * nan_absent, shots=prompts.shots, notes=notes,
-    )
+    return notes
 
 
 __all__ = ["RegressionPatchingResult", "regression_patching"]

@@ -246,6 +246,40 @@ def activation_patching(
 
         check_ci_args(ci, n_boot, ci_seed, ("ci", "n_boot", "ci_seed"))
         per_prompt = True
+    kind, by, layers, batch_size = _check_sweep_args(model, clean, corrupted, site, by, layers, read_positions,
+                                                     batch_size, source, patch_positions)
+    bk = get_backend(model)
+    use_skip = _use_skip(bk, model, kind, by, read_positions, patch_positions, skip_prefix)
+    device = bk.input_device
+    corrupted = corrupted.to(device)
+    clean = clean.to(device) if clean is not None else None
+    use_result = site == "result"
+    old_result = bk.set_use_attn_result(True) if use_result else None
+    try:
+        sweep = _Sweep(bk, metric, site, kind, by, layers, read_positions, batch_size, per_prompt, corrupted.shape)
+        clean_m, corrupt_pp = sweep.baselines(clean, corrupted, source, use_skip)
+        plan = sweep.plan(patch_positions, use_skip, device)
+        pp = patch_positions.to(device) if patch_positions is not None else None
+        bar = tqdm(total=len(layers) * len(plan), desc=f"patching {site}", disable=not progress, leave=False)
+        for li, L in enumerate(layers):
+            sweep.run_layer(li, L, source, plan, pp, device, bar)
+        bar.close()
+    finally:
+        if use_result:
+            bk.set_use_attn_result(old_result)
+    shape = [len(layers)] + [sweep.seq if a in ("pos", "dest") else sweep.n_heads for a in by[1:]]
+    res = SweepResult(values=sweep.out.reshape(shape), axes=by, site=site, clean_metric=clean_m,
+                      corrupted_metric=float(corrupt_pp.mean()),
+                      notes={"layers": layers, "skip_prefix": use_skip and any(o for _, _, o in plan),
+                             "forward_calls": sweep.n_calls},
+                      per_prompt=sweep.out_pp.reshape(*shape, sweep.B) if sweep.out_pp is not None else None,
+                      corrupted_per_prompt=corrupt_pp if per_prompt else None)
+    return res.with_ci(ci, n_boot, ci_seed) if ci is not None else res
+
+
+def _check_sweep_args(model, clean, corrupted, site, by, layers, read_positions, batch_size, source, patch_positions):
+    """Refuse what ``activation_patching`` cannot sweep, before any work; the site's kind, ``by`` as a tuple, the
+    layers, the batch size."""
     import numbers
 
     from tvlens.validate import check_batch_size, check_model_inputs, int_list
@@ -277,8 +311,7 @@ def activation_patching(
             f"clean and corrupted inputs must have the same shape, got {tuple(clean.shape)} and "
             f"{tuple(corrupted.shape)}: pad or trim them to one length"
         )
-    bk = get_backend(model)
-    n_layers = bk.n_layers
+    n_layers = get_backend(model).n_layers
     layers = list(range(n_layers)) if layers is None else list(layers)
     bad = [L for L in layers if not 0 <= L < n_layers]
     if bad:
@@ -288,6 +321,13 @@ def activation_patching(
         missing = [L for L in layers if L not in source]
         if missing:
             raise ConfigError(f"source holds no activation for layers {missing}; give one per swept layer")
+    _check_positions(site, kind, by, patch_positions, read_positions, B, seq)
+    if batch_size < B:
+        raise ConfigError(f"batch_size={batch_size} cannot fit one patch of {B} prompts; use batch_size >= {B}")
+    return kind, by, layers, batch_size
+
+
+def _check_positions(site, kind, by, patch_positions, read_positions, B: int, seq: int) -> None:
     if patch_positions is not None:
         if "pos" in by or "dest" in by or kind == "pattern":
             raise ConfigError(f"patch_positions patches one position per prompt: sweep by ('layer',) or "
@@ -306,8 +346,10 @@ def activation_patching(
                 raise ConfigError(f"read_positions out of range for sequences of length {seq}")
         elif any(not -seq <= int(p) < seq for p in rp):
             raise ConfigError(f"read_positions {list(rp)} out of range for sequences of length {seq}")
-    if batch_size < B:
-        raise ConfigError(f"batch_size={batch_size} cannot fit one patch of {B} prompts; use batch_size >= {B}")
+
+
+def _use_skip(bk, model, kind, by, read_positions, patch_positions, skip_prefix) -> bool:
+    """Whether to compute only the positions a patch can change (``skip_prefix``; see ``activation_patching``)."""
     single_pos = kind != "pattern" and ("pos" in by or patch_positions is not None)
     can_skip = single_pos and read_positions is not None and bk.supports_prefix_kv()
     if skip_prefix and not can_skip:
@@ -316,111 +358,111 @@ def activation_patching(
                f"the model ({type(model).__name__}, positional_embedding_type "
                f"{bk.positional_embedding_type!r}) cannot be continued exactly from a key/value cache")
         raise ConfigError(f"skip_prefix=True cannot skip the unchanged prefix: {why}; use skip_prefix=None")
-    use_skip = can_skip and skip_prefix is not False
-    device = bk.input_device
-    corrupted = corrupted.to(device)
-    clean = clean.to(device) if clean is not None else None
-    pp = patch_positions.to(device) if patch_positions is not None else None
-    use_result = site == "result"
-    old_result = bk.set_use_attn_result(True) if use_result else None
-    try:
-        names = {_hook_name(site, L) for L in layers}
+    return can_skip and skip_prefix is not False
+
+
+class _Sweep:
+    """The batched engine of one ``activation_patching`` call: the corrupted (and clean) runs cached once, then,
+    per layer, chunks of patches stacked along the batch and run from that layer on; the read positions' final
+    residuals are unembedded many calls at once (``flush``)."""
+
+    def __init__(self, bk, metric, site, kind, by, layers, read_positions, batch_size, per_prompt, shape):
+        self.bk, self.metric, self.site, self.kind, self.by, self.layers = bk, metric, site, kind, by, layers
+        self.rest = by[1:]
+        self.read_positions = read_positions
+        self.B, self.seq = int(shape[0]), int(shape[1])
+        self.n_heads = _site_heads(bk, site)
+        self.idx_all = _indices(kind, by, self.seq, self.n_heads)
+        self.out = torch.zeros(len(layers), len(self.idx_all))
+        self.out_pp = torch.zeros(len(layers), len(self.idx_all), self.B) if per_prompt else None
+        self.per_chunk = max(1, batch_size // self.B)
+        self.n_calls = 0
+        self.pending: list[tuple[int, int, int, torch.Tensor]] = []
+        self.pending_rows = 0
+
+    def score(self, logits_full):
+        return _per_prompt(self.metric, _select(logits_full, self.read_positions), self.B)
+
+    def baselines(self, clean, corrupted, source, use_skip: bool) -> tuple[float, torch.Tensor]:
+        """Cache what the patched runs need; the clean run's mean metric (nan with ``source``) and the
+        corrupted run's per prompt."""
+        layers = self.layers
         starts = {f"blocks.{L}.hook_resid_pre" for L in layers}
         # with use_skip, also the corrupted run's keys/values (a patched run continues from its prefix)
-        corrupt_logits, corrupt_cache, kv_rec = _run_caching(bk, corrupted, starts, record_kv=use_skip)
-
-        def score(logits_full):
-            return _per_prompt(metric, _select(logits_full, read_positions), B)
-
+        corrupt_logits, self.corrupt_cache, self.kv_rec = _run_caching(self.bk, corrupted, starts, record_kv=use_skip)
         if source is None:
-            clean_logits, clean_cache, _ = _run_caching(bk, clean, names)
-            clean_m = float(score(clean_logits).mean())
+            clean_logits, self.clean_cache, _ = _run_caching(self.bk, clean, {_hook_name(self.site, L) for L in layers})
+            clean_m = float(self.score(clean_logits).mean())
             del clean_logits
         else:
             clean_m = float("nan")
-        corrupt_pp = score(corrupt_logits).float().cpu()
-        corrupt_m = float(corrupt_pp.mean())
+        corrupt_pp = self.score(corrupt_logits).float().cpu()
         del corrupt_logits
-        n_heads = _site_heads(bk, site)
-        idx_all = _indices(kind, by, seq, n_heads)
-        rest = by[1:]
-        out = torch.zeros(len(layers), len(idx_all))
-        out_pp = torch.zeros(len(layers), len(idx_all), B) if per_prompt else None
-        per_chunk = max(1, batch_size // B)
+        return clean_m, corrupt_pp
+
+    def plan(self, patch_positions, use_skip: bool, device) -> list[tuple[int, int, int]]:
+        """Chunks ``(c0, c1, o)`` of the indices: patches ``c0..c1`` run together from position ``o``."""
+        idx_all, per_chunk = self.idx_all, self.per_chunk
         if use_skip:
-            reads = _normalized_reads(read_positions, seq, device)
-            min_read = int(reads.min()) if torch.is_tensor(reads) else min(reads)
+            self.reads = _normalized_reads(self.read_positions, self.seq, device)
+            min_read = int(self.reads.min()) if torch.is_tensor(self.reads) else min(self.reads)
             # the first patched position of each index (patch_positions: the earliest prompt's)
-            first = ([i[0] for i in idx_all] if "pos" in by else [int(pp.min())] * len(idx_all))
-            plan = _plan_chunks(first, min_read, per_chunk, B, seq, bk.call_cost_tokens)
+            first = ([i[0] for i in idx_all] if "pos" in self.by else [int(patch_positions.min())] * len(idx_all))
+            return _plan_chunks(first, min_read, per_chunk, self.B, self.seq, self.bk.call_cost_tokens)
+        self.reads = self.read_positions
+        return [(c0, min(c0 + per_chunk, len(idx_all)), 0) for c0 in range(0, len(idx_all), per_chunk)]
+
+    def flush(self, li: int) -> None:
+        if not self.pending:
+            return
+        B = self.B
+        sel = torch.cat([x for *_, x in self.pending])
+        logits = self.bk.unembed(sel)
+        r0 = 0
+        for c0, c1, k, _ in self.pending:
+            # the metric sees the B prompts in their order, once per stacked patch
+            pp_vals = torch.stack([_per_prompt(self.metric, logits[r0 + j * B : r0 + (j + 1) * B], B) for j in range(k)])
+            r0 += k * B
+            self.out[li, c0:c1] = pp_vals.mean(1).float().cpu()
+            if self.out_pp is not None:
+                self.out_pp[li, c0:c1] = pp_vals.float().cpu()
+        self.pending.clear()
+        self.pending_rows = 0
+
+    def run_layer(self, li: int, L: int, source, plan, pp, device, bar) -> None:
+        """Every chunk of patches at block ``L``: run from ``L`` (and position ``o``) on, reads kept for ``flush``."""
+        bk, B, kind, rest = self.bk, self.B, self.kind, self.rest
+        start = self.corrupt_cache[f"blocks.{L}.hook_resid_pre"]
+        if source is None:
+            clean_act = self.clean_cache[_hook_name(self.site, L)]
         else:
-            reads = read_positions
-            plan = [(c0, min(c0 + per_chunk, len(idx_all)), 0) for c0 in range(0, len(idx_all), per_chunk)]
-        n_calls = 0
-        pending: list[tuple[int, int, int, torch.Tensor]] = []
-        pending_rows = [0]
+            clean_act = _expand_source(source[L], start, self.site, bk, device)
+        for c0, c1, o in plan:
+            # positions o.. are computed; the metric reads only positions >= o, patches are at >= o
+            chunk = [((i[0] - o,) + i[1:]) if "pos" in self.by else i for i in self.idx_all[c0:c1]]
+            k = len(chunk)
+            act_o = clean_act[:, o:] if o else clean_act
+            pp_o = pp - o if pp is not None and o else pp
 
-        def flush(li: int) -> None:
-            if not pending:
-                return
-            sel = torch.cat([x for *_, x in pending])
-            logits = bk.unembed(sel)
-            r0 = 0
-            for c0, c1, k, _ in pending:
-                # the metric sees the B prompts in their order, once per stacked patch
-                pp_vals = torch.stack([_per_prompt(metric, logits[r0 + j * B : r0 + (j + 1) * B], B) for j in range(k)])
-                r0 += k * B
-                out[li, c0:c1] = pp_vals.mean(1).float().cpu()
-                if out_pp is not None:
-                    out_pp[li, c0:c1] = pp_vals.float().cpu()
-            pending.clear()
-            pending_rows[0] = 0
+            def hook(act, hook, _chunk=chunk, _clean=act_o, _pp=pp_o):
+                act = act.clone()
+                for j, idx in enumerate(_chunk):
+                    _apply(act, _clean, kind, rest, idx, j, B, _pp)
+                return act
 
-        bar = tqdm(total=len(layers) * len(plan), desc=f"patching {site}", disable=not progress, leave=False)
-        for li, L in enumerate(layers):
-            start = corrupt_cache[f"blocks.{L}.hook_resid_pre"]
-            if source is None:
-                clean_act = clean_cache[_hook_name(site, L)]
-            else:
-                clean_act = _expand_source(source[L], corrupt_cache[f"blocks.{L}.hook_resid_pre"], site, bk, device)
-            for c0, c1, o in plan:
-                # positions o.. are computed; the metric reads only positions >= o, patches are at >= o
-                chunk = [((i[0] - o,) + i[1:]) if "pos" in by else i for i in idx_all[c0:c1]]
-                k = len(chunk)
-                act_o = clean_act[:, o:] if o else clean_act
-                pp_o = pp - o if pp is not None and o else pp
-
-                def hook(act, hook, _chunk=chunk, _clean=act_o, _pp=pp_o):
-                    act = act.clone()
-                    for j, idx in enumerate(_chunk):
-                        _apply(act, _clean, kind, rest, idx, j, B, _pp)
-                    return act
-
-                resid_in = start[:, o:].repeat(k, *([1] * (start.ndim - 1)))
-                kv = bk.prefix_kv(kv_rec, L, o, k) if o else None
-                with bk.hooks(fwd_hooks=[(_hook_name(site, L), hook)]):
-                    resid = bk.run_from(resid_in, L, past_kv=kv)
-                n_calls += 1
-                # keep only the read positions' final residual; unembed many calls at once (reading the
-                # unembedding matrix once per flush, not once per call: it dominates small calls)
-                pending.append((c0, c1, k, _select(resid, _shift(reads, o))))
-                pending_rows[0] += k * B
-                if pending_rows[0] >= per_chunk * B:
-                    flush(li)
-                bar.update(1)
-            flush(li)
-        bar.close()
-    finally:
-        if use_result:
-            bk.set_use_attn_result(old_result)
-    shape = [len(layers)] + [seq if a in ("pos", "dest") else n_heads for a in rest]
-    res = SweepResult(values=out.reshape(shape), axes=by, site=site, clean_metric=clean_m,
-                      corrupted_metric=corrupt_m,
-                      notes={"layers": layers, "skip_prefix": use_skip and any(o for _, _, o in plan),
-                             "forward_calls": n_calls},
-                      per_prompt=out_pp.reshape(*shape, B) if out_pp is not None else None,
-                      corrupted_per_prompt=corrupt_pp if per_prompt else None)
-    return res.with_ci(ci, n_boot, ci_seed) if ci is not None else res
+            resid_in = start[:, o:].repeat(k, *([1] * (start.ndim - 1)))
+            kv = bk.prefix_kv(self.kv_rec, L, o, k) if o else None
+            with bk.hooks(fwd_hooks=[(_hook_name(self.site, L), hook)]):
+                resid = bk.run_from(resid_in, L, past_kv=kv)
+            self.n_calls += 1
+            # keep only the read positions' final residual; unembed many calls at once (reading the
+            # unembedding matrix once per flush, not once per call: it dominates small calls)
+            self.pending.append((c0, c1, k, _select(resid, _shift(self.reads, o))))
+            self.pending_rows += k * B
+            if self.pending_rows >= self.per_chunk * B:
+                self.flush(li)
+            bar.update(1)
+        self.flush(li)
 
 
 def _normalized_reads(read_positions, seq: int, device):

@@ -379,47 +379,18 @@ def train(
     ``train_config.json``, ``resume.*``): other files are never touched.
     ``stop_after`` ends the run early after that step (as a kill would), for tests and budgets.
     """
-    flag = (lambda api, cli: cli if _cli else api)  # noqa: E731
-    if config is not None and not isinstance(config, TrainConfig):
-        raise ConfigError(f"train: config must be a TrainConfig (or None, with fields as keywords), got {type(config).__name__}")
-    known = [f.name for f in fields(TrainConfig)]
-    unknown = sorted(set(overrides) - set(known))
-    if unknown:
-        raise ConfigError(f"train: unknown argument(s) {unknown}; TrainConfig fields: {known}")
-    cfg = config if config is not None else TrainConfig(**overrides)
-    if config is not None and overrides:
-        cfg = TrainConfig(**{**asdict(config), **overrides})
+    flag = _namer(_cli)
+    cfg = _config_of(config, overrides)
     if stop_after is not None:
         stop_after = check_int(stop_after, "stop_after", minimum=1, where="train")
     if callback is not None and not callable(callback):
         raise ConfigError(f"train: callback must be callable(step, model, record), got {type(callback).__name__}")
-    out = check_out_path(out_dir, flag("out_dir", "--out"), where="train") if out_dir is not None else None
-    if out is not None and out.exists() and not out.is_dir():
-        raise ConfigError(f"train: {flag('out_dir', '--out')} {str(out)!r} is a file, not a folder; give a folder for the run")
-    if out is not None:
-        check_writable_parent(out / "log.jsonl", flag("out_dir", "--out"), where="train")
-        from tvlens.models import CHECKPOINT_DIR
-
-        if out.resolve() == CHECKPOINT_DIR.resolve() or CHECKPOINT_DIR.resolve() in out.resolve().parents:
-            raise ConfigError(f"train: {flag('out_dir', '--out')} {str(out)!r} is inside tvlens' shipped checkpoints "
-                              f"({CHECKPOINT_DIR}); train into a folder of your own")
+    out = _check_out_dir(out_dir, flag)
     family = cfg.build_family()
-    train_b, eval_b, seq = estimate_train_memory(cfg, family)
-    check_memory(train_b, f"training (batches of {cfg.batch_size} prompts of {seq} tokens, {cfg.n_layers} layers)",
-                 f"{flag('shots', '--shots')} (now {cfg.shots}), {flag('batch_size', '--batch-size')} (now {cfg.batch_size}), "
-                 f"or the model size", where="train")
-    check_memory(eval_b, f"evaluation ({cfg.eval_n_per_task} prompts per task of {seq} tokens)",
-                 f"{flag('eval_n_per_task', '--eval-n-per-task')} or {flag('shots', '--shots')}", where="train")
+    _check_train_memory(cfg, family, flag)
     torch.manual_seed(cfg.seed)
-    model = build_model(
-        family,
-        n_layers=cfg.n_layers,
-        d_model=cfg.d_model,
-        n_heads=cfg.n_heads,
-        d_mlp=cfg.d_mlp,
-        shots=cfg.shots,
-        seed=cfg.seed,
-    )
+    model = build_model(family, n_layers=cfg.n_layers, d_model=cfg.d_model, n_heads=cfg.n_heads, d_mlp=cfg.d_mlp,
+                        shots=cfg.shots, seed=cfg.seed)
     model.train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
@@ -429,148 +400,19 @@ def train(
         betas=cfg.adam_betas,
     )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
-    eval_set = family.sample(cfg.eval_n_per_task, shots=cfg.shots, seed=EVAL_SEED + cfg.seed)
-    ckpt_steps = set(checkpoint_steps(cfg.steps, cfg.n_checkpoints))
-    if cfg.checkpoint_every:
-        ckpt_steps |= set(range(0, cfg.steps + 1, cfg.checkpoint_every))
-    command = command or f"tvlens.train({cfg!r})"
-
-    out_name = flag("out_dir", "--out")
-    log_path = out / "log.jsonl" if out else None
-    log_lines: list[str] = []
+    run = _Run(cfg, model, sched, family.sample(cfg.eval_n_per_task, shots=cfg.shots, seed=EVAL_SEED + cfg.seed),
+               out, callback, command or f"tvlens.train({cfg!r})")
     start = 0
     if out is not None:
-        cfg_path = out / "train_config.json"
-        resume_path = out / "resume"
-        entries = sorted(out.iterdir()) if out.is_dir() else []
-        cfg_now = json.loads(json.dumps(asdict(cfg)))
-        if resume and _has_resume(out) and not overwrite:
-            try:
-                saved = json.loads(cfg_path.read_text()) if cfg_path.exists() else None
-            except json.JSONDecodeError:
-                saved = "unreadable"
-            if not isinstance(saved, dict):
-                raise CheckpointError(
-                    f"train: {out} holds a resume state but its train_config.json is missing or unreadable; "
-                    f"use a new {out_name}, or {flag('overwrite=True', '--restart')} to start afresh there"
-                )
-            saved = {**_field_defaults(), **saved}  # a run written before a field existed has its default
-            diff = sorted(k for k in set(saved) | set(cfg_now) if k != "steps" and saved.get(k) != cfg_now.get(k))
-            if diff:
-                shown = ", ".join(f"{k}: {saved.get(k)!r} there, {cfg_now.get(k)!r} now" for k in diff[:5])
-                raise CheckpointError(
-                    f"train: {out} holds a run with another configuration ({shown}); only "
-                    f"{flag('steps', '--steps')} may change to extend it. Use a new {out_name}, or "
-                    f"{flag('overwrite=True', '--restart')} to replace that run's files (other files are kept)"
-                )
-            start = _load_resume(resume_path, model, opt, sched)
-            if start > cfg.steps:
-                raise CheckpointError(
-                    f"train: {out} is already trained to step {start}, beyond {flag('steps', '--steps')}={cfg.steps}; "
-                    f"give {flag('steps', '--steps')} >= {start} to extend it, or load its checkpoints with tvlens.load_model"
-                )
-            log_lines = _read_log_lines(log_path, start)  # type: ignore[arg-type]
-            atomic_write_bytes(log_path, ("\n".join(log_lines) + ("\n" if log_lines else "")).encode())  # type: ignore[arg-type]
-            if saved.get("steps") != cfg.steps:
-                atomic_write_bytes(cfg_path, json.dumps(cfg_now, indent=1).encode())
-        else:
-            if entries and not overwrite and resume and _killed_before_training(out, entries, cfg_now):
-                overwrite = True  # killed before its first resume state: nothing was trained, start it again
-            if entries and not overwrite:
-                ours = [f for f in entries if f.is_file() and RUN_FILE_RE.match(f.name)]
-                shown = ", ".join(f.name for f in entries[:4]) + (", ..." if len(entries) > 4 else "")
-                what = ("a tvlens run without a resume state" if ours and not _has_resume(out)
-                        else "a tvlens run" if ours else "files that are not a tvlens run")
-                raise OverwriteError(
-                    f"train: {out_name} {str(out)!r} already holds {len(entries)} entries ({shown}): {what}. "
-                    f"tvlens does not overwrite a folder it did not write in this run: choose a new or empty "
-                    f"{out_name}, or pass {flag('overwrite=True', '--restart')} to replace tvlens' own files there "
-                    "(step_*, log.jsonl, train_config.json, resume.*; any other file is kept)"
-                )
-            if overwrite:
-                for f in run_files(out):
-                    f.unlink()
-            out.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(cfg_path, json.dumps(cfg_now, indent=1).encode())
-
-    history: list[dict] = []
-
-    def evaluate(step: int, loss: float | None) -> dict:
-        acc = icl_accuracy(model, eval_set, batch_size=512)
-        rec = {"step": step, "loss": loss, "lr": sched.get_last_lr()[0], "metric": acc.metric}
-        rec["per_task"] = acc.per_task
-        rec["mean"] = acc.mean
-        if acc.baseline is not None:
-            rec["least_squares_mse"] = float(acc.baseline.mean())
-        if acc.basis_baseline is not None:
-            rec["basis_aware_mse"] = float(acc.basis_baseline.mean())
-        if cfg.curriculum:  # the state the step's training batches had (evaluation is on the target task)
-            rec["curriculum"] = curriculum_at(cfg, max(step - 1, 0))
-        if callback is not None:
-            extra = callback(step, model, rec)
-            if extra:
-                rec.update(extra)
-        model.train()
-        return rec
-
-    def record(rec: dict) -> None:
-        history.append(rec)
-        if log_path is not None:  # rewritten whole and atomically: a kill never leaves half a line
-            log_lines.append(json.dumps(rec))
-            atomic_write_bytes(log_path, ("\n".join(log_lines) + "\n").encode())
-
-    def checkpoint(step: int, rec: dict) -> None:
-        if out is None:
-            return
-        metrics = {k: rec[k] for k in ("loss", "metric", "per_task", "mean", "curriculum") if k in rec}
-        save_checkpoint(model, out / f"step_{step:06d}", step=step, metrics=metrics, family=cfg.family, command=command,
-                        overwrite=True)  # this run's own file (a resumed run rewrites the same step)
-
+        start = _open_run(run, opt, resume, overwrite, flag)
     if start == 0:
-        rec = evaluate(0, None)
-        record(rec)
-        if 0 in ckpt_steps:
-            checkpoint(0, rec)
+        rec = run.evaluate(0, None)
+        run.record(rec)
+        if 0 in run.ckpt_steps:
+            run.checkpoint(0, rec)
         if out is not None:
             _save_resume(out / "resume", model, opt, sched, 0, cfg)
-
-    bar = tqdm(range(start, cfg.steps), desc=f"train {family.name}", disable=not progress, initial=start, total=cfg.steps)
-    t0 = time.perf_counter()
-    running = None
-    for step in bar:
-        batch = batch_for_step(family, cfg, step)
-        loss = answer_loss(model, batch)
-        opt.zero_grad(set_to_none=True)
-        lv = float(loss.detach())
-        if not math.isfinite(lv):
-            raise TrainingError(
-                f"train: the loss is {lv} at step {step}; nothing of this step was saved (the last good state is "
-                f"in {out or 'memory'}). Lower {flag('lr', '--lr')} (now {cfg.lr}) or set {flag('grad_clip', '--grad-clip')}"
-            )
-        loss.backward()
-        if cfg.grad_clip:
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            if not torch.isfinite(norm):
-                raise TrainingError(f"train: the gradient norm is {float(norm)} at step {step}; nothing of this step "
-                                    f"was saved. Lower {flag('lr', '--lr')} (now {cfg.lr})")
-        opt.step()
-        sched.step()
-        done = step + 1
-        running = lv if running is None else 0.95 * running + 0.05 * lv
-        is_eval = done % cfg.eval_every == 0 or done == cfg.steps
-        if is_eval or done in ckpt_steps:
-            rec = evaluate(done, lv)
-            rec["train_seconds"] = time.perf_counter() - t0
-            if is_eval:
-                record(rec)
-                bar.set_postfix(loss=f"{running:.4f}", **{rec["metric"]: f"{rec['mean']:.3f}"})
-            if done in ckpt_steps:
-                checkpoint(done, rec)
-            if out is not None:
-                _save_resume(out / "resume", model, opt, sched, done, cfg)
-        if stop_after is not None and done >= stop_after:
-            break
-    bar.close()
+    done = _train_loop(run, opt, family, start, stop_after, progress, flag)
     model.eval()
     from tvlens.models import ModelInfo
 
@@ -578,11 +420,216 @@ def train(
         source=str(out) if out else "train",
         family=cfg.family,
         step=done if cfg.steps > start else start,
-        metrics=history[-1] if history else None,
-        command=command,
+        metrics=run.history[-1] if run.history else None,
+        command=run.command,
         continuous=family.continuous,
     )
-    return model, history
+    return model, run.history
+
+
+def _namer(cli: bool) -> Callable[[str, str], str]:
+    """How an error names an option: its API argument, or (from the CLI) its flag."""
+    return lambda api, flag: flag if cli else api
+
+
+def _config_of(config: TrainConfig | None, overrides: dict[str, Any]) -> TrainConfig:
+    """``config`` with the keyword ``overrides`` applied (a TrainConfig of the keywords alone without one)."""
+    if config is not None and not isinstance(config, TrainConfig):
+        raise ConfigError(f"train: config must be a TrainConfig (or None, with fields as keywords), got {type(config).__name__}")
+    known = [f.name for f in fields(TrainConfig)]
+    unknown = sorted(set(overrides) - set(known))
+    if unknown:
+        raise ConfigError(f"train: unknown argument(s) {unknown}; TrainConfig fields: {known}")
+    cfg = config if config is not None else TrainConfig(**overrides)
+    if config is not None and overrides:
+        cfg = TrainConfig(**{**asdict(config), **overrides})
+    return cfg
+
+
+def _check_out_dir(out_dir, flag) -> Path | None:
+    """The run folder: a writable folder of the user's (never a file, never tvlens' shipped checkpoints)."""
+    if out_dir is None:
+        return None
+    out = check_out_path(out_dir, flag("out_dir", "--out"), where="train")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"train: {flag('out_dir', '--out')} {str(out)!r} is a file, not a folder; give a folder for the run")
+    check_writable_parent(out / "log.jsonl", flag("out_dir", "--out"), where="train")
+    from tvlens.models import CHECKPOINT_DIR
+
+    if out.resolve() == CHECKPOINT_DIR.resolve() or CHECKPOINT_DIR.resolve() in out.resolve().parents:
+        raise ConfigError(f"train: {flag('out_dir', '--out')} {str(out)!r} is inside tvlens' shipped checkpoints "
+                          f"({CHECKPOINT_DIR}); train into a folder of your own")
+    return out
+
+
+def _check_train_memory(cfg: TrainConfig, family, flag) -> None:
+    train_b, eval_b, seq = estimate_train_memory(cfg, family)
+    check_memory(train_b, f"training (batches of {cfg.batch_size} prompts of {seq} tokens, {cfg.n_layers} layers)",
+                 f"{flag('shots', '--shots')} (now {cfg.shots}), {flag('batch_size', '--batch-size')} (now {cfg.batch_size}), "
+                 f"or the model size", where="train")
+    check_memory(eval_b, f"evaluation ({cfg.eval_n_per_task} prompts per task of {seq} tokens)",
+                 f"{flag('eval_n_per_task', '--eval-n-per-task')} or {flag('shots', '--shots')}", where="train")
+
+
+class _Run:
+    """One training run's evaluation, history, log file and checkpoints."""
+
+    def __init__(self, cfg: TrainConfig, model, sched, eval_set, out: Path | None, callback, command: str):
+        self.cfg, self.model, self.sched, self.eval_set, self.out = cfg, model, sched, eval_set, out
+        self.callback, self.command = callback, command
+        self.history: list[dict] = []
+        self.log_path = out / "log.jsonl" if out else None
+        self.log_lines: list[str] = []
+        self.ckpt_steps = set(checkpoint_steps(cfg.steps, cfg.n_checkpoints))
+        if cfg.checkpoint_every:
+            self.ckpt_steps |= set(range(0, cfg.steps + 1, cfg.checkpoint_every))
+
+    def evaluate(self, step: int, loss: float | None) -> dict:
+        acc = icl_accuracy(self.model, self.eval_set, batch_size=512)
+        rec = {"step": step, "loss": loss, "lr": self.sched.get_last_lr()[0], "metric": acc.metric}
+        rec["per_task"] = acc.per_task
+        rec["mean"] = acc.mean
+        if acc.baseline is not None:
+            rec["least_squares_mse"] = float(acc.baseline.mean())
+        if acc.basis_baseline is not None:
+            rec["basis_aware_mse"] = float(acc.basis_baseline.mean())
+        if self.cfg.curriculum:  # the state the step's training batches had (evaluation is on the target task)
+            rec["curriculum"] = curriculum_at(self.cfg, max(step - 1, 0))
+        if self.callback is not None:
+            extra = self.callback(step, self.model, rec)
+            if extra:
+                rec.update(extra)
+        self.model.train()
+        return rec
+
+    def record(self, rec: dict) -> None:
+        self.history.append(rec)
+        if self.log_path is not None:  # rewritten whole and atomically: a kill never leaves half a line
+            self.log_lines.append(json.dumps(rec))
+            atomic_write_bytes(self.log_path, ("\n".join(self.log_lines) + "\n").encode())
+
+    def checkpoint(self, step: int, rec: dict) -> None:
+        if self.out is None:
+            return
+        metrics = {k: rec[k] for k in ("loss", "metric", "per_task", "mean", "curriculum") if k in rec}
+        save_checkpoint(self.model, self.out / f"step_{step:06d}", step=step, metrics=metrics, family=self.cfg.family,
+                        command=self.command, overwrite=True)  # this run's own file (a resumed run rewrites the same step)
+
+
+def _open_run(run: _Run, opt, resume: bool, overwrite: bool, flag) -> int:
+    """Continue the run in ``run.out`` (its step), or start one there (0), refusing a folder it must not touch."""
+    out, cfg = run.out, run.cfg
+    cfg_path = out / "train_config.json"
+    resume_path = out / "resume"
+    cfg_now = json.loads(json.dumps(asdict(cfg)))
+    if resume and _has_resume(out) and not overwrite:
+        saved = _saved_config(out, cfg_path, cfg_now, flag)
+        start = _load_resume(resume_path, run.model, opt, run.sched)
+        if start > cfg.steps:
+            raise CheckpointError(
+                f"train: {out} is already trained to step {start}, beyond {flag('steps', '--steps')}={cfg.steps}; "
+                f"give {flag('steps', '--steps')} >= {start} to extend it, or load its checkpoints with tvlens.load_model"
+            )
+        run.log_lines = _read_log_lines(run.log_path, start)  # type: ignore[arg-type]
+        atomic_write_bytes(run.log_path, ("\n".join(run.log_lines) + ("\n" if run.log_lines else "")).encode())  # type: ignore[arg-type]
+        if saved.get("steps") != cfg.steps:
+            atomic_write_bytes(cfg_path, json.dumps(cfg_now, indent=1).encode())
+        return start
+    entries = sorted(out.iterdir()) if out.is_dir() else []
+    if entries and not overwrite and resume and _killed_before_training(out, entries, cfg_now):
+        overwrite = True  # killed before its first resume state: nothing was trained, start it again
+    if entries and not overwrite:
+        ours = [f for f in entries if f.is_file() and RUN_FILE_RE.match(f.name)]
+        shown = ", ".join(f.name for f in entries[:4]) + (", ..." if len(entries) > 4 else "")
+        what = ("a tvlens run without a resume state" if ours and not _has_resume(out)
+                else "a tvlens run" if ours else "files that are not a tvlens run")
+        out_name = flag("out_dir", "--out")
+        raise OverwriteError(
+            f"train: {out_name} {str(out)!r} already holds {len(entries)} entries ({shown}): {what}. "
+            f"tvlens does not overwrite a folder it did not write in this run: choose a new or empty "
+            f"{out_name}, or pass {flag('overwrite=True', '--restart')} to replace tvlens' own files there "
+            "(step_*, log.jsonl, train_config.json, resume.*; any other file is kept)"
+        )
+    if overwrite:
+        for f in run_files(out):
+            f.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(cfg_path, json.dumps(cfg_now, indent=1).encode())
+    return 0
+
+
+def _saved_config(out: Path, cfg_path: Path, cfg_now: dict, flag) -> dict:
+    """The configuration of the run in ``out``; refused unless it differs from ``cfg_now`` in ``steps`` only."""
+    out_name = flag("out_dir", "--out")
+    try:
+        saved = json.loads(cfg_path.read_text()) if cfg_path.exists() else None
+    except json.JSONDecodeError:
+        saved = "unreadable"
+    if not isinstance(saved, dict):
+        raise CheckpointError(
+            f"train: {out} holds a resume state but its train_config.json is missing or unreadable; "
+            f"use a new {out_name}, or {flag('overwrite=True', '--restart')} to start afresh there"
+        )
+    saved = {**_field_defaults(), **saved}  # a run written before a field existed has its default
+    diff = sorted(k for k in set(saved) | set(cfg_now) if k != "steps" and saved.get(k) != cfg_now.get(k))
+    if diff:
+        shown = ", ".join(f"{k}: {saved.get(k)!r} there, {cfg_now.get(k)!r} now" for k in diff[:5])
+        raise CheckpointError(
+            f"train: {out} holds a run with another configuration ({shown}); only "
+            f"{flag('steps', '--steps')} may change to extend it. Use a new {out_name}, or "
+            f"{flag('overwrite=True', '--restart')} to replace that run's files (other files are kept)"
+        )
+    return saved
+
+
+def _train_loop(run: _Run, opt, family, start: int, stop_after: int | None, progress: bool, flag) -> int:
+    """Steps ``start..cfg.steps`` (or up to ``stop_after``), evaluating, logging, checkpointing and saving the
+    resume state as configured; the last step done."""
+    cfg, model, out = run.cfg, run.model, run.out
+    bar = tqdm(range(start, cfg.steps), desc=f"train {family.name}", disable=not progress, initial=start, total=cfg.steps)
+    t0 = time.perf_counter()
+    running = None
+    done = start
+    for step in bar:
+        lv = _optimizer_step(model, opt, run.sched, batch_for_step(family, cfg, step), cfg, step, flag, out)
+        done = step + 1
+        running = lv if running is None else 0.95 * running + 0.05 * lv
+        is_eval = done % cfg.eval_every == 0 or done == cfg.steps
+        if is_eval or done in run.ckpt_steps:
+            rec = run.evaluate(done, lv)
+            rec["train_seconds"] = time.perf_counter() - t0
+            if is_eval:
+                run.record(rec)
+                bar.set_postfix(loss=f"{running:.4f}", **{rec["metric"]: f"{rec['mean']:.3f}"})
+            if done in run.ckpt_steps:
+                run.checkpoint(done, rec)
+            if out is not None:
+                _save_resume(out / "resume", model, opt, run.sched, done, cfg)
+        if stop_after is not None and done >= stop_after:
+            break
+    bar.close()
+    return done
+
+
+def _optimizer_step(model, opt, sched, batch, cfg: TrainConfig, step: int, flag, out) -> float:
+    """One AdamW step on ``batch``'s answer loss; a non-finite loss or gradient norm stops the run, unsaved."""
+    loss = answer_loss(model, batch)
+    opt.zero_grad(set_to_none=True)
+    lv = float(loss.detach())
+    if not math.isfinite(lv):
+        raise TrainingError(
+            f"train: the loss is {lv} at step {step}; nothing of this step was saved (the last good state is "
+            f"in {out or 'memory'}). Lower {flag('lr', '--lr')} (now {cfg.lr}) or set {flag('grad_clip', '--grad-clip')}"
+        )
+    loss.backward()
+    if cfg.grad_clip:
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        if not torch.isfinite(norm):
+            raise TrainingError(f"train: the gradient norm is {float(norm)} at step {step}; nothing of this step "
+                                f"was saved. Lower {flag('lr', '--lr')} (now {cfg.lr})")
+    opt.step()
+    sched.step()
+    return lv
 
 
 def read_log(out_dir: str | Path) -> list[dict]:

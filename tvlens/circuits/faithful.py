@@ -15,25 +15,95 @@ from tvlens.errors import ConfigError
 from tvlens.positions import prompt_answer_positions
 
 
+def _drop_masks(graph: Graph, keep_masks: torch.Tensor, s_idx: dict[str, int], r_idx: dict[str, int]) -> torch.Tensor:
+    """``drop[g, r, s] = 1`` where the edge ``s -> r`` exists and is outside circuit ``g``."""
+    exists = torch.zeros(len(r_idx), len(s_idx))
+    kept = torch.zeros(keep_masks.shape[0], len(r_idx), len(s_idx))
+    for e, (s, r) in enumerate(graph.edges):
+        exists[r_idx[r], s_idx[s]] = 1
+        kept[:, r_idx[r], s_idx[s]] = keep_masks[:, e].float()
+    return exists[None] - kept
+
+
+class _Rewired:
+    """One batched run of ``n`` circuits: every sender's live output is recorded as it is written, and each
+    receiver's input gets, for every dropped edge into it, ``replacement - live`` of that edge's sender."""
+
+    def __init__(self, bk, graph: Graph, s_idx, r_idx, dm: torch.Tensor, repl: torch.Tensor, B: int, W_O: torch.Tensor):
+        self.bk, self.graph, self.s_idx, self.r_idx, self.W_O = bk, graph, s_idx, r_idx, W_O
+        self.dm, self.repl, self.B = dm, repl, B  # dm [n, R, S]; repl [n*B, pos, S, d]
+        self.live: dict[int, torch.Tensor] = {}  # sender index -> live output [n*B, pos, d]
+
+    def correction(self, r: int) -> torch.Tensor | None:
+        """Sum over dropped senders of (replacement - live) for receiver ``r``: ``[n*B, pos, d]``."""
+        idx = [i for i in self.live if bool(self.dm[:, r, i].any())]
+        if not idx:
+            return None
+        d = torch.stack([self.repl[:, :, i] - self.live[i] for i in idx], 2)  # [nB, pos, k, d]
+        wts = self.dm[:, r, idx].repeat_interleave(self.B, 0)  # [nB, k]
+        return torch.einsum("bpkd,bk->bpd", d, wts)
+
+    def _w_embed(self, act, hook):
+        self.live[0] = act
+
+    def _w_z(self, layer: int):
+        W_O = self.W_O
+
+        def hook(act, hook):
+            o = torch.einsum("bphd,hdm->bphm", act, W_O[layer].to(act.dtype))
+            base = self.s_idx[f"L{layer}H0"]
+            for h in range(self.graph.n_heads):
+                self.live[base + h] = o[:, :, h]
+        return hook
+
+    def _w_mlp(self, layer: int):
+        def hook(act, hook):
+            self.live[self.s_idx[f"MLP{layer}"]] = act
+        return hook
+
+    def _r_head(self, layer: int, k: str):
+        def hook(act, hook):
+            act = act.clone()
+            for h in range(self.graph.receiver_heads(k)):
+                c = self.correction(self.r_idx[self.graph.receiver_name(layer, k, h)])
+                if c is not None:
+                    act[:, :, h] = act[:, :, h] + c
+            return act
+        return hook
+
+    def _r_mlp(self, layer: int):
+        def hook(act, hook):
+            c = self.correction(self.r_idx[f"MLP{layer}"])
+            return act if c is None else act + c
+        return hook
+
+    def hooks(self) -> list:
+        fwd = [("blocks.0.hook_resid_pre", self._w_embed)]
+        for layer in range(self.graph.n_layers):
+            fwd += [(f"blocks.{layer}.hook_{k}_input", self._r_head(layer, k)) for k in "qkv"]
+            fwd.append((f"blocks.{layer}.attn.hook_z", self._w_z(layer)))
+            if self.graph.mlps:
+                fwd += [(f"blocks.{layer}.hook_mlp_in", self._r_mlp(layer)), (f"blocks.{layer}.hook_mlp_out", self._w_mlp(layer))]
+        return fwd
+
+    def final_resid(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The final residual of ``tokens`` (repeated once per circuit), the logits' receiver corrected too."""
+        with self.bk.hooks(fwd_hooks=self.hooks()):
+            resid = self.bk.final_resid(tokens)
+        c = self.correction(self.r_idx["logits"])
+        return resid if c is None else resid + c
+
+
 @torch.no_grad()
 def circuit_metric(model, P, C, fn, keep_masks: torch.Tensor, graph: Graph, ablation: str = "corrupted",
                    batch_size: int = 256) -> torch.Tensor:
     """Per-circuit mean metric ``[G]`` of the clean prompts run with every edge outside each circuit
     (``keep_masks [G, n_edges]``, graph edge order) replaced by its corrupted (or mean clean) sender output."""
     bk = get_backend(model)
-    edges = graph.edges
-    senders = graph.senders
-    recv = _receiver_hooks(graph)
-    s_idx = {s: i for i, s in enumerate(senders)}
-    r_idx = {r: i for i, (r, *_) in enumerate(recv)}
+    s_idx = {s: i for i, s in enumerate(graph.senders)}
+    r_idx = {r: i for i, (r, *_) in enumerate(_receiver_hooks(graph))}
     G = keep_masks.shape[0]
-    # drop[g, r, s] = 1 where the edge s -> r exists and is outside circuit g
-    exists = torch.zeros(len(recv), len(senders))
-    kept = torch.zeros(G, len(recv), len(senders))
-    for e, (s, r) in enumerate(edges):
-        exists[r_idx[r], s_idx[s]] = 1
-        kept[:, r_idx[r], s_idx[s]] = keep_masks[:, e].float()
-    drop = exists[None] - kept
+    drop = _drop_masks(graph, keep_masks, s_idx, r_idx)
     B = len(P)
     reads = prompt_answer_positions(P)
     out = torch.zeros(G)
@@ -46,66 +116,9 @@ def circuit_metric(model, P, C, fn, keep_masks: torch.Tensor, graph: Graph, abla
         for g0 in range(0, G, per):
             g1 = min(G, g0 + per)
             n = g1 - g0
-            dev = w_k.device
-            dm = drop[g0:g1].to(dev, w_k.dtype)  # [n, R, S]
-            repl = w_k.repeat(n, 1, 1, 1)
-            live: dict[int, torch.Tensor] = {}  # sender index -> live output [n*B, pos, d]
-
-            def put(idx, act):
-                live[idx] = act
-
-            def w_embed(act, hook):
-                put(0, act)
-
-            def w_z(l):
-                def hook(act, hook):
-                    o = torch.einsum("bphd,hdm->bphm", act, W_O[l].to(act.dtype))
-                    base = s_idx[f"L{l}H0"]
-                    for h in range(graph.n_heads):
-                        put(base + h, o[:, :, h])
-                return hook
-
-            def w_mlp(l):
-                def hook(act, hook):
-                    put(s_idx[f"MLP{l}"], act)
-                return hook
-
-            def correction(r):
-                """sum over dropped senders of (replacement - live) for receiver r: [n*B, pos, d]."""
-                idx = [i for i in live if bool(dm[:, r, i].any())]
-                if not idx:
-                    return None
-                d = torch.stack([repl[:, :, i] - live[i] for i in idx], 2)  # [nB, pos, k, d]
-                wts = dm[:, r, idx].repeat_interleave(B, 0)  # [nB, k]
-                return torch.einsum("bpkd,bk->bpd", d, wts)
-
-            def r_head(l, k):
-                def hook(act, hook):
-                    act = act.clone()
-                    for h in range(graph.receiver_heads(k)):
-                        c = correction(r_idx[graph.receiver_name(l, k, h)])
-                        if c is not None:
-                            act[:, :, h] = act[:, :, h] + c
-                    return act
-                return hook
-
-            def r_mlp(l):
-                def hook(act, hook):
-                    c = correction(r_idx[f"MLP{l}"])
-                    return act if c is None else act + c
-                return hook
-
-            fwd = [("blocks.0.hook_resid_pre", w_embed)]
-            for l in range(graph.n_layers):
-                fwd += [(f"blocks.{l}.hook_{k}_input", r_head(l, k)) for k in "qkv"]
-                fwd.append((f"blocks.{l}.attn.hook_z", w_z(l)))
-                if graph.mlps:
-                    fwd += [(f"blocks.{l}.hook_mlp_in", r_mlp(l)), (f"blocks.{l}.hook_mlp_out", w_mlp(l))]
-            with bk.hooks(fwd_hooks=fwd):
-                resid = bk.final_resid(P.tokens.repeat(n, 1))
-            c = correction(r_idx["logits"])
-            if c is not None:
-                resid = resid + c
+            dm = drop[g0:g1].to(w_k.device, w_k.dtype)  # [n, R, S]
+            run = _Rewired(bk, graph, s_idx, r_idx, dm, w_k.repeat(n, 1, 1, 1), B, W_O)
+            resid = run.final_resid(P.tokens.repeat(n, 1))
             m = fn(bk.unembed(_gather(resid, reads)), P.answers.repeat(n, 1)).float().cpu()
             out[g0:g1] = m.view(n, B).mean(1)
     return out

@@ -119,29 +119,15 @@ def edge_attribution(model, prompts, method: str = "eap-ig", corrupted=None, met
     of these layers (a sub-graph: cheaper on a large model, where the QK fix runs once per receiving layer;
     ``faithfulness`` needs the full graph). Under grouped-query attention a key/value head's input is one
     receiver ``L{l}KV{g}.k`` / ``.v`` shared by its query heads (``Graph.query_heads``)."""
-    from tvlens.checks import check_batch_size, check_seed, check_unused
+    from tvlens.checks import check_seed
 
     seed = check_seed(seed, where="edge_attribution")
     if method == "path-patch":  # exact: no gradient, no interpolation, every position
-        why = "method='path-patch' patches each edge exactly"
-        check_unused("ig_steps", ig_steps, None, where="edge_attribution", because=why + " (no integrated gradients)")
-        check_unused("positions", positions, None, where="edge_attribution",
-                     because=why + " at every position; restrict positions with method='eap-ig'")
-        check_unused("qk_fix", qk_fix, None, where="edge_attribution", because=why + " (no attention linearisation)")
+        _refuse_for_path_patch(ig_steps, positions, qk_fix)
         sub = None if layers is None else edges_in_layers(graph_of(model), layers)
         return path_patching(model, prompts, edges=sub, corrupted=corrupted, metric=metric, seed=seed, ci=ci,
                              progress=progress)
-    if not isinstance(method, str) or method not in ("eap", "eap-ig"):
-        raise ConfigError(f"method must be 'eap-ig', 'eap' or 'path-patch', got {method!r}")
-    if method == "eap":
-        if ig_steps is not None and not (isinstance(ig_steps, (int, np.integer)) and not isinstance(ig_steps, bool)
-                                         and int(ig_steps) == 1):
-            raise ConfigError(f"ig_steps: method='eap' is one gradient (ig_steps=1), got ig_steps={ig_steps!r}; "
-                              "use method='eap-ig' for more steps")
-        steps = 1
-    else:
-        steps = _check_steps(DEFAULT_IG_STEPS if ig_steps is None else ig_steps, model, prompts)
-    batch_size = check_batch_size(batch_size, where="edge_attribution", allow_none=False)
+    steps, batch_size = _edge_steps(method, ig_steps, batch_size, model, prompts)
     bk, P, C, fn, metric_name = _prepare(model, prompts, corrupted, metric, method, seed, gradient=True)
     from tqdm.auto import tqdm
 
@@ -151,10 +137,7 @@ def edge_attribution(model, prompts, method: str = "eap-ig", corrupted=None, met
     used = {r for _, r in edges}
     recv = [x for x in _receiver_hooks(graph) if x[0] in used]
     names = sorted({h for _, h, _, _ in recv if h != "final"})
-    if qk_fix is None:
-        qk_fix = method == "eap-ig"
-    if qk_fix is not True and qk_fix is not False:
-        raise ConfigError(f"qk_fix must be True or False, got {qk_fix!r}")
+    qk_fix = _qk_fix_of(qk_fix, method)
     qk_layers = sorted({Graph.receiver_layer(r)[1] for r in used if _receiver_kind(r) in ("q", "k")})
     if qk_fix:
         names += [f"blocks.{l}.attn.hook_pattern" for l in qk_layers]
@@ -194,6 +177,42 @@ def edge_attribution(model, prompts, method: str = "eap-ig", corrupted=None, met
     if not per_prompt:
         res.per_prompt = None
     return res
+
+
+def _qk_fix_of(qk_fix, method: str) -> bool:
+    if qk_fix is None:
+        return method == "eap-ig"
+    if qk_fix is not True and qk_fix is not False:
+        raise ConfigError(f"qk_fix must be True or False, got {qk_fix!r}")
+    return qk_fix
+
+
+def _refuse_for_path_patch(ig_steps, positions, qk_fix) -> None:
+    """Options of the gradient methods that exact path patching would silently ignore."""
+    from tvlens.checks import check_unused
+
+    why = "method='path-patch' patches each edge exactly"
+    check_unused("ig_steps", ig_steps, None, where="edge_attribution", because=why + " (no integrated gradients)")
+    check_unused("positions", positions, None, where="edge_attribution",
+                 because=why + " at every position; restrict positions with method='eap-ig'")
+    check_unused("qk_fix", qk_fix, None, where="edge_attribution", because=why + " (no attention linearisation)")
+
+
+def _edge_steps(method, ig_steps, batch_size, model, prompts) -> tuple[int, int]:
+    """The gradient steps of ``method`` (``"eap"``: one) and the batch size, refusing options it cannot take."""
+    from tvlens.checks import check_batch_size
+
+    if not isinstance(method, str) or method not in ("eap", "eap-ig"):
+        raise ConfigError(f"method must be 'eap-ig', 'eap' or 'path-patch', got {method!r}")
+    if method == "eap":
+        if ig_steps is not None and not (isinstance(ig_steps, (int, np.integer)) and not isinstance(ig_steps, bool)
+                                         and int(ig_steps) == 1):
+            raise ConfigError(f"ig_steps: method='eap' is one gradient (ig_steps=1), got ig_steps={ig_steps!r}; "
+                              "use method='eap-ig' for more steps")
+        steps = 1
+    else:
+        steps = _check_steps(DEFAULT_IG_STEPS if ig_steps is None else ig_steps, model, prompts)
+    return steps, check_batch_size(batch_size, where="edge_attribution", allow_none=False)
 
 
 @torch.no_grad()

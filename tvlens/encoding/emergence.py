@@ -169,7 +169,48 @@ def emergence(
 
     from tvlens import tasks as _tasks
     from tvlens.accuracy import icl_accuracy
-    from tvlens.models import list_checkpoints, load_checkpoint, model_info
+    from tvlens.models import model_info
+
+    items = _checkpoint_items(checkpoints, steps)
+    prompts = None
+    rows_m, rows_td, rows_tdt, step_list, pp_m, pp_td = [], [], [], [], [], []
+    for s, get in tqdm(items, desc="emergence", disable=not progress):
+        model = get()
+        if prompts is None:
+            fam = _tasks.get(family) if isinstance(family, str) else family
+            if fam is None:
+                fam = model_info(model).task_family()
+                if fam is None:
+                    raise ConfigError("the checkpoints record no task family: pass family=")
+            from tvlens.tasks.text import TextTaskFamily
+
+            if isinstance(fam, TextTaskFamily):
+                prompts = fam.sample(n_per_task, shots=shots, seed=seed, tokenizer=getattr(model, "tokenizer", None))
+            else:
+                prompts = fam.sample(n_per_task, shots=shots, seed=seed)
+        acc = icl_accuracy(model, prompts)
+        dec = task_decodability(model, prompts, k=k, ci=None)
+        step_list.append(int(s))
+        rows_m.append(torch.tensor([acc.per_task[t] for t in acc.task_names]))
+        rows_td.append(dec.td)
+        rows_tdt.append(dec.per_task)
+        pp_m.append(acc.per_prompt.float())
+        pp_td.append(dec.correct)
+    assert prompts is not None
+    per_task = torch.stack(rows_m)
+    non_null = [j for j, t in enumerate(prompts.task_names) if t != "null"]
+    return EmergenceResult(
+        steps=step_list, task_names=list(prompts.task_names), metric=acc.metric, per_task_metric=per_task,
+        mean_metric=per_task[:, non_null].mean(1), layers=dec.layers, td=torch.stack(rows_td),
+        td_per_task=torch.stack(rows_tdt), k=k, n_per_task=n_per_task, per_prompt_metric=torch.stack(pp_m),
+        td_correct=torch.stack(pp_td), labels=prompts.labels.cpu().clone(),
+    )
+
+
+def _checkpoint_items(checkpoints, steps) -> list:
+    """``(step, load)`` per checkpoint: a run folder's (or a shipped name's) checkpoints, loaded one after the
+    other into one model, or the given ``(step, model or folder)`` pairs."""
+    from tvlens.models import list_checkpoints, load_checkpoint
 
     if steps is not None:
         from tvlens.checks import check_int_list
@@ -216,39 +257,7 @@ def emergence(
     if len(set(got)) != len(got):
         raise ConfigError(f"emergence: checkpoints name steps {sorted({s for s in got if got.count(s) > 1})} more than "
                           "once; give each step once")
-    prompts = None
-    rows_m, rows_td, rows_tdt, step_list, pp_m, pp_td = [], [], [], [], [], []
-    for s, get in tqdm(items, desc="emergence", disable=not progress):
-        model = get()
-        if prompts is None:
-            fam = _tasks.get(family) if isinstance(family, str) else family
-            if fam is None:
-                fam = model_info(model).task_family()
-                if fam is None:
-                    raise ConfigError("the checkpoints record no task family: pass family=")
-            from tvlens.tasks.text import TextTaskFamily
-
-            if isinstance(fam, TextTaskFamily):
-                prompts = fam.sample(n_per_task, shots=shots, seed=seed, tokenizer=getattr(model, "tokenizer", None))
-            else:
-                prompts = fam.sample(n_per_task, shots=shots, seed=seed)
-        acc = icl_accuracy(model, prompts)
-        dec = task_decodability(model, prompts, k=k, ci=None)
-        step_list.append(int(s))
-        rows_m.append(torch.tensor([acc.per_task[t] for t in acc.task_names]))
-        rows_td.append(dec.td)
-        rows_tdt.append(dec.per_task)
-        pp_m.append(acc.per_prompt.float())
-        pp_td.append(dec.correct)
-    assert prompts is not None
-    per_task = torch.stack(rows_m)
-    non_null = [j for j, t in enumerate(prompts.task_names) if t != "null"]
-    return EmergenceResult(
-        steps=step_list, task_names=list(prompts.task_names), metric=acc.metric, per_task_metric=per_task,
-        mean_metric=per_task[:, non_null].mean(1), layers=dec.layers, td=torch.stack(rows_td),
-        td_per_task=torch.stack(rows_tdt), k=k, n_per_task=n_per_task, per_prompt_metric=torch.stack(pp_m),
-        td_correct=torch.stack(pp_td), labels=prompts.labels.cpu().clone(),
-    )
+    return items
 
 
 def _load_checkpoint_item(m):

@@ -15,6 +15,7 @@ from tvlens.encoding.extraction import TaskEncodings, extract
 from tvlens.errors import ConfigError
 from tvlens.io import load_tensors_with_sidecar, save_tensors_with_sidecar
 from tvlens.prompts import PromptSet
+from tvlens.stats import knn_vote
 from tvlens.validate import _given, _where, check_finite
 
 
@@ -102,7 +103,7 @@ def knn_loo_predict(
     cv=LeaveOneOut())``), to the tied class with the nearest neighbour (``"nearest"``), or to a seeded
     random tied class (``"random"``).
     """
-    from tvlens.stats import TIE_BREAKS, knn_vote
+    from tvlens.stats import TIE_BREAKS
 
     if tie_break not in TIE_BREAKS:
         raise ConfigError(f"unknown tie_break {tie_break!r}; use 'lowest', 'nearest' or 'random'")
@@ -309,59 +310,20 @@ def task_decodability(
     resamples seeded by ``ci_seed``. ``null``: the number of label permutations of the shuffled-label
     null (0 = none; ``result.with_null()`` computes it later from the stored neighbours).
     """
-    from tvlens import stats
-
-    if ci is not None:
-        stats.check_ci_args(ci, n_boot, ci_seed, ("ci", "n_boot", "ci_seed"))
-    from tvlens.checks import check_int
-
-    null = check_int(null, "null", minimum=0, where="task_decodability",
-                     hint="the number of label permutations of the shuffled-label null; 0 = none")
-    if tie_break not in stats.TIE_BREAKS:
-        raise ConfigError(f"tie_break must be one of {list(stats.TIE_BREAKS)}, got {tie_break!r}")
-    from tvlens.validate import check_seed, int_list
-
-    seed = check_seed(seed, where="task_decodability")
-
-    if not isinstance(encodings, TaskEncodings):
-        if torch.is_tensor(encodings) or isinstance(encodings, (np.ndarray, list, tuple)):
-            raise ConfigError("task_decodability: encodings must be TaskEncodings (tvlens.extract(model, prompts)) "
-                              f"or a model (with prompts), got {type(encodings).__name__}")
-        if prompts is None:
-            raise ConfigError("task_decodability(model, prompts): give the prompts, or pass TaskEncodings")
-        encodings = extract(encodings, prompts, layers=layers, batch_size=batch_size, progress=progress)
-        layers = None
-    enc = encodings
-    check_encodings(enc, "task_decodability")
-    if layers is not None:
-        layers = int_list(layers, "layers", 0, 10**9, "task_decodability")
-        missing = [L for L in layers if L not in enc.layers]
-        if missing:
-            raise ConfigError(f"task_decodability: layers {missing} were not extracted; these encodings hold layers "
-                              f"{enc.layers}")
-    if len(enc) == 0:
-        raise ConfigError("no prompts to decode: the encodings are empty")
-    counts = torch.bincount(enc.labels, minlength=len(enc.task_names))
-    present = int((counts > 0).sum())
-    if present < 2:
-        raise ConfigError(f"task decodability needs prompts of at least two tasks; got tasks {counts.tolist()}")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ConfigError(f"k must be an integer >= 1, got {k!r}")
-    smallest = int(counts[counts > 0].min())
-    if k >= smallest:
-        raise ConfigError(
-            f"k={k} must be smaller than the number of prompts of every task (smallest task has {smallest}): "
-            "sample more prompts per task or lower k"
-        )
+    null, seed = _check_td_args(ci, n_boot, ci_seed, null, tie_break, seed)
+    enc, layers = _encodings_of(encodings, prompts, layers, batch_size, progress)
+    counts = _check_decodable(enc, k)
     sel = enc.layers if layers is None else list(layers)
     if null:  # its cost (permutations x prompts x layers x k), refused before any work
+        from tvlens import stats
+
         stats.check_n_boot(null, "null", n=len(enc), cells=len(sel) * k, where="task_decodability")
     T = len(enc.task_names)
     td, per_task, conf, oks, nbrs, tie_frac = [], [], [], [], [], []
     for layer in sel:
         nn_idx, ties = knn_loo_neighbors(enc.at(layer), k, metric, return_ties=True, seed=seed)
         tie_frac.append(float(ties.float().mean()))
-        pred = torch.from_numpy(stats.knn_vote(enc.labels.cpu()[nn_idx].numpy(), T, tie_break, seed)).long()
+        pred = torch.from_numpy(knn_vote(enc.labels.cpu()[nn_idx].numpy(), T, tie_break, seed)).long()
         ok = (pred == enc.labels).float()
         oks.append(ok.bool())
         nbrs.append(nn_idx.int())
@@ -381,3 +343,61 @@ def task_decodability(
     if null:
         res.with_null(null, seed=ci_seed)
     return res
+
+
+def _check_td_args(ci, n_boot, ci_seed, null, tie_break, seed) -> tuple[int, int]:
+    """Refuse bad CI/null/tie-break arguments of ``task_decodability``; the checked ``null`` and ``seed``."""
+    from tvlens import stats
+    from tvlens.validate import check_seed
+
+    if ci is not None:
+        stats.check_ci_args(ci, n_boot, ci_seed, ("ci", "n_boot", "ci_seed"))
+    from tvlens.checks import check_int
+
+    null = check_int(null, "null", minimum=0, where="task_decodability",
+                     hint="the number of label permutations of the shuffled-label null; 0 = none")
+    if tie_break not in stats.TIE_BREAKS:
+        raise ConfigError(f"tie_break must be one of {list(stats.TIE_BREAKS)}, got {tie_break!r}")
+    return null, check_seed(seed, where="task_decodability")
+
+
+def _encodings_of(encodings, prompts, layers, batch_size, progress) -> tuple[TaskEncodings, list[int] | None]:
+    """Checked encodings (extracted when given a model and prompts) and the layers to decode (None: all)."""
+    from tvlens.validate import int_list
+
+    if not isinstance(encodings, TaskEncodings):
+        if torch.is_tensor(encodings) or isinstance(encodings, (np.ndarray, list, tuple)):
+            raise ConfigError("task_decodability: encodings must be TaskEncodings (tvlens.extract(model, prompts)) "
+                              f"or a model (with prompts), got {type(encodings).__name__}")
+        if prompts is None:
+            raise ConfigError("task_decodability(model, prompts): give the prompts, or pass TaskEncodings")
+        encodings = extract(encodings, prompts, layers=layers, batch_size=batch_size, progress=progress)
+        layers = None
+    enc = encodings
+    check_encodings(enc, "task_decodability")
+    if layers is not None:
+        layers = int_list(layers, "layers", 0, 10**9, "task_decodability")
+        missing = [L for L in layers if L not in enc.layers]
+        if missing:
+            raise ConfigError(f"task_decodability: layers {missing} were not extracted; these encodings hold layers "
+                              f"{enc.layers}")
+    return enc, layers
+
+
+def _check_decodable(enc: TaskEncodings, k) -> torch.Tensor:
+    """Prompts of at least two tasks and ``k`` below every task's count; the prompts per task."""
+    if len(enc) == 0:
+        raise ConfigError("no prompts to decode: the encodings are empty")
+    counts = torch.bincount(enc.labels, minlength=len(enc.task_names))
+    present = int((counts > 0).sum())
+    if present < 2:
+        raise ConfigError(f"task decodability needs prompts of at least two tasks; got tasks {counts.tolist()}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ConfigError(f"k must be an integer >= 1, got {k!r}")
+    smallest = int(counts[counts > 0].min())
+    if k >= smallest:
+        raise ConfigError(
+            f"k={k} must be smaller than the number of prompts of every task (smallest task has {smallest}): "
+            "sample more prompts per task or lower k"
+        )
+    return counts

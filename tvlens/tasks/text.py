@@ -250,78 +250,21 @@ def tokenize_prompts(
         prepend_bos = bos is not None
     if prepend_bos and bos is None:
         raise ConfigError("prepend_bos=True but the tokenizer has no BOS token")
-    unk = getattr(tok, "unk_token_id", None)
     pad = next((t for t in (getattr(tok, "pad_token_id", None), getattr(tok, "eos_token_id", None), bos) if t is not None), 0)
-    cache: dict[str, list[int]] = {}
-
-    def enc(s: str) -> list[int]:
-        if s not in cache:
-            cache[s] = list(tok.encode(s, add_special_tokens=False)) if s else []
-        return cache[s]
-
-    def enc_answer(pre: str, y: str, task: str) -> list[int]:
-        ids = enc(pre + y)
-        if not ids:
-            raise ConfigError(f"answer {y!r} of task {task!r} encodes to no token with this tokenizer")
-        if unk is not None and unk in ids:
-            raise ConfigError(
-                f"the tokenizer cannot encode answer {y!r} of task {task!r}: it maps to the unknown token "
-                f"{tok.convert_ids_to_tokens(unk)!r}; use a tokenizer whose vocabulary covers the family's answers"
-            )
-        back = tok.decode(ids)
-        if "".join(back.split()) != "".join((pre + y).split()):
-            raise ConfigError(
-                f"the tokenizer cannot encode answer {y!r} of task {task!r}: its tokens {ids} decode to {back!r}"
-            )
-        return ids
-
+    encoder = _Encoder(tok)
     names = family.task_names
     seqs, masks, qpos, full, tanswers = [], [], [], [], []
     for tp in texts:
-        seq: list[int] = [bos] if prepend_bos else []
-        mask: list[bool] = [False] * len(seq)
-        for x, y in tp.examples:
-            head, pre, tail = split_template(family.template, x)
-            h = enc(head)
-            if not h:
-                raise ConfigError(f"template {family.template!r} renders input {x!r} to no token")
-            a = enc_answer(pre, y, names[tp.task])
-            t = enc(tail)
-            seq += h + a + t
-            # the last head token and all but the last answer token predict the answer's tokens
-            mask += [False] * (len(h) - 1) + [True] * len(a) + [False] * (1 + len(t))
-        head, pre, _ = split_template(family.template, tp.query)
-        h = enc(head)
-        if not h:
-            raise ConfigError(f"template {family.template!r} renders the query {tp.query!r} to no token")
-        q = len(seq) + len(h) - 1
-        a = enc_answer(pre, tp.answer, names[tp.task])
-        seq += h + a
-        mask += [False] * (len(h) - 1) + [True] * len(a) + [False]
+        seq, mask, q, a, ta = _encode_prompt(family, tp, encoder, [bos] if prepend_bos else [])
         seqs.append(seq)
         masks.append(mask)
         qpos.append(q)
         full.append(a)
-        if tp.task_answers is not None:
-            tanswers.append([enc_answer(pre, y, names[j])[0] for j, y in enumerate(tp.task_answers)])
-    multi = [i for i, a in enumerate(full) if len(a) > 1]
-    if multi and scoring is None:
-        i = multi[0]
-        raise ConfigError(
-            f"answers span several tokens with this tokenizer (e.g. {texts[i].answer!r} -> {len(full[i])} tokens, "
-            f"{len(multi)} of {len(full)} prompts): choose scoring='first_token' (the first token stands for the "
-            "answer) or scoring='greedy' (tvlens.text_accuracy generates the whole answer)"
-        )
-    if multi and scoring == "first_token":
-        _refuse_constant_first_token(family, full, tanswers, tok)
-    n, L, A = len(seqs), max(map(len, seqs)), max(map(len, full))
-    tokens = torch.full((n, L), int(pad), dtype=torch.long)
-    train_mask = torch.zeros(n, L, dtype=torch.bool)
-    answer_tokens = torch.full((n, A), -1, dtype=torch.long)
-    for i, (s, m, a) in enumerate(zip(seqs, masks, full)):
-        tokens[i, : len(s)] = torch.tensor(s)
-        train_mask[i, : len(m)] = torch.tensor(m)
-        answer_tokens[i, : len(a)] = torch.tensor(a)
+        if ta is not None:
+            tanswers.append(ta)
+    _check_scoring(family, texts, full, tanswers, scoring, tok)
+    n = len(seqs)
+    tokens, train_mask, answer_tokens = _padded(seqs, masks, full, pad)
     targets = torch.full_like(tokens, -100)
     targets[:, :-1] = torch.where(train_mask[:, :-1], tokens[:, 1:], torch.tensor(-100))
     params = {**family.params, "scoring": scoring or "first_token", "prepend_bos": bool(prepend_bos)}
@@ -340,6 +283,92 @@ def tokenize_prompts(
         vocab=_vocab_list(tok),
         extra={"answer_tokens": answer_tokens, "answer_len": torch.tensor([len(a) for a in full])},
     )
+
+
+class _Encoder:
+    """A tokenizer's ids of strings (cached), and of answers, refused when it cannot encode them faithfully."""
+
+    def __init__(self, tok: Any) -> None:
+        self.tok = tok
+        self.unk = getattr(tok, "unk_token_id", None)
+        self.cache: dict[str, list[int]] = {}
+
+    def enc(self, s: str) -> list[int]:
+        if s not in self.cache:
+            self.cache[s] = list(self.tok.encode(s, add_special_tokens=False)) if s else []
+        return self.cache[s]
+
+    def answer(self, pre: str, y: str, task: str) -> list[int]:
+        ids = self.enc(pre + y)
+        if not ids:
+            raise ConfigError(f"answer {y!r} of task {task!r} encodes to no token with this tokenizer")
+        if self.unk is not None and self.unk in ids:
+            raise ConfigError(
+                f"the tokenizer cannot encode answer {y!r} of task {task!r}: it maps to the unknown token "
+                f"{self.tok.convert_ids_to_tokens(self.unk)!r}; use a tokenizer whose vocabulary covers the family's answers"
+            )
+        back = self.tok.decode(ids)
+        if "".join(back.split()) != "".join((pre + y).split()):
+            raise ConfigError(
+                f"the tokenizer cannot encode answer {y!r} of task {task!r}: its tokens {ids} decode to {back!r}"
+            )
+        return ids
+
+
+def _encode_prompt(family: TextTaskFamily, tp: TextPrompt, encoder: _Encoder, seq: list[int]):
+    """One prompt's ids (after ``seq``, the BOS or nothing), its train mask, query position, answer ids, and the
+    first token of every task's answer (None when the prompt has no ``task_answers``)."""
+    names = family.task_names
+    mask: list[bool] = [False] * len(seq)
+    for x, y in tp.examples:
+        head, pre, tail = split_template(family.template, x)
+        h = encoder.enc(head)
+        if not h:
+            raise ConfigError(f"template {family.template!r} renders input {x!r} to no token")
+        a = encoder.answer(pre, y, names[tp.task])
+        t = encoder.enc(tail)
+        seq = seq + h + a + t
+        # the last head token and all but the last answer token predict the answer's tokens
+        mask += [False] * (len(h) - 1) + [True] * len(a) + [False] * (1 + len(t))
+    head, pre, _ = split_template(family.template, tp.query)
+    h = encoder.enc(head)
+    if not h:
+        raise ConfigError(f"template {family.template!r} renders the query {tp.query!r} to no token")
+    q = len(seq) + len(h) - 1
+    a = encoder.answer(pre, tp.answer, names[tp.task])
+    seq = seq + h + a
+    mask += [False] * (len(h) - 1) + [True] * len(a) + [False]
+    ta = None
+    if tp.task_answers is not None:
+        ta = [encoder.answer(pre, y, names[j])[0] for j, y in enumerate(tp.task_answers)]
+    return seq, mask, q, a, ta
+
+
+def _check_scoring(family, texts, full: list[list[int]], tanswers: list[list[int]], scoring: str | None, tok) -> None:
+    """Multi-token answers need a ``scoring`` said out loud (and ``first_token`` one that tells tasks apart)."""
+    multi = [i for i, a in enumerate(full) if len(a) > 1]
+    if multi and scoring is None:
+        i = multi[0]
+        raise ConfigError(
+            f"answers span several tokens with this tokenizer (e.g. {texts[i].answer!r} -> {len(full[i])} tokens, "
+            f"{len(multi)} of {len(full)} prompts): choose scoring='first_token' (the first token stands for the "
+            "answer) or scoring='greedy' (tvlens.text_accuracy generates the whole answer)"
+        )
+    if multi and scoring == "first_token":
+        _refuse_constant_first_token(family, full, tanswers, tok)
+
+
+def _padded(seqs, masks, full, pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token ids ``[n, L]`` (padded with ``pad``), the train mask, and the answers' ids ``[n, A]`` (-1 padded)."""
+    n, L, A = len(seqs), max(map(len, seqs)), max(map(len, full))
+    tokens = torch.full((n, L), int(pad), dtype=torch.long)
+    train_mask = torch.zeros(n, L, dtype=torch.bool)
+    answer_tokens = torch.full((n, A), -1, dtype=torch.long)
+    for i, (s, m, a) in enumerate(zip(seqs, masks, full)):
+        tokens[i, : len(s)] = torch.tensor(s)
+        train_mask[i, : len(m)] = torch.tensor(m)
+        answer_tokens[i, : len(a)] = torch.tensor(a)
+    return tokens, train_mask, answer_tokens
 
 
 def _refuse_constant_first_token(family: TextTaskFamily, full: list[list[int]], tanswers: list[list[int]],

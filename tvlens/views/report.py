@@ -8,6 +8,7 @@ atomically. ``tvlens report`` and ``tvlens demo`` call these.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 import time
@@ -180,25 +181,80 @@ def _build_report(
     ``precomputed``: results already computed on the same prompts (``family.sample(n_per_task,
     shots, seed)``), by name: ``accuracy``, ``encodings``, ``decodability`` (``tvlens demo`` passes them).
     """
-    from tvlens.accuracy import icl_accuracy
-    from tvlens.encoding import emergence as run_emergence
-    from tvlens.encoding import extract, task_decodability
-    from tvlens.patching import nothing_to_flip, run_patching
-    from tvlens.sweeps import activation_patching
-
-    t_all = time.perf_counter()
-    timings: dict[str, float] = {}
-    notes: list[str] = []
-
-    def tick(name: str, t0: float) -> None:
-        timings[name] = round(time.perf_counter() - t0, 2)
-
     if isinstance(n_per_task, bool) or not isinstance(n_per_task, int) or n_per_task < 3:
         raise ConfigError(f"n_per_task must be an integer >= 3 (TD needs neighbours), got {n_per_task!r}")
-    t0 = time.perf_counter()
-    m, fam, name = _resolve(model, family)
+    clock = _Clock()
+    notes: list[str] = []
+    with clock.step("load"):
+        m, fam, name, prompts, first_token = _load(model, family, n_per_task, shots, seed, notes)
+        prompt = circuits.check_prompt_index(prompts, prompt)
+    results: dict[str, Any] = {"prompts": prompts}
+    k = min(10, n_per_task - 1)
+    with clock.step("accuracy+extract+TD"):
+        acc, enc, dec = _measure(m, prompts, precomputed, k, n_per_task, seed, progress)
+        results.update(accuracy=acc, encodings=enc, decodability=dec)
+    with clock.step("run_patching"):
+        psub, patch, patch_ans = _patching(m, fam, prompts, enc, patching_mode, patching_per_task, n_per_task,
+                                           first_token, progress, notes)
+        if patch is not None:
+            results["patching"] = patch
+        if patch_ans is not None:
+            results["patching_answers"] = patch_ans
+    with clock.step("head_attribution"):
+        scores = _head_scores(m, prompts, head_scores, head_method, first_token, progress, notes)
+        if scores is not None:
+            results["head_scores"] = scores
+    with clock.step("position_sweep"):
+        sweep = _position_sweep(m, prompts, seed, progress, results, notes)
+    with clock.step("emergence"):
+        src = _checkpoint_source(name if isinstance(model, (str, Path)) else None) if emergence is True else None
+        em = _emergence(src, emergence, fam, emergence_steps, emergence_per_task, k, shots, seed, progress, notes)
+        if em is not None:
+            results["emergence"] = em
+    with clock.step("views"):
+        page = Page(title or f"tvlens report: {name} on {fam.name}")
+        _add_measure_views(page, prompts, acc, enc, dec, em, shots, seed, tsne, tsne_max_points)
+        _add_patching_views(page, patch, patch_ans, patching_mode, len(psub))
+        _add_head_views(page, results, m, prompts, scores, prompt, top_k, notes)
+        if sweep is not None:
+            _add_sweep_view(page, prompts, sweep, results["position_sweep_pairs"])
+        if em is not None:
+            page.add(plots.emergence_figure(em), "Emergence over training")
+    rows = summarize(name, fam, acc, dec, patch, scores, em, sweep, top_k=min(top_k, 5), patch_answers=patch_ans)
+    summary = "\n".join(f"{k}: {v}" for k, v in rows)
+    timings = clock.done()
+    note_html = "".join(f'<p class="tvlens-note">{esc(n)}</p>' for n in notes)
+    summary_table = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in rows)
+    page.intro_html = (f'<table class="tvlens-table tvlens-summary-table" id="tvlens-summary">{summary_table}</table>'
+                       f"{note_html}<details><summary>seconds per step</summary>"
+                       + _table([{"step": k_, "seconds": v} for k_, v in timings.items()], "{:.2f}") + "</details>")
+    return Report(page=page, summary=summary, summary_rows=rows, results=results, timings=timings, notes=notes)
+
+
+class _Clock:
+    """Seconds per report step (``with clock.step(name):``), and the total."""
+
+    def __init__(self) -> None:
+        self.t_all = time.perf_counter()
+        self.timings: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def step(self, name: str):
+        t0 = time.perf_counter()
+        yield
+        self.timings[name] = round(time.perf_counter() - t0, 2)
+
+    def done(self) -> dict[str, float]:
+        self.timings["total"] = round(time.perf_counter() - self.t_all, 2)
+        return self.timings
+
+
+def _load(model, family, n_per_task: int, shots: int, seed: int, notes: list[str]):
+    """The model, its family (noting a family it was not trained on), its name, fresh prompts, and whether
+    patching and head attribution score them by their answer's first token (``_report_prompts``)."""
     from tvlens.models import model_info
 
+    m, fam, name = _resolve(model, family)
     recorded = model_info(m).task_family()
     if recorded is not None and recorded.name != fam.name:
         notes.append(f"the model was trained on {recorded!r}, this report samples {fam!r}: its numbers describe a "
@@ -212,12 +268,14 @@ def _build_report(
         from tvlens.validate import check_family
 
         check_family(m, prompts, "build_report", force=True)
-    prompt = circuits.check_prompt_index(prompts, prompt)
-    tick("load", t0)
-    results: dict[str, Any] = {"prompts": prompts}
+    return m, fam, name, prompts, first_token
 
-    t0 = time.perf_counter()
-    k = min(10, n_per_task - 1)
+
+def _measure(m, prompts, precomputed, k: int, n_per_task: int, seed: int, progress: bool):
+    """Accuracy, encodings and TD (with its CI and null), computed or taken from ``precomputed``."""
+    from tvlens.accuracy import icl_accuracy
+    from tvlens.encoding import extract, task_decodability
+
     pre = dict(precomputed or {})
     unknown = set(pre) - {"accuracy", "encodings", "decodability"}
     if unknown:
@@ -233,10 +291,16 @@ def _build_report(
             dec.with_ci()
         if dec.null_mean is None:
             dec.with_null()
-    results.update(accuracy=acc, encodings=enc, decodability=dec)
-    tick("accuracy+extract+TD", t0)
+    return acc, enc, dec
 
-    t0 = time.perf_counter()
+
+def _patching(m, fam, prompts, enc, patching_mode: str, patching_per_task, n_per_task: int, first_token: bool,
+              progress: bool, notes: list[str]):
+    """Task-vector patching at the query (on the first ``patching_per_task`` prompts of each task), and, for
+    token prompts with examples, at the examples' answers: the prompts patched and both results."""
+    from tvlens.encoding import extract
+    from tvlens.patching import nothing_to_flip, run_patching
+
     psub = prompts
     if patching_per_task is not None and patching_per_task < n_per_task:
         keep = torch.cat([(prompts.labels == t).nonzero().flatten()[:patching_per_task] for t in range(prompts.n_tasks)])
@@ -251,70 +315,66 @@ def _build_report(
     else:
         psub = first_token_view(psub) if first_token else psub
         patch = run_patching(m, psub, enc.task_vectors(), mode=patching_mode, progress=progress)
-        results["patching"] = patch
     if patch is not None and patch.metric != "mse" and prompts.shots >= 1 and prompts.train_mask is not None:
         # the same test where a model may keep its task instead: the examples' answer tokens (replace)
         vec_ans = extract(m, psub, progress=progress, at="answers").task_vectors()
         patch_ans = run_patching(m, psub, vec_ans, mode="replace", progress=progress)
-        results["patching_answers"] = patch_ans
-    tick("run_patching", t0)
+    return psub, patch, patch_ans
 
-    t0 = time.perf_counter()
-    scores = head_scores
-    if scores is None:
-        from tvlens.attribution import head_attribution
 
-        if prompts.is_continuous:
-            notes.append("head attribution scores answer tokens and these prompts are continuous: head views left out")
-        else:
-            scores = head_attribution(m, first_token_view(prompts) if first_token else prompts, method=head_method,
-                                      progress=progress)
-    if scores is not None:
-        results["head_scores"] = scores
-    tick("head_attribution", t0)
+def _head_scores(m, prompts, head_scores, head_method: str, first_token: bool, progress: bool, notes: list[str]):
+    if head_scores is not None:
+        return head_scores
+    from tvlens.attribution import head_attribution
 
-    t0 = time.perf_counter()
-    sweep = None
+    if prompts.is_continuous:
+        notes.append("head attribution scores answer tokens and these prompts are continuous: head views left out")
+        return None
+    return head_attribution(m, first_token_view(prompts) if first_token else prompts, method=head_method,
+                            progress=progress)
+
+
+def _position_sweep(m, prompts, seed: int, progress: bool, results: dict, notes: list[str]):
+    """Residual patching by position on clean/corrupted pairs of equal layout (None when there are none)."""
+    from tvlens.sweeps import activation_patching
+
     cp = contrast_pairs(prompts, seed=seed)
-    if cp is not None:
-        clean, corrupted, read, ans_a, ans_b, pairs = cp
-        rows = torch.arange(len(read))
-
-        def logit_diff(logits):
-            return logits[rows, 0, ans_a] - logits[rows, 0, ans_b]
-
-        sweep = activation_patching(m, clean, corrupted, logit_diff, site="resid_pre", by=("layer", "pos"),
-                                    read_positions=read, progress=progress, ci=0.95)
-        results["position_sweep"] = sweep
-        results["position_sweep_pairs"] = pairs
-    else:
+    if cp is None:
         notes.append("no clean/corrupted prompt pairs of equal layout: the position sweep is left out")
-    tick("position_sweep", t0)
+        return None
+    clean, corrupted, read, ans_a, ans_b, pairs = cp
+    rows = torch.arange(len(read))
 
-    t0 = time.perf_counter()
-    em = None
-    if emergence is True:
-        src = _checkpoint_source(name if isinstance(model, (str, Path)) else None)
-        if src is not None:
-            from tvlens.models import checkpoint_steps
+    def logit_diff(logits):
+        return logits[rows, 0, ans_a] - logits[rows, 0, ans_b]
 
-            steps = checkpoint_steps(src)
-            if emergence_steps is not None and len(steps) > emergence_steps:
-                idx = sorted({round(i * (len(steps) - 1) / (emergence_steps - 1)) for i in range(emergence_steps)})
-                steps = [steps[i] for i in idx]
-            em = run_emergence(src, fam, n_per_task=max(emergence_per_task, k + 1), shots=shots, seed=seed + 1, k=k,
-                               steps=steps, progress=progress)
-        else:
-            notes.append("the model has no training checkpoints here: the emergence views are left out")
-    elif emergence not in (False, None):
-        em = emergence
-    if em is not None:
-        results["emergence"] = em
-    tick("emergence", t0)
+    sweep = activation_patching(m, clean, corrupted, logit_diff, site="resid_pre", by=("layer", "pos"),
+                                read_positions=read, progress=progress, ci=0.95)
+    results["position_sweep"] = sweep
+    results["position_sweep_pairs"] = pairs
+    return sweep
 
-    # ------------------------------------------------------------------ views
-    t0 = time.perf_counter()
-    page = Page(title or f"tvlens report: {name} on {fam.name}")
+
+def _emergence(src, emergence, fam, emergence_steps, emergence_per_task: int, k: int, shots: int, seed: int,
+               progress: bool, notes: list[str]):
+    """TD and accuracy over (up to ``emergence_steps`` of) the checkpoints in ``src``, or the given result."""
+    if emergence is not True:
+        return emergence if emergence not in (False, None) else None
+    if src is None:
+        notes.append("the model has no training checkpoints here: the emergence views are left out")
+        return None
+    from tvlens.encoding import emergence as run_emergence
+    from tvlens.models import checkpoint_steps
+
+    steps = checkpoint_steps(src)
+    if emergence_steps is not None and len(steps) > emergence_steps:
+        idx = sorted({round(i * (len(steps) - 1) / (emergence_steps - 1)) for i in range(emergence_steps)})
+        steps = [steps[i] for i in idx]
+    return run_emergence(src, fam, n_per_task=max(emergence_per_task, k + 1), shots=shots, seed=seed + 1, k=k,
+                         steps=steps, progress=progress)
+
+
+def _add_measure_views(page, prompts, acc, enc, dec, em, shots: int, seed: int, tsne: bool, tsne_max_points: int):
     page.add(plots.accuracy_figure(acc), "In-context accuracy",
              f"{len(prompts)} fresh prompts ({shots}-shot, seed {seed}); exact match of the whole answer.")
     if em is not None:
@@ -336,51 +396,46 @@ def _build_report(
             sub = replace(enc, acts=enc.acts[keep], labels=enc.labels[keep])
         page.add(plots.encodings_scatter_figure(sub, dec.best_layer, "tsne", seed), "Encodings (t-SNE)",
                  f"{len(sub)} prompts at layer {dec.best_layer}.")
+
+
+def _add_patching_views(page, patch, patch_ans, patching_mode: str, n_patched: int) -> None:
     if patch is None:
         pass
     elif patch.metric == "mse":  # regression: squared error against the prompt's own target
         page.add(plots.patching_grids_figure(patch, what="delta_logprob_source"), "Patching grids (source x target, per layer)",
                  f"Mode {patching_mode!r}: squared error of the prediction against each target prompt's own y after "
-                 f"patching the source task's vector at the query ({len(psub)} prompts).")
+                 f"patching the source task's vector at the query ({n_patched} prompts).")
     else:
         page.add(plots.patching_profile_figure(patch), "Task-vector patching by layer",
                  f"Mode {patching_mode!r}: every source task's vector patched at the query of every other task's prompts "
-                 f"({len(psub)} prompts).")
+                 f"({n_patched} prompts).")
         page.add(plots.patching_grids_figure(patch), "Patching grids (source x target, per layer)",
                  "Fraction of target-task prompts whose answer follows the source task's rule after patching.")
     if patch_ans is not None:
         page.add(plots.patching_profile_figure(patch_ans), "Task-vector patching at the examples' answers",
                  "Mode 'replace': task vectors read (extract(..., at='answers')) and patched at every in-context "
                  "example's answer token instead of the query. A model that keeps its task there, not at the query, "
-                 f"flips here ({len(psub)} prompts).")
-    if scores is not None:
-        page.add(plots.head_scores_figure(scores), f"Head scores ({getattr(scores, 'method', '')})")
-        page.add(circuits.attention_heads_view(m, prompts, scores, prompt=prompt, k=top_k),
-                 f"Attention of the top {top_k} heads on prompt {prompt}")
-        page.add(circuits.circuit_view(scores, m, prompts, prompt=prompt, k=max(top_k, 8)), "Circuit view")
-        _add_circuit_graphs(page, results, m, prompts, prompt, notes)
-    else:
-        page.add(circuits.attention_heads_view(m, prompts, None, prompt=prompt), f"Attention of every head on prompt {prompt}")
-    if sweep is not None:
-        i0, j0 = results["position_sweep_pairs"][0][:2]
-        tokens = circuits.prompt_tokens(prompts, i0, spaced=True)
-        page.add(circuits.position_sweep_view(sweep, tokens), "Where the task is read: residual patching by position",
-                 f"Clean: a prompt of one task; corrupted: the same query after another task's examples "
-                 f"({len(read)} pairs; tokens shown of pair 0: prompts {i0} and {j0}). Metric: logit of the clean task's "
-                 "answer minus the corrupted task's, at the query; 1 = the patch restores the clean task.")
-    if em is not None:
-        page.add(plots.emergence_figure(em), "Emergence over training")
-    tick("views", t0)
+                 f"flips here ({n_patched} prompts).")
 
-    rows = summarize(name, fam, acc, dec, patch, scores, em, sweep, top_k=min(top_k, 5), patch_answers=patch_ans)
-    summary = "\n".join(f"{k}: {v}" for k, v in rows)
-    timings["total"] = round(time.perf_counter() - t_all, 2)
-    note_html = "".join(f'<p class="tvlens-note">{esc(n)}</p>' for n in notes)
-    summary_table = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in rows)
-    page.intro_html = (f'<table class="tvlens-table tvlens-summary-table" id="tvlens-summary">{summary_table}</table>'
-                       f"{note_html}<details><summary>seconds per step</summary>"
-                       + _table([{"step": k_, "seconds": v} for k_, v in timings.items()], "{:.2f}") + "</details>")
-    return Report(page=page, summary=summary, summary_rows=rows, results=results, timings=timings, notes=notes)
+
+def _add_head_views(page, results, m, prompts, scores, prompt: int, top_k: int, notes: list[str]) -> None:
+    if scores is None:
+        page.add(circuits.attention_heads_view(m, prompts, None, prompt=prompt), f"Attention of every head on prompt {prompt}")
+        return
+    page.add(plots.head_scores_figure(scores), f"Head scores ({getattr(scores, 'method', '')})")
+    page.add(circuits.attention_heads_view(m, prompts, scores, prompt=prompt, k=top_k),
+             f"Attention of the top {top_k} heads on prompt {prompt}")
+    page.add(circuits.circuit_view(scores, m, prompts, prompt=prompt, k=max(top_k, 8)), "Circuit view")
+    _add_circuit_graphs(page, results, m, prompts, prompt, notes)
+
+
+def _add_sweep_view(page, prompts, sweep, pairs) -> None:
+    i0, j0 = pairs[0][:2]
+    tokens = circuits.prompt_tokens(prompts, i0, spaced=True)
+    page.add(circuits.position_sweep_view(sweep, tokens), "Where the task is read: residual patching by position",
+             f"Clean: a prompt of one task; corrupted: the same query after another task's examples "
+             f"({len(pairs)} pairs; tokens shown of pair 0: prompts {i0} and {j0}). Metric: logit of the clean task's "
+             "answer minus the corrupted task's, at the query; 1 = the patch restores the clean task.")
 
 
 def _ci(x, i=None) -> str:
