@@ -283,6 +283,16 @@ def test_missing_model_package_names_the_pip_command(monkeypatch):
         tvlens.load_model("ghost-1m")
 
 
+def test_gguf_arguments_are_checked_before_any_work(tmp_path):
+    from tvlens.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="step=3 has no effect"):
+        tvlens.load_model(SMOL, step=3, cache_dir=tmp_path)
+    with pytest.raises(ConfigError, match="rebuild must be True or False"):
+        tvlens.load_model(SMOL, rebuild="yes", cache_dir=tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
 def test_tvlens_list_names_the_models(capsys):
     from tvlens.cli import main
 

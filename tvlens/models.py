@@ -382,7 +382,7 @@ def load_model(
     from tvlens import gguf_models
 
     if gguf_models.is_gguf_request(s) and not Path(s).is_dir():
-        return _load_gguf(s, device, backend, cache_dir, **pretrained_kwargs)
+        return _load_gguf(s, step, device, backend, cache_dir, **pretrained_kwargs)
     name = ALIASES.get(s, s)
     folder = CHECKPOINT_DIR / name
     p = Path(s).expanduser()
@@ -574,17 +574,20 @@ def _check_run_finished(folder: Path, last: int) -> None:
         )
 
 
-def _load_gguf(s: str, device, backend: str, cache_dir, **kwargs: Any):
+def _load_gguf(s: str, step: int | None, device, backend: str, cache_dir, **kwargs: Any):
     """A named GGUF model or a .gguf path: the backend is chosen (and an unsupported ``hooked`` refused) before
     the cache is built or read, then the cached Hugging Face folder boots like any local folder."""
     from tvlens import gguf_models
 
+    _no_step(step, s, "a GGUF model (one set of weights)")
     arch = gguf_models.GGUF_MODELS[s].architecture if s in gguf_models.GGUF_MODELS else None
     if arch is not None:
         kind, why = _loading.choose_backend(backend, architecture=arch)
     else:
         _loading.resolve_backend(backend)
     rebuild = kwargs.pop("rebuild", False)
+    if not isinstance(rebuild, bool):
+        raise ConfigError(f"load_model: rebuild must be True or False (dequantize the GGUF again), got {rebuild!r}")
     if kwargs:  # a typo must not be dropped silently
         _check_pretrained_kwargs(kwargs, kind if arch is not None else _loading.resolve_backend(backend))
     prepared = gguf_models.prepare(s, cache_dir=cache_dir, rebuild=bool(rebuild))
