@@ -194,7 +194,7 @@ def test_bad_models_and_hooks_are_refused(pair, tmp_path):
         get_backend(bridge).capture(torch.zeros(1, 4, dtype=torch.long), ["blocks.0.hook_nonsense"])
     with pytest.raises(ConfigError, match="backend must be one of"):
         tvlens.load_model("default", backend="jax")
-    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')  # a config, but no weights on disk
     with pytest.raises(OfflineWeightsError, match="device_map"):
         tvlens.load_model(tmp_path, backend="bridge", device_map="auto")
     if not has_hooked_transformer():
@@ -264,6 +264,8 @@ def test_emergence_over_local_hugging_face_checkpoints(tmp_path_factory):
         direct = tvlens.task_decodability(tvlens.load_model(folders[1]), fam.sample(12, shots=2, seed=12345), k=3)
     assert em.steps == [0, 100] and em.td.shape == (2, 3)
     assert torch.equal(em.td[1], direct.td)
-    assert float(em.td[0].max()) <= 1 / fam.n_tasks + 1e-6  # zero weights: every prompt looks the same
+    # zero weights: every prompt looks the same, so every distance ties; ties are drawn at random (seeded, issue 19),
+    # so TD is a chance-level draw, not exactly 1/n_tasks
+    assert float(em.td[0].max()) <= 1 / fam.n_tasks + 0.1
     with pytest.raises(ConfigError, match="checkpoints: expected"):
         tvlens.emergence([("a", folders[0])], family=fam)
