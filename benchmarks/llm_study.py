@@ -114,7 +114,7 @@ def cached_pass(model, model_id: str, spec: str, shots: int, seed: int, n_per_ta
                 batch_size: int, log) -> dict:
     path = cache / f"{model_id}__{spec}__s{shots}__seed{seed}__n{n_per_task}.pt"
     if path.exists():
-        return torch.load(path, weights_only=False)
+        return torch.load(path, weights_only=True)  # plain data: tensors, lists, strings, numbers
     prompts = family(spec).sample(n_per_task, shots=shots, seed=seed, tokenizer=model.tokenizer, scoring="greedy")
     t0 = time.perf_counter()
     out = one_pass(model, prompts, batch_size)

@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from tvlens.checks import check_out_path, check_writable_parent
+from tvlens.checks import atomic_write, check_out_path, check_writable_parent
 from tvlens.errors import CheckpointError, ConfigError, OverwriteError
 
 
@@ -25,16 +25,8 @@ def _stem(path: str | Path) -> Path:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """``checks.atomic_write``: one implementation of the temp-file, fsync and ``os.replace`` write."""
+    atomic_write(Path(path), data)
 
 
 def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
