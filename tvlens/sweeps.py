@@ -23,6 +23,7 @@ only one position per prompt (``patch_positions``), which is what head attributi
 
 from __future__ import annotations
 
+import functools
 import html
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -261,8 +262,7 @@ def activation_patching(
         plan = sweep.plan(patch_positions, use_skip, device)
         pp = patch_positions.to(device) if patch_positions is not None else None
         bar = tqdm(total=len(layers) * len(plan), desc=f"patching {site}", disable=not progress, leave=False)
-        for li, L in enumerate(layers):
-            sweep.run_layer(li, L, source, plan, pp, device, bar)
+        sweep.run_layers(source, plan, pp, device, bar)
         bar.close()
     finally:
         if use_result:
@@ -271,7 +271,7 @@ def activation_patching(
     res = SweepResult(values=sweep.out.reshape(shape), axes=by, site=site, clean_metric=clean_m,
                       corrupted_metric=float(corrupt_pp.mean()),
                       notes={"layers": layers, "skip_prefix": use_skip and any(o for _, _, o in plan),
-                             "forward_calls": sweep.n_calls},
+                             "forward_calls": sweep.n_calls, "last_block_read_only_calls": sweep.n_narrowed},
                       per_prompt=sweep.out_pp.reshape(*shape, sweep.B) if sweep.out_pp is not None else None,
                       corrupted_per_prompt=corrupt_pp if per_prompt else None)
     return res.with_ci(ci, n_boot, ci_seed) if ci is not None else res
@@ -377,11 +377,24 @@ class _Sweep:
         self.out_pp = torch.zeros(len(layers), len(self.idx_all), self.B) if per_prompt else None
         self.per_chunk = max(1, batch_size // self.B)
         self.n_calls = 0
-        self.pending: list[tuple[int, int, int, torch.Tensor]] = []
+        self.n_narrowed = 0  # calls whose last block ran its MLP at the read positions only
+        self.pending: list[tuple[int, int, int, int, torch.Tensor]] = []  # (layer index, c0, c1, k, reads)
         self.pending_rows = 0
 
-    def score(self, logits_full):
-        return _per_prompt(self.metric, _select(logits_full, self.read_positions), self.B)
+    def read_logits(self, x, names, record_kv: bool = False):
+        """The logits of ``x`` at the read positions only (the final residual is unembedded there alone, and
+        the last block's MLP runs there alone unless a cached activation lies in that block), the activations
+        at hook ``names``, and (``record_kv``) the keys/values record."""
+        bk, last = self.bk, f"blocks.{self.bk.n_layers - 1}."
+        narrow = None if any(n.startswith(last) for n in names) else self.read_positions
+        store: dict[str, torch.Tensor] = {}
+        hooks = [(n, functools.partial(_keep, store=store, name=n)) for n in names]
+        with bk.last_block_reads(narrow):
+            if record_kv:
+                resid, rec = bk.record_kv(x, hooks, stop_at_layer=bk.n_layers)
+            else:
+                resid, rec = bk.run_with_hooks(x, fwd_hooks=hooks, stop_at_layer=bk.n_layers), None
+        return bk.unembed(_select(resid, self.read_positions)), store, rec
 
     def baselines(self, clean, corrupted, source, use_skip: bool) -> tuple[float, torch.Tensor]:
         """Cache what the patched runs need; the clean run's mean metric (nan with ``source``) and the
@@ -389,14 +402,14 @@ class _Sweep:
         layers = self.layers
         starts = {f"blocks.{L}.hook_resid_pre" for L in layers}
         # with use_skip, also the corrupted run's keys/values (a patched run continues from its prefix)
-        corrupt_logits, self.corrupt_cache, self.kv_rec = _run_caching(self.bk, corrupted, starts, record_kv=use_skip)
+        corrupt_logits, self.corrupt_cache, self.kv_rec = self.read_logits(corrupted, starts, record_kv=use_skip)
         if source is None:
-            clean_logits, self.clean_cache, _ = _run_caching(self.bk, clean, {_hook_name(self.site, L) for L in layers})
-            clean_m = float(self.score(clean_logits).mean())
+            clean_logits, self.clean_cache, _ = self.read_logits(clean, {_hook_name(self.site, L) for L in layers})
+            clean_m = float(_per_prompt(self.metric, clean_logits, self.B).mean())
             del clean_logits
         else:
             clean_m = float("nan")
-        corrupt_pp = self.score(corrupt_logits).float().cpu()
+        corrupt_pp = _per_prompt(self.metric, corrupt_logits, self.B).float().cpu()
         del corrupt_logits
         return clean_m, corrupt_pp
 
@@ -412,14 +425,15 @@ class _Sweep:
         self.reads = self.read_positions
         return [(c0, min(c0 + per_chunk, len(idx_all)), 0) for c0 in range(0, len(idx_all), per_chunk)]
 
-    def flush(self, li: int) -> None:
+    def flush(self) -> None:
+        """Unembed the pending read residuals (of any layers) in one call and score them."""
         if not self.pending:
             return
         B = self.B
         sel = torch.cat([x for *_, x in self.pending])
         logits = self.bk.unembed(sel)
         r0 = 0
-        for c0, c1, k, _ in self.pending:
+        for li, c0, c1, k, _ in self.pending:
             # the metric sees the B prompts in their order, once per stacked patch
             pp_vals = torch.stack([_per_prompt(self.metric, logits[r0 + j * B : r0 + (j + 1) * B], B) for j in range(k)])
             r0 += k * B
@@ -428,6 +442,11 @@ class _Sweep:
                 self.out_pp[li, c0:c1] = pp_vals.float().cpu()
         self.pending.clear()
         self.pending_rows = 0
+
+    def run_layers(self, source, plan, pp, device, bar) -> None:
+        for li, L in enumerate(self.layers):
+            self.run_layer(li, L, source, plan, pp, device, bar)
+        self.flush()  # the pending reads of the last layers: unembedded once for all of them
 
     def run_layer(self, li: int, L: int, source, plan, pp, device, bar) -> None:
         """Every chunk of patches at block ``L``: run from ``L`` (and position ``o``) on, reads kept for ``flush``."""
@@ -452,17 +471,19 @@ class _Sweep:
 
             resid_in = start[:, o:].repeat(k, *([1] * (start.ndim - 1)))
             kv = bk.prefix_kv(self.kv_rec, L, o, k) if o else None
-            with bk.hooks(fwd_hooks=[(_hook_name(self.site, L), hook)]):
+            reads = _shift(self.reads, o)
+            # the last block's MLP runs only at the read positions (NaN elsewhere: never read)
+            with bk.hooks(fwd_hooks=[(_hook_name(self.site, L), hook)]), bk.last_block_reads(reads) as narrowed:
                 resid = bk.run_from(resid_in, L, past_kv=kv)
             self.n_calls += 1
+            self.n_narrowed += int(narrowed)
             # keep only the read positions' final residual; unembed many calls at once (reading the
             # unembedding matrix once per flush, not once per call: it dominates small calls)
-            self.pending.append((c0, c1, k, _select(resid, _shift(self.reads, o))))
+            self.pending.append((li, c0, c1, k, _select(resid, reads)))
             self.pending_rows += k * B
             if self.pending_rows >= self.per_chunk * B:
-                self.flush(li)
+                self.flush()
             bar.update(1)
-        self.flush(li)
 
 
 def _normalized_reads(read_positions, seq: int, device):
@@ -524,21 +545,8 @@ def _site_heads(bk, site: str) -> int:
     return int(kv) if site in ("k", "v", "k_input", "v_input") and kv else bk.n_heads
 
 
-def _run_caching(bk, x: torch.Tensor, names, record_kv: bool = False):
-    """Logits and the activations at canonical hook ``names``, from one forward pass (``record_kv``: and
-    the backend's record of every layer's keys and values, for ``bk.prefix_kv``)."""
-    store: dict[str, torch.Tensor] = {}
-
-    def make(n):
-        def keep(act, hook):
-            store[n] = act
-        return keep
-
-    hooks = [(n, make(n)) for n in names]
-    if record_kv:
-        logits, rec = bk.record_kv(x, hooks)
-        return logits, store, rec
-    return bk.run_with_hooks(x, fwd_hooks=hooks), store, None
+def _keep(act, hook, store: dict, name: str) -> None:
+    store[name] = act
 
 
 def _expand_source(src: torch.Tensor, resid: torch.Tensor, site: str, bk, device) -> torch.Tensor:

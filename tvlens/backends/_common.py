@@ -87,6 +87,23 @@ class CommonBackend:
     def final_resid(self, x: torch.Tensor) -> torch.Tensor:
         return self.run_from(self.embed_input(x), 0)
 
+    @contextmanager
+    def last_block_reads(self, positions):
+        """Within the context, the last block's MLP runs only at ``positions`` (the positions that will be
+        read after it: a list shared by every row, or a tensor ``[rows]`` / ``[rows, n]``; see
+        ``tvlens.backends.narrow``) and the last block's output is NaN at every other position. A no-op
+        where that is not exact or not possible: ``positions`` None, a model without an MLP module in its
+        blocks, a model in training mode, or any hook attached inside the last MLP (checked on entry, so
+        enter it inside the caller's ``hooks`` context)."""
+        from tvlens.backends.narrow import mlp_is_narrowable, mlp_only_at
+
+        mlp = getattr(self.model.blocks[self.n_layers - 1], "mlp", None)
+        if positions is None or not mlp_is_narrowable(mlp) or getattr(self.model, "training", False):
+            yield False
+            return
+        with mlp_only_at(mlp, positions):
+            yield True
+
     def fingerprint(self) -> str:
         """A short hash of the model's shape and a sample of its weights in canonical form: which
         residual space vectors live in. The same weights held as a HookedTransformer and as a raw

@@ -244,13 +244,13 @@ class BridgeBackend(CommonBackend):
             self._prefix_ok = self_test(self)
         return self._prefix_ok
 
-    def record_kv(self, x, fwd_hooks: Sequence = ()):
+    def record_kv(self, x, fwd_hooks: Sequence = (), stop_at_layer: int | None = None):
         """The logits of ``x`` under ``fwd_hooks``, and every layer's keys and values as attention used them."""
         from tvlens.backends.prefix import KVRecordCache, cache_into_attention
 
         rec = KVRecordCache()
         with cache_into_attention(self.model.blocks, rec):
-            logits = self.run_with_hooks(x, fwd_hooks)
+            logits = self.run_with_hooks(x, fwd_hooks, stop_at_layer=stop_at_layer)
         return logits, rec
 
     def prefix_kv(self, record, start: int, offset: int, reps: int):

@@ -115,7 +115,7 @@ class HookedBackend(CommonBackend):
     def prefix_kv_cache(self, keys, values, batch: int):
         return prefix_kv_cache(self.model, keys, values, batch)
 
-    def record_kv(self, x, fwd_hooks: Sequence = ()):
+    def record_kv(self, x, fwd_hooks: Sequence = (), stop_at_layer: int | None = None):
         """The logits of ``x`` under ``fwd_hooks``, and every layer's ``hook_k``/``hook_v`` (what
         TransformerLens' key/value cache holds)."""
         rec: dict[int, list] = {i: [None, None] for i in range(self.n_layers)}
@@ -125,7 +125,7 @@ class HookedBackend(CommonBackend):
                 rec[i][j] = act
             return f
         kv = [(f"blocks.{i}.attn.hook_{c}", keep(i, j)) for i in range(self.n_layers) for j, c in enumerate("kv")]
-        return self.run_with_hooks(x, list(fwd_hooks) + kv), rec
+        return self.run_with_hooks(x, list(fwd_hooks) + kv, stop_at_layer=stop_at_layer), rec
 
     def prefix_kv(self, record, start: int, offset: int, reps: int):
         """A frozen cache for :meth:`run_from` from block ``start``: positions ``:offset`` of ``record``,

@@ -112,8 +112,10 @@ class Backend(Protocol):
     def supports_prefix_kv(self) -> bool:
         """Whether :meth:`run_from` continues exactly from a prefix cache (:meth:`prefix_kv`)."""
 
-    def record_kv(self, x: torch.Tensor, fwd_hooks: Sequence[tuple[str, Hook]] = ()) -> tuple[torch.Tensor, Any]:
-        """The logits of ``x`` under ``fwd_hooks``, and a record of every layer's cached keys and values."""
+    def record_kv(self, x: torch.Tensor, fwd_hooks: Sequence[tuple[str, Hook]] = (),
+                  stop_at_layer: int | None = None) -> tuple[torch.Tensor, Any]:
+        """The logits of ``x`` under ``fwd_hooks`` (with ``stop_at_layer``: what ``run_with_hooks`` returns
+        then, e.g. the final residual for ``n_layers``), and a record of every layer's cached keys and values."""
 
     def prefix_kv(self, record: Any, start: int, offset: int, reps: int) -> Any:
         """A prefix cache for ``run_from(resid[:, offset:], start, past_kv=...)``: positions ``:offset`` of a

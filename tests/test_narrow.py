@@ -1,0 +1,181 @@
+"""The last block's MLP computed at the read positions only (tvlens.backends.narrow, ``last_block_reads``):
+the read positions keep the full run's numbers (and TransformerLens' own in a sweep), every other position
+of the last block's output is NaN (never a silent number), and it is a no-op wherever it would not be exact
+(a hook inside the MLP, training mode, no positions). GPT-2, Llama (grouped-query) and Gemma-2 bridges on both
+TransformerLens lines, and a HookedTransformer on TL 3.x."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import transformer_lens.patching as tlp
+
+import tvlens
+from tvlens.backends import get_backend, has_hooked_transformer
+from tvlens.prompts import PromptSet
+from tvlens.sweeps import activation_patching
+
+V = 50
+
+
+def _tokenizer(folder):
+    import tokenizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    tk = tokenizers.Tokenizer(tokenizers.models.WordLevel({f"w{i}": i for i in range(V)}, unk_token="w0"))
+    tk.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="w0", bos_token="w1", eos_token="w2",
+                            pad_token="w3").save_pretrained(folder)
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def _bridge(kind, folder):
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import Gemma2Config, Gemma2ForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    ids = dict(vocab_size=V, bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    if kind == "gpt2":
+        hf, name = GPT2LMHeadModel(GPT2Config(n_layer=3, n_embd=32, n_head=4, n_positions=64, **ids)), "gpt2"
+    elif kind == "llama":
+        hf = LlamaForCausalLM(LlamaConfig(num_hidden_layers=3, hidden_size=32, num_attention_heads=4,
+                                          num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64, **ids))
+        name = "meta-llama/Llama-3.2-1B"
+    else:
+        hf = Gemma2ForCausalLM(Gemma2Config(num_hidden_layers=3, hidden_size=32, num_attention_heads=4,
+                                            num_key_value_heads=2, head_dim=8, intermediate_size=64,
+                                            max_position_embeddings=64, sliding_window=4, **ids))
+        name = "google/gemma-2-2b"
+    return TransformerBridge.boot_transformers(name, hf_model=hf.eval(), tokenizer=_tokenizer(folder), device="cpu")
+
+
+def _hooked():
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(n_layers=3, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_ctx=64, d_vocab=V,
+                                  act_fn="gelu_new", normalization_type="LN", seed=0)
+    return HookedTransformer(cfg).eval()
+
+
+KINDS = ["gpt2", "llama", "gemma2"] + (["hooked"] if has_hooked_transformer() else [])
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def model(request, tmp_path_factory):
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if request.param == "hooked":
+            return _hooked()
+        return _bridge(request.param, tmp_path_factory.mktemp("tok"))
+
+
+def _tokens(seed, shape=(3, 9)):
+    return torch.randint(4, V, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _final(bk, x, positions):
+    with torch.no_grad(), bk.last_block_reads(positions) as narrowed:
+        return bk.run_with_hooks(x, stop_at_layer=bk.n_layers), narrowed
+
+
+@pytest.mark.parametrize("positions", [[-1], [2, 7], "per_row", "per_row_n", "stacked"])
+def test_read_positions_match_the_full_run_and_the_rest_is_nan(model, positions):
+    bk = get_backend(model)
+    x = _tokens(1)
+    full, was = _final(bk, x, None)
+    assert not was and not full.isnan().any()
+    rows = torch.arange(3)
+    if positions == "per_row":
+        pos = torch.tensor([8, 3, 5])
+        want = full[rows, pos][:, None]
+    elif positions == "per_row_n":
+        pos = torch.tensor([[8, 0], [3, 4], [5, 5]])
+        want = full[rows[:, None], pos]
+    elif positions == "stacked":  # 3 prompts' positions applied to each of 2 stacked copies (a sweep's rows)
+        x, pos = torch.cat([x, x]), torch.tensor([8, 3, 5])
+        full = torch.cat([full, full])
+        want = full[torch.arange(6), pos.repeat(2)][:, None]
+    else:
+        pos = positions
+        want = full[:, [p % 9 for p in positions]]
+    got, was = _final(bk, x, pos)
+    assert was
+    if torch.is_tensor(pos):
+        r = torch.arange(x.shape[0])[:, None]
+        p = (pos[:, None] if pos.ndim == 1 else pos).repeat(x.shape[0] // pos.shape[0], 1)
+        read = got[r, p]
+    else:
+        read = got[:, [q % 9 for q in pos]]
+    torch.testing.assert_close(read, want, atol=1e-5, rtol=1e-5)
+    mask = torch.ones(got.shape[:2], dtype=torch.bool)
+    if torch.is_tensor(pos):
+        mask[r, p] = False
+    else:
+        mask[:, [q % 9 for q in pos]] = False
+    assert got[mask].isnan().all(), "positions that were not asked for must be NaN, never a number"
+
+
+def test_no_op_with_a_hook_inside_the_mlp_or_in_training(model):
+    bk = get_backend(model)
+    mlp = bk.model.blocks[bk.n_layers - 1].mlp
+    x = _tokens(2)
+    seen = {}
+
+    def look(mod, args, out):
+        seen["shape"] = tuple(out.shape)
+    handle = mlp.register_forward_hook(look)
+    try:
+        out, was = _final(bk, x, [-1])
+    finally:
+        handle.remove()
+    assert not was and not out.isnan().any() and seen["shape"][:2] == (3, 9)
+    model.train()
+    try:
+        out, was = _final(bk, x, [-1])
+    finally:
+        model.eval()
+    assert not was and not out.isnan().any()
+
+
+@pytest.mark.parametrize("site,by", [("resid_pre", ("layer", "pos")), ("mlp_out", ("layer", "pos")),
+                                     ("z", ("layer", "head")), ("attn_out", ("layer",))])
+def test_sweeps_narrow_the_last_block_and_match_transformer_lens(model, site, by):
+    clean, corrupted = _tokens(3), _tokens(3)
+    corrupted[:, 4] = _tokens(4, (3, 1))[:, 0]
+
+    def metric(lg):
+        return lg[:, -1, 5] - lg[:, -1, 6]
+    res = activation_patching(model, clean, corrupted, metric, site=site, by=by, read_positions=[-1], progress=False)
+    assert res.notes["last_block_read_only_calls"] > 0
+    assert not res.values.isnan().any()
+    fn = {("resid_pre", ("layer", "pos")): tlp.get_act_patch_resid_pre,
+          ("mlp_out", ("layer", "pos")): tlp.get_act_patch_mlp_out,
+          ("z", ("layer", "head")): tlp.get_act_patch_attn_head_out_all_pos,
+          ("attn_out", ("layer",)): None}[(site, by)]
+    with torch.no_grad():
+        if fn is None:  # TransformerLens has no by-layer sweep: tvlens' own full-position run, narrowing off
+            ref = activation_patching(model, clean, corrupted, metric, site=site, by=by, read_positions=None,
+                                      progress=False).values
+        else:
+            _, cache = model.run_with_cache(clean)
+            ref = fn(model, corrupted, cache, lambda lg: metric(lg).mean())
+    torch.testing.assert_close(res.values, ref.float(), atol=2e-5, rtol=1e-4)
+    assert (res.values - res.values.mean()).abs().max() > 1e-4, "a sweep whose values are all equal tests nothing"
+
+
+def test_extract_reads_the_final_layer_at_each_query_only(model):
+    bk = get_backend(model)
+    toks = _tokens(5, (4, 9))
+    q = torch.tensor([8, 5, 6, 3])
+    P = PromptSet(family="t", params={}, task_names=["a", "b"], tokens=toks, query_pos=q,
+                  answers=torch.zeros(4, 1, dtype=torch.long), labels=torch.tensor([0, 1, 0, 1]),
+                  targets=toks.clone(), train_mask=torch.zeros_like(toks, dtype=torch.bool), shots=0)
+    enc = tvlens.extract(model, P, progress=False)
+    with torch.no_grad():
+        final = bk.run_with_hooks(toks, stop_at_layer=bk.n_layers)
+        first = bk.run_with_hooks(toks, stop_at_layer=1)
+    torch.testing.assert_close(enc.at(bk.n_layers), final[torch.arange(4), q], atol=1e-5, rtol=1e-5)
+    # a layer below the last is untouched by the narrowing (a different hook, a different block)
+    torch.testing.assert_close(enc.at(1), first[torch.arange(4), q], atol=1e-5, rtol=1e-5)
