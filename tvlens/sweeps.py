@@ -23,6 +23,7 @@ only one position per prompt (``patch_positions``), which is what head attributi
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import html
 from dataclasses import dataclass, field
@@ -254,9 +255,7 @@ def activation_patching(
     device = bk.input_device
     corrupted = corrupted.to(device)
     clean = clean.to(device) if clean is not None else None
-    use_result = site == "result"
-    old_result = bk.set_use_attn_result(True) if use_result else None
-    try:
+    with _attn_result(bk, site == "result"), bk.fast_kernels():  # fused kernels for every run it compares
         sweep = _Sweep(bk, metric, site, kind, by, layers, read_positions, batch_size, per_prompt, corrupted.shape)
         clean_m, corrupt_pp = sweep.baselines(clean, corrupted, source, use_skip)
         plan = sweep.plan(patch_positions, use_skip, device)
@@ -264,9 +263,6 @@ def activation_patching(
         bar = tqdm(total=len(layers) * len(plan), desc=f"patching {site}", disable=not progress, leave=False)
         sweep.run_layers(source, plan, pp, device, bar)
         bar.close()
-    finally:
-        if use_result:
-            bk.set_use_attn_result(old_result)
     shape = [len(layers)] + [sweep.seq if a in ("pos", "dest") else sweep.n_heads for a in by[1:]]
     res = SweepResult(values=sweep.out.reshape(shape), axes=by, site=site, clean_metric=clean_m,
                       corrupted_metric=float(corrupt_pp.mean()),
@@ -275,6 +271,17 @@ def activation_patching(
                       per_prompt=sweep.out_pp.reshape(*shape, sweep.B) if sweep.out_pp is not None else None,
                       corrupted_per_prompt=corrupt_pp if per_prompt else None)
     return res.with_ci(ci, n_boot, ci_seed) if ci is not None else res
+
+
+@contextlib.contextmanager
+def _attn_result(bk, on: bool):
+    """``hook_result`` (per-head outputs) turned on for the context when ``on``, then restored."""
+    old = bk.set_use_attn_result(True) if on else None
+    try:
+        yield
+    finally:
+        if on:
+            bk.set_use_attn_result(old)
 
 
 def _check_sweep_args(model, clean, corrupted, site, by, layers, read_positions, batch_size, source, patch_positions):

@@ -87,6 +87,14 @@ class CommonBackend:
     def final_resid(self, x: torch.Tensor) -> torch.Tensor:
         return self.run_from(self.embed_input(x), 0)
 
+    def fast_kernels(self):
+        """A context in which the model computes with fused kernels where they equal its own step-by-step
+        ones up to float rounding (GPT-2's tanh GELU: ``tvlens.backends.kernels``); the model is unchanged
+        after. A whole tvlens call runs inside it, so every run it compares uses the same kernels."""
+        from tvlens.backends.kernels import fused_gelu
+
+        return fused_gelu(self.model)
+
     @contextmanager
     def last_block_reads(self, positions):
         """Within the context, the last block's MLP runs only at ``positions`` (the positions that will be

@@ -111,7 +111,7 @@ def extract(
         x = sub.model_input[:, : int(q.max()) + 1]
         # residual reads only: SDPA on a bridge where exact; the last block's MLP only at the query
         # positions (the final layer is read nowhere else)
-        with bk.prefer_fast_attention(), bk.last_block_reads(q if at == "query" else None):
+        with bk.prefer_fast_attention(), bk.fast_kernels(), bk.last_block_reads(q if at == "query" else None):
             bk.run_with_hooks(x, fwd_hooks=fwd_hooks, stop_at_layer=stop)
     if bool(out.isnan().any()):  # a hook that never fired (or a model that produced NaN): never return garbage
         raise TvlensError(f"extract: no residual was read (or it is NaN) at some of layers {layers}; "
