@@ -179,3 +179,51 @@ def test_extract_reads_the_final_layer_at_each_query_only(model):
     torch.testing.assert_close(enc.at(bk.n_layers), final[torch.arange(4), q], atol=1e-5, rtol=1e-5)
     # a layer below the last is untouched by the narrowing (a different hook, a different block)
     torch.testing.assert_close(enc.at(1), first[torch.arange(4), q], atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- one attention for k copies (z sweeps)
+def test_shared_attention_is_supported_and_exact(model):
+    """A per-head sweep at z computes the patched block's attention once for its stacked copies
+    (tvlens.backends.shared): the same numbers as with it off, and as TransformerLens'."""
+    bk = get_backend(model)
+    assert bk.supports_shared_attention()
+    clean, corrupted = _tokens(6), _tokens(7)
+
+    def metric(lg):
+        return lg[:, -1, 5] - lg[:, -1, 6]
+    on = activation_patching(model, clean, corrupted, metric, site="z", by=("layer", "head"), read_positions=[-1],
+                             progress=False)
+    assert on.notes["shared_attention_calls"] == bk.n_layers  # one call per layer, every one shared
+    bk._shared_ok = False
+    try:
+        off = activation_patching(model, clean, corrupted, metric, site="z", by=("layer", "head"), read_positions=[-1],
+                                  progress=False)
+    finally:
+        del bk._shared_ok
+    assert off.notes["shared_attention_calls"] == 0
+    torch.testing.assert_close(on.values, off.values, atol=2e-5, rtol=1e-4)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(clean)
+        ref = tlp.get_act_patch_attn_head_out_all_pos(model, corrupted, cache, lambda lg: metric(lg).mean())
+    torch.testing.assert_close(on.values, ref.float(), atol=2e-5, rtol=1e-4)
+
+
+def test_shared_attention_self_test_refuses_an_attention_that_ignores_the_expanded_z(model):
+    """If the expanded z never reaches the output (here: a hook that drops the copies again), the self-test
+    says no and sweeps compute every copy's attention."""
+    from tvlens.backends import shared
+
+    bk = get_backend(model)
+    attn = bk.model.blocks[0].attn
+
+    def undo(mod, args, kwargs, out):  # given one row, the attention returns one row (as if z's batch were ignored)
+        x = args[0] if args else kwargs["hidden_states"]
+        if x.shape[0] != 1:
+            return out
+        return (out[0][:1],) + tuple(out[1:]) if isinstance(out, tuple) else out[:1]
+    h = attn.register_forward_hook(undo, with_kwargs=True)
+    try:
+        assert shared.self_test(bk) is False
+    finally:
+        h.remove()
+    assert shared.self_test(bk) is True

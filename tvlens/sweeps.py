@@ -267,7 +267,8 @@ def activation_patching(
     res = SweepResult(values=sweep.out.reshape(shape), axes=by, site=site, clean_metric=clean_m,
                       corrupted_metric=float(corrupt_pp.mean()),
                       notes={"layers": layers, "skip_prefix": use_skip and any(o for _, _, o in plan),
-                             "forward_calls": sweep.n_calls, "last_block_read_only_calls": sweep.n_narrowed},
+                             "forward_calls": sweep.n_calls, "last_block_read_only_calls": sweep.n_narrowed,
+                             "shared_attention_calls": sweep.n_shared},
                       per_prompt=sweep.out_pp.reshape(*shape, sweep.B) if sweep.out_pp is not None else None,
                       corrupted_per_prompt=corrupt_pp if per_prompt else None)
     return res.with_ci(ci, n_boot, ci_seed) if ci is not None else res
@@ -385,6 +386,8 @@ class _Sweep:
         self.per_chunk = max(1, batch_size // self.B)
         self.n_calls = 0
         self.n_narrowed = 0  # calls whose last block ran its MLP at the read positions only
+        self.share_attention = site == "z" and bk.supports_shared_attention()
+        self.n_shared = 0  # calls whose patched block ran its attention once for all stacked copies
         self.pending: list[tuple[int, int, int, int, torch.Tensor]] = []  # (layer index, c0, c1, k, reads)
         self.pending_rows = 0
 
@@ -469,9 +472,11 @@ class _Sweep:
             k = len(chunk)
             act_o = clean_act[:, o:] if o else clean_act
             pp_o = pp - o if pp is not None and o else pp
+            # a per-head patch at z: the k copies' attention is computed once, z expanded at the hook
+            share = self.share_attention and o == 0 and k > 1
 
-            def hook(act, hook, _chunk=chunk, _clean=act_o, _pp=pp_o):
-                act = act.clone()
+            def hook(act, hook, _chunk=chunk, _clean=act_o, _pp=pp_o, _share=share, _k=k):
+                act = act.repeat(_k, *([1] * (act.ndim - 1))) if _share else act.clone()
                 for j, idx in enumerate(_chunk):
                     _apply(act, _clean, kind, rest, idx, j, B, _pp)
                 return act
@@ -480,10 +485,12 @@ class _Sweep:
             kv = bk.prefix_kv(self.kv_rec, L, o, k) if o else None
             reads = _shift(self.reads, o)
             # the last block's MLP runs only at the read positions (NaN elsewhere: never read)
-            with bk.hooks(fwd_hooks=[(_hook_name(self.site, L), hook)]), bk.last_block_reads(reads) as narrowed:
+            once = bk.attention_once(L, k * B, B) if share else contextlib.nullcontext()
+            with bk.hooks(fwd_hooks=[(_hook_name(self.site, L), hook)]), bk.last_block_reads(reads) as narrowed, once:
                 resid = bk.run_from(resid_in, L, past_kv=kv)
             self.n_calls += 1
             self.n_narrowed += int(narrowed)
+            self.n_shared += int(share)
             # keep only the read positions' final residual; unembed many calls at once (reading the
             # unembedding matrix once per flush, not once per call: it dominates small calls)
             self.pending.append((li, c0, c1, k, _select(resid, reads)))

@@ -87,6 +87,22 @@ class CommonBackend:
     def final_resid(self, x: torch.Tensor) -> torch.Tensor:
         return self.run_from(self.embed_input(x), 0)
 
+    def supports_shared_attention(self) -> bool:
+        """Whether a block's attention may run once for identical copies of its input, ``z`` expanded to every
+        copy at ``attn.hook_z`` (``tvlens.backends.shared``; checked once per model)."""
+        if "_shared_ok" not in self.__dict__:
+            from tvlens.backends.shared import self_test
+
+            self._shared_ok = self_test(self)
+        return self._shared_ok
+
+    def attention_once(self, layer: int, n_rows: int, rows: int):
+        """A context in which block ``layer``'s attention computes the first ``rows`` of its ``n_rows`` rows
+        only (see :meth:`supports_shared_attention`)."""
+        from tvlens.backends.shared import attention_once
+
+        return attention_once(self.model.blocks[layer].attn, n_rows, rows)
+
     def fast_kernels(self):
         """A context in which the model computes with fused kernels where they equal its own step-by-step
         ones up to float rounding (GPT-2's tanh GELU: ``tvlens.backends.kernels``); the model is unchanged
