@@ -227,3 +227,25 @@ def test_shared_attention_self_test_refuses_an_attention_that_ignores_the_expand
     finally:
         h.remove()
     assert shared.self_test(bk) is True
+
+
+# --------------------------------------------------------------------------- the layers of a chunk in one run
+@pytest.mark.parametrize("layers", [[1, 0], [2, 0], [1, 1, 0], [0, 1, 2]])
+def test_merged_layers_match_one_run_per_layer(model, layers):
+    """A sweep runs the patches of all its layers at one chunk of positions in a single run (rows join at their
+    own block), in any order of ``layers`` (repeats included): the values equal TransformerLens', layer by layer."""
+    clean, corrupted = _tokens(8), _tokens(8)
+    corrupted[:, 5] = _tokens(9, (3, 1))[:, 0]
+
+    def metric(lg):
+        return lg[:, -1, 5] - lg[:, -1, 6]
+    res = activation_patching(model, clean, corrupted, metric, site="resid_pre", layers=layers, read_positions=[-1],
+                              progress=False)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(clean)
+        ref = tlp.get_act_patch_resid_pre(model, corrupted, cache, lambda lg: metric(lg).mean())
+    torch.testing.assert_close(res.values, ref[layers].float(), atol=2e-5, rtol=1e-4)
+    if layers == [1, 0]:  # two layers below the last: one run per chunk of positions, as for one layer
+        one = activation_patching(model, clean, corrupted, metric, site="resid_pre", layers=[0], read_positions=[-1],
+                                  progress=False)
+        assert res.notes["forward_calls"] == one.notes["forward_calls"], "the layers' patches were not run together"

@@ -454,33 +454,83 @@ class _Sweep:
         self.pending_rows = 0
 
     def run_layers(self, source, plan, pp, device, bar) -> None:
-        for li, L in enumerate(self.layers):
-            self.run_layer(li, L, source, plan, pp, device, bar)
+        if self.share_attention or len(set(self.layers)) < len(self.layers):  # z: one call per layer (shared attention)
+            for li, L in enumerate(self.layers):
+                self.run_layer(li, L, source, plan, pp, device, bar)
+        else:  # the layers' patches of one chunk join a single run, each at its own block
+            last = self.bk.n_layers - 1  # run apart: a hook in its MLP (a bridge's mlp_out) would stop every
+            pairs = sorted(enumerate(self.layers), key=lambda t: t[1])  # merged run's read-only last MLP
+            early, final = [p for p in pairs if p[1] != last], [[p] for p in pairs if p[1] == last]
+            for c0, c1, o in plan:
+                g = max(1, self.per_chunk // (c1 - c0))  # layers per run: at most batch_size rows
+                for group in [early[s:s + g] for s in range(0, len(early), g)] + final:
+                    self.run_merged(group, (c0, c1, o), source, pp, device)
+                    bar.update(len(group))
         self.flush()  # the pending reads of the last layers: unembedded once for all of them
+
+    def _clean_act(self, L: int, source, device) -> torch.Tensor:
+        start = self.corrupt_cache[f"blocks.{L}.hook_resid_pre"]
+        if source is None:
+            return self.clean_cache[_hook_name(self.site, L)]
+        return _expand_source(source[L], start, self.site, self.bk, device)
+
+    def _hook(self, chunk, clean_o, pp_o, share: bool, row0: int = 0):
+        """The patch of ``chunk``'s indices into rows ``row0..`` (copy ``j`` at rows ``row0 + j*B``); with
+        ``share`` the hook receives one copy and returns them all."""
+        kind, rest, B, k = self.kind, self.rest, self.B, len(chunk)
+
+        def hook(act, hook):
+            act = act.repeat(k, *([1] * (act.ndim - 1))) if share else act.clone()
+            for j, idx in enumerate(chunk):
+                _apply(act, clean_o, kind, rest, idx, row0 // B + j, B, pp_o)
+            return act
+        return hook
+
+    def _chunk(self, c0: int, c1: int, o: int):
+        """Patch indices ``c0..c1`` with positions shifted to a run from position ``o``."""
+        return [((i[0] - o,) + i[1:]) if "pos" in self.by else i for i in self.idx_all[c0:c1]]
+
+    def run_merged(self, group, span, source, pp, device) -> None:
+        """The patches ``span`` (``c0, c1, o``) at every layer of ``group`` (``(li, L)``, ascending) in one run:
+        from the first layer's block on, each layer's copies join the batch at their own block (the rows of the
+        layers before run on unchanged). Bigger matrix products than one run per layer, the same numbers."""
+        bk, B = self.bk, self.B
+        (c0, c1, o), chunk = span, self._chunk(*span)
+        k, pp_o = len(chunk), (pp - o if pp is not None and o else pp)
+        joins, hooks = {}, []
+        for n, (_, L) in enumerate(group):
+            clean_o = self._clean_act(L, source, device)[:, o:]
+            hooks.append((_hook_name(self.site, L), self._hook(chunk, clean_o, pp_o, False, n * k * B)))
+            start = self.corrupt_cache[f"blocks.{L}.hook_resid_pre"][:, o:]
+            joins[L] = start.repeat(k, *([1] * (start.ndim - 1)))
+        reads, h = _shift(self.reads, o), None
+        with bk.hooks(fwd_hooks=hooks), bk.last_block_reads(reads) as narrowed:
+            for i in range(group[0][1], bk.n_layers):
+                if i in joins:
+                    h = joins[i] if h is None else torch.cat([h, joins[i]])
+                kv = bk.prefix_kv(self.kv_rec, i, o, h.shape[0] // B) if o else None
+                h = bk.run_from(h, i, i + 1, past_kv=kv)
+        self.n_calls += 1
+        self.n_narrowed += int(narrowed)
+        for n, (li, _) in enumerate(group):
+            self.pending.append((li, c0, c1, k, _select(h[n * k * B:(n + 1) * k * B], reads)))
+            self.pending_rows += k * B
+        if self.pending_rows >= self.per_chunk * B:
+            self.flush()
 
     def run_layer(self, li: int, L: int, source, plan, pp, device, bar) -> None:
         """Every chunk of patches at block ``L``: run from ``L`` (and position ``o``) on, reads kept for ``flush``."""
-        bk, B, kind, rest = self.bk, self.B, self.kind, self.rest
+        bk, B = self.bk, self.B
         start = self.corrupt_cache[f"blocks.{L}.hook_resid_pre"]
-        if source is None:
-            clean_act = self.clean_cache[_hook_name(self.site, L)]
-        else:
-            clean_act = _expand_source(source[L], start, self.site, bk, device)
+        clean_act = self._clean_act(L, source, device)
         for c0, c1, o in plan:
             # positions o.. are computed; the metric reads only positions >= o, patches are at >= o
-            chunk = [((i[0] - o,) + i[1:]) if "pos" in self.by else i for i in self.idx_all[c0:c1]]
+            chunk = self._chunk(c0, c1, o)
             k = len(chunk)
-            act_o = clean_act[:, o:] if o else clean_act
-            pp_o = pp - o if pp is not None and o else pp
             # a per-head patch at z: the k copies' attention is computed once, z expanded at the hook
             share = self.share_attention and o == 0 and k > 1
-
-            def hook(act, hook, _chunk=chunk, _clean=act_o, _pp=pp_o, _share=share, _k=k):
-                act = act.repeat(_k, *([1] * (act.ndim - 1))) if _share else act.clone()
-                for j, idx in enumerate(_chunk):
-                    _apply(act, _clean, kind, rest, idx, j, B, _pp)
-                return act
-
+            hook = self._hook(chunk, clean_act[:, o:] if o else clean_act, pp - o if pp is not None and o else pp,
+                              share)
             resid_in = start[:, o:].repeat(k, *([1] * (start.ndim - 1)))
             kv = bk.prefix_kv(self.kv_rec, L, o, k) if o else None
             reads = _shift(self.reads, o)
