@@ -5,10 +5,15 @@ activation at one index (a layer and a position, a head, ...) into the corrupted
 index, and records the metric. The speed comes from the structure, not from approximations:
 
 - the corrupted run's residual stream entering every block is computed once; a patch at layer ``l``
-  runs only blocks ``l..`` (``start_at_layer``);
-- patch indices are stacked along the batch axis in chunks of at most ``batch_size`` sequences;
-- only the positions the metric reads (``read_positions``) are put through the final layer norm
-  and the unembedding.
+  runs only blocks ``l..`` (``start_at_layer``), and a patch at position ``p`` only positions ``p..``
+  (``skip_prefix``: the earlier positions' keys and values come from the corrupted run's cache);
+- patch indices are stacked along the batch axis in chunks of at most ``batch_size`` sequences, and the
+  patches of every layer at one chunk of positions share one run (each layer's rows join it at their own
+  block), so the matrix products are large;
+- only the positions the metric reads (``read_positions``) are put through the last block's MLP
+  (``tvlens.backends.narrow``), the final layer norm and the unembedding (one unembedding for many runs);
+- a per-head patch at ``z`` computes the patched block's attention once for its stacked copies
+  (``tvlens.backends.shared``); GPT-2's tanh GELU runs as PyTorch's fused kernel (``tvlens.backends.kernels``).
 
 The metric takes logits ``[batch, positions, d_vocab]`` of the prompts in their order (the read
 positions, or every position when ``read_positions`` is None) and returns one number per prompt
