@@ -504,7 +504,7 @@ def extraction_rows(m: dict, label: str, a) -> list[dict]:
     if "nnsight" in m:
         cont["nnsight"] = lambda: nnsight_extract(m["nnsight"], m["arch"], toks, bk.n_layers, 64)
         body = m["hf"].transformer if m["arch"] == "gpt2" else m["hf"].model
-        cont["Hugging Face body alone"] = lambda: None if body(toks) is None else None
+        cont["Hugging Face body alone"] = lambda: None if body(toks, use_cache=False) is None else None
     cont["tvlens"] = lambda: tvlens.extract(model, P, batch_size=64, progress=False).acts
     with torch.no_grad():
         times, outs = rounds({k: timed_sync(f, a.device) for k, f in cont.items()}, a.rounds)
