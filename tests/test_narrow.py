@@ -234,8 +234,8 @@ def test_shared_attention_self_test_refuses_an_attention_that_ignores_the_expand
 def test_merged_layers_match_one_run_per_layer(model, layers):
     """A sweep runs the patches of all its layers at one chunk of positions in a single run (rows join at their
     own block), in any order of ``layers`` (repeats included): the values equal TransformerLens', layer by layer."""
-    clean, corrupted = _tokens(8), _tokens(8)
-    corrupted[:, 5] = _tokens(9, (3, 1))[:, 0]
+    clean = _tokens(8)
+    corrupted = 4 + (clean - 4 + 1) % (V - 4)  # every position differs: every layer has the same patches to run
 
     def metric(lg):
         return lg[:, -1, 5] - lg[:, -1, 6]
@@ -249,3 +249,43 @@ def test_merged_layers_match_one_run_per_layer(model, layers):
         one = activation_patching(model, clean, corrupted, metric, site="resid_pre", layers=[0], read_positions=[-1],
                                   progress=False)
         assert res.notes["forward_calls"] == one.notes["forward_calls"], "the layers' patches were not run together"
+
+
+# --------------------------------------------------------------------------- patches that change nothing are not run
+def test_patches_that_change_nothing_take_the_corrupted_metric_without_a_run(model):
+    """Clean and corrupted differ at position 4 only: a residual patch before it (any layer), or away from it at
+    layer 0 (the embeddings), writes what the corrupted run already holds. Those patches are not run; their value
+    is the corrupted metric, as TransformerLens computes it by running them."""
+    bk = get_backend(model)
+    clean = _tokens(10)
+    corrupted = clean.clone()
+    corrupted[:, 4] = (clean[:, 4] + 7) % (V - 4) + 4
+
+    def metric(lg):
+        return lg[:, -1, 5] - lg[:, -1, 6]
+    res = activation_patching(model, clean, corrupted, metric, site="resid_pre", read_positions=[-1], per_prompt=True,
+                              progress=False)
+    n_layers, seq = bk.n_layers, clean.shape[1]
+    # layer 0: all but 4; later: 0..3 (Gemma-2's sliding window of 4 also leaves position 8 at layer 1 untouched)
+    want = (seq - 1) + (n_layers - 1) * 4 + (1 if type(bk.model).__name__ != "HookedTransformer"
+                                              and "gemma" in str(bk.model.cfg.model_name).lower() else 0)
+    assert res.notes["unchanged_patches"] == want
+    assert torch.equal(res.values[:, :4], torch.full((n_layers, 4), res.corrupted_metric))
+    assert torch.equal(res.per_prompt[1, 2], res.corrupted_per_prompt)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(clean)
+        ref = tlp.get_act_patch_resid_pre(model, corrupted, cache, lambda lg: metric(lg).mean())
+    torch.testing.assert_close(res.values, ref.float(), atol=2e-5, rtol=1e-4)
+    assert (res.values[:, 4:] - res.corrupted_metric).abs().max() > 1e-4
+
+
+def test_identical_inputs_need_no_patched_run(model):
+    clean = _tokens(11)
+
+    def metric(lg):
+        return lg[:, -1, 5] - lg[:, -1, 6]
+    res = activation_patching(model, clean, clean.clone(), metric, site="z", by=("layer", "head"), read_positions=[-1],
+                              progress=False)
+    assert res.notes["forward_calls"] == 0 and res.notes["unchanged_patches"] == res.values.numel()
+    assert torch.equal(res.values, torch.full_like(res.values, res.corrupted_metric))
+    assert res.clean_metric == res.corrupted_metric

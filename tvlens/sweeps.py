@@ -263,16 +263,17 @@ def activation_patching(
     with _attn_result(bk, site == "result"), bk.fast_kernels():  # fused kernels for every run it compares
         sweep = _Sweep(bk, metric, site, kind, by, layers, read_positions, batch_size, per_prompt, corrupted.shape)
         clean_m, corrupt_pp = sweep.baselines(clean, corrupted, source, use_skip)
-        plan = sweep.plan(patch_positions, use_skip, device)
         pp = patch_positions.to(device) if patch_positions is not None else None
-        bar = tqdm(total=len(layers) * len(plan), desc=f"patching {site}", disable=not progress, leave=False)
-        sweep.run_layers(source, plan, pp, device, bar)
+        sweep.find_noops(source, pp, corrupt_pp, device)
+        bar = tqdm(total=sum(map(len, sweep.active)), desc=f"patching {site}", disable=not progress, leave=False)
+        sweep.run_all(source, pp, use_skip, device, bar)
         bar.close()
     shape = [len(layers)] + [sweep.seq if a in ("pos", "dest") else sweep.n_heads for a in by[1:]]
     res = SweepResult(values=sweep.out.reshape(shape), axes=by, site=site, clean_metric=clean_m,
                       corrupted_metric=float(corrupt_pp.mean()),
-                      notes={"layers": layers, "skip_prefix": use_skip and any(o for _, _, o in plan),
+                      notes={"layers": layers, "skip_prefix": use_skip and sweep.any_offset,
                              "forward_calls": sweep.n_calls, "last_block_read_only_calls": sweep.n_narrowed,
+                             "unchanged_patches": sweep.n_noop,
                              "shared_attention_calls": sweep.n_shared},
                       per_prompt=sweep.out_pp.reshape(*shape, sweep.B) if sweep.out_pp is not None else None,
                       corrupted_per_prompt=corrupt_pp if per_prompt else None)
@@ -393,7 +394,10 @@ class _Sweep:
         self.n_narrowed = 0  # calls whose last block ran its MLP at the read positions only
         self.share_attention = site == "z" and bk.supports_shared_attention()
         self.n_shared = 0  # calls whose patched block ran its attention once for all stacked copies
-        self.pending: list[tuple[int, int, int, int, torch.Tensor]] = []  # (layer index, c0, c1, k, reads)
+        self.ids = list(range(len(self.idx_all)))  # the indices being planned and run (``run_all``)
+        self.active: list[list[int]] = []  # per layer, the indices whose patch changes something (``find_noops``)
+        self.n_noop, self.any_offset = 0, False
+        self.pending: list[tuple[int, list[int], int, torch.Tensor]] = []  # (layer index, indices, k, reads)
         self.pending_rows = 0
 
     def read_logits(self, x, names, record_kv: bool = False):
@@ -416,6 +420,8 @@ class _Sweep:
         corrupted run's per prompt."""
         layers = self.layers
         starts = {f"blocks.{L}.hook_resid_pre" for L in layers}
+        if self.kind != "pattern":  # the corrupted run's own activation at the site: which patches change nothing
+            starts |= {_hook_name(self.site, L) for L in layers}
         # with use_skip, also the corrupted run's keys/values (a patched run continues from its prefix)
         corrupt_logits, self.corrupt_cache, self.kv_rec = self.read_logits(corrupted, starts, record_kv=use_skip)
         if source is None:
@@ -429,8 +435,8 @@ class _Sweep:
         return clean_m, corrupt_pp
 
     def plan(self, patch_positions, use_skip: bool, device) -> list[tuple[int, int, int]]:
-        """Chunks ``(c0, c1, o)`` of the indices: patches ``c0..c1`` run together from position ``o``."""
-        idx_all, per_chunk = self.idx_all, self.per_chunk
+        """Chunks ``(c0, c1, o)`` of the indices ``self.ids``: ``ids[c0:c1]`` run together from position ``o``."""
+        idx_all, per_chunk = [self.idx_all[j] for j in self.ids], self.per_chunk
         if use_skip:
             self.reads = _normalized_reads(self.read_positions, self.seq, device)
             min_read = int(self.reads.min()) if torch.is_tensor(self.reads) else min(self.reads)
@@ -448,30 +454,65 @@ class _Sweep:
         sel = torch.cat([x for *_, x in self.pending])
         logits = self.bk.unembed(sel)
         r0 = 0
-        for li, c0, c1, k, _ in self.pending:
+        for li, ids, k, _ in self.pending:
             # the metric sees the B prompts in their order, once per stacked patch
             pp_vals = torch.stack([_per_prompt(self.metric, logits[r0 + j * B : r0 + (j + 1) * B], B) for j in range(k)])
             r0 += k * B
-            self.out[li, c0:c1] = pp_vals.mean(1).float().cpu()
+            self.out[li, ids] = pp_vals.mean(1).float().cpu()
             if self.out_pp is not None:
-                self.out_pp[li, c0:c1] = pp_vals.float().cpu()
+                self.out_pp[li, ids] = pp_vals.float().cpu()
         self.pending.clear()
         self.pending_rows = 0
 
-    def run_layers(self, source, plan, pp, device, bar) -> None:
-        if self.share_attention or len(set(self.layers)) < len(self.layers):  # z: one call per layer (shared attention)
-            for li, L in enumerate(self.layers):
-                self.run_layer(li, L, source, plan, pp, device, bar)
-        else:  # the layers' patches of one chunk join a single run, each at its own block
-            last = self.bk.n_layers - 1  # run apart: a hook in its MLP (a bridge's mlp_out) would stop every
-            pairs = sorted(enumerate(self.layers), key=lambda t: t[1])  # merged run's read-only last MLP
-            early, final = [p for p in pairs if p[1] != last], [[p] for p in pairs if p[1] == last]
-            for c0, c1, o in plan:
-                g = max(1, self.per_chunk // (c1 - c0))  # layers per run: at most batch_size rows
-                for group in [early[s:s + g] for s in range(0, len(early), g)] + final:
-                    self.run_merged(group, (c0, c1, o), source, pp, device)
-                    bar.update(len(group))
+    def find_noops(self, source, pp, corrupt_pp: torch.Tensor, device) -> None:
+        """``self.active[li]``: the indices whose patch changes the corrupted run's activation at the site (by one
+        element at least). The others change nothing, so their value is the corrupted run's metric, exactly, with
+        no forward pass (``notes["unchanged_patches"]``): positions before a corruption, layer 0 away from it."""
+        self.active, self.n_noop = [], 0
+        for li, L in enumerate(self.layers):
+            name = _hook_name(self.site, L)
+            if self.kind == "pattern" or name not in self.corrupt_cache:
+                self.active.append(list(range(len(self.idx_all))))
+                continue
+            differs = self._clean_act(L, source, device) != self.corrupt_cache[name]
+            act = [j for j, idx in enumerate(self.idx_all) if _writes_any(differs, self.kind, self.rest, idx, self.B, pp)]
+            noop = sorted(set(range(len(self.idx_all))) - set(act))
+            self.out[li, noop] = corrupt_pp.mean()
+            if self.out_pp is not None:
+                self.out_pp[li, noop] = corrupt_pp
+            self.active.append(act)
+            self.n_noop += len(noop)
+
+    def run_all(self, source, pp, use_skip: bool, device, bar) -> None:
+        """Every patch that changes something: layers with the same such indices share a plan (and runs)."""
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for li, ids in enumerate(self.active):
+            groups.setdefault(tuple(ids), []).append(li)
+        self.any_offset = False
+        for ids, lis in groups.items():
+            if not ids:
+                continue
+            self.ids = list(ids)
+            plan = self.plan(pp, use_skip, device)
+            self.any_offset |= any(o for _, _, o in plan)
+            self.run_layers([(li, self.layers[li]) for li in lis], source, plan, pp, device, bar)
         self.flush()  # the pending reads of the last layers: unembedded once for all of them
+
+    def run_layers(self, pairs, source, plan, pp, device, bar) -> None:
+        """The patches ``self.ids`` at the layers ``pairs`` (``(li, L)``) by ``plan``."""
+        if self.share_attention or len({L for _, L in pairs}) < len(pairs):  # z: one call per layer (shared attention)
+            for li, L in pairs:
+                self.run_layer(li, L, source, plan, pp, device, bar)
+            return
+        # the layers' patches of one chunk join a single run, each at its own block
+        last = self.bk.n_layers - 1  # run apart: a hook in its MLP (a bridge's mlp_out) would stop every
+        pairs = sorted(pairs, key=lambda t: t[1])  # merged run's read-only last MLP
+        early, final = [p for p in pairs if p[1] != last], [[p] for p in pairs if p[1] == last]
+        for c0, c1, o in plan:
+            g = max(1, self.per_chunk // (c1 - c0))  # layers per run: at most batch_size rows
+            for group in [early[s:s + g] for s in range(0, len(early), g)] + final:
+                self.run_merged(group, (c0, c1, o), source, pp, device)
+                bar.update(len(group) * (c1 - c0))
 
     def _clean_act(self, L: int, source, device) -> torch.Tensor:
         start = self.corrupt_cache[f"blocks.{L}.hook_resid_pre"]
@@ -492,8 +533,9 @@ class _Sweep:
         return hook
 
     def _chunk(self, c0: int, c1: int, o: int):
-        """Patch indices ``c0..c1`` with positions shifted to a run from position ``o``."""
-        return [((i[0] - o,) + i[1:]) if "pos" in self.by else i for i in self.idx_all[c0:c1]]
+        """Patch indices ``ids[c0:c1]`` with positions shifted to a run from position ``o``."""
+        idx = [self.idx_all[j] for j in self.ids[c0:c1]]
+        return [((i[0] - o,) + i[1:]) if "pos" in self.by else i for i in idx]
 
     def run_merged(self, group, span, source, pp, device) -> None:
         """The patches ``span`` (``c0, c1, o``) at every layer of ``group`` (``(li, L)``, ascending) in one run:
@@ -518,7 +560,7 @@ class _Sweep:
         self.n_calls += 1
         self.n_narrowed += int(narrowed)
         for n, (li, _) in enumerate(group):
-            self.pending.append((li, c0, c1, k, _select(h[n * k * B:(n + 1) * k * B], reads)))
+            self.pending.append((li, self.ids[c0:c1], k, _select(h[n * k * B:(n + 1) * k * B], reads)))
             self.pending_rows += k * B
         if self.pending_rows >= self.per_chunk * B:
             self.flush()
@@ -548,11 +590,19 @@ class _Sweep:
             self.n_shared += int(share)
             # keep only the read positions' final residual; unembed many calls at once (reading the
             # unembedding matrix once per flush, not once per call: it dominates small calls)
-            self.pending.append((li, c0, c1, k, _select(resid, reads)))
+            self.pending.append((li, self.ids[c0:c1], k, _select(resid, reads)))
             self.pending_rows += k * B
             if self.pending_rows >= self.per_chunk * B:
                 self.flush()
-            bar.update(1)
+            bar.update(k)
+
+
+def _writes_any(differs: torch.Tensor, kind: str, rest: tuple[str, ...], idx, B: int, positions) -> bool:
+    """Whether the patch of ``idx`` writes at least one element where the source differs from the corrupted run
+    (``differs``: their elementwise ``!=``; NaN counts as different): ``_apply`` of the mask onto nothing."""
+    written = torch.zeros_like(differs)
+    _apply(written, differs, kind, rest, idx, 0, B, positions)
+    return bool(written.any())
 
 
 def _normalized_reads(read_positions, seq: int, device):
