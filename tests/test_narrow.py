@@ -289,3 +289,28 @@ def test_identical_inputs_need_no_patched_run(model):
     assert res.notes["forward_calls"] == 0 and res.notes["unchanged_patches"] == res.values.numel()
     assert torch.equal(res.values, torch.full_like(res.values, res.corrupted_metric))
     assert res.clean_metric == res.corrupted_metric
+
+
+def test_z_sweep_starts_at_the_first_corrupted_position_with_shared_attention(model):
+    """Clean and corrupted differ from position 4 on only: a per-head patch at every position starts its run there
+    (the earlier positions' keys and values from the corrupted run), the attention still shared by the copies on a
+    bridge; the numbers equal the full run's and TransformerLens'."""
+    bk = get_backend(model)
+    clean = _tokens(12)
+    corrupted = clean.clone()
+    corrupted[:, 4] = (clean[:, 4] + 5) % (V - 4) + 4
+
+    def metric(lg):
+        return lg[:, -1, 5] - lg[:, -1, 6]
+    kw = dict(site="z", by=("layer", "head"), read_positions=[-1], progress=False)
+    auto = activation_patching(model, clean, corrupted, metric, **kw)
+    full = activation_patching(model, clean, corrupted, metric, skip_prefix=False, **kw)
+    assert auto.notes["skip_prefix"] and not full.notes["skip_prefix"]
+    if bk.kind == "bridge":
+        assert auto.notes["shared_attention_calls"] == bk.n_layers
+    torch.testing.assert_close(auto.values, full.values, atol=2e-5, rtol=1e-4)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(clean)
+        ref = tlp.get_act_patch_attn_head_out_all_pos(model, corrupted, cache, lambda lg: metric(lg).mean())
+    torch.testing.assert_close(auto.values, ref.float(), atol=2e-5, rtol=1e-4)
+    assert (full.values - full.corrupted_metric).abs().max() > 1e-4

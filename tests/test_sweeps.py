@@ -225,12 +225,23 @@ def test_skip_prefix_true_when_it_cannot_be_done(setup):
     model, clean, corrupted, _, metric, _ = setup
     with pytest.raises(ConfigError, match="read_positions is None"):
         activation_patching(model, clean, corrupted, metric, skip_prefix=True, progress=False)
-    with pytest.raises(ConfigError, match="single positions"):
-        activation_patching(model, clean, corrupted, metric, by=("layer",), read_positions=[-1], skip_prefix=True,
-                            progress=False)
-    with pytest.raises(ConfigError, match="single positions"):
+    with pytest.raises(ConfigError, match="pattern"):
         activation_patching(model, clean, corrupted, metric, site="pattern", by=("layer", "head", "dest"),
                             read_positions=[-1], skip_prefix=True, progress=False)
+
+
+@needs_hooked
+@pytest.mark.parametrize("site,by", [("resid_pre", ("layer",)), ("z", ("layer", "head")), ("mlp_out", ("layer",))])
+def test_all_position_patches_start_at_their_first_changed_position(setup, site, by):
+    """A patch at every position changes nothing before the first position where clean and corrupted differ
+    (2 here): the run starts there (skip_prefix), with the full run's numbers."""
+    model, clean, corrupted, _, metric, _ = setup
+    kw = dict(site=site, by=by, read_positions=[-1], progress=False)
+    skip = activation_patching(model, clean, corrupted, metric, skip_prefix=True, **kw)
+    full = activation_patching(model, clean, corrupted, metric, skip_prefix=False, **kw)
+    assert skip.notes["skip_prefix"] and not full.notes["skip_prefix"]
+    torch.testing.assert_close(skip.values, full.values, atol=1e-5, rtol=1e-5)
+    assert (full.values - full.corrupted_metric).abs().max() > 1e-3
 
 
 def test_skip_prefix_refused_on_a_bridge():

@@ -235,15 +235,18 @@ def activation_patching(
     position (``by`` without ``pos``: ``("layer",)`` or ``("layer", "head")``). ``per_prompt`` keeps every
     prompt's metric (``per_prompt``, ``corrupted_per_prompt``).
 
-    ``skip_prefix``: a patch at one position ``p`` (by ``pos``, or ``patch_positions``) leaves every
-    position before ``p`` as in the corrupted run (causal attention), so when all read positions are
-    ``>= p`` the patched run computes only positions ``min(p, reads)..`` of blocks ``l..``, attending to
-    the corrupted run's cached keys and values of the earlier positions (exact, not an approximation).
-    None (default) does it wherever valid, on both model classes (a HookedTransformer continues
-    TransformerLens' key/value cache; a TransformerBridge its attention's, ``tvlens.backends.prefix``);
-    patches at neighbouring positions share a call where one call is cheaper than two
-    (``_plan_chunks``). True raises ConfigError when it cannot be done (no read_positions, a sweep not at
-    single positions, or a model it is not exact for); False always runs every position.
+    ``skip_prefix``: a patch leaves every position before the first one it changes as in the corrupted run
+    (causal attention): for a patch at position ``p`` that is ``p``; for a patch at every position (by layer or
+    head alone) it is the first position where the patched activation differs from the corrupted run's. So when
+    all read positions are at or after it, the patched run computes only positions ``min(first, reads)..`` of
+    blocks ``l..``, attending to the corrupted run's cached keys and values of the earlier positions (exact, not
+    an approximation). None (default) does it wherever valid, on both model classes (a HookedTransformer
+    continues TransformerLens' key/value cache; a TransformerBridge its attention's, ``tvlens.backends.prefix``);
+    patches with the same first position share calls where one call is cheaper than two (``_plan_chunks``).
+    True raises ConfigError when it cannot be done (no read_positions, a pattern sweep, or a model it is not
+    exact for); False always runs every position. Independently of it, a patch that writes exactly what the
+    corrupted run holds (e.g. before the first corrupted position) is not run at all: its value is the corrupted
+    run's metric (``notes["unchanged_patches"]``).
 
     ``ci`` (e.g. 0.95; opt-in, as it keeps every prompt's metric): a bootstrap CI over prompts of every
     value (``values_ci``), from ``n_boot`` resamples seeded by ``ci_seed``.
@@ -364,10 +367,10 @@ def _check_positions(site, kind, by, patch_positions, read_positions, B: int, se
 
 def _use_skip(bk, model, kind, by, read_positions, patch_positions, skip_prefix) -> bool:
     """Whether to compute only the positions a patch can change (``skip_prefix``; see ``activation_patching``)."""
-    single_pos = kind != "pattern" and ("pos" in by or patch_positions is not None)
-    can_skip = single_pos and read_positions is not None and bk.supports_prefix_kv()
+    at_positions = kind != "pattern"  # every other site's patch changes positions from its first changed one on
+    can_skip = at_positions and read_positions is not None and bk.supports_prefix_kv()
     if skip_prefix and not can_skip:
-        why = ("the sweep does not patch single positions (by 'pos' or patch_positions)" if not single_pos else
+        why = ("an attention-pattern patch (site 'pattern') changes every query's keys at once" if not at_positions else
                "read_positions is None (the metric reads every position)" if read_positions is None else
                f"the model ({type(model).__name__}, positional_embedding_type "
                f"{bk.positional_embedding_type!r}) cannot be continued exactly from a key/value cache")
@@ -395,6 +398,7 @@ class _Sweep:
         self.share_attention = site == "z" and bk.supports_shared_attention()
         self.n_shared = 0  # calls whose patched block ran its attention once for all stacked copies
         self.ids = list(range(len(self.idx_all)))  # the indices being planned and run (``run_all``)
+        self.first_ids: list[int] = []  # their first changed positions
         self.active: list[list[int]] = []  # per layer, the indices whose patch changes something (``find_noops``)
         self.n_noop, self.any_offset = 0, False
         self.pending: list[tuple[int, list[int], int, torch.Tensor]] = []  # (layer index, indices, k, reads)
@@ -440,9 +444,9 @@ class _Sweep:
         if use_skip:
             self.reads = _normalized_reads(self.read_positions, self.seq, device)
             min_read = int(self.reads.min()) if torch.is_tensor(self.reads) else min(self.reads)
-            # the first patched position of each index (patch_positions: the earliest prompt's)
-            first = ([i[0] for i in idx_all] if "pos" in self.by else [int(patch_positions.min())] * len(idx_all))
-            return _plan_chunks(first, min_read, per_chunk, self.B, self.seq, self.bk.call_cost_tokens)
+            # the first position each index's patch changes (by pos: its position; else: where the patched activation
+            # first differs from the corrupted run's, ``find_noops``)
+            return _plan_chunks(self.first_ids, min_read, per_chunk, self.B, self.seq, self.bk.call_cost_tokens)
         self.reads = self.read_positions
         return [(c0, min(c0 + per_chunk, len(idx_all)), 0) for c0 in range(0, len(idx_all), per_chunk)]
 
@@ -468,14 +472,17 @@ class _Sweep:
         """``self.active[li]``: the indices whose patch changes the corrupted run's activation at the site (by one
         element at least). The others change nothing, so their value is the corrupted run's metric, exactly, with
         no forward pass (``notes["unchanged_patches"]``): positions before a corruption, layer 0 away from it."""
-        self.active, self.n_noop = [], 0
+        self.active, self.first, self.n_noop = [], [], 0
         for li, L in enumerate(self.layers):
             name = _hook_name(self.site, L)
             if self.kind == "pattern" or name not in self.corrupt_cache:
                 self.active.append(list(range(len(self.idx_all))))
+                self.first.append([0] * len(self.idx_all))
                 continue
             differs = self._clean_act(L, source, device) != self.corrupt_cache[name]
-            act = [j for j, idx in enumerate(self.idx_all) if _writes_any(differs, self.kind, self.rest, idx, self.B, pp)]
+            first = [_first_write(differs, self.kind, self.rest, idx, self.B, pp) for idx in self.idx_all]
+            act = [j for j, f in enumerate(first) if f is not None]
+            self.first.append(first)
             noop = sorted(set(range(len(self.idx_all))) - set(act))
             self.out[li, noop] = corrupt_pp.mean()
             if self.out_pp is not None:
@@ -485,14 +492,15 @@ class _Sweep:
 
     def run_all(self, source, pp, use_skip: bool, device, bar) -> None:
         """Every patch that changes something: layers with the same such indices share a plan (and runs)."""
-        groups: dict[tuple[int, ...], list[int]] = {}
+        groups: dict[tuple, list[int]] = {}
         for li, ids in enumerate(self.active):
-            groups.setdefault(tuple(ids), []).append(li)
+            groups.setdefault(tuple((j, self.first[li][j]) for j in ids), []).append(li)
         self.any_offset = False
-        for ids, lis in groups.items():
-            if not ids:
+        for key, lis in groups.items():
+            if not key:
                 continue
-            self.ids = list(ids)
+            self.ids = [j for j, _ in key]
+            self.first_ids = [f for _, f in key]  # each index's first changed position
             plan = self.plan(pp, use_skip, device)
             self.any_offset |= any(o for _, _, o in plan)
             self.run_layers([(li, self.layers[li]) for li in lis], source, plan, pp, device, bar)
@@ -531,6 +539,11 @@ class _Sweep:
                 _apply(act, clean_o, kind, rest, idx, row0 // B + j, B, pp_o)
             return act
         return hook
+
+    def _shares(self, o: int, k: int) -> bool:
+        """Whether a run of ``k`` stacked copies from position ``o`` computes the patched attention once (z; from
+        a later position only on a bridge, whose prefix cache follows the batch it is given)."""
+        return self.share_attention and k > 1 and (o == 0 or self.bk.kind == "bridge")
 
     def _chunk(self, c0: int, c1: int, o: int):
         """Patch indices ``ids[c0:c1]`` with positions shifted to a run from position ``o``."""
@@ -575,7 +588,7 @@ class _Sweep:
             chunk = self._chunk(c0, c1, o)
             k = len(chunk)
             # a per-head patch at z: the k copies' attention is computed once, z expanded at the hook
-            share = self.share_attention and o == 0 and k > 1
+            share = self._shares(o, k)
             hook = self._hook(chunk, clean_act[:, o:] if o else clean_act, pp - o if pp is not None and o else pp,
                               share)
             resid_in = start[:, o:].repeat(k, *([1] * (start.ndim - 1)))
@@ -597,12 +610,14 @@ class _Sweep:
             bar.update(k)
 
 
-def _writes_any(differs: torch.Tensor, kind: str, rest: tuple[str, ...], idx, B: int, positions) -> bool:
-    """Whether the patch of ``idx`` writes at least one element where the source differs from the corrupted run
-    (``differs``: their elementwise ``!=``; NaN counts as different): ``_apply`` of the mask onto nothing."""
+def _first_write(differs: torch.Tensor, kind: str, rest: tuple[str, ...], idx, B: int, positions) -> int | None:
+    """The first position where the patch of ``idx`` writes an element that differs from the corrupted run's
+    (``differs``: their elementwise ``!=``; NaN counts as different), None when it writes none: ``_apply`` of the
+    mask onto nothing. Positions are axis 1 of every non-pattern site's activation."""
     written = torch.zeros_like(differs)
     _apply(written, differs, kind, rest, idx, 0, B, positions)
-    return bool(written.any())
+    at = written.reshape(written.shape[0], written.shape[1], -1).any(-1).any(0).nonzero()
+    return int(at[0, 0]) if len(at) else None
 
 
 def _normalized_reads(read_positions, seq: int, device):

@@ -50,8 +50,9 @@ class PrefixKVCache:
 
     def update(self, k, v, layer_idx, *args, **kwargs):
         pk, pv = self._kv[int(layer_idx)]
-        if self.reps > 1:
-            pk, pv = pk.repeat(self.reps, 1, 1, 1), pv.repeat(self.reps, 1, 1, 1)
+        reps = int(k.shape[0]) // int(pk.shape[0])  # the batch it is given (``reps`` copies, or one: shared attention)
+        if reps > 1:
+            pk, pv = pk.repeat(reps, 1, 1, 1), pv.repeat(reps, 1, 1, 1)
         return torch.cat([pk.to(k.dtype), k], dim=-2), torch.cat([pv.to(v.dtype), v], dim=-2)
 
 
