@@ -15,7 +15,9 @@ the date). Progress bars are off (``TQDM_DISABLE=1``).
 Rows (GPT-2-small-shaped random weights: d_model 768, 12 heads, vocabulary 50257, ``--layers`` blocks,
 batch 4 x 16 tokens, one position corrupted, metric the logit difference of two tokens at the last
 position):
-- activation patching, resid_pre / attn_out / mlp_out by layer x position and z (per head, all positions):
+- activation patching, resid_pre / attn_out / mlp_out by layer x position and z (per head, all positions);
+  "everywhere": resid_pre and z on the bridge with a corrupted input that shares no position with the clean one
+  (nothing can be skipped: the worst case for tvlens);
   ``transformer_lens.patching`` (its clean cache included), nnsight (the idiomatic best: under no_grad,
   one trace per 256 rows with one ``tracer.invoke`` per patch, reading only ``lm_head.output[:, -1]``) and
   ``tvlens.activation_patching`` (read position given);
@@ -347,7 +349,7 @@ def timed_sync(fn, device):
 
 
 # --------------------------------------------------------------------------- worker: rows
-def sweep_rows(m: dict, label: str, clean, corrupted, a, sites) -> list[dict]:
+def sweep_rows(m: dict, label: str, clean, corrupted, a, sites, kinds=("hooked", "bridge")) -> list[dict]:
     import transformer_lens.patching as tlp
 
     from tvlens.backends import get_backend
@@ -356,7 +358,7 @@ def sweep_rows(m: dict, label: str, clean, corrupted, a, sites) -> list[dict]:
     tl_fns = {"resid_pre": tlp.get_act_patch_resid_pre, "attn_out": tlp.get_act_patch_attn_out,
               "mlp_out": tlp.get_act_patch_mlp_out, "z": tlp.get_act_patch_attn_head_out_all_pos}
     rows = []
-    for kind in ("hooked", "bridge"):
+    for kind in kinds:
         model = m.get(kind)
         if model is None:
             continue
@@ -570,10 +572,16 @@ def worker(a) -> None:
     clean, corrupted = clean.to(a.device), corrupted.to(a.device)
     label = f"GPT-2-small-shaped {a.layers}L"
     try:
-        if any(want(k) for k in ("sweeps", "attribution", "extract")):
+        if any(want(k) for k in ("sweeps", "everywhere", "attribution", "extract")):
             m = gpt2_models(a.layers, a.device, nnsight_ok)
             if want("sweeps"):
                 rows += sweep_rows(m, label, clean, corrupted, a, ["resid_pre", "attn_out", "mlp_out", "z"])
+            if want("everywhere"):  # no position shared: no patch can be skipped, no prefix reused
+                other = torch.randint(0, 50257, (4, 16), generator=torch.Generator().manual_seed(7)).to(a.device)
+                got = sweep_rows(m, label, clean, other, a, ["resid_pre", "z"], kinds=("bridge",))
+                for r in got:
+                    r["what"] += ", corrupted at every position"
+                rows += got
             if want("attribution"):
                 rows += attribution_rows(m, label, clean, corrupted, a)
             if want("extract"):
@@ -620,7 +628,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="one round, 2 blocks")
     ap.add_argument("--layers", type=int, default=4, help="blocks of the GPT-2-small-shaped model")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--only", default="", help="comma list of: sweeps, scaling, attribution, extract, loading, smollm2")
+    ap.add_argument("--only", default="", help="comma list of: sweeps, everywhere, scaling, attribution, extract, "
+                    "loading, smollm2")
     ap.add_argument("--py3", default="", help="python of the TL 3.9 venv (default .venv/bin/python)")
     ap.add_argument("--py4", default="", help="python of a TL 4.3 venv with nnsight (default: benchmarks/.venv-nnsight)")
     ap.add_argument("--parallel", action="store_true", help="run the two TL lines at the same time (ratios are "
