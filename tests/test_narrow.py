@@ -11,43 +11,12 @@ import warnings
 import pytest
 import torch
 import transformer_lens.patching as tlp
+from tiny_bridges import V, tiny_bridge
 
 import tvlens
 from tvlens.backends import get_backend, has_hooked_transformer
 from tvlens.prompts import PromptSet
 from tvlens.sweeps import activation_patching
-
-V = 50
-
-
-def _tokenizer(folder):
-    import tokenizers
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-    tk = tokenizers.Tokenizer(tokenizers.models.WordLevel({f"w{i}": i for i in range(V)}, unk_token="w0"))
-    tk.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="w0", bos_token="w1", eos_token="w2",
-                            pad_token="w3").save_pretrained(folder)
-    return AutoTokenizer.from_pretrained(folder)
-
-
-def _bridge(kind, folder):
-    from transformer_lens.model_bridge import TransformerBridge
-    from transformers import Gemma2Config, Gemma2ForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-
-    ids = dict(vocab_size=V, bos_token_id=1, eos_token_id=2, pad_token_id=3)
-    if kind == "gpt2":
-        hf, name = GPT2LMHeadModel(GPT2Config(n_layer=3, n_embd=32, n_head=4, n_positions=64, **ids)), "gpt2"
-    elif kind == "llama":
-        hf = LlamaForCausalLM(LlamaConfig(num_hidden_layers=3, hidden_size=32, num_attention_heads=4,
-                                          num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64, **ids))
-        name = "meta-llama/Llama-3.2-1B"
-    else:
-        hf = Gemma2ForCausalLM(Gemma2Config(num_hidden_layers=3, hidden_size=32, num_attention_heads=4,
-                                            num_key_value_heads=2, head_dim=8, intermediate_size=64,
-                                            max_position_embeddings=64, sliding_window=4, **ids))
-        name = "google/gemma-2-2b"
-    return TransformerBridge.boot_transformers(name, hf_model=hf.eval(), tokenizer=_tokenizer(folder), device="cpu")
 
 
 def _hooked():
@@ -68,11 +37,15 @@ def model(request, tmp_path_factory):
         warnings.simplefilter("ignore")
         if request.param == "hooked":
             return _hooked()
-        return _bridge(request.param, tmp_path_factory.mktemp("tok"))
+        return tiny_bridge(request.param, tmp_path_factory.mktemp("tok"), n_layers=3)
 
 
 def _tokens(seed, shape=(3, 9)):
     return torch.randint(4, V, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def metric(lg):  # per prompt: the logit difference of tokens 5 and 6 at the last read position
+    return lg[:, -1, 5] - lg[:, -1, 6]
 
 
 def _final(bk, x, positions):
@@ -145,8 +118,6 @@ def test_sweeps_narrow_the_last_block_and_match_transformer_lens(model, site, by
     clean, corrupted = _tokens(3), _tokens(3)
     corrupted[:, 4] = _tokens(4, (3, 1))[:, 0]
 
-    def metric(lg):
-        return lg[:, -1, 5] - lg[:, -1, 6]
     res = activation_patching(model, clean, corrupted, metric, site=site, by=by, read_positions=[-1], progress=False)
     assert res.notes["last_block_read_only_calls"] > 0
     assert not res.values.isnan().any()
@@ -189,8 +160,6 @@ def test_shared_attention_is_supported_and_exact(model):
     assert bk.supports_shared_attention()
     clean, corrupted = _tokens(6), _tokens(7)
 
-    def metric(lg):
-        return lg[:, -1, 5] - lg[:, -1, 6]
     on = activation_patching(model, clean, corrupted, metric, site="z", by=("layer", "head"), read_positions=[-1],
                              progress=False)
     assert on.notes["shared_attention_calls"] == bk.n_layers  # one call per layer, every one shared
@@ -237,8 +206,6 @@ def test_merged_layers_match_one_run_per_layer(model, layers):
     clean = _tokens(8)
     corrupted = 4 + (clean - 4 + 1) % (V - 4)  # every position differs: every layer has the same patches to run
 
-    def metric(lg):
-        return lg[:, -1, 5] - lg[:, -1, 6]
     res = activation_patching(model, clean, corrupted, metric, site="resid_pre", layers=layers, read_positions=[-1],
                               progress=False)
     with torch.no_grad():
@@ -261,8 +228,6 @@ def test_patches_that_change_nothing_take_the_corrupted_metric_without_a_run(mod
     corrupted = clean.clone()
     corrupted[:, 4] = (clean[:, 4] + 7) % (V - 4) + 4
 
-    def metric(lg):
-        return lg[:, -1, 5] - lg[:, -1, 6]
     res = activation_patching(model, clean, corrupted, metric, site="resid_pre", read_positions=[-1], per_prompt=True,
                               progress=False)
     n_layers, seq = bk.n_layers, clean.shape[1]
@@ -282,8 +247,6 @@ def test_patches_that_change_nothing_take_the_corrupted_metric_without_a_run(mod
 def test_identical_inputs_need_no_patched_run(model):
     clean = _tokens(11)
 
-    def metric(lg):
-        return lg[:, -1, 5] - lg[:, -1, 6]
     res = activation_patching(model, clean, clean.clone(), metric, site="z", by=("layer", "head"), read_positions=[-1],
                               progress=False)
     assert res.notes["forward_calls"] == 0 and res.notes["unchanged_patches"] == res.values.numel()
@@ -300,8 +263,6 @@ def test_z_sweep_starts_at_the_first_corrupted_position_with_shared_attention(mo
     corrupted = clean.clone()
     corrupted[:, 4] = (clean[:, 4] + 5) % (V - 4) + 4
 
-    def metric(lg):
-        return lg[:, -1, 5] - lg[:, -1, 6]
     kw = dict(site="z", by=("layer", "head"), read_positions=[-1], progress=False)
     auto = activation_patching(model, clean, corrupted, metric, **kw)
     full = activation_patching(model, clean, corrupted, metric, skip_prefix=False, **kw)
@@ -314,3 +275,40 @@ def test_z_sweep_starts_at_the_first_corrupted_position_with_shared_attention(mo
         ref = tlp.get_act_patch_attn_head_out_all_pos(model, corrupted, cache, lambda lg: metric(lg).mean())
     torch.testing.assert_close(auto.values, ref.float(), atol=2e-5, rtol=1e-4)
     assert (full.values - full.corrupted_metric).abs().max() > 1e-4
+
+
+# --------------------------------------------------------------------------- read positions at the boundary
+def test_a_tensor_of_shared_read_positions_reads_the_same_as_the_list(model):
+    """A 1-D tensor whose length is not the batch is shared positions, as the checks read it (it was once tiled
+    over the prompts: a silent wrong number for 4 prompts and 2 positions)."""
+    clean = _tokens(13, (4, 9))
+    corrupted = clean.clone()
+    corrupted[:, 2] = (clean[:, 2] + 3) % (V - 4) + 4
+
+    def mean_metric(lg):
+        return (lg[:, :, 5] - lg[:, :, 6]).mean(1)
+    kw = dict(site="resid_pre", progress=False)
+    as_list = activation_patching(model, clean, corrupted, mean_metric, read_positions=[5, 6], **kw)
+    as_tensor = activation_patching(model, clean, corrupted, mean_metric, read_positions=torch.tensor([5, 6]), **kw)
+    torch.testing.assert_close(as_tensor.values, as_list.values, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [torch.tensor(3), torch.tensor([1.5, 2.0]), torch.tensor([True, False, True]), [],
+                                 torch.zeros(3, 1, 1, dtype=torch.long)])
+def test_bad_read_positions_are_refused_before_any_work(model, bad):
+    from tvlens.errors import ConfigError
+
+    clean = _tokens(14)
+    with pytest.raises(ConfigError, match="read_positions"):
+        activation_patching(model, clean, clean.clone(), metric, read_positions=bad, progress=False)
+
+
+def test_fused_gelu_is_used_inside_a_call_and_the_model_is_restored(model):
+    from tvlens.backends.kernels import fused_gelu
+
+    bk = get_backend(model)
+    before = [(n, type(m).__name__, getattr(m, "act_fn", None)) for n, m in bk.model.named_modules()]
+    with fused_gelu(bk.model) as n:
+        gelu_new = bk.kind == "hooked" or "gpt2" in str(bk.model.cfg.model_name).lower()
+        assert n == (bk.n_layers if gelu_new else 0)  # GPT-2's and the hooked gelu_new MLPs: one per block
+    assert [(n, type(m).__name__, getattr(m, "act_fn", None)) for n, m in bk.model.named_modules()] == before

@@ -5,53 +5,21 @@ TransformerLens lines, for GPT-2 (learned positions), Llama (rotary, grouped-que
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 import transformer_lens.patching as tlp
+from tiny_bridges import V, tiny_bridge
 
 from tvlens.backends import get_backend
 from tvlens.backends._common import CommonBackend
 from tvlens.errors import ConfigError
 from tvlens.sweeps import activation_patching
 
-V = 50
-
-
-def _tokenizer(folder):
-    import tokenizers
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-    tk = tokenizers.Tokenizer(tokenizers.models.WordLevel({f"w{i}": i for i in range(V)}, unk_token="w0"))
-    tk.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="w0", bos_token="w1", eos_token="w2",
-                            pad_token="w3").save_pretrained(folder)
-    return AutoTokenizer.from_pretrained(folder)  # TransformerLens reloads it from its name_or_path
-
 
 @pytest.fixture(scope="module", params=["gpt2", "llama", "gemma2"])
 def bridge(request, tmp_path_factory):
-    from transformer_lens.model_bridge import TransformerBridge
-    from transformers import Gemma2Config, Gemma2ForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-
     torch.manual_seed(0)
-    ids = dict(vocab_size=V, bos_token_id=1, eos_token_id=2, pad_token_id=3)
-    if request.param == "gpt2":
-        hf, name = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=64, **ids)), "gpt2"
-    elif request.param == "llama":
-        hf = LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
-                                          intermediate_size=64, max_position_embeddings=64, **ids))
-        name = "meta-llama/Llama-3.2-1B"
-    else:
-        hf = Gemma2ForCausalLM(Gemma2Config(num_hidden_layers=2, hidden_size=32, num_attention_heads=4,
-                                            num_key_value_heads=2, head_dim=8, intermediate_size=64,
-                                            max_position_embeddings=64, sliding_window=4, **ids))
-        name = "google/gemma-2-2b"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        tok = _tokenizer(tmp_path_factory.mktemp("tok"))
-        model = TransformerBridge.boot_transformers(name, hf_model=hf.eval(), tokenizer=tok, device="cpu")
+    model = tiny_bridge(request.param, tmp_path_factory.mktemp("tok"))
     g = torch.Generator().manual_seed(1)
     clean = torch.randint(4, V, (3, 9), generator=g)
     corrupted = clean.clone()

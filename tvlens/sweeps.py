@@ -40,6 +40,7 @@ from jaxtyping import Float, Int
 from tqdm.auto import tqdm
 
 from tvlens.backends import get_backend
+from tvlens.backends.narrow import gather
 from tvlens.errors import ConfigError
 
 # site -> (hook name inside block l, kind)
@@ -186,19 +187,9 @@ def _apply(act: torch.Tensor, clean: torch.Tensor, kind: str, rest: tuple[str, .
 
 
 def _select(x: torch.Tensor, read_positions) -> torch.Tensor:
-    """``x[rows, pos]`` at the read positions (all when None). A per-prompt position tensor of
-    length B applies to every stacked copy of the B prompts."""
-    if read_positions is None:
-        return x
-    if torch.is_tensor(read_positions) and read_positions.ndim == 1 and read_positions.shape[0] != 0:
-        reps = x.shape[0] // read_positions.shape[0]
-        rows = torch.arange(x.shape[0], device=x.device)
-        return x[rows, read_positions.to(x.device).repeat(reps)][:, None]
-    if torch.is_tensor(read_positions) and read_positions.ndim == 2:  # [B, n] positions per prompt
-        reps = x.shape[0] // read_positions.shape[0]
-        rows = torch.arange(x.shape[0], device=x.device)[:, None]
-        return x[rows, read_positions.to(x.device).repeat(reps, 1)]
-    return x[:, list(read_positions)]
+    """``x[rows, pos]`` at the read positions (all when None): shared positions (a list), or a tensor ``[B]`` /
+    ``[B, n]`` of each prompt's, applied to every stacked copy of the B prompts (``backends.narrow.gather``)."""
+    return x if read_positions is None else gather(x, read_positions)
 
 
 @torch.no_grad()
@@ -268,7 +259,7 @@ def activation_patching(
         clean_m, corrupt_pp = sweep.baselines(clean, corrupted, source, use_skip)
         pp = patch_positions.to(device) if patch_positions is not None else None
         sweep.find_noops(source, pp, corrupt_pp, device)
-        bar = tqdm(total=sum(map(len, sweep.active)), desc=f"patching {site}", disable=not progress, leave=False)
+        bar = tqdm(total=sweep.n_patches(), desc=f"patching {site}", disable=not progress, leave=False)
         sweep.run_all(source, pp, use_skip, device, bar)
         bar.close()
     shape = [len(layers)] + [sweep.seq if a in ("pos", "dest") else sweep.n_heads for a in by[1:]]
@@ -355,6 +346,12 @@ def _check_positions(site, kind, by, patch_positions, read_positions, B: int, se
             raise ConfigError(f"patch_positions out of range for sequences of length {seq}")
     if read_positions is not None:
         rp = read_positions
+        if torch.is_tensor(rp) and (rp.ndim not in (1, 2) or rp.is_floating_point() or rp.is_complex()
+                                    or rp.dtype == torch.bool):
+            raise ConfigError(f"read_positions must be an integer tensor [batch] or [batch, n] (or a list of "
+                              f"positions), got a {rp.dtype} tensor of shape {tuple(rp.shape)}")
+        if len(rp) == 0:
+            raise ConfigError("read_positions is empty: give the positions the metric reads, or None for all")
         if torch.is_tensor(rp) and rp.ndim == 2:
             if rp.shape[0] != B or int(rp.max()) >= seq or int(rp.min()) < -seq:
                 raise ConfigError(f"read_positions [batch, n] must have {B} rows of positions < {seq}")
@@ -386,8 +383,10 @@ class _Sweep:
     def __init__(self, bk, metric, site, kind, by, layers, read_positions, batch_size, per_prompt, shape):
         self.bk, self.metric, self.site, self.kind, self.by, self.layers = bk, metric, site, kind, by, layers
         self.rest = by[1:]
-        self.read_positions = read_positions
         self.B, self.seq = int(shape[0]), int(shape[1])
+        if torch.is_tensor(read_positions) and read_positions.ndim == 1 and len(read_positions) != self.B:
+            read_positions = [int(p) for p in read_positions]  # shared positions, as _check_positions took them
+        self.read_positions = read_positions
         self.n_heads = _site_heads(bk, site)
         self.idx_all = _indices(kind, by, self.seq, self.n_heads)
         self.out = torch.zeros(len(layers), len(self.idx_all))
@@ -399,7 +398,8 @@ class _Sweep:
         self.n_shared = 0  # calls whose patched block ran its attention once for all stacked copies
         self.ids = list(range(len(self.idx_all)))  # the indices being planned and run (``run_all``)
         self.first_ids: list[int] = []  # their first changed positions
-        self.active: list[list[int]] = []  # per layer, the indices whose patch changes something (``find_noops``)
+        self.first: list[list[int | None]] = []  # per layer and index: the first position the patch changes (None:
+        # it changes nothing; ``find_noops``)
         self.n_noop, self.any_offset = 0, False
         self.pending: list[tuple[int, list[int], int, torch.Tensor]] = []  # (layer index, indices, k, reads)
         self.pending_rows = 0
@@ -438,9 +438,9 @@ class _Sweep:
         del corrupt_logits
         return clean_m, corrupt_pp
 
-    def plan(self, patch_positions, use_skip: bool, device) -> list[tuple[int, int, int]]:
+    def plan(self, use_skip: bool, device) -> list[tuple[int, int, int]]:
         """Chunks ``(c0, c1, o)`` of the indices ``self.ids``: ``ids[c0:c1]`` run together from position ``o``."""
-        idx_all, per_chunk = [self.idx_all[j] for j in self.ids], self.per_chunk
+        n, per_chunk = len(self.ids), self.per_chunk
         if use_skip:
             self.reads = _normalized_reads(self.read_positions, self.seq, device)
             min_read = int(self.reads.min()) if torch.is_tensor(self.reads) else min(self.reads)
@@ -448,7 +448,7 @@ class _Sweep:
             # first differs from the corrupted run's, ``find_noops``)
             return _plan_chunks(self.first_ids, min_read, per_chunk, self.B, self.seq, self.bk.call_cost_tokens)
         self.reads = self.read_positions
-        return [(c0, min(c0 + per_chunk, len(idx_all)), 0) for c0 in range(0, len(idx_all), per_chunk)]
+        return [(c0, min(c0 + per_chunk, n), 0) for c0 in range(0, n, per_chunk)]
 
     def flush(self) -> None:
         """Unembed the pending read residuals (of any layers) in one call and score them."""
@@ -469,39 +469,40 @@ class _Sweep:
         self.pending_rows = 0
 
     def find_noops(self, source, pp, corrupt_pp: torch.Tensor, device) -> None:
-        """``self.active[li]``: the indices whose patch changes the corrupted run's activation at the site (by one
-        element at least). The others change nothing, so their value is the corrupted run's metric, exactly, with
-        no forward pass (``notes["unchanged_patches"]``): positions before a corruption, layer 0 away from it."""
-        self.active, self.first, self.n_noop = [], [], 0
+        """``self.first[li][j]``: the first position where index ``j``'s patch at layer ``li`` changes the corrupted
+        run's activation at the site, None where it changes nothing: then its value is the corrupted run's metric,
+        exactly, with no forward pass (``notes["unchanged_patches"]``): positions before a corruption, layer 0
+        away from it. A pattern patch counts as changing everything from position 0."""
+        self.first, self.n_noop = [], 0
         for li, L in enumerate(self.layers):
             name = _hook_name(self.site, L)
             if self.kind == "pattern" or name not in self.corrupt_cache:
-                self.active.append(list(range(len(self.idx_all))))
                 self.first.append([0] * len(self.idx_all))
                 continue
             differs = self._clean_act(L, source, device) != self.corrupt_cache[name]
-            first = [_first_write(differs, self.kind, self.rest, idx, self.B, pp) for idx in self.idx_all]
-            act = [j for j, f in enumerate(first) if f is not None]
-            self.first.append(first)
-            noop = sorted(set(range(len(self.idx_all))) - set(act))
+            self.first.append([_first_write(differs, self.kind, self.rest, idx, self.B, pp) for idx in self.idx_all])
+            noop = [j for j, f in enumerate(self.first[li]) if f is None]
             self.out[li, noop] = corrupt_pp.mean()
             if self.out_pp is not None:
                 self.out_pp[li, noop] = corrupt_pp
-            self.active.append(act)
             self.n_noop += len(noop)
+
+    def n_patches(self) -> int:
+        """The patches that will run (``find_noops`` first)."""
+        return sum(f is not None for first in self.first for f in first)
 
     def run_all(self, source, pp, use_skip: bool, device, bar) -> None:
         """Every patch that changes something: layers with the same such indices share a plan (and runs)."""
         groups: dict[tuple, list[int]] = {}
-        for li, ids in enumerate(self.active):
-            groups.setdefault(tuple((j, self.first[li][j]) for j in ids), []).append(li)
+        for li, first in enumerate(self.first):
+            groups.setdefault(tuple((j, f) for j, f in enumerate(first) if f is not None), []).append(li)
         self.any_offset = False
         for key, lis in groups.items():
             if not key:
                 continue
             self.ids = [j for j, _ in key]
             self.first_ids = [f for _, f in key]  # each index's first changed position
-            plan = self.plan(pp, use_skip, device)
+            plan = self.plan(use_skip, device)
             self.any_offset |= any(o for _, _, o in plan)
             self.run_layers([(li, self.layers[li]) for li in lis], source, plan, pp, device, bar)
         self.flush()  # the pending reads of the last layers: unembedded once for all of them
@@ -568,7 +569,7 @@ class _Sweep:
             for i in range(group[0][1], bk.n_layers):
                 if i in joins:
                     h = joins[i] if h is None else torch.cat([h, joins[i]])
-                kv = bk.prefix_kv(self.kv_rec, i, o, h.shape[0] // B) if o else None
+                kv = bk.prefix_kv(self.kv_rec, i, o, h.shape[0] // B, stop=i + 1) if o else None
                 h = bk.run_from(h, i, i + 1, past_kv=kv)
         self.n_calls += 1
         self.n_narrowed += int(narrowed)

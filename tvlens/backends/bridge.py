@@ -253,12 +253,12 @@ class BridgeBackend(CommonBackend):
             logits = self.run_with_hooks(x, fwd_hooks, stop_at_layer=stop_at_layer)
         return logits, rec
 
-    def prefix_kv(self, record, start: int, offset: int, reps: int):
-        """A cache for :meth:`run_from` from block ``start``: positions ``:offset`` of ``record``, stacked
-        ``reps`` times along the batch."""
+    def prefix_kv(self, record, start: int, offset: int, reps: int, stop: int | None = None):
+        """A cache for :meth:`run_from` from block ``start``: positions ``:offset`` of ``record`` (views of every
+        layer's; stacked along the batch as each layer's call needs, so ``reps`` and ``stop`` cost nothing)."""
         from tvlens.backends.prefix import PrefixKVCache
 
-        return PrefixKVCache(record, offset, reps)
+        return PrefixKVCache(record, offset)
 
     def ln_final(self, resid):
         ln = getattr(self.model, "ln_final", None)

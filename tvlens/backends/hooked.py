@@ -127,12 +127,12 @@ class HookedBackend(CommonBackend):
         kv = [(f"blocks.{i}.attn.hook_{c}", keep(i, j)) for i in range(self.n_layers) for j, c in enumerate("kv")]
         return self.run_with_hooks(x, list(fwd_hooks) + kv, stop_at_layer=stop_at_layer), rec
 
-    def prefix_kv(self, record, start: int, offset: int, reps: int):
-        """A frozen cache for :meth:`run_from` from block ``start``: positions ``:offset`` of ``record``,
-        stacked ``reps`` times along the batch."""
+    def prefix_kv(self, record, start: int, offset: int, reps: int, stop: int | None = None):
+        """A frozen cache for :meth:`run_from` from block ``start`` (to ``stop``, default the last): positions
+        ``:offset`` of ``record``, stacked ``reps`` times along the batch."""
         def rep(t):
             return t[:, :offset].repeat(reps, *([1] * (t.ndim - 1)))
-        layers = range(start, self.n_layers)
+        layers = range(start, self.n_layers if stop is None else stop)
         batch = reps * int(record[start][0].shape[0])
         return prefix_kv_cache(self.model, {i: rep(record[i][0]) for i in layers},
                                {i: rep(record[i][1]) for i in layers}, batch)

@@ -23,8 +23,9 @@ def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
-def _swaps(model: torch.nn.Module) -> list[tuple[object, str, object, object]]:
-    """``(owner, attribute, old, new)`` for every step-by-step tanh GELU in ``model``."""
+def _swaps(model: torch.nn.Module) -> list[tuple[dict, str, object, object]]:
+    """``(table, key, old, new)`` for every step-by-step tanh GELU in ``model``: ``table`` is the owning module's
+    ``_modules`` (a Hugging Face activation module) or ``__dict__`` (a HookedTransformer MLP's ``act_fn``)."""
     try:
         from transformers.activations import GELUTanh, NewGELUActivation
     except ImportError:  # pragma: no cover - transformers without them
@@ -33,11 +34,11 @@ def _swaps(model: torch.nn.Module) -> list[tuple[object, str, object, object]]:
     for mod in model.modules():
         for name, child in mod._modules.items():
             if NewGELUActivation is not None and type(child) is NewGELUActivation:
-                out.append((mod, name, child, GELUTanh()))
+                out.append((mod._modules, name, child, GELUTanh()))
         fn = mod.__dict__.get("act_fn")  # a HookedTransformer MLP's activation function
         if callable(fn) and getattr(fn, "__name__", "") == "gelu_new" and \
                 str(getattr(fn, "__module__", "")).startswith("transformer_lens"):
-            out.append((mod, "act_fn", fn, _gelu_tanh))
+            out.append((mod.__dict__, "act_fn", fn, _gelu_tanh))
     return out
 
 
@@ -46,18 +47,12 @@ def fused_gelu(model: torch.nn.Module):
     """Within the context, ``model`` computes its tanh GELUs with PyTorch's fused kernel."""
     swaps = _swaps(model)
     try:
-        for owner, name, _, new in swaps:
-            if isinstance(new, torch.nn.Module):
-                owner._modules[name] = new
-            else:
-                owner.__dict__[name] = new
+        for table, key, _, new in swaps:
+            table[key] = new
         yield len(swaps)
     finally:
-        for owner, name, old, _ in swaps:
-            if isinstance(old, torch.nn.Module):
-                owner._modules[name] = old
-            else:
-                owner.__dict__[name] = old
+        for table, key, old, _ in swaps:
+            table[key] = old
 
 
 __all__ = ["fused_gelu"]

@@ -25,6 +25,13 @@ from typing import Sequence
 import torch
 
 
+def gather(x: torch.Tensor, positions) -> torch.Tensor:
+    """``x[rows, positions]`` ``[rows, n, ...]`` of a ``[rows, seq, ...]`` tensor, ``positions`` in any of the
+    forms above (what a sweep reads, what the narrowed MLP computes)."""
+    r, p = _index(positions, int(x.shape[0]), int(x.shape[1]), x.device)
+    return x[r, p] if r is not None else x[:, p]
+
+
 def _index(positions, rows: int, seq: int, device):
     """``(row_index [R, 1] or None, pos_index)`` selecting the positions from a ``[rows, seq, ...]`` tensor."""
     if not torch.is_tensor(positions):
@@ -52,10 +59,8 @@ def mlp_only_at(mlp: torch.nn.Module, positions: Sequence[int] | torch.Tensor):
 
     def pre(mod, args, kwargs):
         x = args[0]
-        r, p = _index(positions, int(x.shape[0]), int(x.shape[1]), x.device)
-        state["shape"], state["idx"] = x.shape, (r, p)
-        sub = x[r, p] if r is not None else x[:, p]
-        return (sub,) + tuple(args[1:]), kwargs
+        state["shape"], state["idx"] = x.shape, _index(positions, int(x.shape[0]), int(x.shape[1]), x.device)
+        return (gather(x, positions),) + tuple(args[1:]), kwargs
 
     def post(mod, args, kwargs, out):
         if not torch.is_tensor(out):
@@ -80,4 +85,4 @@ def mlp_only_at(mlp: torch.nn.Module, positions: Sequence[int] | torch.Tensor):
             h.remove()
 
 
-__all__ = ["mlp_is_narrowable", "mlp_only_at"]
+__all__ = ["gather", "mlp_is_narrowable", "mlp_only_at"]

@@ -41,16 +41,17 @@ class KVRecordCache:
 
 
 class PrefixKVCache:
-    """Keys and values of positions ``:offset`` of the recorded run (``[batch, heads, pos, d_head]``),
-    repeated ``reps`` times along the batch when used, joined before each layer's new keys/values."""
+    """Keys and values of positions ``:offset`` of the recorded run (``[batch, heads, pos, d_head]``), joined
+    before each layer's new keys/values, repeated along the batch to match the batch each layer is given (a
+    sweep's stacked copies, or one copy where the attention is shared: ``tvlens.backends.shared``)."""
 
-    def __init__(self, record: KVRecordCache, offset: int, reps: int) -> None:
-        self.offset, self.reps = int(offset), int(reps)
+    def __init__(self, record: KVRecordCache, offset: int) -> None:
+        self.offset = int(offset)
         self._kv = {i: (k[:, :, :offset], v[:, :, :offset]) for i, (k, v) in record.layers.items()}
 
     def update(self, k, v, layer_idx, *args, **kwargs):
         pk, pv = self._kv[int(layer_idx)]
-        reps = int(k.shape[0]) // int(pk.shape[0])  # the batch it is given (``reps`` copies, or one: shared attention)
+        reps = int(k.shape[0]) // int(pk.shape[0])
         if reps > 1:
             pk, pv = pk.repeat(reps, 1, 1, 1), pv.repeat(reps, 1, 1, 1)
         return torch.cat([pk.to(k.dtype), k], dim=-2), torch.cat([pv.to(v.dtype), v], dim=-2)
@@ -131,7 +132,7 @@ def self_test(bk) -> bool:
                 full = bk.run_from(resid0, 0)
             if sorted(rec.layers) != list(range(bk.n_layers)):
                 return False
-            part = bk.run_from(resid0[:, 2:], 0, past_kv=PrefixKVCache(rec, 2, 1))
+            part = bk.run_from(resid0[:, 2:], 0, past_kv=PrefixKVCache(rec, 2))
     except Exception:  # noqa: BLE001 - any failure means: not continuable on this architecture
         return False
     err = float((part - full[:, 2:]).abs().max())

@@ -117,9 +117,10 @@ class Backend(Protocol):
         """The logits of ``x`` under ``fwd_hooks`` (with ``stop_at_layer``: what ``run_with_hooks`` returns
         then, e.g. the final residual for ``n_layers``), and a record of every layer's cached keys and values."""
 
-    def prefix_kv(self, record: Any, start: int, offset: int, reps: int) -> Any:
-        """A prefix cache for ``run_from(resid[:, offset:], start, past_kv=...)``: positions ``:offset`` of a
-        :meth:`record_kv` record, stacked ``reps`` times along the batch."""
+    def prefix_kv(self, record: Any, start: int, offset: int, reps: int, stop: int | None = None) -> Any:
+        """A prefix cache for ``run_from(resid[:, offset:], start, stop, past_kv=...)``: positions ``:offset`` of a
+        :meth:`record_kv` record, stacked ``reps`` times along the batch, for blocks ``start..stop-1`` (default:
+        to the last)."""
 
     def prefix_kv_cache(self, keys: dict[int, torch.Tensor], values: dict[int, torch.Tensor], batch: int) -> Any: ...
 
